@@ -1,0 +1,149 @@
+"""The ``evapi-worker`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .config import Config, ConfigError, load_config, parse_node, with_nodes
+from .engine import Anchor, Strategy
+from .logs import kv, setup_logging
+from .service import Service, check_runtime
+
+__all__ = ["main"]
+
+log = logging.getLogger("evapi_worker")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evapi-worker",
+        description="Give push-woken (iOS CallKit) devices that register late the call they missed.",
+    )
+    parser.add_argument("--version", action="version", version=f"evapi-worker {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="connect to Kamailio and handle late registrations")
+    add_run_options(run)
+    return parser
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs the worker."""
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file (flags override it)")
+    p.add_argument(
+        "--kamailio",
+        action="append",
+        metavar="[NAME=]HOST:PORT[,sip=HOST:PORT]",
+        help="a Kamailio node's evapi socket, and its SIP address for fake calls "
+        "(default SIP: same host, port 5060); repeat for several nodes",
+    )
+    p.add_argument("--window", type=float, metavar="SECONDS", help="how late a REGISTER may be (default 15)")
+    p.add_argument(
+        "--anchor", choices=[a.value for a in Anchor], help="measure the window from the call's end or start"
+    )
+    p.add_argument("--strategy", choices=[s.value for s in Strategy], help="fake_call (SIPp) or message (SIP MESSAGE)")
+    p.add_argument(
+        "--ua",
+        action="append",
+        metavar="REGEX",
+        help="User-Agent pattern of push devices (repeatable; default LinphoneiOS)",
+    )
+    p.add_argument("--sipp", metavar="PATH", help="SIPp binary (default: sipp on PATH)")
+    p.add_argument("--scenario", type=Path, metavar="FILE", help="SIPp scenario (default: the bundled late_call.xml)")
+    p.add_argument("--max-sipp", type=int, metavar="N", help="SIPp processes at once (default 8)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The TOML file's settings with the command line's on top."""
+    config = load_config(args.config)
+    if args.kamailio:
+        config = with_nodes(config, tuple(parse_node(spec) for spec in args.kamailio))
+    engine = config.engine
+    try:
+        if args.window is not None:
+            if args.window < 0:
+                raise ConfigError("--window", "must not be negative")
+            engine = replace(engine, window=args.window)
+        if args.anchor is not None:
+            engine = replace(engine, anchor=Anchor(args.anchor))
+        if args.strategy is not None:
+            engine = replace(engine, strategy=Strategy(args.strategy))
+        if args.ua:
+            for pattern in args.ua:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError("--ua", f"{pattern!r} is not a regular expression: {exc}") from None
+            engine = replace(engine, user_agents=tuple(args.ua))
+    except ValueError as exc:
+        raise ConfigError("engine", str(exc)) from None
+    sipp = config.sipp
+    if args.sipp is not None:
+        sipp = replace(sipp, binary=args.sipp)
+    if args.scenario is not None:
+        sipp = replace(sipp, scenario=args.scenario)
+    if args.max_sipp is not None:
+        if args.max_sipp < 1:
+            raise ConfigError("--max-sipp", "must be at least 1")
+        sipp = replace(sipp, max_concurrent=args.max_sipp)
+    config = replace(config, engine=engine, sipp=sipp)
+    if args.log_level is not None:
+        config = replace(config, log_level=args.log_level)
+    if not config.nodes:
+        config = with_nodes(config, (parse_node("127.0.0.1:8448"),))
+    return config
+
+
+async def _serve(service: Service) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("stopping %s", kv(signal=signal.Signals(signum).name))
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    check_runtime(config)
+    setup_logging(config.log_level)
+    nodes = " ".join(
+        f"{n.name}=evapi:{n.evapi_host}:{n.evapi_port},sip:{n.sip_host}:{n.sip_port}" for n in config.nodes
+    )
+    e = config.engine
+    log.info(
+        "starting %s",
+        kv(version=__version__, nodes=nodes, window=e.window, anchor=e.anchor.value, strategy=e.strategy.value),
+    )
+    trio.run(_serve, Service(config))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"evapi-worker: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

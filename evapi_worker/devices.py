@@ -1,0 +1,44 @@
+"""Which registrations come from push-woken devices, and who a device is."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .events import Register
+
+__all__ = ["PushDetector", "device_id"]
+
+
+def device_id(reg: Register) -> str:
+    """Stable identity of one device across its re-registrations.
+
+    ``+sip.instance`` (RFC 5626) survives contact changes; the RFC 8599
+    ``pn-prid`` is the push token, also stable; the contact URI is the last
+    resort and changes with the device's address.
+    """
+    if reg.instance:
+        return reg.instance.strip().strip('"').strip("<>")
+    if reg.pn_prid:
+        return f"pn-prid:{reg.pn_prid}"
+    return reg.contact
+
+
+class PushDetector:
+    """Tells push devices by User-Agent pattern or by RFC 8599 ``pn-provider``.
+
+    The User-Agent patterns are regular expressions searched anywhere in the
+    header (the Kamailio config of this project's origin matched
+    ``LinphoneiOS``). Providers match by prefix, case-insensitively, so
+    ``apns`` also covers Linphone's ``apns.dev`` sandbox.
+    """
+
+    def __init__(self, user_agents: Iterable[str], push_providers: Iterable[str]) -> None:
+        patterns = [p for p in user_agents if p]
+        self._ua = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+        self._providers = tuple(p.lower() for p in push_providers if p)
+
+    def is_push(self, reg: Register) -> bool:
+        if self._providers and reg.pn_provider and reg.pn_provider.lower().startswith(self._providers):
+            return True
+        return bool(self._ua and reg.user_agent and self._ua.search(reg.user_agent))

@@ -1,0 +1,455 @@
+"""The late-registration engine: pure state, time passed in.
+
+The engine answers one question: did a push device register after the call
+it was woken for had already ended, soon enough that its CallKit screen is
+still up? If so it decides a fake call (or a MESSAGE) for that device, once
+per (call, device).
+
+Two clocks are involved and never mixed:
+
+* Kamailio's wall-clock timestamps (``event.ts``) order what happened:
+  events from different SIP worker processes arrive out of order, so the
+  engine compares timestamps, never arrival order.
+* ``now``, the worker's monotonic clock passed in by the caller, drives
+  expiry, the settle delay and fake-call deadlines.
+
+Nothing here does I/O or reads a clock, so the same engine serves the live
+service and replay under a virtual clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from dataclasses import dataclass, field
+from typing import Final
+
+from .devices import PushDetector, device_id
+from .events import (
+    CallAnswered,
+    CallCancelled,
+    CallFailed,
+    CallStarted,
+    CommandResult,
+    Event,
+    Register,
+)
+
+__all__ = [
+    "Action",
+    "Anchor",
+    "CallInfo",
+    "Decision",
+    "EndKind",
+    "Engine",
+    "EngineSettings",
+    "Strategy",
+]
+
+
+class Anchor(enum.Enum):
+    """What the late window is measured from."""
+
+    END = "end"  # the call's end (the behaviour this project started from)
+    START = "start"  # the call's start, i.e. roughly when the push was sent
+
+
+class Strategy(enum.Enum):
+    """How a late device is told about the call it missed."""
+
+    FAKE_CALL = "fake_call"  # INVITE with the original Call-ID, then CANCEL
+    MESSAGE = "message"  # a SIP MESSAGE the app must understand
+
+
+class EndKind(enum.Enum):
+    """How a call ended, which picks the CANCEL's Reason."""
+
+    ANSWERED = "answered"  # 2xx: answered elsewhere
+    DECLINED = "declined"  # 6xx: declined elsewhere
+    CANCELLED = "cancelled"  # caller hung up: a missed call
+    FAILED = "failed"  # another final failure (timeout, busy...): missed
+
+    @property
+    def reason(self) -> str:
+        """The reason label shown in decisions: answered, declined or missed."""
+        return _REASONS[self]
+
+
+_REASONS: Final = {
+    EndKind.ANSWERED: "answered",
+    EndKind.DECLINED: "declined",
+    EndKind.CANCELLED: "missed",
+    EndKind.FAILED: "missed",
+}
+
+
+class Action(enum.Enum):
+    FAKE_CALL = "fake_call"
+    MESSAGE = "message"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """Engine tuning; see the README's configuration section for each."""
+
+    window: float = 15.0
+    anchor: Anchor = Anchor.END
+    strategy: Strategy = Strategy.FAKE_CALL
+    settle: float = 0.5
+    deadline: float = 5.0
+    ring_timeout: float = 180.0
+    user_agents: tuple[str, ...] = ("LinphoneiOS",)
+    push_providers: tuple[str, ...] = ("apns",)
+    max_calls: int = 100_000
+    max_devices: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("window", "settle", "deadline", "ring_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.settle > self.deadline:
+            raise ValueError("settle must not be longer than deadline")
+        if self.max_calls < 1 or self.max_devices < 1:
+            raise ValueError("max_calls and max_devices must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What a fake call needs to look like the original call."""
+
+    call_id: str
+    aor: str
+    from_user: str
+    from_name: str | None
+    from_domain: str | None
+    end: EndKind
+    end_code: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One decision about one (call, device) pair, logged and acted upon.
+
+    ``reason`` is the call's end (answered, declined, missed) for an action,
+    or why nothing is done: ``ringing`` (tsilo delivers the real INVITE),
+    ``too_late``, ``duplicate`` or ``not_push``.
+    """
+
+    ts: float  # Kamailio time of the REGISTER
+    node: str  # node the device registered on (the fake call goes there)
+    call_id: str
+    device: str
+    action: Action
+    reason: str
+    since_start: float  # seconds from call start to REGISTER (push wake-up delay)
+    since_end: float | None  # seconds from call end to REGISTER, None while ringing
+    call: CallInfo | None = None  # set for actions
+    register: Register | None = None  # set for actions
+    deadline: float = 0.0  # monotonic time after which the action is useless
+
+
+@dataclass(slots=True)
+class _Call:
+    call_id: str
+    aor: str
+    started: CallStarted | None
+    end_ts: float | None = None
+    end: EndKind | None = None
+    end_code: int | None = None
+    expires: float = 0.0
+    # Devices given a decision for this call (True when it was an action),
+    # so each gets at most one. Created lazily: most calls never need it.
+    decided: dict[str, bool] | None = None
+
+
+@dataclass(slots=True)
+class _Device:
+    reg: Register
+    dev: str
+    arrival: float
+    push: bool
+    expires: float
+    # Calls that were ringing when this device registered, waiting for the
+    # settle delay in case an earlier end event is still on its way.
+    pending: set[str] = field(default_factory=set)
+
+
+_CALL: Final = 0
+_DEVICE: Final = 1
+_SETTLE: Final = 2
+_NOTHING: Final[list[Decision]] = []
+
+
+class Engine:
+    """Call and device state; feed it events with :meth:`handle`, time with :meth:`tick`."""
+
+    def __init__(self, settings: EngineSettings | None = None) -> None:
+        self.settings = settings or EngineSettings()
+        self._push = PushDetector(self.settings.user_agents, self.settings.push_providers)
+        self._calls: dict[str, _Call] = {}
+        self._calls_by_aor: dict[str, list[str]] = {}
+        self._devices: dict[str, dict[str, _Device]] = {}
+        self._device_count = 0
+        self._timers: list[tuple[float, int, int, str, str]] = []
+        self._timer_seq = 0
+        self.evicted_calls = 0
+        self.evicted_devices = 0
+
+    # -- introspection -------------------------------------------------
+
+    @property
+    def call_count(self) -> int:
+        return len(self._calls)
+
+    @property
+    def device_count(self) -> int:
+        return self._device_count
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` next has work (may be early, never late)."""
+        return self._timers[0][0] if self._timers else None
+
+    # -- input ---------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Decision]:
+        """Apply one event received at monotonic time ``now``."""
+        if isinstance(event, Register):
+            return self._on_register(event, now)
+        if isinstance(event, CallStarted):
+            return self._on_start(event, now)
+        if isinstance(event, CallAnswered):
+            return self._on_end(event.call_id, event.ts, EndKind.ANSWERED, None, now)
+        if isinstance(event, CallCancelled):
+            return self._on_end(event.call_id, event.ts, EndKind.CANCELLED, None, now)
+        if isinstance(event, CallFailed):
+            kind = EndKind.DECLINED if event.code >= 600 else EndKind.FAILED
+            return self._on_end(event.call_id, event.ts, kind, event.code, now)
+        if isinstance(event, CommandResult):
+            return _NOTHING
+        raise TypeError(f"not an event: {event!r}")
+
+    def tick(self, now: float) -> list[Decision]:
+        """Expire state and settle pending registrations due by ``now``."""
+        out: list[Decision] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, kind, key, sub = heapq.heappop(timers)
+            if kind == _CALL:
+                call = self._calls.get(key)
+                if call is not None and call.expires == when:
+                    self._drop_call(call)
+            elif kind == _DEVICE:
+                dev = self._devices.get(key, {}).get(sub)
+                if dev is not None and dev.expires == when:
+                    self._drop_device(key, sub)
+            else:
+                dev = self._devices.get(key, {}).get(sub)
+                if dev is not None and dev.pending:
+                    for call_id in sorted(dev.pending):
+                        call = self._calls.get(call_id)
+                        if call is not None and call.started is not None:
+                            out.append(self._decide(call, dev, call.started))
+                    dev.pending.clear()
+        return out
+
+    # -- calls ---------------------------------------------------------
+
+    def _on_start(self, ev: CallStarted, now: float) -> list[Decision]:
+        call = self._calls.get(ev.call_id)
+        if call is None:
+            call = self._new_call(ev.call_id, ev.aor, now)
+        elif call.started is not None:
+            return _NOTHING  # a retransmission or a second branch's event
+        call.started = ev
+        if call.end_ts is None:
+            self._set_call_expiry(call, now + self.settings.ring_timeout)
+        else:
+            self._set_call_expiry(call, self._ended_expiry(call, now))
+        # A device may have registered before this event arrived (reordered).
+        return self._reevaluate(call, now)
+
+    def _on_end(self, call_id: str, ts: float, kind: EndKind, code: int | None, now: float) -> list[Decision]:
+        call = self._calls.get(call_id)
+        if call is None:
+            # The end arrived before the start (reordered) or the call is not
+            # one we track; keep it briefly so a late start can join it.
+            call = self._new_call(call_id, "", now)
+        if call.end_ts is not None and call.end_ts <= ts:
+            return _NOTHING  # the earliest end decides how the call ended
+        call.end_ts = ts
+        call.end = kind
+        call.end_code = code
+        self._set_call_expiry(call, self._ended_expiry(call, now))
+        return self._reevaluate(call, now)
+
+    def _ended_expiry(self, call: _Call, now: float) -> float:
+        # Kamailio time and monotonic time differ; the settle delay is slack
+        # enough for the milliseconds between an event and its arrival.
+        s = self.settings
+        return now + s.window + s.settle
+
+    def _new_call(self, call_id: str, aor: str, now: float) -> _Call:
+        if len(self._calls) >= self.settings.max_calls:
+            oldest = next(iter(self._calls.values()))
+            self._drop_call(oldest)
+            self.evicted_calls += 1
+        call = _Call(call_id, aor, None)
+        self._calls[call_id] = call
+        return call
+
+    def _set_call_expiry(self, call: _Call, when: float) -> None:
+        if call.aor == "" and call.started is not None:
+            call.aor = call.started.aor
+        if call.aor and call.call_id not in self._calls_by_aor.get(call.aor, ()):
+            self._calls_by_aor.setdefault(call.aor, []).append(call.call_id)
+        call.expires = when
+        self._push_timer(when, _CALL, call.call_id, "")
+
+    def _drop_call(self, call: _Call) -> None:
+        del self._calls[call.call_id]
+        ids = self._calls_by_aor.get(call.aor)
+        if ids is not None:
+            ids.remove(call.call_id)
+            if not ids:
+                del self._calls_by_aor[call.aor]
+
+    def _reevaluate(self, call: _Call, now: float) -> list[Decision]:
+        started = call.started
+        devices = self._devices.get(call.aor)
+        if started is None or not devices:
+            return _NOTHING
+        out: list[Decision] = []
+        for dev in devices.values():
+            if dev.reg.ts < started.ts or (call.decided is not None and dev.dev in call.decided):
+                continue
+            if call.end_ts is None:
+                if dev.arrival + self.settings.settle > now:
+                    self._add_pending(dev, call.call_id)
+                continue
+            if dev.reg.ts >= call.end_ts or dev.arrival + self.settings.settle > now:
+                dev.pending.discard(call.call_id)
+                out.append(self._decide(call, dev, started))
+        return out
+
+    # -- devices -------------------------------------------------------
+
+    def _on_register(self, reg: Register, now: float) -> list[Decision]:
+        if reg.expires == 0:
+            return _NOTHING  # an unregistration wakes no one
+        dev_key = device_id(reg)
+        push = self._push.is_push(reg)
+        dev = _Device(reg, dev_key, now, push, now + self.settings.deadline)
+        if push:
+            self._store_device(dev)
+        call_ids = self._calls_by_aor.get(reg.aor)
+        if not call_ids:
+            return _NOTHING
+        out: list[Decision] = []
+        for call_id in list(call_ids):
+            call = self._calls[call_id]
+            started = call.started
+            if started is None or reg.ts < started.ts:
+                continue  # no caller details yet, or registered before the call
+            ended_before = call.end_ts is not None and call.end_ts <= reg.ts
+            if call.decided is not None and dev_key in call.decided:
+                if ended_before and call.decided[dev_key]:
+                    out.append(self._decision(call, dev, started, Action.NONE, "duplicate"))
+                continue
+            if ended_before:
+                out.append(self._decide(call, dev, started))
+            elif push and call.end_ts is None:
+                # Ringing now, but an end event stamped before this REGISTER
+                # may still be on its way: decide after the settle delay.
+                self._add_pending(dev, call_id)
+            elif push:
+                out.append(self._decide(call, dev, started))
+        return out
+
+    def _store_device(self, dev: _Device) -> None:
+        aor = dev.reg.aor
+        devices = self._devices.setdefault(aor, {})
+        if dev.dev in devices:
+            # Keep the calls still waiting to settle for this device.
+            dev.pending = devices[dev.dev].pending
+        else:
+            if self._device_count >= self.settings.max_devices:
+                self._evict_device()
+            self._device_count += 1
+        devices[dev.dev] = dev
+        self._push_timer(dev.expires, _DEVICE, aor, dev.dev)
+
+    def _evict_device(self) -> None:
+        # The device table is a dict of dicts; the oldest AOR's first device
+        # is a cheap approximation of the least recently registered one.
+        aor, devices = next(iter(self._devices.items()))
+        self._drop_device(aor, next(iter(devices)))
+        self.evicted_devices += 1
+
+    def _drop_device(self, aor: str, dev: str) -> None:
+        devices = self._devices[aor]
+        del devices[dev]
+        self._device_count -= 1
+        if not devices:
+            del self._devices[aor]
+
+    def _add_pending(self, dev: _Device, call_id: str) -> None:
+        if not dev.pending:
+            self._push_timer(dev.arrival + self.settings.settle, _SETTLE, dev.reg.aor, dev.dev)
+        dev.pending.add(call_id)
+
+    # -- decisions -----------------------------------------------------
+
+    def _decide(self, call: _Call, dev: _Device, started: CallStarted) -> Decision:
+        """Final decision for a device whose REGISTER time is now known to be
+        before or after the call's end. Records it so it is made only once."""
+        decision = self._judge(call, dev, started)
+        if call.decided is None:
+            call.decided = {}
+        call.decided[dev.dev] = decision.action is not Action.NONE
+        return decision
+
+    def _judge(self, call: _Call, dev: _Device, started: CallStarted) -> Decision:
+        if call.end_ts is None or call.end_ts > dev.reg.ts:
+            return self._decision(call, dev, started, Action.NONE, "ringing")
+        assert call.end is not None
+        if not dev.push:
+            return self._decision(call, dev, started, Action.NONE, "not_push")
+        anchor = call.end_ts if self.settings.anchor is Anchor.END else started.ts
+        if dev.reg.ts - anchor > self.settings.window:
+            return self._decision(call, dev, started, Action.NONE, "too_late")
+        action = Action.FAKE_CALL if self.settings.strategy is Strategy.FAKE_CALL else Action.MESSAGE
+        return self._decision(call, dev, started, action, call.end.reason)
+
+    def _decision(self, call: _Call, dev: _Device, started: CallStarted, action: Action, reason: str) -> Decision:
+        reg = dev.reg
+        since_end = None if call.end_ts is None or call.end_ts > reg.ts else reg.ts - call.end_ts
+        info = None
+        if action is not Action.NONE:
+            assert call.end is not None
+            info = CallInfo(
+                call.call_id,
+                call.aor,
+                started.from_user,
+                started.from_name,
+                started.from_domain,
+                call.end,
+                call.end_code,
+            )
+        return Decision(
+            ts=reg.ts,
+            node=reg.node,
+            call_id=call.call_id,
+            device=dev.dev,
+            action=action,
+            reason=reason,
+            since_start=reg.ts - started.ts,
+            since_end=since_end,
+            call=info,
+            register=reg if info is not None else None,
+            deadline=dev.arrival + self.settings.deadline,
+        )
+
+    def _push_timer(self, when: float, kind: int, key: str, sub: str) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, kind, key, sub))

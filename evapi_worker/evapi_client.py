@@ -1,0 +1,257 @@
+"""Trio adapter for one Kamailio node's evapi socket.
+
+It connects, reconnects with capped exponential backoff and jitter, turns
+the byte stream into frames with the sans-I/O decoder and hands each frame
+to a synchronous callback. The read loop awaits nothing but the socket:
+Kamailio writes to evapi clients with blocking sockets, so a client that
+stops reading stalls Kamailio itself.
+
+Commands go out as one netstring each, under a lock so two never
+interleave, and wait for Kamailio's ``cmd_result`` with the same id.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import random
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .commands import Command, command_name, encode_command
+from .events import CommandResult
+from .netstring import DEFAULT_MAX_FRAME, FramingError, NeedData, NetstringDecoder, OversizedFrame
+
+__all__ = [
+    "Backoff",
+    "CommandFailed",
+    "ConnectionState",
+    "EvapiConnection",
+    "NodeAddress",
+]
+
+log = logging.getLogger("evapi_worker.evapi")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddress:
+    """One Kamailio node: its evapi socket and the SIP address fake calls use."""
+
+    name: str
+    evapi_host: str
+    evapi_port: int
+    sip_host: str
+    sip_port: int
+
+
+class ConnectionState(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    WAITING = "waiting"  # backing off before the next attempt
+    STOPPED = "stopped"
+
+
+class CommandFailed(Exception):
+    """A command was not acknowledged: not connected, timed out or refused."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with jitter between reconnect attempts."""
+
+    initial: float = 0.1
+    cap: float = 5.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Delay before attempt number ``attempt`` (0 for the first retry).
+
+        Half fixed, half random ("equal jitter"): never zero, so a refused
+        node is not hammered, and spread out so many workers do not
+        reconnect in step after a Kamailio restart.
+        """
+        ceiling = min(self.cap, self.initial * self.factor ** min(attempt, 32))
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+FrameHandler = Callable[[str, bytes, float], None]
+"""Called with (node name, payload, receive time) for every frame."""
+
+
+class _Waiter:
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: CommandResult | CommandFailed | None = None
+
+
+class EvapiConnection:
+    """A self-healing connection to one node. Start it with ``nursery.start``."""
+
+    def __init__(
+        self,
+        node: NodeAddress,
+        on_frame: FrameHandler,
+        *,
+        backoff: Backoff | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        rng: random.Random | None = None,
+        on_state: Callable[[str, ConnectionState], None] | None = None,
+        on_oversized: Callable[[str, int], None] | None = None,
+        on_framing_error: Callable[[str, FramingError], None] | None = None,
+    ) -> None:
+        self.node = node
+        self._on_frame = on_frame
+        self._backoff = backoff or Backoff()
+        self._max_frame = max_frame
+        self._rng = rng or random.Random()
+        self._on_state = on_state
+        self._on_oversized = on_oversized
+        self._on_framing_error = on_framing_error
+        self.state = ConnectionState.STOPPED
+        self.connects = 0
+        self._stream: trio.SocketStream | None = None
+        self._send_lock = trio.Lock()
+        self._waiters: dict[str, _Waiter] = {}
+        self._ids = itertools.count(1)
+        # Ids start with a per-process prefix, so an acknowledgement meant
+        # for a previous worker instance never matches.
+        self._id_prefix = secrets.token_hex(3)
+
+    @property
+    def connected(self) -> bool:
+        return self.state is ConnectionState.CONNECTED
+
+    def next_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids)}"
+
+    def _set_state(self, state: ConnectionState) -> None:
+        self.state = state
+        if self._on_state is not None:
+            self._on_state(self.node.name, state)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect and read forever; reports started at once (not when connected)."""
+        task_status.started()
+        attempt = 0
+        try:
+            while True:
+                self._set_state(ConnectionState.CONNECTING)
+                try:
+                    stream = await trio.open_tcp_stream(self.node.evapi_host, self.node.evapi_port)
+                except OSError as exc:
+                    log.warning(
+                        "evapi connect failed node=%s addr=%s:%d error=%r",
+                        self.node.name, self.node.evapi_host, self.node.evapi_port, str(exc),
+                    )  # fmt: skip
+                else:
+                    up_since = trio.current_time()
+                    await self._serve(stream)
+                    if trio.current_time() - up_since >= self._backoff.cap:
+                        attempt = 0  # it was a healthy connection
+                self._set_state(ConnectionState.WAITING)
+                await trio.sleep(self._backoff.delay(attempt, self._rng))
+                attempt += 1
+        finally:
+            self._fail_waiters("stopped", "connection stopped")
+            self._set_state(ConnectionState.STOPPED)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        self.connects += 1
+        self._stream = stream
+        self._set_state(ConnectionState.CONNECTED)
+        log.info("evapi connected node=%s addr=%s:%d", self.node.name, self.node.evapi_host, self.node.evapi_port)
+        decoder = NetstringDecoder(self._max_frame)
+        name = self.node.name
+        try:
+            async with stream:
+                while True:
+                    try:
+                        data = await stream.receive_some(65536)
+                    except trio.BrokenResourceError as exc:
+                        log.warning("evapi connection lost node=%s error=%r", name, str(exc))
+                        return
+                    if not data:
+                        if decoder.in_frame:
+                            log.warning("evapi closed mid-frame node=%s buffered=%d", name, decoder.buffered)
+                        else:
+                            log.warning("evapi closed by Kamailio node=%s", name)
+                        return
+                    now = trio.current_time()
+                    decoder.receive_data(data)
+                    while True:
+                        frame = decoder.next_frame()
+                        if isinstance(frame, NeedData):
+                            break
+                        if isinstance(frame, OversizedFrame):
+                            log.warning("evapi frame skipped node=%s reason=oversized length=%d", name, frame.length)
+                            if self._on_oversized is not None:
+                                self._on_oversized(name, frame.length)
+                            continue
+                        self._on_frame(name, frame, now)
+        except FramingError as exc:
+            # The byte stream has lost its framing: only a new connection
+            # can resynchronise. State is kept; the event that broke is lost.
+            log.error("evapi framing error node=%s reason=%s detail=%r; reconnecting", name, exc.reason, exc.detail)
+            if self._on_framing_error is not None:
+                self._on_framing_error(name, exc)
+        finally:
+            self._stream = None
+            self._fail_waiters("disconnected", "connection closed before the acknowledgement")
+
+    def resolve(self, result: CommandResult) -> bool:
+        """Deliver an acknowledgement; False if no command waits for it."""
+        waiter = self._waiters.get(result.id)
+        if waiter is None:
+            return False
+        waiter.result = result
+        waiter.event.set()
+        return True
+
+    def _fail_waiters(self, reason: str, detail: str) -> None:
+        for waiter in self._waiters.values():
+            if waiter.result is None:
+                waiter.result = CommandFailed(reason, detail)
+                waiter.event.set()
+
+    async def send_command(self, command: Command, timeout: float) -> CommandResult:
+        """Send one command and wait for its acknowledgement.
+
+        Raises :class:`CommandFailed` when not connected, on timeout, or when
+        Kamailio answers ``ok: false``.
+        """
+        stream = self._stream
+        if stream is None:
+            raise CommandFailed("not_connected", f"node {self.node.name} is not connected")
+        frame = encode_command(command)
+        waiter = _Waiter()
+        cmd_id = command.id
+        self._waiters[cmd_id] = waiter
+        try:
+            with trio.move_on_after(timeout) as scope:
+                async with self._send_lock:
+                    try:
+                        await stream.send_all(frame)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        raise CommandFailed("disconnected", str(exc)) from None
+                await waiter.event.wait()
+            if scope.cancelled_caught:
+                raise CommandFailed("timeout", f"{command_name(command)} {cmd_id} not acknowledged in {timeout:g}s")
+        finally:
+            del self._waiters[cmd_id]
+        result = waiter.result
+        if isinstance(result, CommandFailed):
+            raise result
+        assert result is not None
+        if not result.ok:
+            raise CommandFailed("refused", result.error or "Kamailio answered ok=false")
+        return result

@@ -1,0 +1,223 @@
+"""Carry out the engine's actions: a fake call through SIPp, or a MESSAGE.
+
+A fake call is: wait for a SIPp slot (no later than the decision's
+deadline), pin the device's route on the node it registered on, then run
+SIPp against that node. Every step that can fail says so in the outcome;
+event data passes :mod:`sip_values` before it reaches SIPp or Kamailio.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from . import sip_values
+from .commands import Command, Message, Pin
+from .engine import Action, CallInfo, Decision
+from .evapi_client import CommandFailed, NodeAddress
+from .events import Register
+from .logs import kv
+from .metrics import Metrics
+from .sip_values import UnsafeValue
+from .sipp_runner import Outcome, RunResult, SippJob, SippRunner
+
+__all__ = ["ActionRunner", "Parties", "PreparedCall", "build_job", "device_route", "parties"]
+
+log = logging.getLogger("evapi_worker.actions")
+
+SendCommand = Callable[[str, Command], Awaitable[None]]
+"""Send a command to the named node and wait for its acknowledgement."""
+
+_GOOD = frozenset((Outcome.COMPLETED, Outcome.ANSWERED, Outcome.REJECTED))
+
+
+@dataclass(frozen=True, slots=True)
+class Parties:
+    """Caller and callee of the original call, safe for SIP."""
+
+    callee_user: str
+    callee_domain: str
+    caller_user: str
+    caller_domain: str
+    caller_name: str  # a quoted display name and a space, or ""
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedCall:
+    job: SippJob
+    pin_key: str
+    ruri: str
+    dst: str
+    warnings: tuple[str, ...]
+
+
+def parties(call: CallInfo, default_domain: str) -> Parties:
+    """Check and encode who called whom; a bad display name is dropped."""
+    callee_user, at, callee_domain = call.aor.rpartition("@")
+    if not at:  # Kamailio without use_domain: the AOR is the user alone
+        callee_user, callee_domain = call.aor, default_domain
+    warnings: list[str] = []
+    name = ""
+    if call.from_name:
+        try:
+            name = sip_values.display_name(call.from_name)
+        except UnsafeValue as exc:
+            warnings.append(str(exc))
+    return Parties(
+        callee_user=sip_values.sip_user("callee user", callee_user),
+        callee_domain=sip_values.sip_host("callee domain", callee_domain),
+        caller_user=sip_values.sip_user("from_user", call.from_user),
+        caller_domain=sip_values.sip_host("from_domain", call.from_domain or callee_domain),
+        caller_name=name,
+        warnings=tuple(warnings),
+    )
+
+
+def device_route(reg: Register) -> str:
+    """Where the device's REGISTER came from, as a SIP URI for ``$du``.
+
+    Sending there (over the same TCP/TLS connection when there is one)
+    reaches a device behind NAT, which its Contact alone may not.
+    """
+    try:
+        ip = ipaddress.ip_address(reg.src_ip)
+    except ValueError:
+        raise UnsafeValue("src_ip", "is not an IP address") from None
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    proto = reg.proto.lower()
+    if proto not in ("udp", "tcp", "tls", "ws", "wss", "sctp"):
+        raise UnsafeValue("proto", "is not a SIP transport")
+    return f"sip:{host}:{reg.src_port};transport={proto}"
+
+
+def build_job(decision: Decision, node: NodeAddress, pin_key: str) -> PreparedCall:
+    """Turn a fake-call decision into a SIPp job and the route to pin.
+
+    Raises :class:`UnsafeValue` when a needed value cannot be made safe.
+    """
+    call, reg = decision.call, decision.register
+    if call is None or reg is None:
+        raise ValueError("decision carries no call to fake")
+    who = parties(call, node.sip_host)
+    fields = [
+        who.callee_user,
+        who.callee_domain,
+        who.caller_user,
+        who.caller_domain,
+        who.caller_name,
+        sip_values.token("pin", pin_key),
+        sip_values.token("reason", decision.reason),
+    ]
+    job = SippJob(
+        call_id_format=sip_values.call_id_format(call.call_id),
+        csv_line=sip_values.csv_line(fields),
+        remote_host=node.sip_host,
+        remote_port=node.sip_port,
+    )
+    return PreparedCall(job, pin_key, sip_values.sip_uri("contact", reg.contact), device_route(reg), who.warnings)
+
+
+class ActionRunner:
+    """Runs decided actions; the caller starts one task per action."""
+
+    def __init__(
+        self,
+        runner: SippRunner,
+        nodes: Mapping[str, NodeAddress],
+        send_command: SendCommand,
+        metrics: Metrics,
+        *,
+        pin_ttl: int = 30,
+    ) -> None:
+        self.runner = runner
+        self.nodes = nodes
+        self.send_command = send_command
+        self.metrics = metrics
+        self.pin_ttl = pin_ttl
+
+    async def run(self, decision: Decision, received: float) -> Outcome:
+        """Carry out one decision; ``received`` is when its event arrived."""
+        if decision.action is Action.MESSAGE:
+            outcome, detail = await self._message(decision, received)
+            self.metrics.messages.labels(outcome.value).inc()
+            duration = None
+            what = "message_done"
+        else:
+            outcome, result, detail = await self._fake_call(decision, received)
+            self.metrics.fake_calls.labels(outcome.value).inc()
+            duration = result.duration if result else None
+            what = "fake_call_done"
+        fields = kv(
+            node=decision.node,
+            call_id=decision.call_id,
+            device=decision.device,
+            reason=decision.reason,
+            outcome=outcome.value,
+            duration=duration,
+            detail=detail or None,
+        )
+        log.log(logging.INFO if outcome in _GOOD else logging.WARNING, "%s %s", what, fields)
+        return outcome
+
+    async def _fake_call(self, decision: Decision, received: float) -> tuple[Outcome, RunResult | None, str]:
+        node = self.nodes.get(decision.node)
+        if node is None:
+            return Outcome.FAILED, None, f"node {decision.node!r} is not configured"
+        try:
+            prepared = build_job(decision, node, secrets.token_urlsafe(12))
+        except UnsafeValue as exc:
+            return Outcome.UNSAFE, None, str(exc)
+        for warning in prepared.warnings:
+            log.warning("fake_call_data %s", kv(call_id=decision.call_id, dropped="display name", problem=warning))
+        with trio.move_on_at(decision.deadline):
+            async with self.runner.limiter:
+                return await self._pin_and_run(decision, node, prepared, received)
+        return Outcome.OVERDUE, None, "no SIPp slot before the deadline"
+
+    async def _pin_and_run(
+        self, decision: Decision, node: NodeAddress, prepared: PreparedCall, received: float
+    ) -> tuple[Outcome, RunResult | None, str]:
+        self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
+        pin = Pin(secrets.token_hex(6), prepared.pin_key, prepared.ruri, prepared.dst, self.pin_ttl)
+        try:
+            await self.send_command(node.name, pin)
+        except CommandFailed as exc:
+            return Outcome.FAILED, None, f"pin not acknowledged: {exc}"
+        # Once the pin is in place the call goes out even if the deadline
+        # passes meanwhile: the slot and the ack were the only waits.
+        result = await self.runner.run(prepared.job)
+        self.metrics.sipp_duration.observe(result.duration)
+        return result.outcome, result, result.detail
+
+    async def _message(self, decision: Decision, received: float) -> tuple[Outcome, str]:
+        call, reg = decision.call, decision.register
+        node = self.nodes.get(decision.node)
+        if call is None or reg is None or node is None:
+            return Outcome.FAILED, f"node {decision.node!r} is not configured"
+        try:
+            who = parties(call, node.sip_host)
+            message = Message(
+                id=secrets.token_hex(6),
+                ruri=sip_values.sip_uri("contact", reg.contact),
+                dst=device_route(reg),
+                from_uri=f"sip:{who.caller_user}@{who.caller_domain}",
+                to_uri=f"sip:{who.callee_user}@{who.callee_domain}",
+                call_id=call.call_id,
+                body=f"call-ended;call-id={call.call_id};reason={decision.reason}",
+            )
+        except UnsafeValue as exc:
+            return Outcome.UNSAFE, str(exc)
+        if trio.current_time() > decision.deadline:
+            return Outcome.OVERDUE, "deadline passed"
+        self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
+        try:
+            await self.send_command(node.name, message)
+        except CommandFailed as exc:
+            return Outcome.FAILED, str(exc)
+        return Outcome.COMPLETED, ""

@@ -1,0 +1,96 @@
+"""Prometheus metrics, on a registry owned by one service instance.
+
+Nothing is registered on prometheus_client's global registry, so tests and
+replays can build as many services as they like.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from . import __version__
+
+__all__ = ["Metrics"]
+
+_DELAY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0)
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_SIPP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
+
+
+class Metrics:
+    """Every metric the worker exports (prefix ``evapi_worker_``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        p = "evapi_worker_"
+        self.build_info = Info(p + "build", "Version of the running worker.", registry=r)
+        self.build_info.info({"version": __version__})
+        self.events = Counter(p + "events", "Events received from Kamailio.", ["node", "type"], registry=r)
+        self.event_errors = Counter(
+            p + "event_errors", "Frames that were not valid events, by reason.", ["node", "reason"], registry=r
+        )
+        self.unknown_fields = Counter(
+            p + "unknown_fields", "Event fields this version does not know (ignored).", ["node", "type"], registry=r
+        )
+        self.decisions = Counter(
+            p + "decisions", "Decisions about (call, device) pairs.", ["action", "reason"], registry=r
+        )
+        self.late_registrations = Counter(
+            p + "late_registrations",
+            "Push devices that registered after the call ended, within the window, by how it ended.",
+            ["ended"],
+            registry=r,
+        )
+        self.fake_calls = Counter(p + "fake_calls", "Fake calls by outcome.", ["outcome"], registry=r)
+        self.messages = Counter(p + "messages", "MESSAGE notifications by outcome.", ["outcome"], registry=r)
+        self.sipp_duration = Histogram(
+            p + "sipp_duration_seconds", "Wall time of one SIPp run.", buckets=_SIPP_BUCKETS, registry=r
+        )
+        self.wakeup_delay = Histogram(
+            p + "wakeup_delay_seconds",
+            "From call start (the push) to the late REGISTER.",
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.late_after_end = Histogram(
+            p + "late_after_end_seconds",
+            "From the call's end to the late REGISTER.",
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.decision_latency = Histogram(
+            p + "decision_latency_seconds",
+            "From receiving the deciding event to starting the action.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.tracked_calls = Gauge(p + "tracked_calls", "Calls held in memory.", registry=r)
+        self.tracked_devices = Gauge(p + "tracked_devices", "Push devices held in memory.", registry=r)
+        self.evictions = Counter(
+            p + "evictions", "State dropped to stay under the memory bound.", ["table"], registry=r
+        )
+        self.kamailio_up = Gauge(
+            p + "kamailio_up", "1 while the evapi connection to a node is up.", ["node"], registry=r
+        )
+        self.reconnects = Counter(p + "reconnects", "evapi connections made after the first.", ["node"], registry=r)
+        self.events_lost = Counter(p + "events_lost", "Events missing from a node's sequence.", ["node"], registry=r)
+        self.commands = Counter(p + "commands", "Commands sent to Kamailio.", ["node", "command"], registry=r)
+        self.commands_acked = Counter(
+            p + "commands_acked", "Commands Kamailio acknowledged.", ["node", "command"], registry=r
+        )
+        self.commands_failed = Counter(
+            p + "commands_failed",
+            "Commands refused, unanswered or not sent.",
+            ["node", "command", "reason"],
+            registry=r,
+        )
+        self.sipp_running = Gauge(p + "sipp_running", "SIPp processes running.", registry=r)
+        self.sipp_waiting = Gauge(p + "sipp_waiting", "Fake calls waiting for a SIPp slot.", registry=r)
+        self.dispatch_dropped = Counter(
+            p + "dispatch_dropped", "Actions dropped because the action queue was full.", registry=r
+        )
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value, 0.0 when it was never set (for tests and summaries)."""
+        sample = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if sample is None else sample

@@ -1,0 +1,251 @@
+"""The worker service: wires connections, engine, actions and metrics.
+
+Frames arrive from each node's connection and are handled synchronously:
+parse, count, feed the engine, queue its actions. Nothing on that path
+awaits, so the readers never stop reading. Actions run as their own tasks,
+bounded by the SIPp limiter and their deadlines; a timer task feeds the
+engine the passage of time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+
+import trio
+
+from .commands import Command, Ping, command_name
+from .config import Config, ConfigError
+from .engine import Action, Decision, Engine
+from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
+from .events import CommandResult, EventError, Register, UnknownEventError, event_type, parse_event
+from .fake_calls import ActionRunner
+from .logs import kv
+from .metrics import Metrics
+from .netstring import FramingError
+from .sequence import SequenceTracker
+from .sipp_runner import SippRunner
+
+__all__ = ["Service", "check_runtime"]
+
+log = logging.getLogger("evapi_worker.service")
+decisions_log = logging.getLogger("evapi_worker.decision")
+
+# How often lost-sequence gaps and gauges are looked at when nothing else
+# wakes the timer.
+_HOUSEKEEPING = 0.5
+_PING_INTERVAL = 30.0
+
+
+def check_runtime(config: Config) -> None:
+    """Fail early, with the key to fix, when SIPp or its scenario is missing."""
+    if shutil.which(config.sipp.binary) is None:
+        raise ConfigError(
+            "sipp.binary", f"{config.sipp.binary!r} not found; install SIPp (Debian: apt-get install sip-tester)"
+        )
+    if config.sipp.scenario is not None and not config.sipp.scenario.is_file():
+        raise ConfigError("sipp.scenario", f"{str(config.sipp.scenario)!r} is not a file")
+    if not config.nodes:
+        raise ConfigError("kamailio", "no Kamailio node configured (give --kamailio HOST:PORT)")
+
+
+class Service:
+    """One worker: ``await service.run()`` inside a nursery, or ``nursery.start``."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.engine = Engine(config.engine)
+        self.sequences = SequenceTracker(config.sequence_grace)
+        self.runner = SippRunner(config.sipp)
+        self.connections = {
+            node.name: EvapiConnection(
+                node,
+                self.on_frame,
+                backoff=config.backoff,
+                max_frame=config.max_frame,
+                on_state=self._on_state,
+                on_oversized=self._on_oversized,
+                on_framing_error=self._on_framing_error,
+            )
+            for node in config.nodes
+        }
+        self.actions = ActionRunner(
+            self.runner,
+            {node.name: node for node in config.nodes},
+            self.send_command,
+            self.metrics,
+            pin_ttl=config.commands.pin_ttl,
+        )
+        self._action_tx, self._action_rx = trio.open_memory_channel[tuple[Decision, float]](config.action_queue)
+        self._wake = trio.Event()
+        self._timer_at = math.inf
+        self._evicted = (0, 0)
+        # Observers of every decision (replay output, tests); called synchronously.
+        self.decision_listeners: list[Callable[[Decision], None]] = []
+        m = self.metrics
+        m.sipp_running.set_function(lambda: self.runner.running)
+        m.sipp_waiting.set_function(lambda: self.runner.waiting)
+        m.tracked_calls.set_function(lambda: self.engine.call_count)
+        m.tracked_devices.set_function(lambda: self.engine.device_count)
+        for node in config.nodes:
+            m.kamailio_up.labels(node.name).set(0)
+
+    # -- running -------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for conn in self.connections.values():
+                await nursery.start(conn.run)
+                nursery.start_soon(self._pinger, conn)
+            nursery.start_soon(self._timer)
+            nursery.start_soon(self._run_actions, nursery)
+            task_status.started()
+
+    async def _run_actions(self, nursery: trio.Nursery) -> None:
+        async for decision, received in self._action_rx:
+            nursery.start_soon(self.actions.run, decision, received)
+
+    async def _timer(self) -> None:
+        while True:
+            deadline = self.engine.next_deadline()
+            self._timer_at = min(deadline if deadline is not None else math.inf, trio.current_time() + _HOUSEKEEPING)
+            with trio.move_on_at(self._timer_at):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = trio.current_time()
+            self._dispatch(self.engine.tick(now), now)
+            for node, lost in self.sequences.expire(now):
+                self._count_lost(node, lost)
+            self._count_evictions()
+
+    async def _pinger(self, conn: EvapiConnection) -> None:
+        """Check now and then that the node still answers commands."""
+        while True:
+            await trio.sleep(_PING_INTERVAL)
+            if conn.connected:
+                try:
+                    await self.send_command(conn.node.name, Ping(conn.next_id()))
+                except CommandFailed as exc:
+                    log.warning("ping failed %s", kv(node=conn.node.name, reason=exc.reason, detail=str(exc)))
+
+    # -- input ---------------------------------------------------------
+
+    def on_frame(self, node: str, payload: bytes, now: float) -> None:
+        """Handle one frame from ``node`` received at ``now``. Never raises."""
+        m = self.metrics
+        try:
+            parsed = parse_event(payload)
+        except UnknownEventError as exc:
+            m.event_errors.labels(node, exc.reason).inc()
+            log.info("event skipped %s", kv(node=node, reason=exc.reason, detail=exc.detail))
+            return
+        except EventError as exc:
+            m.event_errors.labels(node, exc.reason).inc()
+            log.warning(
+                "event rejected %s",
+                kv(node=node, reason=exc.reason, detail=exc.detail, payload=payload[:200].decode("utf-8", "replace")),
+            )
+            return
+        event = parsed.event
+        etype = event_type(event)
+        m.events.labels(node, etype).inc()
+        if parsed.unknown_fields:
+            m.unknown_fields.labels(node, etype).inc(len(parsed.unknown_fields))
+            log.debug("unknown fields %s", kv(node=node, type=etype, fields=",".join(parsed.unknown_fields)))
+        lost = self.sequences.observe(node, event.boot, event.seq, now)
+        if lost:
+            self._count_lost(node, lost)
+        if isinstance(event, CommandResult):
+            if not self.connections[node].resolve(event):
+                log.debug("acknowledgement for no waiting command %s", kv(node=node, id=event.id))
+            return
+        if isinstance(event, Register) and event.node != node:
+            # Route by the connection the REGISTER came in on: that node has
+            # the device's connection and will take the fake call.
+            event = replace(event, node=node)
+        self._dispatch(self.engine.handle(event, now), now)
+        deadline = self.engine.next_deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._wake.set()
+
+    def _dispatch(self, decisions: list[Decision], received: float) -> None:
+        m = self.metrics
+        for d in decisions:
+            m.decisions.labels(d.action.value, d.reason).inc()
+            decisions_log.info(
+                "decision %s",
+                kv(
+                    ts=d.ts,
+                    node=d.node,
+                    call_id=d.call_id,
+                    device=d.device,
+                    action=d.action.value,
+                    reason=d.reason,
+                    since_start=d.since_start,
+                    since_end=d.since_end,
+                ),
+            )
+            for listener in self.decision_listeners:
+                listener(d)
+            if d.reason not in ("not_push", "duplicate"):
+                m.wakeup_delay.observe(max(0.0, d.since_start))
+                if d.since_end is not None:
+                    m.late_after_end.observe(max(0.0, d.since_end))
+            if d.action is Action.NONE:
+                continue
+            assert d.call is not None
+            m.late_registrations.labels(d.call.end.value).inc()
+            try:
+                self._action_tx.send_nowait((d, received))
+            except trio.WouldBlock:
+                m.dispatch_dropped.inc()
+                m.fake_calls.labels("overdue").inc()
+                log.warning("action dropped %s", kv(call_id=d.call_id, device=d.device, reason="action queue full"))
+
+    # -- commands and connection state ----------------------------------
+
+    async def send_command(self, node: str, command: Command) -> None:
+        """Send a command to a node and wait for its acknowledgement."""
+        name = command_name(command)
+        m = self.metrics
+        m.commands.labels(node, name).inc()
+        try:
+            await self.connections[node].send_command(command, self.config.commands.ack_timeout)
+        except CommandFailed as exc:
+            m.commands_failed.labels(node, name, exc.reason).inc()
+            raise
+        m.commands_acked.labels(node, name).inc()
+
+    def _on_state(self, node: str, state: ConnectionState) -> None:
+        up = state is ConnectionState.CONNECTED
+        self.metrics.kamailio_up.labels(node).set(1 if up else 0)
+        if up and self.connections[node].connects > 1:
+            self.metrics.reconnects.labels(node).inc()
+
+    def _on_oversized(self, node: str, length: int) -> None:
+        self.metrics.event_errors.labels(node, "oversized").inc()
+
+    def _on_framing_error(self, node: str, exc: FramingError) -> None:
+        self.metrics.event_errors.labels(node, exc.reason).inc()
+
+    def _count_lost(self, node: str, lost: int) -> None:
+        self.metrics.events_lost.labels(node).inc(lost)
+        log.warning("events lost %s", kv(node=node, count=lost))
+
+    def _count_evictions(self) -> None:
+        calls, devices = self.engine.evicted_calls, self.engine.evicted_devices
+        old_calls, old_devices = self._evicted
+        if calls > old_calls:
+            self.metrics.evictions.labels("calls").inc(calls - old_calls)
+        if devices > old_devices:
+            self.metrics.evictions.labels("devices").inc(devices - old_devices)
+        self._evicted = (calls, devices)
+
+    def healthy(self) -> tuple[bool, list[str]]:
+        """True while every node is connected; else the names that are not."""
+        down = [name for name, conn in self.connections.items() if not conn.connected]
+        return not down, down

@@ -1,0 +1,136 @@
+"""Make event data safe for SIP headers and SIPp's injection (CSV) files.
+
+Everything here comes from the network (a caller picks their own display
+name), so nothing reaches a SIPp argument, a CSV line or a SIP header without
+passing one of these functions. A value that can be made safe without
+changing its meaning is (a ``;`` in a user part becomes ``%3B``, which SIP
+compares as equal); anything else raises :class:`UnsafeValue`, which names
+the field and the problem.
+
+SIPp reads injection files line by line, splits fields on ``;`` with no
+escape, treats a line starting with ``#`` as a comment and stops at an empty
+line; ``-cid_str`` is a printf-like format where ``%`` is special.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+__all__ = [
+    "UnsafeValue",
+    "call_id_format",
+    "csv_line",
+    "display_name",
+    "sip_host",
+    "sip_uri",
+    "sip_user",
+    "token",
+]
+
+_MAX_FIELD: Final = 256
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 3261 user = 1*( unreserved / escaped / user-unreserved ), minus ';',
+# which SIPp would take as a field separator.
+_USER_SAFE: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,?/")
+_HEX: Final = frozenset("0123456789abcdefABCDEF")
+_CALL_ID_RE: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+(@[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+)?")
+_HOSTNAME_RE: Final = re.compile(
+    r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.?"
+)
+_IPV4_RE: Final = re.compile(r"(25[0-5]|2[0-4]\d|1?\d?\d)(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3}")
+_IPV6_RE: Final = re.compile(r"\[[0-9A-Fa-f:.]{2,45}\]")
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]{1,128}")
+
+
+class UnsafeValue(ValueError):
+    """A value that cannot be made safe for where it would go."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _check_common(field: str, value: str) -> None:
+    if not value:
+        raise UnsafeValue(field, "is empty")
+    if len(value) > _MAX_FIELD:
+        raise UnsafeValue(field, f"is longer than {_MAX_FIELD} characters")
+    if _CONTROL_RE.search(value):
+        raise UnsafeValue(field, "contains a control character (CR, LF, NUL...)")
+
+
+def call_id_format(call_id: str) -> str:
+    """The Call-ID as SIPp's ``-cid_str`` format, which rewrites ``%``."""
+    _check_common("call_id", call_id)
+    if _CALL_ID_RE.fullmatch(call_id) is None:
+        raise UnsafeValue("call_id", "has characters a SIP Call-ID may not contain")
+    return call_id.replace("%", "%%")
+
+
+def sip_user(field: str, value: str) -> str:
+    """A SIP URI user part, percent-encoding what may not stand bare."""
+    _check_common(field, value)
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "%" and i + 2 < len(value) and value[i + 1] in _HEX and value[i + 2] in _HEX:
+            out.append(value[i : i + 3])  # already escaped
+            i += 3
+            continue
+        if ch in _USER_SAFE:
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode())
+        i += 1
+    return "".join(out)
+
+
+def sip_host(field: str, value: str) -> str:
+    """A SIP URI host: a hostname, IPv4 address or bracketed IPv6 address."""
+    _check_common(field, value)
+    if _HOSTNAME_RE.fullmatch(value) or _IPV4_RE.fullmatch(value) or _IPV6_RE.fullmatch(value):
+        return value
+    raise UnsafeValue(field, "is not a hostname or IP address")
+
+
+def display_name(value: str) -> str:
+    """A display name as a quoted-string followed by a space, ready for From.
+
+    ``"`` and ``\\`` become quoted-pairs; a ``;`` cannot be carried through
+    SIPp's CSV, so such a name is refused (the call goes without it).
+    """
+    _check_common("from_name", value)
+    if ";" in value:
+        raise UnsafeValue("from_name", "contains ';', which SIPp's CSV cannot carry")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}" '
+
+
+def token(field: str, value: str) -> str:
+    """A SIP token (used for the pin key and the reason label)."""
+    if _TOKEN_RE.fullmatch(value) is None:
+        raise UnsafeValue(field, "is not a SIP token of 1 to 128 characters")
+    return value
+
+
+def csv_line(fields: list[str]) -> str:
+    """One SIPp injection line; every field must already be safe."""
+    for index, value in enumerate(fields):
+        if ";" in value or _CONTROL_RE.search(value):
+            raise UnsafeValue(f"csv field {index}", "contains ';' or a control character")
+    if fields and fields[0].startswith("#"):
+        raise UnsafeValue("csv field 0", "would make SIPp read the line as a comment")
+    return ";".join(fields) + ";\n"
+
+
+_URI_RE: Final = re.compile(r"sips?:[^\s<>\"]{1,500}", re.IGNORECASE)
+
+
+def sip_uri(field: str, value: str) -> str:
+    """A SIP URI to hand to Kamailio (no spaces, quotes or angle brackets)."""
+    if _CONTROL_RE.search(value) or _URI_RE.fullmatch(value) is None:
+        raise UnsafeValue(field, "is not a sip: or sips: URI without spaces, quotes or control characters")
+    return value

@@ -1,0 +1,220 @@
+"""Run one SIPp process per fake call, and always reap it.
+
+SIPp is started with an argument list (never a shell), in its own session
+so that a timeout or shutdown kills it and anything it started with one
+``killpg``. Its injection CSV lives in a private temporary folder that is
+removed after the run. The scenario logs one ``outcome=NAME`` line to its
+``-log_file``; the exit code is the fallback when it could not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Final
+
+import trio
+
+__all__ = ["Outcome", "RunResult", "SippJob", "SippRunner", "SippSettings", "bundled_scenario"]
+
+log = logging.getLogger("evapi_worker.sipp")
+
+
+def bundled_scenario() -> Path:
+    """Path of the scenario shipped inside the package."""
+    return Path(str(resources.files("evapi_worker") / "sipp" / "late_call.xml"))
+
+
+class Outcome(enum.Enum):
+    """How one fake call ended (a metric label)."""
+
+    COMPLETED = "completed"  # the device rang and took the CANCEL
+    ANSWERED = "answered"  # the device answered; ACK and BYE were sent
+    REJECTED = "rejected"  # the device refused the INVITE
+    TIMEOUT = "timeout"  # no ringing in time; cancelled after Kamailio's 100
+    NO_RESPONSE = "no_response"  # nothing came back at all
+    GAVE_UP = "gave_up"  # no final response to the CANCEL in time
+    KILLED = "killed"  # SIPp ran past its time limit and was killed
+    OVERDUE = "overdue"  # dropped: its deadline passed while it waited
+    UNSAFE = "unsafe"  # refused: event data not safe for SIP or CSV
+    FAILED = "failed"  # SIPp or the command to Kamailio failed
+
+
+# The outcomes the scenario itself logs.
+_LOGGED: Final = {
+    o.value: o
+    for o in (
+        Outcome.COMPLETED,
+        Outcome.ANSWERED,
+        Outcome.REJECTED,
+        Outcome.TIMEOUT,
+        Outcome.NO_RESPONSE,
+        Outcome.GAVE_UP,
+    )
+}
+# SIPp's documented exit codes (sipp(1)): anything but 0 is a failure.
+_EXIT_MEANING: Final = {
+    0: "all calls succeeded",
+    1: "a call failed",
+    97: "exit on internal command",
+    99: "no call processed",
+    255: "fatal error",
+    254: "fatal error binding a socket",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SippSettings:
+    binary: str = "sipp"
+    scenario: Path | None = None  # None: the bundled late_call.xml
+    max_concurrent: int = 8
+    timeout: float = 30.0
+    local_ip: str = "127.0.0.1"
+    port_base: int = 0  # 0: let the system pick each run's local port
+    transport: str = "u1"
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if not 0 <= self.port_base <= 65535 - self.max_concurrent:
+            raise ValueError("port_base leaves no room for max_concurrent ports")
+        if self.transport not in ("u1", "t1"):
+            raise ValueError("transport must be u1 (UDP) or t1 (TCP)")
+
+
+@dataclass(frozen=True, slots=True)
+class SippJob:
+    """Everything one run needs; all values already checked by sip_values."""
+
+    call_id_format: str  # the Call-ID, '%' escaped for -cid_str
+    csv_line: str
+    remote_host: str
+    remote_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    outcome: Outcome
+    returncode: int | None
+    duration: float
+    detail: str = ""
+
+
+class SippRunner:
+    """Runs :class:`SippJob` s with at most ``max_concurrent`` at once."""
+
+    def __init__(self, settings: SippSettings) -> None:
+        self.settings = settings
+        self.scenario = settings.scenario or bundled_scenario()
+        self.limiter = trio.CapacityLimiter(settings.max_concurrent)
+        self._free_ports = (
+            [settings.port_base + i for i in range(settings.max_concurrent)] if settings.port_base else []
+        )
+
+    @property
+    def running(self) -> int:
+        return self.limiter.borrowed_tokens
+
+    @property
+    def waiting(self) -> int:
+        return self.limiter.statistics().tasks_waiting
+
+    async def run(self, job: SippJob) -> RunResult:
+        """Run one job; the caller holds a token of :attr:`limiter`."""
+        started = trio.current_time()
+        port = self._free_ports.pop() if self._free_ports else 0
+        try:
+            with tempfile.TemporaryDirectory(prefix="evapi-worker-sipp-") as tmp:
+                return await self._run_in(Path(tmp), job, port, started)
+        finally:
+            if port:
+                self._free_ports.append(port)
+
+    def command(self, job: SippJob, folder: Path, port: int) -> list[str]:
+        s = self.settings
+        args = [
+            s.binary,
+            f"{job.remote_host}:{job.remote_port}",
+            "-sf", str(self.scenario),
+            "-inf", str(folder / "call.csv"),
+            "-cid_str", job.call_id_format,
+            "-m", "1",
+            # SIPp paces calls by rate; at its default 10/s the one INVITE
+            # would wait 100 ms before leaving.
+            "-r", "1000",
+            "-i", s.local_ip,
+            "-t", s.transport,
+            "-nostdin",
+            "-trace_logs", "-log_file", str(folder / "outcome.log"),
+            "-trace_err", "-error_file", str(folder / "errors.log"),
+        ]  # fmt: skip
+        if port:
+            args += ["-p", str(port)]
+        return args
+
+    async def _run_in(self, folder: Path, job: SippJob, port: int, started: float) -> RunResult:
+        csv = folder / "call.csv"
+        fd = os.open(csv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("SEQUENTIAL\n" + job.csv_line)
+        args = self.command(job, folder, port)
+        proc: subprocess.CompletedProcess[bytes] | None = None
+        try:
+            with trio.move_on_after(self.settings.timeout):
+                proc = await trio.run_process(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    capture_stderr=True,
+                    check=False,
+                    cwd=str(folder),
+                    start_new_session=True,
+                    deliver_cancel=_kill_group,
+                )
+        except OSError as exc:
+            return RunResult(Outcome.FAILED, None, trio.current_time() - started, f"cannot start SIPp: {exc}")
+        duration = trio.current_time() - started
+        if proc is None:
+            return RunResult(Outcome.KILLED, None, duration, f"killed after {self.settings.timeout:g}s")
+        logged = _read_outcome(folder / "outcome.log")
+        if logged is not None:
+            return RunResult(logged, proc.returncode, duration)
+        rc = proc.returncode
+        meaning = _EXIT_MEANING.get(rc, f"exit code {rc}")
+        errors = _tail(folder / "errors.log") or proc.stderr.decode(errors="replace").strip()[-300:]
+        return RunResult(Outcome.FAILED, rc, duration, f"{meaning}: {errors}" if errors else meaning)
+
+
+async def _kill_group(proc: trio.Process) -> None:
+    """Kill SIPp and anything it started; trio then reaps it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _read_outcome(path: Path) -> Outcome | None:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    for line in reversed(text.splitlines()):
+        name = line.strip().removeprefix("outcome=")
+        if line.strip().startswith("outcome=") and name in _LOGGED:
+            return _LOGGED[name]
+    return None
+
+
+def _tail(path: Path, limit: int = 300) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()[-limit:]
+    except FileNotFoundError:
+        return ""

@@ -1,0 +1,62 @@
+"""Event builders shared by the tests: wire JSON as Kamailio sends it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from evapi_worker.events import Event, parse_event
+
+
+class Wire:
+    """Builds v1 events for one node, numbering them like Kamailio does."""
+
+    def __init__(self, node: str = "kam1", boot: int = 1700000000) -> None:
+        self.node = node
+        self.boot = boot
+        self.seq = 0
+
+    def obj(self, event: str, ts: float, **fields: Any) -> dict[str, Any]:
+        self.seq += 1
+        return {"event": event, "node": self.node, "ts": ts, "seq": self.seq, "boot": self.boot, **fields}
+
+    def raw(self, event: str, ts: float, **fields: Any) -> bytes:
+        return json.dumps(self.obj(event, ts, **fields)).encode()
+
+    def event(self, event: str, ts: float, **fields: Any) -> Event:
+        return parse_event(self.raw(event, ts, **fields)).event
+
+    def start(self, ts: float, call_id: str = "call-1", aor: str = "bob@example.com", **kw: Any) -> Event:
+        fields = {"call_id": call_id, "aor": aor, "from_user": "alice", "from_name": "Alice", **kw}
+        return self.event("call_start", ts, **fields)
+
+    def answered(self, ts: float, call_id: str = "call-1") -> Event:
+        return self.event("call_answered", ts, call_id=call_id)
+
+    def cancelled(self, ts: float, call_id: str = "call-1") -> Event:
+        return self.event("call_cancelled", ts, call_id=call_id)
+
+    def failed(self, ts: float, code: int, call_id: str = "call-1") -> Event:
+        return self.event("call_failed", ts, call_id=call_id, code=code)
+
+    def register(
+        self,
+        ts: float,
+        aor: str = "bob@example.com",
+        instance: str | None = "<urn:uuid:iphone-1>",
+        user_agent: str = "LinphoneiOS/5.2 (iPhone) LinphoneSDK/5.3",
+        **kw: Any,
+    ) -> Event:
+        fields: dict[str, Any] = {
+            "aor": aor,
+            "contact": "sip:bob@192.0.2.10:50000;transport=udp",
+            "src_ip": "127.0.0.1",
+            "src_port": 50000,
+            "proto": "udp",
+            "expires": 600,
+            "user_agent": user_agent,
+            **kw,
+        }
+        if instance is not None:
+            fields["instance"] = instance
+        return self.event("register", ts, **fields)

@@ -1,0 +1,322 @@
+"""The late-registration engine: decisions as a function of events and time."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evapi_worker.engine import Action, Anchor, Decision, EndKind, Engine, EngineSettings, Strategy
+from evapi_worker.events import Event
+
+from .helpers import Wire
+
+T0 = 1_700_000_000.0  # Kamailio wall clock
+
+
+def run(engine: Engine, *steps: tuple[float, Event]) -> list[Decision]:
+    """Feed (arrival time, event) pairs, ticking the engine in between."""
+    out: list[Decision] = []
+    for now, event in steps:
+        out += engine.tick(now)
+        out += engine.handle(event, now)
+    return out
+
+
+def actions(decisions: list[Decision]) -> list[tuple[str, str, str]]:
+    return [(d.call_id, d.device, d.reason) for d in decisions if d.action is not Action.NONE]
+
+
+def test_answered_elsewhere_then_late_register_gets_one_fake_call() -> None:
+    w, e = Wire(), Engine()
+    out = run(e, (0.0, w.start(T0)), (3.0, w.answered(T0 + 3)), (5.0, w.register(T0 + 5)))
+    assert len(out) == 1
+    d = out[0]
+    assert (d.action, d.reason, d.call_id, d.device, d.node) == (
+        Action.FAKE_CALL, "answered", "call-1", "urn:uuid:iphone-1", "kam1",
+    )  # fmt: skip
+    assert d.since_start == 5.0 and d.since_end == 2.0
+    assert d.call is not None and d.call.end is EndKind.ANSWERED
+    assert d.call.from_user == "alice" and d.call.from_name == "Alice"
+    assert d.register is not None and d.register.contact.startswith("sip:bob@")
+    assert d.deadline == 5.0 + EngineSettings().deadline
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "kind"),
+    [
+        (None, "missed", EndKind.CANCELLED),
+        (603, "declined", EndKind.DECLINED),
+        (600, "declined", EndKind.DECLINED),
+        (486, "missed", EndKind.FAILED),
+        (408, "missed", EndKind.FAILED),
+    ],
+)
+def test_how_the_call_ended_picks_the_reason(code: int | None, reason: str, kind: EndKind) -> None:
+    w, e = Wire(), Engine()
+    end = w.cancelled(T0 + 2) if code is None else w.failed(T0 + 2, code)
+    out = run(e, (0.0, w.start(T0)), (2.0, end), (4.0, w.register(T0 + 4)))
+    assert [(d.action, d.reason) for d in out] == [(Action.FAKE_CALL, reason)]
+    assert out[0].call is not None and out[0].call.end is kind
+
+
+def test_register_while_ringing_waits_the_settle_delay_then_leaves_it_to_tsilo() -> None:
+    w, e = Wire(), Engine(EngineSettings(settle=0.5))
+    assert run(e, (0.0, w.start(T0)), (2.0, w.register(T0 + 2))) == []
+    assert e.next_deadline() == 2.5
+    assert e.tick(2.4) == []
+    out = e.tick(2.5)
+    assert [(d.action, d.reason, d.since_end) for d in out] == [(Action.NONE, "ringing", None)]
+    # The call ending later changes nothing for this device.
+    assert run(e, (9.0, w.cancelled(T0 + 9)), (10.0, w.register(T0 + 10))) == []
+
+
+def test_end_stamped_before_the_register_but_arriving_after_it_still_gives_the_call() -> None:
+    # Two SIP worker processes: the CANCEL was handled first, its event came second.
+    w, e = Wire(), Engine(EngineSettings(settle=0.5))
+    start, register, cancel = w.start(T0), w.register(T0 + 3.000), w.cancelled(T0 + 2.999)
+    out = run(e, (0.0, start), (3.000, register), (3.002, cancel))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
+    assert e.tick(10.0) == []  # the pending settle produced nothing more
+
+
+def test_end_stamped_after_the_register_resolves_as_ringing_at_once() -> None:
+    w, e = Wire(), Engine()
+    out = run(e, (0.0, w.start(T0)), (3.0, w.register(T0 + 3)), (3.1, w.answered(T0 + 3.1)))
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "ringing")]
+
+
+def test_register_arriving_before_the_call_events_is_reconsidered() -> None:
+    w, e = Wire(), Engine()
+    start, end, register = w.start(T0), w.answered(T0 + 1), w.register(T0 + 1.5)
+    out = run(e, (0.0, register), (0.001, start), (0.002, end))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "answered")]
+
+
+def test_end_arriving_before_start_is_kept_until_the_start_comes() -> None:
+    w, e = Wire(), Engine()
+    start, end = w.start(T0), w.cancelled(T0 + 1)
+    out = run(e, (0.0, end), (0.001, start), (2.0, w.register(T0 + 2)))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
+
+
+def test_window_anchored_at_the_end() -> None:
+    w, e = Wire(), Engine(EngineSettings(window=15))
+    out = run(e, (0.0, w.start(T0)), (40.0, w.cancelled(T0 + 40)), (55.0, w.register(T0 + 55)))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
+    w, e = Wire(), Engine(EngineSettings(window=15))
+    out = run(e, (0.0, w.start(T0)), (40.0, w.cancelled(T0 + 40)), (55.2, w.register(T0 + 55.2)))
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "too_late")]
+
+
+def test_window_anchored_at_the_start() -> None:
+    w, e = Wire(), Engine(EngineSettings(window=15, anchor=Anchor.START))
+    out = run(e, (0.0, w.start(T0)), (10.0, w.cancelled(T0 + 10)), (16.0, w.register(T0 + 16)))
+    assert [(d.action, d.reason, d.since_start) for d in out] == [(Action.NONE, "too_late", 16.0)]
+    w, e = Wire(), Engine(EngineSettings(window=15, anchor=Anchor.START))
+    out = run(e, (0.0, w.start(T0)), (10.0, w.cancelled(T0 + 10)), (14.0, w.register(T0 + 14)))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
+
+
+def test_non_push_device_gets_nothing() -> None:
+    w, e = Wire(), Engine()
+    desk = w.register(T0 + 4, user_agent="Yealink SIP-T46U", instance="<urn:uuid:desk>")
+    out = run(e, (0.0, w.start(T0)), (2.0, w.answered(T0 + 2)), (4.0, desk))
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "not_push")]
+    assert e.device_count == 0  # non-push devices are not kept
+
+
+def test_push_provider_apns_marks_a_push_device_whatever_its_user_agent() -> None:
+    w, e = Wire(), Engine()
+    reg = w.register(T0 + 4, user_agent="MyApp/1.0", instance=None, pn_provider="apns.dev", pn_prid="tok:voip")
+    out = run(e, (0.0, w.start(T0)), (2.0, w.answered(T0 + 2)), (4.0, reg))
+    assert actions(out) == [("call-1", "pn-prid:tok:voip", "answered")]
+
+
+def test_same_device_registering_again_gets_no_second_call() -> None:
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0)),
+        (2.0, w.answered(T0 + 2)),
+        (4.0, w.register(T0 + 4)),
+        (5.0, w.register(T0 + 5)),
+    )
+    assert [(d.action, d.reason) for d in out] == [(Action.FAKE_CALL, "answered"), (Action.NONE, "duplicate")]
+
+
+def test_two_devices_on_one_account_get_one_call_each() -> None:
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0)),
+        (2.0, w.cancelled(T0 + 2)),
+        (4.0, w.register(T0 + 4, instance="<urn:uuid:iphone-1>")),
+        (4.5, w.register(T0 + 4.5, instance="<urn:uuid:iphone-2>")),
+        (5.0, w.register(T0 + 5, instance="<urn:uuid:iphone-2>")),
+    )
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed"), ("call-1", "urn:uuid:iphone-2", "missed")]
+
+
+def test_device_identity_falls_back_to_pn_prid_then_contact() -> None:
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0)),
+        (2.0, w.cancelled(T0 + 2)),
+        (4.0, w.register(T0 + 4, instance=None, pn_prid="tok")),
+        (4.1, w.register(T0 + 4.1, instance=None, contact="sip:bob@10.0.0.9:5062")),
+    )
+    assert [d.device for d in out] == ["pn-prid:tok", "sip:bob@10.0.0.9:5062"]
+
+
+def test_registered_before_the_call_started_is_not_concerned() -> None:
+    w, e = Wire(), Engine()
+    reg = w.register(T0 - 1)
+    out = run(e, (0.0, w.start(T0)), (0.001, reg), (2.0, w.answered(T0 + 2)))
+    assert out == []
+
+
+def test_other_accounts_are_not_concerned() -> None:
+    w, e = Wire(), Engine()
+    out = run(e, (0.0, w.start(T0)), (2.0, w.answered(T0 + 2)), (3.0, w.register(T0 + 3, aor="carol@example.com")))
+    assert out == []
+
+
+def test_unregister_wakes_no_one() -> None:
+    w, e = Wire(), Engine()
+    out = run(e, (0.0, w.start(T0)), (2.0, w.answered(T0 + 2)), (3.0, w.register(T0 + 3, expires=0)))
+    assert out == []
+
+
+def test_earliest_end_decides_how_the_call_ended() -> None:
+    # The CANCEL was stamped first; its 487 final response event arrived first.
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0)),
+        (2.0, w.failed(T0 + 2.01, 487)),
+        (2.0, w.answered(T0 + 2.00)),
+        (4.0, w.register(T0 + 4)),
+    )
+    assert [(d.reason, d.since_end) for d in out] == [("answered", 2.0)]
+
+
+def test_message_strategy_decides_messages() -> None:
+    w, e = Wire(), Engine(EngineSettings(strategy=Strategy.MESSAGE))
+    out = run(e, (0.0, w.start(T0)), (2.0, w.answered(T0 + 2)), (4.0, w.register(T0 + 4)))
+    assert [(d.action, d.reason) for d in out] == [(Action.MESSAGE, "answered")]
+
+
+def test_several_late_calls_for_one_device_each_get_their_fake_call() -> None:
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0, call_id="a")),
+        (1.0, w.cancelled(T0 + 1, call_id="a")),
+        (2.0, w.start(T0 + 2, call_id="b")),
+        (3.0, w.answered(T0 + 3, call_id="b")),
+        (4.0, w.register(T0 + 4)),
+    )
+    assert sorted(actions(out)) == [("a", "urn:uuid:iphone-1", "missed"), ("b", "urn:uuid:iphone-1", "answered")]
+
+
+def test_state_expires_after_the_window() -> None:
+    w, e = Wire(), Engine(EngineSettings(window=15, settle=0.5, deadline=5, ring_timeout=60))
+    run(e, (0.0, w.start(T0)), (2.0, w.answered(T0 + 2)), (3.0, w.register(T0 + 3)))
+    assert (e.call_count, e.device_count) == (1, 1)
+    e.tick(8.1)
+    assert e.device_count == 0
+    e.tick(2.0 + 15.5)
+    assert e.call_count == 0
+    assert e.tick(60.0) == []  # the superseded ring timeout fires harmlessly
+    assert e.next_deadline() is None
+    run(e, (100.0, w.start(T0 + 100, call_id="ringing-forever")))
+    e.tick(159.9)
+    assert e.call_count == 1
+    e.tick(160.0)
+    assert e.call_count == 0
+
+
+def test_memory_is_bounded_and_evictions_counted() -> None:
+    w, e = Wire(), Engine(EngineSettings(max_calls=3, max_devices=2))
+    for i in range(5):
+        e.handle(w.start(T0 + i, call_id=f"c{i}", aor=f"u{i}@x"), float(i))
+    assert e.call_count == 3 and e.evicted_calls == 2
+    for i in range(4):
+        e.handle(w.register(T0 + 10 + i, aor=f"u{i}@x"), 10.0 + i)
+    assert e.device_count == 2 and e.evicted_devices == 2
+
+
+# -- invariants under arbitrary event orders ----------------------------------
+
+event_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["start", "answered", "cancelled", "failed6", "failed4", "register"]),
+        st.sampled_from(["c1", "c2"]),
+        st.sampled_from(["<urn:uuid:d1>", "<urn:uuid:d2>"]),
+        st.floats(0, 40, allow_nan=False),  # Kamailio time offset
+        st.floats(0, 0.3, allow_nan=False),  # arrival jitter
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(event_steps)
+def test_invariants_one_action_per_pair_and_none_for_ringing_calls(
+    steps: list[tuple[str, str, str, float, float]],
+) -> None:
+    w, e = Wire(), Engine(EngineSettings(window=15, settle=0.5))
+    # A call's end is never stamped before its start: end offsets count from
+    # the start. Kamailio emits one call_start per initial INVITE (a Call-ID
+    # reused after its state expired would be a new call).
+    start_at: dict[str, float] = {}
+    for kind, call_id, _, offset, _ in steps:
+        if kind == "start":
+            start_at.setdefault(call_id, offset)
+    events = []
+    started: set[str] = set()
+    for kind, call_id, dev, offset, jitter in steps:
+        base = T0 + start_at.get(call_id, 0.0)
+        if kind == "start":
+            if call_id in started:
+                continue
+            started.add(call_id)
+            ev = w.start(T0 + offset, call_id=call_id)
+            offset = start_at[call_id]
+        elif kind == "answered":
+            ev = w.answered(base + offset, call_id=call_id)
+            offset += start_at.get(call_id, 0.0)
+        elif kind == "cancelled":
+            ev = w.cancelled(base + offset, call_id=call_id)
+            offset += start_at.get(call_id, 0.0)
+        elif kind == "failed6":
+            ev = w.failed(base + offset, 603, call_id=call_id)
+            offset += start_at.get(call_id, 0.0)
+        elif kind == "failed4":
+            ev = w.failed(base + offset, 486, call_id=call_id)
+            offset += start_at.get(call_id, 0.0)
+        else:
+            ev = w.register(T0 + offset, instance=dev)
+        events.append((offset + jitter, ev))
+    events.sort(key=lambda pair: pair[0])
+    out = run(e, *events) + e.tick(1000.0)
+    pairs = [(d.call_id, d.device) for d in out if d.action is not Action.NONE]
+    assert len(pairs) == len(set(pairs))
+    # Ground truth from Kamailio's timestamps: first start and first end.
+    starts: dict[str, float] = {}
+    for _, ev in events:
+        if type(ev).__name__ == "CallStarted":
+            starts.setdefault(ev.call_id, ev.ts)  # type: ignore[union-attr]
+    ends: dict[str, float] = {}
+    for _, ev in events:
+        if type(ev).__name__ in ("CallAnswered", "CallCancelled", "CallFailed"):
+            call_id = ev.call_id  # type: ignore[union-attr]
+            ends[call_id] = min(ends.get(call_id, ev.ts), ev.ts)
+    for d in out:
+        if d.action is Action.NONE:
+            continue
+        assert d.call_id in ends and ends[d.call_id] <= d.ts, "a fake call for a call still ringing"
+        assert d.ts >= starts[d.call_id]
+        assert d.ts - ends[d.call_id] <= 15
