@@ -24,6 +24,7 @@ __all__ = ["Config", "ConfigError", "load_config", "parse_hostport", "parse_node
 DEFAULT_EVAPI: Final = "127.0.0.1:8448"
 DEFAULT_SIP_PORT: Final = 5060
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
+_HOST_RE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.\-]{0,252})")
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -73,8 +74,10 @@ def parse_hostport(text: str, key: str, default_port: int | None = None) -> tupl
             host, port_text = text, ""
         if ":" in host:
             raise ConfigError(key, f"{text!r}: write an IPv6 address as [addr]:port")
-    if not host:
-        raise ConfigError(key, f"{text!r} has no host")
+        if not host:
+            raise ConfigError(key, f"{text!r} has no host")
+        if not _HOST_RE.fullmatch(host):
+            raise ConfigError(key, f"{host!r} is not a hostname or IP address")
     if not port_text:
         if default_port is None:
             raise ConfigError(key, f"{text!r} has no port")
@@ -249,7 +252,7 @@ def _nodes(doc: _Table) -> tuple[NodeAddress, ...]:
         sip = t.get("sip")
         if sip is not None and not isinstance(sip, str):
             raise ConfigError(t.key("sip"), "must be a string HOST:PORT")
-        sip_host, sip_port = parse_hostport(sip, t.key("sip"), DEFAULT_SIP_PORT) if sip else (evapi_host, 5060)
+        sip_host, sip_port = parse_hostport(sip, t.key("sip"), DEFAULT_SIP_PORT) if sip else (evapi_host, DEFAULT_SIP_PORT)
         name = t.string("name", f"{evapi_host}:{evapi_port}")
         t.check_unknown()
         nodes.append(_node(name, evapi_host, evapi_port, sip_host, sip_port, t.key("name")))

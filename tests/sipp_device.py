@@ -1,0 +1,80 @@
+"""A real SIPp UAS playing a phone, for tests of what a device receives."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+SCENARIOS = Path(__file__).parent / "sipp"
+
+needs_sipp = pytest.mark.skipif(
+    shutil.which("sipp") is None, reason="sipp is not installed (apt-get install sip-tester)"
+)
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
+@dataclass
+class Device:
+    port: int
+    log: Path
+    process: trio.Process
+
+    def lines(self) -> list[str]:
+        try:
+            return self.log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    async def finished(self, timeout: float = 15.0) -> int:
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def device(scenario: str, folder: Path, *, port: int | None = None, calls: int = 1) -> AsyncIterator[Device]:
+    """Run ``tests/sipp/<scenario>.xml`` as a UAS on 127.0.0.1 until it ends or the block exits."""
+    port = port or free_port()
+    log = folder / f"{scenario}-{port}.log"
+    args = [
+        "sipp", "-sf", str(SCENARIOS / f"{scenario}.xml"), "-i", "127.0.0.1", "-p", str(port),
+        "-m", str(calls), "-nostdin", "-trace_logs", "-log_file", str(log),
+    ]  # fmt: skip
+    proc = await trio.lowlevel.open_process(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=str(folder), start_new_session=True,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(5):
+            while not _port_taken(port):
+                await trio.sleep(0.01)
+        yield Device(port, log, proc)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            await proc.wait()

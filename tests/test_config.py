@@ -1,0 +1,120 @@
+"""Settings from TOML and flags; every error names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evapi_worker.cli import main
+from evapi_worker.config import ConfigError, load_config, parse_hostport, parse_node
+from evapi_worker.engine import Anchor
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "worker.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_file(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
+log_level = "debug"
+[[kamailio]]
+name = "edge1"
+evapi = "127.0.0.1:8448"
+sip = "127.0.0.1:5070"
+[[kamailio]]
+name = "edge2"
+evapi = "[::1]:8449"
+[engine]
+window = 30
+anchor = "start"
+user_agents = ["LinphoneiOS", "MyApp/.*iOS"]
+[sipp]
+max_concurrent = 4
+transport = "tcp"
+[evapi]
+ack_timeout = 0.5
+""",
+        )
+    )
+    assert [(n.name, n.evapi_host, n.evapi_port, n.sip_port) for n in cfg.nodes] == [
+        ("edge1", "127.0.0.1", 8448, 5070),
+        ("edge2", "::1", 8449, 5060),
+    ]
+    assert cfg.engine.window == 30 and cfg.engine.anchor is Anchor.START
+    assert cfg.engine.user_agents == ("LinphoneiOS", "MyApp/.*iOS")
+    assert cfg.sipp.max_concurrent == 4 and cfg.sipp.transport == "t1"
+    assert cfg.commands.ack_timeout == 0.5
+    assert cfg.log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[engine]\nwindow = 'long'", "engine.window"),
+        ("[engine]\nwindow = -1", "engine.window"),
+        ("[engine]\nanchor = 'middle'", "engine.anchor"),
+        ("[engine]\nsettle = 10", "engine.settle"),
+        ("[engine]\nuser_agents = ['(']", "engine.user_agents"),
+        ("[engine]\nwindwo = 3", "engine.windwo"),
+        ("[sipp]\nmax_concurrent = 0", "sipp.max_concurrent"),
+        ("[sipp]\ntransport = 'sctp'", "sipp.transport"),
+        ("[[kamailio]]\nevapi = 'nohost'", "kamailio[0].evapi"),
+        ("[[kamailio]]\nevapi = '1.2.3.4:99999'", "kamailio[0].evapi"),
+        ("[[kamailio]]\nname='a'\n[[kamailio]]\nname='a'\nevapi='127.0.0.1:1'", "kamailio"),
+        ("log_level = 'loud'", "log_level"),
+        ("surprise = 1", "surprise"),
+        ("engine = 3", "engine"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.key == key
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[engine\n"))
+
+
+def test_node_specs() -> None:
+    n = parse_node("edge1=10.0.0.1:8448,sip=10.0.0.1:5080")
+    assert (n.name, n.evapi_host, n.evapi_port, n.sip_host, n.sip_port) == ("edge1", "10.0.0.1", 8448, "10.0.0.1", 5080)
+    n = parse_node("127.0.0.1:8448")
+    assert (n.name, n.sip_host, n.sip_port) == ("127.0.0.1:8448", "127.0.0.1", 5060)
+    assert parse_hostport("[::1]:8448", "k") == ("::1", 8448)
+    for bad in ["", "host", "::1:8448", "a=b=c:1", "h:1,tls=x", "bad name=h:1", "[::1"]:
+        with pytest.raises(ConfigError):
+            parse_node(bad)
+
+
+def test_cli_config_error_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[engine]\nwindow = 'x'\n")
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "engine.window" in err
+
+
+def test_cli_bad_flag_values(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--kamailio", "nohost"]) == 2
+    assert "--kamailio" in capsys.readouterr().err
+    assert main(["run", "--window", "-3"]) == 2
+    assert "--window" in capsys.readouterr().err
+    assert main(["run", "--sipp", "/nonexistent/sipp"]) == 2
+    assert "sip-tester" in capsys.readouterr().err
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert "evapi-worker" in capsys.readouterr().out

@@ -1,0 +1,86 @@
+"""What may reach a SIP header or a SIPp CSV line."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from evapi_worker import sip_values as sv
+from evapi_worker.sip_values import UnsafeValue
+
+
+def test_call_id_percent_is_escaped_for_sipp() -> None:
+    assert sv.call_id_format("abc%41@host") == "abc%%41@host"
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "a\r\nVia: x", "a;b", "x" * 300, "a@b@c", "é"])
+def test_bad_call_ids(bad: str) -> None:
+    with pytest.raises(UnsafeValue, match="call_id"):
+        sv.call_id_format(bad)
+
+
+def test_user_part_encoding_keeps_meaning() -> None:
+    assert sv.sip_user("u", "alice") == "alice"
+    assert sv.sip_user("u", "+4930123") == "+4930123"
+    assert sv.sip_user("u", "a;b") == "a%3Bb"
+    assert sv.sip_user("u", "a%3Bb") == "a%3Bb"
+    assert sv.sip_user("u", "#1 <x>") == "%231%20%3Cx%3E"
+    assert sv.sip_user("u", "jörg") == "j%C3%B6rg"
+
+
+@pytest.mark.parametrize("bad", ["", "a\nb", "a\rb", "nul\x00", "x" * 300])
+def test_user_part_rejects_control_characters(bad: str) -> None:
+    with pytest.raises(UnsafeValue):
+        sv.sip_user("from_user", bad)
+
+
+def test_hosts() -> None:
+    assert sv.sip_host("h", "example.com") == "example.com"
+    assert sv.sip_host("h", "192.0.2.1") == "192.0.2.1"
+    assert sv.sip_host("h", "[2001:db8::1]") == "[2001:db8::1]"
+    for bad in ["exa mple.com", "a;b", "-bad.com", "x\r\n", "[zz]", "a_b.com"]:
+        with pytest.raises(UnsafeValue):
+            sv.sip_host("h", bad)
+
+
+def test_display_name_is_quoted_and_escaped() -> None:
+    assert sv.display_name("Alice") == '"Alice" '
+    assert sv.display_name('Al "the" \\ one') == '"Al \\"the\\" \\\\ one" '
+    with pytest.raises(UnsafeValue, match="';'"):
+        sv.display_name("Smith; John")
+    with pytest.raises(UnsafeValue, match="control"):
+        sv.display_name("Alice\r\nX-Evil: 1")
+
+
+def test_tokens_and_uris() -> None:
+    assert sv.token("pin", "Ab-9_x") == "Ab-9_x"
+    for bad in ["", "a b", "a;b", "a\n"]:
+        with pytest.raises(UnsafeValue):
+            sv.token("pin", bad)
+    assert sv.sip_uri("contact", "sip:bob@10.0.0.1:5060;transport=tcp") == "sip:bob@10.0.0.1:5060;transport=tcp"
+    for bad in ["http://x", "sip:a b", "sip:a\r\n", 'sip:a"b', "sip:<a>"]:
+        with pytest.raises(UnsafeValue):
+            sv.sip_uri("contact", bad)
+
+
+def test_csv_line() -> None:
+    assert sv.csv_line(["a", "b", ""]) == "a;b;;\n"
+    with pytest.raises(UnsafeValue):
+        sv.csv_line(["a;b"])
+    with pytest.raises(UnsafeValue):
+        sv.csv_line(["a\nb"])
+    with pytest.raises(UnsafeValue):
+        sv.csv_line(["#comment"])
+
+
+@given(st.text(max_size=80))
+def test_any_text_is_either_refused_or_made_csv_and_header_safe(text: str) -> None:
+    for fn in (lambda v: sv.sip_user("u", v), sv.display_name, lambda v: sv.sip_host("h", v)):
+        try:
+            out = fn(text)
+        except UnsafeValue:
+            continue
+        assert ";" not in out
+        assert not any(ch in out for ch in "\r\n\x00")
+        assert sv.csv_line([out, out]).count(";") == 2
