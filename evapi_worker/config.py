@@ -252,7 +252,9 @@ def _nodes(doc: _Table) -> tuple[NodeAddress, ...]:
         sip = t.get("sip")
         if sip is not None and not isinstance(sip, str):
             raise ConfigError(t.key("sip"), "must be a string HOST:PORT")
-        sip_host, sip_port = parse_hostport(sip, t.key("sip"), DEFAULT_SIP_PORT) if sip else (evapi_host, DEFAULT_SIP_PORT)
+        sip_host, sip_port = (evapi_host, DEFAULT_SIP_PORT)
+        if sip:
+            sip_host, sip_port = parse_hostport(sip, t.key("sip"), DEFAULT_SIP_PORT)
         name = t.string("name", f"{evapi_host}:{evapi_port}")
         t.check_unknown()
         nodes.append(_node(name, evapi_host, evapi_port, sip_host, sip_port, t.key("name")))
