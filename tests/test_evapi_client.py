@@ -1,0 +1,179 @@
+"""The evapi connection against an in-test evapi server on loopback."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+
+import pytest
+import trio
+
+from evapi_worker.commands import Ping
+from evapi_worker.evapi_client import Backoff, CommandFailed, ConnectionState, EvapiConnection, NodeAddress
+from evapi_worker.events import CommandResult, parse_event
+from evapi_worker.netstring import encode
+
+from .evapi_server import EvapiServer
+from .sipp_device import free_port
+
+FAST = Backoff(initial=0.01, cap=0.05)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, bytes]] = []
+        self.states: list[ConnectionState] = []
+        self.framing_errors: list[str] = []
+        self.oversized: list[int] = []
+        self.changed = trio.Event()
+        self.conn: EvapiConnection | None = None
+
+    def on_frame(self, node: str, payload: bytes, now: float) -> None:
+        self.frames.append((node, payload))
+        parsed = parse_event(payload).event
+        if isinstance(parsed, CommandResult) and self.conn is not None:
+            self.conn.resolve(parsed)
+        self._kick()
+
+    def on_state(self, node: str, state: ConnectionState) -> None:
+        self.states.append(state)
+        self._kick()
+
+    def _kick(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_for(self, predicate: object, timeout: float = 5.0) -> None:
+        assert callable(predicate)
+        with trio.fail_after(timeout):
+            while not predicate():
+                await self.changed.wait()
+
+
+def connection(port: int, rec: Recorder, **kw: object) -> EvapiConnection:
+    node = NodeAddress("kam1", "127.0.0.1", port, "127.0.0.1", 5060)
+    conn = EvapiConnection(
+        node,
+        rec.on_frame,
+        backoff=FAST,
+        on_state=rec.on_state,
+        on_framing_error=lambda n, e: rec.framing_errors.append(e.reason),
+        on_oversized=lambda n, length: rec.oversized.append(length),
+        rng=random.Random(1),
+        **kw,  # type: ignore[arg-type]
+    )
+    rec.conn = conn
+    return conn
+
+
+def test_backoff_grows_is_capped_and_jittered() -> None:
+    b = Backoff(initial=0.1, cap=5.0)
+    rng = random.Random(7)
+    delays = [b.delay(n, rng) for n in range(12)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(0 < d <= 5.0 for d in delays)
+    assert all(d >= 2.5 for d in delays[7:])  # capped, never below half the cap
+    assert len({round(d, 6) for d in delays[7:]}) > 1  # jitter spreads retries
+
+
+async def test_frames_split_at_every_byte_arrive_whole_and_in_order() -> None:
+    server, rec = EvapiServer(), Recorder()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        conn = connection(server.port, rec)
+        await nursery.start(conn.run)
+        await server.wait_for(lambda: server.streams)
+        data = b"".join(server.event("call_answered", 1.0 + i, call_id=f"c{i}") for i in range(3))
+        for i in range(len(data)):
+            await server.send(data[i : i + 1])
+        await rec.wait_for(lambda: len(rec.frames) == 3)
+        assert [json.loads(p)["call_id"] for _, p in rec.frames] == ["c0", "c1", "c2"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_reconnects_after_the_server_closes_and_keeps_reading() -> None:
+    server, rec = EvapiServer(), Recorder()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        conn = connection(server.port, rec)
+        await nursery.start(conn.run)
+        await server.wait_for(lambda: server.accepted == 1)
+        await server.drop()
+        await server.wait_for(lambda: server.accepted == 2 and server.streams)
+        await rec.wait_for(lambda: conn.connected)
+        await server.send(server.event("call_cancelled", 2.0, call_id="after"))
+        await rec.wait_for(lambda: rec.frames)
+        assert conn.connects == 2
+        assert ConnectionState.WAITING in rec.states
+        nursery.cancel_scope.cancel()
+
+
+async def test_kamailio_not_up_at_start_is_retried_until_it_is() -> None:
+    port = free_port(socket.SOCK_STREAM)
+    server, rec = EvapiServer(), Recorder()
+    async with trio.open_nursery() as nursery:
+        conn = connection(port, rec)
+        await nursery.start(conn.run)
+        await rec.wait_for(lambda: rec.states.count(ConnectionState.WAITING) >= 3)
+        assert not conn.connected
+        await server.start(nursery, port)
+        await rec.wait_for(lambda: conn.connected)
+        nursery.cancel_scope.cancel()
+
+
+async def test_broken_framing_reconnects_and_oversized_frames_are_skipped() -> None:
+    server, rec = EvapiServer(), Recorder()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        conn = connection(server.port, rec, max_frame=100)
+        await nursery.start(conn.run)
+        await server.wait_for(lambda: server.streams)
+        await server.send(encode(b"x" * 500) + server.event("call_answered", 1.0, call_id="ok1"))
+        await rec.wait_for(lambda: len(rec.frames) == 1)
+        assert rec.oversized == [500]
+        await server.send(b"12x:garbage,")
+        await rec.wait_for(lambda: rec.framing_errors == ["bad_length"])
+        await server.wait_for(lambda: server.accepted == 2 and server.streams)
+        await server.send(server.event("call_answered", 2.0, call_id="ok2"))
+        await rec.wait_for(lambda: len(rec.frames) == 2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_command_is_one_write_and_waits_for_its_ack() -> None:
+    server, rec = EvapiServer(), Recorder()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        conn = connection(server.port, rec)
+        await nursery.start(conn.run)
+        await rec.wait_for(lambda: conn.connected)
+        result = await conn.send_command(Ping(conn.next_id()), timeout=2)
+        assert result.ok
+        assert server.commands == [{"cmd": "ping", "id": result.id}]
+        assert server.reads[0].endswith(b",") and server.reads[0].count(b":") >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_command_refused_unanswered_or_disconnected() -> None:
+    server, rec = EvapiServer(ack_ok=False), Recorder()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        conn = connection(server.port, rec)
+        with pytest.raises(CommandFailed, match="not_connected"):
+            await conn.send_command(Ping("x"), timeout=1)
+        await nursery.start(conn.run)
+        await rec.wait_for(lambda: conn.connected)
+        with pytest.raises(CommandFailed, match="refused"):
+            await conn.send_command(Ping(conn.next_id()), timeout=2)
+        server.auto_ack = False
+        with pytest.raises(CommandFailed, match="timeout"):
+            await conn.send_command(Ping(conn.next_id()), timeout=0.2)
+
+        async def drop_soon() -> None:
+            await server.wait_for(lambda: len(server.commands) == 3)
+            await server.drop()
+
+        nursery.start_soon(drop_soon)
+        with pytest.raises(CommandFailed, match="disconnected"):
+            await conn.send_command(Ping(conn.next_id()), timeout=5)
+        nursery.cancel_scope.cancel()

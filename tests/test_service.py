@@ -1,0 +1,175 @@
+"""The whole worker against in-test evapi servers and a real SIPp device."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from evapi_worker.config import Config
+from evapi_worker.engine import Decision, EngineSettings
+from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.netstring import encode
+from evapi_worker.service import Service
+from evapi_worker.sipp_runner import SippSettings
+
+from .evapi_server import EvapiServer
+from .sipp_device import device, free_port, needs_sipp
+
+T0 = 1_700_000_000.0
+IPHONE = "LinphoneiOS/5.2.5 (iPhone) LinphoneSDK/5.3.0"
+
+
+@dataclass
+class World:
+    service: Service
+    servers: dict[str, EvapiServer]
+    decisions: list[Decision]
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.service.metrics.value(name, labels)
+
+    async def wait_metric(self, name: str, value: float, timeout: float = 15.0, **labels: str) -> None:
+        with trio.fail_after(timeout):
+            while self.metric(name, **labels) < value:
+                await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def world(sip_ports: dict[str, int] | None = None, **engine: Any) -> AsyncIterator[World]:
+    sip_ports = sip_ports or {}
+    async with trio.open_nursery() as nursery:
+        servers = {name: EvapiServer(name) for name in ("kam1", "kam2")}
+        for server in servers.values():
+            await server.start(nursery)
+        nodes = tuple(
+            NodeAddress(name, "127.0.0.1", s.port, "127.0.0.1", sip_ports.get(name, free_port()))
+            for name, s in servers.items()
+        )
+        config = Config(
+            nodes=nodes,
+            engine=EngineSettings(**engine),
+            sipp=SippSettings(max_concurrent=2, timeout=20),
+            backoff=Backoff(0.01, 0.05),
+        )
+        service = Service(config)
+        decisions: list[Decision] = []
+        service.decision_listeners.append(decisions.append)
+        await nursery.start(service.run)
+        for server in servers.values():
+            await server.wait_for(lambda s=server: bool(s.streams))
+        yield World(service, servers, decisions)
+        nursery.cancel_scope.cancel()
+
+
+def register(server: EvapiServer, ts: float, **kw: Any) -> bytes:
+    fields = {
+        "aor": "bob@example.com",
+        "contact": "sip:bob@127.0.0.1:5099;transport=udp",
+        "src_ip": "127.0.0.1",
+        "src_port": 5099,
+        "proto": "udp",
+        "expires": 600,
+        "user_agent": IPHONE,
+        "instance": "<urn:uuid:0001>",
+        **kw,
+    }
+    return server.event("register", ts, **fields)
+
+
+def start(server: EvapiServer, ts: float, call_id: str = "orig-call-1@10.0.0.5", **kw: Any) -> bytes:
+    fields = {"call_id": call_id, "aor": "bob@example.com", "from_user": "alice", "from_name": "Alice", **kw}
+    return server.event("call_start", ts, **fields)
+
+
+@needs_sipp
+async def test_late_iphone_on_another_node_gets_the_call_through_that_node(tmp_path: Path) -> None:
+    async with device("device_rings", tmp_path) as dev, world({"kam2": dev.port}) as w:
+        kam1, kam2 = w.servers["kam1"], w.servers["kam2"]
+        await kam1.send(start(kam1, T0) + kam1.event("call_answered", T0 + 3, call_id="orig-call-1@10.0.0.5"))
+        await w.wait_metric("evapi_worker_events_total", 1, node="kam1", type="call_answered")
+        await kam2.send(register(kam2, T0 + 5))
+        await w.wait_metric("evapi_worker_fake_calls_total", 1, outcome="completed")
+        await dev.finished()
+        # The pin went to the node the device registered on, and only there.
+        assert kam1.commands == []
+        (pin,) = [c for c in kam2.commands if c["cmd"] == "pin"]
+        assert pin["ruri"] == "sip:bob@127.0.0.1:5099;transport=udp"
+        assert pin["dst"] == "sip:127.0.0.1:5099;transport=udp"
+        assert pin["ttl"] == 30 and len(pin["key"]) >= 16
+        lines = dev.lines()
+        assert lines[0].startswith('invite call_id= orig-call-1@10.0.0.5 from= "Alice" <sip:alice@example.com>')
+        assert lines[1] == 'cancel call_id= orig-call-1@10.0.0.5 reason= SIP;cause=200;text="Call completed elsewhere"'
+        assert [(d.action.value, d.reason, d.node) for d in w.decisions] == [("fake_call", "answered", "kam2")]
+        assert w.metric("evapi_worker_late_registrations_total", ended="answered") == 1
+        assert w.metric("evapi_worker_commands_acked_total", node="kam2", command="pin") == 1
+        assert w.metric("evapi_worker_sipp_duration_seconds_count") == 1
+        assert w.metric("evapi_worker_decision_latency_seconds_count") == 1
+        assert w.metric("evapi_worker_kamailio_up", node="kam1") == 1
+
+
+async def test_bad_input_is_counted_and_costs_no_other_event_nor_the_connection() -> None:
+    async with world(settle=0.05) as w:
+        kam1 = w.servers["kam1"]
+        junk = [
+            encode(b"{not json"),
+            encode(b"[1,2,3]"),
+            encode(json.dumps({"event": "call_transferred", "node": "kam1", "ts": 1, "seq": 1}).encode()),
+            encode(b"\xff\xfe\x00binary"),
+            start(kam1, T0, call_id="bad\r\nVia: x"),
+            start(kam1, T0, call_id="evil@x", from_user="a\r\nX-Injected: 1"),
+            kam1.event("call_cancelled", T0 + 1, call_id="evil@x", surprise="field"),
+            register(kam1, T0 + 2),
+        ]
+        await kam1.send(b"".join(junk))
+        await w.wait_metric("evapi_worker_fake_calls_total", 1, outcome="unsafe")
+        assert w.metric("evapi_worker_event_errors_total", node="kam1", reason="invalid_json") == 2
+        assert w.metric("evapi_worker_event_errors_total", node="kam1", reason="not_object") == 1
+        assert w.metric("evapi_worker_event_errors_total", node="kam1", reason="unknown_type") == 1
+        assert w.metric("evapi_worker_event_errors_total", node="kam1", reason="bad_value") == 1
+        assert w.metric("evapi_worker_unknown_fields_total", node="kam1", type="call_cancelled") == 1
+        assert kam1.accepted == 1 and kam1.streams  # the connection survived
+        assert [(d.call_id, d.reason) for d in w.decisions] == [("evil@x", "missed")]
+        assert kam1.commands == []  # nothing reached Kamailio for the unsafe call
+
+
+async def test_sequence_gaps_are_counted_as_lost_events() -> None:
+    async with world() as w:
+        kam1 = w.servers["kam1"]
+        w.service.sequences.grace = 0.1
+        first = kam1.event("call_answered", T0, call_id="a")
+        kam1._seq += 5  # five events Kamailio emitted while nobody listened
+        second = kam1.event("call_answered", T0 + 1, call_id="b")
+        await kam1.send(first + second)
+        await w.wait_metric("evapi_worker_events_lost_total", 5, timeout=5, node="kam1")
+
+
+async def test_unacknowledged_pin_fails_the_fake_call_without_running_sipp() -> None:
+    async with world() as w:
+        kam1 = w.servers["kam1"]
+        kam1.ack_ok = False
+        await kam1.send(start(kam1, T0) + kam1.event("call_cancelled", T0 + 1, call_id="orig-call-1@10.0.0.5"))
+        await kam1.send(register(kam1, T0 + 2))
+        await w.wait_metric("evapi_worker_fake_calls_total", 1, outcome="failed")
+        assert w.metric("evapi_worker_commands_failed_total", node="kam1", command="pin", reason="refused") == 1
+        assert w.metric("evapi_worker_sipp_duration_seconds_count") == 0
+
+
+@needs_sipp
+async def test_fake_calls_past_their_deadline_are_dropped_not_sent_late(tmp_path: Path) -> None:
+    # One SIPp slot, held by a call to a silent device for six seconds; the
+    # other late devices' deadlines (1 s) pass while they wait.
+    async with device("device_silent", tmp_path) as dev, world({"kam1": dev.port}, deadline=1.0, settle=0.1) as w:
+        w.service.runner.limiter.total_tokens = 1
+        kam1 = w.servers["kam1"]
+        await kam1.send(start(kam1, T0) + kam1.event("call_cancelled", T0 + 1, call_id="orig-call-1@10.0.0.5"))
+        regs = b"".join(register(kam1, T0 + 2 + i / 10, instance=f"<urn:uuid:{i}>") for i in range(3))
+        await kam1.send(regs)
+        await w.wait_metric("evapi_worker_fake_calls_total", 2, outcome="overdue", timeout=5)
+        assert w.metric("evapi_worker_sipp_running") == 1
+        assert len([c for c in kam1.commands if c["cmd"] == "pin"]) == 1
