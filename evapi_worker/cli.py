@@ -17,7 +17,7 @@ from . import __version__
 from .config import Config, ConfigError, load_config, parse_node, with_nodes
 from .engine import Anchor, Strategy
 from .logs import kv, setup_logging
-from .service import Service, check_runtime
+from .service import Service, check_runtime, tune_gc
 
 __all__ = ["main"]
 
@@ -126,6 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         "starting %s",
         kv(version=__version__, nodes=nodes, window=e.window, anchor=e.anchor.value, strategy=e.strategy.value),
     )
+    tune_gc()
     trio.run(_serve, Service(config))
     return 0
 

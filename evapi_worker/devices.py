@@ -9,6 +9,8 @@ from .events import Register
 
 __all__ = ["PushDetector", "device_id"]
 
+_UA_CACHE_SIZE = 4096
+
 
 def device_id(reg: Register) -> str:
     """Stable identity of one device across its re-registrations.
@@ -37,8 +39,20 @@ class PushDetector:
         patterns = [p for p in user_agents if p]
         self._ua = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
         self._providers = tuple(p.lower() for p in push_providers if p)
+        # A platform has a few hundred distinct User-Agents at most; matching
+        # each once saves a regex search per REGISTER.
+        self._ua_cache: dict[str, bool] = {}
 
     def is_push(self, reg: Register) -> bool:
         if self._providers and reg.pn_provider and reg.pn_provider.lower().startswith(self._providers):
             return True
-        return bool(self._ua and reg.user_agent and self._ua.search(reg.user_agent))
+        ua = reg.user_agent
+        if not ua or self._ua is None:
+            return False
+        known = self._ua_cache.get(ua)
+        if known is None:
+            known = self._ua.search(ua) is not None
+            if len(self._ua_cache) >= _UA_CACHE_SIZE:
+                self._ua_cache.clear()
+            self._ua_cache[ua] = known
+        return known

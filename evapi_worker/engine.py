@@ -133,7 +133,8 @@ class Decision:
 
     ``reason`` is the call's end (answered, declined, missed) for an action,
     or why nothing is done: ``ringing`` (tsilo delivers the real INVITE),
-    ``too_late``, ``duplicate`` or ``not_push``.
+    ``too_late`` or ``duplicate``. Devices that are not push devices get no
+    decision at all: their INVITEs reach them.
     """
 
     ts: float  # Kamailio time of the REGISTER
@@ -168,7 +169,6 @@ class _Device:
     reg: Register
     dev: str
     arrival: float
-    push: bool
     expires: float
     # Calls that were ringing when this device registered, waiting for the
     # settle delay in case an earlier end event is still on its way.
@@ -258,10 +258,16 @@ class Engine:
     def _on_start(self, ev: CallStarted, now: float) -> list[Decision]:
         call = self._calls.get(ev.call_id)
         if call is None:
-            call = self._new_call(ev.call_id, ev.aor, now)
+            call = self._new_call(ev.call_id, now)
         elif call.started is not None:
             return _NOTHING  # a retransmission or a second branch's event
         call.started = ev
+        call.aor = ev.aor
+        ids = self._calls_by_aor.get(ev.aor)
+        if ids is None:
+            self._calls_by_aor[ev.aor] = [ev.call_id]
+        else:
+            ids.append(ev.call_id)
         if call.end_ts is None:
             self._set_call_expiry(call, now + self.settings.ring_timeout)
         else:
@@ -274,7 +280,7 @@ class Engine:
         if call is None:
             # The end arrived before the start (reordered) or the call is not
             # one we track; keep it briefly so a late start can join it.
-            call = self._new_call(call_id, "", now)
+            call = self._new_call(call_id, now)
         if call.end_ts is not None and call.end_ts <= ts:
             return _NOTHING  # the earliest end decides how the call ended
         call.end_ts = ts
@@ -289,20 +295,16 @@ class Engine:
         s = self.settings
         return now + s.window + s.settle
 
-    def _new_call(self, call_id: str, aor: str, now: float) -> _Call:
+    def _new_call(self, call_id: str, now: float) -> _Call:
         if len(self._calls) >= self.settings.max_calls:
             oldest = next(iter(self._calls.values()))
             self._drop_call(oldest)
             self.evicted_calls += 1
-        call = _Call(call_id, aor, None)
+        call = _Call(call_id, "", None)  # the AOR comes with call_start
         self._calls[call_id] = call
         return call
 
     def _set_call_expiry(self, call: _Call, when: float) -> None:
-        if call.aor == "" and call.started is not None:
-            call.aor = call.started.aor
-        if call.aor and call.call_id not in self._calls_by_aor.get(call.aor, ()):
-            self._calls_by_aor.setdefault(call.aor, []).append(call.call_id)
         call.expires = when
         self._push_timer(when, _CALL, call.call_id, "")
 
@@ -337,11 +339,11 @@ class Engine:
     def _on_register(self, reg: Register, now: float) -> list[Decision]:
         if reg.expires == 0:
             return _NOTHING  # an unregistration wakes no one
+        if not self._push.is_push(reg):
+            return _NOTHING  # desk phones and Android apps get their INVITEs
         dev_key = device_id(reg)
-        push = self._push.is_push(reg)
-        dev = _Device(reg, dev_key, now, push, now + self.settings.deadline)
-        if push:
-            self._store_device(dev)
+        dev = _Device(reg, dev_key, now, now + self.settings.deadline)
+        self._store_device(dev)
         call_ids = self._calls_by_aor.get(reg.aor)
         if not call_ids:
             return _NOTHING
@@ -356,13 +358,11 @@ class Engine:
                 if ended_before and call.decided[dev_key]:
                     out.append(self._decision(call, dev, started, Action.NONE, "duplicate"))
                 continue
-            if ended_before:
-                out.append(self._decide(call, dev, started))
-            elif push and call.end_ts is None:
+            if call.end_ts is None:
                 # Ringing now, but an end event stamped before this REGISTER
                 # may still be on its way: decide after the settle delay.
                 self._add_pending(dev, call_id)
-            elif push:
+            else:
                 out.append(self._decide(call, dev, started))
         return out
 
@@ -413,8 +413,6 @@ class Engine:
         if call.end_ts is None or call.end_ts > dev.reg.ts:
             return self._decision(call, dev, started, Action.NONE, "ringing")
         assert call.end is not None
-        if not dev.push:
-            return self._decision(call, dev, started, Action.NONE, "not_push")
         anchor = call.end_ts if self.settings.anchor is Anchor.END else started.ts
         if dev.reg.ts - anchor > self.settings.window:
             return self._decision(call, dev, started, Action.NONE, "too_late")

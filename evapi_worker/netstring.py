@@ -115,6 +115,20 @@ class NetstringDecoder:
 
     def next_frame(self) -> bytes | OversizedFrame | NeedData:
         """Return the next complete payload, an :class:`OversizedFrame`, or NEED_DATA."""
+        buf = self._buf
+        if self._state is _State.LENGTH:
+            # Fast path: a whole, well-formed frame is buffered (the usual
+            # case, with many frames per read). Anything else goes the long way.
+            colon = buf.find(b":", 0, _MAX_LENGTH_DIGITS + 1)
+            if colon > 0 and (colon == 1 or buf[0] != 0x30):
+                digits = buf[:colon]
+                if digits.isdigit():
+                    length = int(digits)
+                    end = colon + 1 + length
+                    if length <= self.max_frame and len(buf) > end and buf[end] == 0x2C:
+                        payload = bytes(buf[colon + 1 : end])
+                        del buf[: end + 1]
+                        return payload
         while True:
             if self._state is _State.LENGTH:
                 colon = self._buf.find(b":", 0, _MAX_LENGTH_DIGITS + 1)

@@ -90,7 +90,8 @@ def test_unknown_event_type_is_its_own_error() -> None:
         (b'"text"', "not_object"),
         (b"{}", "missing_field"),
         (b'{"event": 5}', "missing_field"),
-        (b"[" * 100000 + b"]" * 100000, "invalid_json"),
+        (b"[" * 100000 + b"]" * 100000, "not_object"),
+        (b'{"a":' * 5000 + b"1" + b"}" * 5000, "invalid_json"),
     ],
 )
 def test_malformed_payloads(payload: bytes, reason: str) -> None:
@@ -134,8 +135,10 @@ def test_failed_code_out_of_range() -> None:
         parse_event(Wire().raw("call_failed", 1.0, call_id="c", code=200))
 
 
-def test_nan_timestamp_is_rejected() -> None:
-    assert reason_of(b'{"event":"call_answered","node":"n","ts":NaN,"seq":1,"call_id":"c"}') == "bad_value"
+def test_nan_timestamps_are_rejected() -> None:
+    assert reason_of(b'{"event":"call_answered","node":"n","ts":NaN,"seq":1,"call_id":"c"}') == "invalid_json"
+    assert reason_of(b'{"event":"call_answered","node":"n","ts":"nan","seq":1,"call_id":"c"}') == "bad_value"
+    assert reason_of(b'{"event":"call_answered","node":"n","ts":"inf","seq":1,"call_id":"c"}') == "bad_value"
 
 
 def test_normalize_aor() -> None:

@@ -1,0 +1,97 @@
+"""Ingest benchmark: events/s through framing, parsing and the engine.
+
+A separate process plays Kamailio: it listens on a loopback TCP port and
+writes a pre-built event stream as fast as the socket takes it. The worker
+side is the real service (connection, netstring decoder, parser, metrics,
+engine, action queue); only the actions themselves are counted instead of
+starting SIPp. Run with::
+
+    .venv/bin/python -m bench.ingest --calls 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import time
+from multiprocessing.connection import Connection
+
+import trio
+
+from evapi_worker.config import Config
+from evapi_worker.engine import Decision
+from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.service import Service, tune_gc
+from evapi_worker.sipp_runner import Outcome
+
+from .events import stream
+
+
+def _kamailio(calls: int, ready: Connection) -> None:
+    payload = b"".join(stream(calls))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ready.send((server.getsockname()[1], len(payload)))
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)  # wait for the worker to hang up
+
+
+async def _worker(port: int, events: int) -> tuple[float, int, int, Service]:
+    node = NodeAddress("kam1", "127.0.0.1", port, "127.0.0.1", 5060)
+    service = Service(Config(nodes=(node,), action_queue=1_000_000))
+    seen = 0
+    first = last = 0.0
+    actions = 0
+    original = service.on_frame
+
+    def on_frame(name: str, payload: bytes, now: float) -> None:
+        nonlocal seen, first, last
+        if seen == 0:
+            first = time.perf_counter()
+        original(name, payload, now)
+        seen += 1
+        if seen == events:
+            last = time.perf_counter()
+            done.set()
+
+    async def count_action(decision: Decision, received: float) -> Outcome:
+        nonlocal actions
+        actions += 1
+        return Outcome.COMPLETED
+
+    done = trio.Event()
+    service.connections["kam1"]._on_frame = on_frame
+    service.actions.run = count_action  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await done.wait()
+        await trio.sleep(0.1)  # let the action tasks drain
+        nursery.cancel_scope.cancel()
+    return last - first, seen, actions, service
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=100_000)
+    args = parser.parse_args()
+    events = len(stream(args.calls))
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_kamailio, args=(args.calls, child))
+    proc.start()
+    port, size = parent.recv()
+    tune_gc()  # as `evapi-worker run` does
+    elapsed, seen, actions, service = trio.run(_worker, port, events)
+    proc.join(10)
+    rate = seen / elapsed
+    print(f"cpu cores: {os.cpu_count()}, events: {seen}, bytes: {size}, fake-call decisions: {actions}")
+    print(f"elapsed: {elapsed:.3f} s, rate: {rate:,.0f} events/s, {elapsed / seen * 1e6:.2f} us/event")
+    print(f"tracked calls: {service.engine.call_count}, devices: {service.engine.device_count}")
+
+
+if __name__ == "__main__":
+    main()
