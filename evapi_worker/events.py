@@ -58,6 +58,8 @@ _NULLS: Final = frozenset(("", "<null>"))
 def normalize_aor(value: str) -> str:
     """``sip:Bob@Example.COM`` -> ``Bob@example.com``, the key calls and
     registrations are matched by. The domain is case-insensitive in SIP."""
+    if value == value.lower() and not value.startswith("sip") and value == value.strip():
+        return value  # already a key: the usual "$tU@$td" from Kamailio
     aor = value.strip()
     lowered = aor[:5].lower()
     if lowered.startswith("sips:"):

@@ -6,7 +6,11 @@ replays can build as many services as they like.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from . import __version__
 
@@ -17,6 +21,29 @@ _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 _SIPP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0)
 
 
+class EventCounter(Collector):
+    """``evapi_worker_events_total{node,type}`` as plain integers.
+
+    Counted once per event, on the hot path: a dict increment instead of a
+    prometheus Counter's lock and checks (a tenth of the ingest budget).
+    """
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def add(self, node: str, etype: str) -> None:
+        key = (node, etype)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=["node", "type"])
+        for (node, etype), count in list(self.counts.items()):
+            family.add_metric([node, etype], count)
+        yield family
+
+
 class Metrics:
     """Every metric the worker exports (prefix ``evapi_worker_``)."""
 
@@ -25,7 +52,8 @@ class Metrics:
         p = "evapi_worker_"
         self.build_info = Info(p + "build", "Version of the running worker.", registry=r)
         self.build_info.info({"version": __version__})
-        self.events = Counter(p + "events", "Events received from Kamailio.", ["node", "type"], registry=r)
+        self.events = EventCounter(p + "events", "Events received from Kamailio.")
+        r.register(self.events)
         self.event_errors = Counter(
             p + "event_errors", "Frames that were not valid events, by reason.", ["node", "reason"], registry=r
         )

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import msgspec
 import trio
-from prometheus_client import Counter
 
 from .commands import Command, Ping, command_name
 from .config import Config, ConfigError
@@ -99,8 +98,6 @@ class Service:
         self._wake = trio.Event()
         self._timer_at = math.inf
         self._evicted = (0, 0)
-        # labels() costs a lock and a lookup; per-event counters are cached.
-        self._event_counters: dict[tuple[str, str], Counter] = {}
         # Observers of every decision (replay output, tests); called synchronously.
         self.decision_listeners: list[Callable[[Decision], None]] = []
         m = self.metrics
@@ -169,10 +166,7 @@ class Service:
             return
         event = parsed.event
         etype = event_type(event)
-        counter = self._event_counters.get((node, etype))
-        if counter is None:
-            counter = self._event_counters[(node, etype)] = m.events.labels(node, etype)
-        counter.inc()
+        m.events.add(node, etype)
         if parsed.unknown_fields:
             m.unknown_fields.labels(node, etype).inc(len(parsed.unknown_fields))
             log.debug("unknown fields %s", kv(node=node, type=etype, fields=",".join(parsed.unknown_fields)))

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything CI checks: set-up, lint, types, the installed package, the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+# The installed command and its bundled files work from any folder.
+root=$PWD
+(
+    cd "$(mktemp -d)"
+    "$root/.venv/bin/evapi-worker" --version
+    "$root/.venv/bin/python" -c 'from evapi_worker.sipp_runner import bundled_scenario as b; assert b().is_file(), b()'
+)
+.venv/bin/python -m pytest "$@"
