@@ -14,6 +14,7 @@ import enum
 import logging
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class SippSettings:
     max_concurrent: int = 8
     timeout: float = 30.0
     local_ip: str = "127.0.0.1"
-    port_base: int = 0  # 0: let the system pick each run's local port
+    port_base: int = 0  # 0: a free port the system picks for each run
     transport: str = "u1"
 
     def __post_init__(self) -> None:
@@ -132,13 +133,26 @@ class SippRunner:
     async def run(self, job: SippJob) -> RunResult:
         """Run one job; the caller holds a token of :attr:`limiter`."""
         started = trio.current_time()
-        port = self._free_ports.pop() if self._free_ports else 0
+        pooled = bool(self._free_ports)
+        port = self._free_ports.pop() if pooled else self._ephemeral_port()
         try:
             with tempfile.TemporaryDirectory(prefix="evapi-worker-sipp-") as tmp:
                 return await self._run_in(Path(tmp), job, port, started)
         finally:
-            if port:
+            if pooled:
                 self._free_ports.append(port)
+
+    def _ephemeral_port(self) -> int:
+        """A port the system considers free now. Left to itself SIPp tries
+        5060, 5061 and up, next to Kamailio's own ports."""
+        kind = socket.SOCK_DGRAM if self.settings.transport == "u1" else socket.SOCK_STREAM
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in self.settings.local_ip else socket.AF_INET, kind) as s:
+                s.bind((self.settings.local_ip, 0))
+                port: int = s.getsockname()[1]
+                return port
+        except OSError:
+            return 0  # let SIPp pick; the run will say if it cannot bind
 
     def command(self, job: SippJob, folder: Path, port: int) -> list[str]:
         s = self.settings

@@ -16,6 +16,14 @@ import pytest
 import trio
 
 SCENARIOS = Path(__file__).parent / "sipp"
+PHONES = Path(__file__).parent.parent / "evapi_worker" / "sipp"
+
+
+def scenario_path(name: str) -> Path:
+    """A test-only scenario from tests/sipp, else one shipped with the package."""
+    path = SCENARIOS / f"{name}.xml"
+    return path if path.is_file() else PHONES / f"{name}.xml"
+
 
 needs_sipp = pytest.mark.skipif(
     shutil.which("sipp") is None, reason="sipp is not installed (apt-get install sip-tester)"
@@ -57,11 +65,11 @@ class Device:
 
 @asynccontextmanager
 async def device(scenario: str, folder: Path, *, port: int | None = None, calls: int = 1) -> AsyncIterator[Device]:
-    """Run ``tests/sipp/<scenario>.xml`` as a UAS on 127.0.0.1 until it ends or the block exits."""
+    """Run a phone scenario as a UAS on 127.0.0.1 until it ends or the block exits."""
     port = port or free_port()
     log = folder / f"{scenario}-{port}.log"
     args = [
-        "sipp", "-sf", str(SCENARIOS / f"{scenario}.xml"), "-i", "127.0.0.1", "-p", str(port),
+        "sipp", "-sf", str(scenario_path(scenario)), "-i", "127.0.0.1", "-p", str(port),
         "-m", str(calls), "-nostdin", "-trace_logs", "-log_file", str(log),
     ]  # fmt: skip
     proc = await trio.lowlevel.open_process(

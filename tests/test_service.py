@@ -89,7 +89,7 @@ def start(server: EvapiServer, ts: float, call_id: str = "orig-call-1@10.0.0.5",
 
 @needs_sipp
 async def test_late_iphone_on_another_node_gets_the_call_through_that_node(tmp_path: Path) -> None:
-    async with device("device_rings", tmp_path) as dev, world({"kam2": dev.port}) as w:
+    async with device("phone_rings", tmp_path) as dev, world({"kam2": dev.port}) as w:
         kam1, kam2 = w.servers["kam1"], w.servers["kam2"]
         await kam1.send(start(kam1, T0) + kam1.event("call_answered", T0 + 3, call_id="orig-call-1@10.0.0.5"))
         await w.wait_metric("evapi_worker_events_total", 1, node="kam1", type="call_answered")

@@ -47,7 +47,7 @@ async def test_device_rings_and_gets_the_cancel_with_the_reason(
     tmp_path: Path, private_tmp: Path, reason: str, header: str
 ) -> None:
     runner = SippRunner(SippSettings())
-    async with device("device_rings", tmp_path) as dev:
+    async with device("phone_rings", tmp_path) as dev:
         with trio.fail_after(15):
             async with runner.limiter:
                 result = await runner.run(job(dev.port, reason))
