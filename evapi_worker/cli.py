@@ -7,14 +7,16 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from . import __version__
-from .config import Config, ConfigError, load_config, parse_node, with_nodes
+from .config import Config, ConfigError, load_config, parse_hostport, parse_node, with_nodes
+from .demo import DemoError, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
 from .logs import kv, setup_logging
 from .service import Service, check_runtime, tune_gc
@@ -32,20 +34,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"evapi-worker {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="connect to Kamailio and handle late registrations")
-    add_run_options(run)
-    return parser
-
-
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs the worker."""
-    p.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file (flags override it)")
-    p.add_argument(
+    run.add_argument(
         "--kamailio",
         action="append",
         metavar="[NAME=]HOST:PORT[,sip=HOST:PORT]",
         help="a Kamailio node's evapi socket, and its SIP address for fake calls "
         "(default SIP: same host, port 5060); repeat for several nodes",
     )
+    add_run_options(run)
+    demo = sub.add_parser(
+        "demo", help="start Kamailio, the worker and SIPp phones on loopback and show a late iPhone get its call"
+    )
+    demo.add_argument("--sip", default="127.0.0.1:5060", metavar="HOST:PORT", help="Kamailio's SIP address (UDP+TCP)")
+    demo.add_argument("--evapi", default="127.0.0.1:8448", metavar="HOST:PORT", help="Kamailio's evapi socket")
+    demo.add_argument("--no-scenario", action="store_true", help="skip the scripted story; just run")
+    add_run_options(demo)
+    return parser
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs the worker."""
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file (flags override it)")
     p.add_argument("--window", type=float, metavar="SECONDS", help="how late a REGISTER may be (default 15)")
     p.add_argument(
         "--anchor", choices=[a.value for a in Anchor], help="measure the window from the call's end or start"
@@ -66,7 +75,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> Config:
     """The TOML file's settings with the command line's on top."""
     config = load_config(args.config)
-    if args.kamailio:
+    if getattr(args, "kamailio", None):
         config = with_nodes(config, tuple(parse_node(spec) for spec in args.kamailio))
     engine = config.engine
     try:
@@ -104,9 +113,15 @@ def build_config(args: argparse.Namespace) -> Config:
     return config
 
 
-async def _serve(service: Service) -> None:
+async def _until_signal(main: Callable[[], Awaitable[object]]) -> None:
+    """Run ``main`` until SIGINT or SIGTERM, then cancel it (children are killed)."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
+
+        async def run_main() -> None:
+            await main()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run_main)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 log.info("stopping %s", kv(signal=signal.Signals(signum).name))
@@ -127,7 +142,26 @@ def _run(args: argparse.Namespace) -> int:
         kv(version=__version__, nodes=nodes, window=e.window, anchor=e.anchor.value, strategy=e.strategy.value),
     )
     tune_gc()
-    trio.run(_serve, Service(config))
+    service = Service(config)
+    trio.run(_until_signal, service.run)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    sip = parse_hostport(args.sip, "--sip")
+    evapi = parse_hostport(args.evapi, "--evapi")
+    check_demo_addresses(sip, evapi)
+    config = build_config(args)
+    setup_logging(config.log_level if args.log_level else "warning")
+    tune_gc()
+    failed = ""
+    try:
+        trio.run(_until_signal, partial(run_demo, config, sip, evapi, not args.no_scenario, sys.stdout))
+    except* DemoError as group:
+        failed = str(group.exceptions[0])
+    if failed:
+        print(f"evapi-worker demo: {failed}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -138,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return _run(args)
+        return _demo(args) if args.command == "demo" else _run(args)
     except ConfigError as exc:
         print(f"evapi-worker: config error: {exc}", file=sys.stderr)
         return 2

@@ -140,6 +140,8 @@ class ActionRunner:
         self.send_command = send_command
         self.metrics = metrics
         self.pin_ttl = pin_ttl
+        # Told how every action ended (the demo's narration, tests).
+        self.outcome_listeners: list[Callable[[Decision, Outcome], None]] = []
 
     async def run(self, decision: Decision, received: float) -> Outcome:
         """Carry out one decision; ``received`` is when its event arrived."""
@@ -163,6 +165,8 @@ class ActionRunner:
             detail=detail or None,
         )
         log.log(logging.INFO if outcome in _GOOD else logging.WARNING, "%s %s", what, fields)
+        for listener in self.outcome_listeners:
+            listener(decision, outcome)
         return outcome
 
     async def _fake_call(self, decision: Decision, received: float) -> tuple[Outcome, RunResult | None, str]:

@@ -1,0 +1,331 @@
+"""``evapi-worker demo``: Kamailio, the worker and SIPp phones on loopback.
+
+Starts the bundled Kamailio config in a private runtime folder, connects a
+worker to it, plays two short stories with SIPp phones (a call answered on a
+desk phone, then a missed call, each with an iPhone that wakes up too late),
+tells what happened in plain words, and keeps running until Ctrl-C so you
+can send your own SIP traffic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import TextIO
+
+import trio
+
+from .config import Config, ConfigError
+from .engine import Action, Decision
+from .evapi_client import NodeAddress
+from .service import Service
+from .sipp_runner import Outcome, bundled_scenario
+
+__all__ = ["DemoError", "KamailioProcess", "bundled_kamailio_cfg", "run_demo"]
+
+INSTALL_HINT = "apt-get install kamailio kamailio-extra-modules kamailio-json-modules sip-tester"
+IPHONE_UA = "LinphoneiOS/5.2.5 (iPhone; iOS 17.4) LinphoneSDK/5.3.0"
+DESK_UA = "Yealink SIP-T46U 108.86.0.45"
+
+
+class DemoError(Exception):
+    """Something the user can fix; the message says how."""
+
+
+def bundled_kamailio_cfg() -> Path:
+    return Path(str(resources.files("evapi_worker") / "kamailio" / "kamailio.cfg"))
+
+
+def _scenario(name: str) -> Path:
+    return bundled_scenario().with_name(name)
+
+
+def _port_free(host: str, port: int, kind: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            # As servers do, so that old TIME_WAIT connections do not count.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class KamailioProcess:
+    """A Kamailio running the bundled config in its own folder."""
+
+    sip_host: str
+    sip_port: int
+    evapi_host: str
+    evapi_port: int
+    node: str
+    worker_ip: str
+    folder: Path
+    process: trio.Process | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "kamailio.log"
+
+    def command(self) -> list[str]:
+        binary = shutil.which("kamailio") or "kamailio"
+        return [
+            binary, "-f", str(bundled_kamailio_cfg()), "-DD", "-E",
+            "-Y", str(self.folder), "-P", str(self.folder / "kamailio.pid"), "-w", str(self.folder),
+            "-A", f"EVW_SIP_IP={self.sip_host}", "-A", f"EVW_SIP_PORT={self.sip_port}",
+            "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
+            "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_IP="{self.worker_ip}"',
+        ]  # fmt: skip
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[KamailioProcess]:
+        """Start Kamailio, wait until evapi listens, stop it (and its children) after."""
+        for host, port, kind, what in (
+            (self.sip_host, self.sip_port, socket.SOCK_DGRAM, "SIP (UDP)"),
+            (self.sip_host, self.sip_port, socket.SOCK_STREAM, "SIP (TCP)"),
+            (self.evapi_host, self.evapi_port, socket.SOCK_STREAM, "evapi"),
+        ):
+            if not _port_free(host, port, kind):
+                raise DemoError(
+                    f"{what} port {host}:{port} is in use "
+                    "(a system Kamailio? stop it, or pick another with --sip/--evapi)"
+                )
+        with self.log.open("wb") as log:
+            self.process = await trio.lowlevel.open_process(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        try:
+            with trio.move_on_after(15) as waiting:
+                while True:
+                    if self.process.returncode is not None:
+                        raise DemoError(f"Kamailio exited at start:\n{self.tail()}")
+                    try:
+                        stream = await trio.open_tcp_stream(self.evapi_host, self.evapi_port)
+                    except OSError:
+                        await trio.sleep(0.05)
+                        continue
+                    await stream.aclose()
+                    break
+            if waiting.cancelled_caught:
+                raise DemoError(f"Kamailio did not open evapi in 15 s:\n{self.tail()}")
+            yield self
+        finally:
+            self._stop()
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.process.wait()
+
+    def _stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@dataclass
+class _Watch:
+    """What the worker decided and how its fake calls ended, per Call-ID."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def on_decision(self, d: Decision) -> None:
+        self.decisions.append(d)
+        self._kick()
+
+    def on_outcome(self, d: Decision, outcome: Outcome) -> None:
+        self.outcomes[d.call_id] = outcome
+        self._kick()
+
+    def _kick(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def outcome(self, call_id: str, timeout: float) -> Outcome | None:
+        with trio.move_on_after(timeout):
+            while call_id not in self.outcomes:
+                await self.changed.wait()
+        return self.outcomes.get(call_id)
+
+
+class _Phones:
+    """SIPp phones and callers for the stories; every run is bounded in time."""
+
+    def __init__(self, sip_host: str, sip_port: int, folder: Path) -> None:
+        self.sip_host = sip_host
+        self.target = f"{sip_host}:{sip_port}"
+        self.folder = folder
+
+    async def _sipp(self, args: list[str], timeout: float) -> None:
+        binary = shutil.which("sipp") or "sipp"
+        with trio.move_on_after(timeout):
+            await trio.run_process(
+                [binary, self.target, "-i", self.sip_host, "-m", "1", "-nostdin", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+                cwd=str(self.folder),
+                start_new_session=True,
+            )
+
+    async def phone(self, user: str, ua: str, instance: str, behaviour: str, stay_ms: int, log: Path) -> None:
+        """Register ``user``, handle calls with ``behaviour`` for ``stay_ms``, unregister."""
+        await self._sipp(
+            [
+                "-sf", str(_scenario("phone_register.xml")), "-oocsf", str(_scenario(f"{behaviour}.xml")),
+                "-p", str(_free_port(self.sip_host)), "-d", str(stay_ms),
+                "-key", "user", user, "-key", "domain", self.sip_host, "-key", "ua", ua, "-key", "instance", instance,
+                "-cid_str", f"reg-{instance}-%u-{secrets.token_hex(3)}", "-trace_logs", "-log_file", str(log),
+            ],
+            timeout=stay_ms / 1000 + 10,
+        )  # fmt: skip
+
+    async def call(self, caller: str, caller_name: str, callee: str, call_id: str) -> None:
+        await self._sipp(
+            [
+                "-sf", str(_scenario("caller.xml")), "-p", str(_free_port(self.sip_host)),
+                "-key", "caller", caller, "-key", "caller_name", caller_name,
+                "-key", "callee", callee, "-key", "domain", self.sip_host, "-cid_str", call_id,
+            ],
+            timeout=15,
+        )  # fmt: skip
+
+
+def _received(log: Path) -> tuple[str | None, str | None]:
+    """(Call-ID of the INVITE, Reason of the CANCEL) a phone logged."""
+    call_id = reason = None
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None, None
+    for line in lines:
+        if line.startswith("invite call_id= "):
+            call_id = line.split("call_id= ", 1)[1].split(" from=")[0].strip()
+        elif line.startswith("cancel call_id= "):
+            reason = line.split("reason=", 1)[1].strip()
+    return call_id, reason
+
+
+async def _story(
+    out: Callable[[str], None],
+    phones: _Phones,
+    watch: _Watch,
+    *,
+    number: int,
+    callee: str,
+    desk: str,
+    title: str,
+) -> None:
+    call_id = f"demo-{number}-{secrets.token_hex(4)}@{phones.sip_host}"
+    iphone_log = phones.folder / f"iphone-{callee}.log"
+    out(f"\n{number}. {title}")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            phones.phone, callee, DESK_UA, f"desk-{callee}", desk, 9000, phones.folder / f"desk-{callee}.log"
+        )
+        await trio.sleep(0.5)
+        out(f"   alice calls {callee}; {callee}'s desk phone rings, {callee}'s iPhone gets a push and wakes up slowly")
+        await phones.call("alice", "Alice Liddell", callee, call_id)
+        out(
+            "   the call "
+            + ("was answered on the desk phone" if desk == "phone_answers" else "was not answered: alice hung up")
+        )
+        await trio.sleep(0.3)
+        out(f"   {callee}'s iPhone registers now, after the call ended")
+        nursery.start_soon(phones.phone, callee, IPHONE_UA, f"iphone-{callee}", "phone_rings", 3000, iphone_log)
+        outcome = await watch.outcome(call_id, timeout=10)
+        decision = next((d for d in watch.decisions if d.call_id == call_id and d.action is not Action.NONE), None)
+        if decision is None:
+            out("   worker: no decision about this call (see the log above)")
+        else:
+            out(
+                f"   worker: late registration, {decision.since_end or 0:.1f} s after the call ended "
+                f"-> fake call ({decision.reason}) through Kamailio"
+            )
+        out(f"   fake call outcome: {outcome.value if outcome else 'none in 10 s'}")
+        nursery.cancel_scope.deadline = trio.current_time() + 15
+    got_call_id, reason = _received(iphone_log)
+    same = "the original call's" if got_call_id == call_id else f"NOT the original {call_id}"
+    out(f"   the iPhone received an INVITE with Call-ID {got_call_id} ({same})")
+    if reason:
+        out(f"   and a CANCEL with Reason: {reason}  -> its call log says the call was taken elsewhere")
+    else:
+        out("   and a CANCEL without Reason  -> its call log shows a missed call")
+
+
+async def run_demo(config: Config, sip: tuple[str, int], evapi: tuple[str, int], play: bool, out: TextIO) -> None:
+    """Run the demo until cancelled (Ctrl-C)."""
+    for binary in ("kamailio", "sipp"):
+        if shutil.which(binary) is None:
+            raise DemoError(f"{binary} not found; install it with: {INSTALL_HINT}")
+    node = NodeAddress("demo", evapi[0], evapi[1], sip[0], sip[1])
+    config = replace(config, nodes=(node,))
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="evapi-worker-demo-") as tmp:
+        folder = Path(tmp)
+        kam = KamailioProcess(sip[0], sip[1], evapi[0], evapi[1], "demo", config.sipp.local_ip, folder)
+        async with kam.running(), trio.open_nursery() as nursery:
+            service = Service(config)
+            watch = _Watch()
+            service.decision_listeners.append(watch.on_decision)
+            service.actions.outcome_listeners.append(watch.on_outcome)
+            await nursery.start(service.run)
+            with trio.fail_after(10):
+                while not service.connections["demo"].connected:  # noqa: ASYNC110 (a short wait at start)
+                    await trio.sleep(0.05)
+            say(
+                f"Kamailio listens for SIP on {sip[0]}:{sip[1]} (UDP, TCP) and for the worker on {evapi[0]}:{evapi[1]}."
+            )
+            e = config.engine
+            say(f"The worker is connected; late window {e.window:g} s from the call's {e.anchor.value}.")
+            if play:
+                phones = _Phones(sip[0], sip[1], folder)
+                await _story(
+                    say, phones, watch, number=1, callee="bob", desk="phone_answers",
+                    title="A call answered on another device",
+                )  # fmt: skip
+                await _story(
+                    say, phones, watch, number=2, callee="carol", desk="phone_rings",
+                    title="A missed call",
+                )  # fmt: skip
+            say(
+                f"\nReady. Register phones and call through sip:{sip[0]}:{sip[1]}; a User-Agent matching "
+                f"{', '.join(config.engine.user_agents)} counts as an iPhone. Kamailio's log: {kam.log}. Ctrl-C stops."
+            )
+            await trio.sleep_forever()
+
+
+def check_demo_addresses(sip: tuple[str, int], evapi: tuple[str, int]) -> None:
+    for host, what in ((sip[0], "--sip"), (evapi[0], "--evapi")):
+        if ":" in host:
+            raise ConfigError(what, "the bundled config listens on IPv4 only")
