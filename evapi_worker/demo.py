@@ -32,7 +32,7 @@ from .evapi_client import NodeAddress
 from .service import Service
 from .sipp_runner import Outcome, bundled_scenario
 
-__all__ = ["DemoError", "KamailioProcess", "bundled_kamailio_cfg", "run_demo"]
+__all__ = ["DemoError", "KamailioProcess", "Phones", "Watch", "bundled_kamailio_cfg", "run_demo"]
 
 INSTALL_HINT = "apt-get install kamailio kamailio-extra-modules kamailio-json-modules sip-tester"
 IPHONE_UA = "LinphoneiOS/5.2.5 (iPhone; iOS 17.4) LinphoneSDK/5.3.0"
@@ -148,7 +148,7 @@ class KamailioProcess:
 
 
 @dataclass
-class _Watch:
+class Watch:
     """What the worker decided and how its fake calls ended, per Call-ID."""
 
     decisions: list[Decision] = field(default_factory=list)
@@ -174,7 +174,7 @@ class _Watch:
         return self.outcomes.get(call_id)
 
 
-class _Phones:
+class Phones:
     """SIPp phones and callers for the stories; every run is bounded in time."""
 
     def __init__(self, sip_host: str, sip_port: int, folder: Path) -> None:
@@ -218,7 +218,7 @@ class _Phones:
         )  # fmt: skip
 
 
-def _received(log: Path) -> tuple[str | None, str | None]:
+def received(log: Path) -> tuple[str | None, str | None]:
     """(Call-ID of the INVITE, Reason of the CANCEL) a phone logged."""
     call_id = reason = None
     try:
@@ -229,14 +229,14 @@ def _received(log: Path) -> tuple[str | None, str | None]:
         if line.startswith("invite call_id= "):
             call_id = line.split("call_id= ", 1)[1].split(" from=")[0].strip()
         elif line.startswith("cancel call_id= "):
-            reason = line.split("reason=", 1)[1].strip()
+            reason = line.split("reason=", 1)[1].strip() or None
     return call_id, reason
 
 
 async def _story(
     out: Callable[[str], None],
-    phones: _Phones,
-    watch: _Watch,
+    phones: Phones,
+    watch: Watch,
     *,
     number: int,
     callee: str,
@@ -271,7 +271,7 @@ async def _story(
             )
         out(f"   fake call outcome: {outcome.value if outcome else 'none in 10 s'}")
         nursery.cancel_scope.deadline = trio.current_time() + 15
-    got_call_id, reason = _received(iphone_log)
+    got_call_id, reason = received(iphone_log)
     same = "the original call's" if got_call_id == call_id else f"NOT the original {call_id}"
     out(f"   the iPhone received an INVITE with Call-ID {got_call_id} ({same})")
     if reason:
@@ -296,7 +296,7 @@ async def run_demo(config: Config, sip: tuple[str, int], evapi: tuple[str, int],
         kam = KamailioProcess(sip[0], sip[1], evapi[0], evapi[1], "demo", config.sipp.local_ip, folder)
         async with kam.running(), trio.open_nursery() as nursery:
             service = Service(config)
-            watch = _Watch()
+            watch = Watch()
             service.decision_listeners.append(watch.on_decision)
             service.actions.outcome_listeners.append(watch.on_outcome)
             await nursery.start(service.run)
@@ -309,7 +309,7 @@ async def run_demo(config: Config, sip: tuple[str, int], evapi: tuple[str, int],
             e = config.engine
             say(f"The worker is connected; late window {e.window:g} s from the call's {e.anchor.value}.")
             if play:
-                phones = _Phones(sip[0], sip[1], folder)
+                phones = Phones(sip[0], sip[1], folder)
                 await _story(
                     say, phones, watch, number=1, callee="bob", desk="phone_answers",
                     title="A call answered on another device",
