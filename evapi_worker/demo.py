@@ -195,11 +195,23 @@ class Phones:
                 start_new_session=True,
             )
 
-    async def phone(self, user: str, ua: str, instance: str, behaviour: str, stay_ms: int, log: Path) -> None:
-        """Register ``user``, handle calls with ``behaviour`` for ``stay_ms``, unregister."""
+    async def phone(
+        self,
+        user: str,
+        ua: str,
+        instance: str,
+        behaviour: str | Path,
+        stay_ms: int,
+        log: Path,
+        *,
+        transport: str = "u1",
+    ) -> None:
+        """Register ``user``, handle calls with ``behaviour`` (a bundled phone
+        scenario's name, or a path) for ``stay_ms``, then unregister."""
+        calls = behaviour if isinstance(behaviour, Path) else _scenario(f"{behaviour}.xml")
         await self._sipp(
             [
-                "-sf", str(_scenario("phone_register.xml")), "-oocsf", str(_scenario(f"{behaviour}.xml")),
+                "-sf", str(_scenario("phone_register.xml")), "-oocsf", str(calls), "-t", transport,
                 "-p", str(_free_port(self.sip_host)), "-d", str(stay_ms),
                 "-key", "user", user, "-key", "domain", self.sip_host, "-key", "ua", ua, "-key", "instance", instance,
                 "-cid_str", f"reg-{instance}-%u-{secrets.token_hex(3)}", "-trace_logs", "-log_file", str(log),

@@ -7,17 +7,20 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from evapi_worker.config import Config
 from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, Watch, received
+from evapi_worker.engine import EngineSettings, Strategy
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.service import Service
 
-from .sipp_device import free_port
+from .sipp_device import SCENARIOS, free_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("kamailio") is None or shutil.which("sipp") is None,
@@ -39,13 +42,14 @@ class Platform:
 
 
 @asynccontextmanager
-async def platform(tmp_path: Path) -> AsyncIterator[Platform]:
+async def platform(tmp_path: Path, **engine: Any) -> AsyncIterator[Platform]:
     sip_port = free_port()
     evapi_port = free_port(socket.SOCK_STREAM)
     kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "e2e", HOST, tmp_path)
     node = NodeAddress("e2e", HOST, evapi_port, HOST, sip_port)
     async with kam.running(), trio.open_nursery() as nursery:
-        service = Service(Config(nodes=(node,), backoff=Backoff(0.01, 0.1)))
+        config = Config(nodes=(node,), engine=EngineSettings(**engine), backoff=Backoff(0.01, 0.1))
+        service = Service(config)
         watch = Watch()
         service.decision_listeners.append(watch.on_decision)
         service.actions.outcome_listeners.append(watch.on_outcome)
@@ -103,3 +107,85 @@ async def test_iphone_registering_while_it_rings_gets_the_real_call_from_tsilo(t
         assert received(iphone) == (call_id, None)
         assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("none", "ringing")]
         assert p.metric("evapi_worker_fake_calls_total", outcome="completed") == 0
+
+
+async def test_declined_elsewhere_late_iphone_gets_busy_everywhere(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "e2e-declined-1@127.0.0.1"
+        iphone = tmp_path / "iphone.log"
+        declines = SCENARIOS / "phone_declines.xml"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.phones.phone, "erin", DESK_UA, "desk", declines, 4000, tmp_path / "desk.log")
+            await trio.sleep(0.5)
+            await p.phones.call("alice", "Alice", "erin", call_id)
+            nursery.start_soon(p.phones.phone, "erin", IPHONE_UA, "iphone", "phone_rings", 2000, iphone)
+            outcome = await p.watch.outcome(call_id, timeout=10)
+        assert outcome is not None and outcome.value == "completed"
+        assert received(iphone) == (call_id, 'SIP;cause=600;text="Busy Everywhere"')
+        assert p.metric("evapi_worker_late_registrations_total", ended="declined") == 1
+
+
+async def test_after_the_window_and_non_push_devices_get_nothing(tmp_path: Path) -> None:
+    async with platform(tmp_path, window=0.5) as p:
+        call_id = "e2e-toolate-1@127.0.0.1"
+        iphone, late_desk = tmp_path / "iphone.log", tmp_path / "desk2.log"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.phones.phone, "fred", DESK_UA, "desk", "phone_answers", 3000, tmp_path / "desk.log")
+            await trio.sleep(0.5)
+            await p.phones.call("alice", "Alice", "fred", call_id)
+            await trio.sleep(1.0)  # beyond the 0.5 s window
+            nursery.start_soon(p.phones.phone, "fred", IPHONE_UA, "iphone", "phone_rings", 1500, iphone)
+            nursery.start_soon(p.phones.phone, "fred", DESK_UA, "desk-2", "phone_rings", 1500, late_desk)
+        assert received(iphone) == (None, None)
+        assert received(late_desk) == (None, None)
+        assert [d for d in p.watch.decisions if d.action.value != "none"] == []
+        assert p.metric("evapi_worker_events_total", node="e2e", type="register") >= 3
+
+
+async def test_two_iphones_on_one_account_get_one_fake_call_each(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "e2e-two-1@127.0.0.1"
+        logs = [tmp_path / "iphone-a.log", tmp_path / "iphone-b.log"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.phones.phone, "gina", DESK_UA, "desk", "phone_answers", 5000, tmp_path / "desk.log")
+            await trio.sleep(0.5)
+            await p.phones.call("alice", "Alice", "gina", call_id)
+            for name, log in zip(("iphone-a", "iphone-b"), logs, strict=True):
+                nursery.start_soon(p.phones.phone, "gina", IPHONE_UA, name, "phone_rings", 2500, log)
+        for log in logs:
+            assert received(log) == (call_id, 'SIP;cause=200;text="Call completed elsewhere"')
+        assert sorted(d.device for d in p.watch.decisions) == ["urn:uuid:iphone-a", "urn:uuid:iphone-b"]
+        assert p.metric("evapi_worker_fake_calls_total", outcome="completed") == 2
+
+
+async def test_iphone_on_tcp_gets_the_fake_call_over_its_own_connection(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "e2e-tcp-1@127.0.0.1"
+        iphone = tmp_path / "iphone.log"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.phones.phone, "hank", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
+            await trio.sleep(0.5)
+            await p.phones.call("alice", "Alice", "hank", call_id)
+            nursery.start_soon(
+                partial(p.phones.phone, "hank", IPHONE_UA, "iphone", "phone_rings", 2500, iphone, transport="t1")
+            )
+            outcome = await p.watch.outcome(call_id, timeout=10)
+        assert outcome is not None and outcome.value == "completed"
+        assert received(iphone) == (call_id, 'SIP;cause=200;text="Call completed elsewhere"')
+        (decision,) = p.watch.decisions
+        assert decision.register is not None and decision.register.proto == "tcp"
+
+
+async def test_message_strategy_tells_the_late_device_by_sip_message(tmp_path: Path) -> None:
+    async with platform(tmp_path, strategy=Strategy.MESSAGE) as p:
+        call_id = "e2e-message-1@127.0.0.1"
+        iphone = tmp_path / "iphone.log"
+        takes_message = SCENARIOS / "phone_message.xml"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.phones.phone, "ivy", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
+            await trio.sleep(0.5)
+            await p.phones.call("alice", "Alice", "ivy", call_id)
+            nursery.start_soon(p.phones.phone, "ivy", IPHONE_UA, "iphone", takes_message, 2000, iphone)
+            outcome = await p.watch.outcome(call_id, timeout=10)
+        assert outcome is not None and outcome.value == "completed"
+        assert iphone.read_text().splitlines() == [f"message body=call-ended;call-id={call_id};reason=answered"]
