@@ -189,3 +189,44 @@ async def test_message_strategy_tells_the_late_device_by_sip_message(tmp_path: P
             outcome = await p.watch.outcome(call_id, timeout=10)
         assert outcome is not None and outcome.value == "completed"
         assert iphone.read_text().splitlines() == [f"message body=call-ended;call-id={call_id};reason=answered"]
+
+
+async def test_only_device_an_asleep_iphone_call_is_held_then_cancelled_then_late_register(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "e2e-held-1@127.0.0.1"
+        first, late = tmp_path / "iphone-first.log", tmp_path / "iphone-late.log"
+        # The iPhone registered once (Kamailio learns the account has a push
+        # device), then went to sleep: unregistered, no contact online.
+        await p.phones.phone("jack", IPHONE_UA, "iphone", "phone_rings", 200, first)
+        p.watch.decisions.clear()
+        caller_done = trio.Event()
+
+        async def call() -> None:
+            await p.phones.call("alice", "Alice", "jack", call_id)  # held (180), gives up after 2.5 s
+            caller_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call)
+            with trio.fail_after(10):
+                await caller_done.wait()
+            nursery.start_soon(p.phones.phone, "jack", IPHONE_UA, "iphone", "phone_rings", 2000, late)
+            outcome = await p.watch.outcome(call_id, timeout=10)
+        assert outcome is not None and outcome.value == "completed"
+        assert received(late) == (call_id, None)
+        assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "missed")]
+
+
+async def test_only_device_an_asleep_iphone_waking_while_held_gets_the_real_call(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "e2e-held-2@127.0.0.1"
+        iphone = tmp_path / "iphone.log"
+        await p.phones.phone("kate", IPHONE_UA, "iphone", "phone_rings", 200, tmp_path / "first.log")
+        p.watch.decisions.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.phones.call, "alice", "Alice", "kate", call_id)
+            await trio.sleep(1.0)  # held: no contact online, the push went out
+            nursery.start_soon(p.phones.phone, "kate", IPHONE_UA, "iphone", "phone_rings", 3500, iphone)
+        # tsilo added the woken iPhone to the held call: the real INVITE, then
+        # the caller's CANCEL.
+        assert received(iphone) == (call_id, None)
+        assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("none", "ringing")]
