@@ -99,14 +99,25 @@ def sip_host(field: str, value: str) -> str:
 def display_name(value: str) -> str:
     """A display name as a quoted-string followed by a space, ready for From.
 
-    ``"`` and ``\\`` become quoted-pairs; a ``;`` cannot be carried through
+    The value is the quoted-string's content as Kamailio saw it, so its
+    quoted-pairs (``\\"``, ``\\\\``) are kept as they are; a bare ``"`` or a
+    lone trailing ``\\`` is escaped. A ``;`` cannot be carried through
     SIPp's CSV, so such a name is refused (the call goes without it).
     """
     _check_common("from_name", value)
     if ";" in value:
         raise UnsafeValue("from_name", "contains ';', which SIPp's CSV cannot carry")
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}" '
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "\\" and i + 1 < len(value):
+            out.append(value[i : i + 2])  # a quoted-pair stays one
+            i += 2
+            continue
+        out.append("\\" + ch if ch in '"\\' else ch)
+        i += 1
+    return '"' + "".join(out) + '" '
 
 
 def token(field: str, value: str) -> str:

@@ -230,3 +230,23 @@ async def test_only_device_an_asleep_iphone_waking_while_held_gets_the_real_call
         # the caller's CANCEL.
         assert received(iphone) == (call_id, None)
         assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("none", "ringing")]
+
+
+async def test_quotes_and_backslashes_in_names_and_user_agents_survive_the_json(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "e2e-quotes-1@127.0.0.1"
+        iphone = tmp_path / "iphone.log"
+        name = 'Alice \\"The Boss\\" O\\\\Hara'  # as written in the From header
+        ua = 'LinphoneiOS/5.2 "beta" C:\\build\\'
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.phones.phone, "lena", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
+            await trio.sleep(0.5)
+            await p.phones.call("alice", name, "lena", call_id)
+            nursery.start_soon(p.phones.phone, "lena", ua, "iphone", "phone_rings", 2000, iphone)
+            outcome = await p.watch.outcome(call_id, timeout=10)
+        assert outcome is not None and outcome.value == "completed"
+        assert p.metric("evapi_worker_event_errors_total", node="e2e", reason="invalid_json") == 0
+        (decision,) = p.watch.decisions
+        assert decision.register is not None and decision.register.user_agent == ua
+        invite = iphone.read_text().splitlines()[0]
+        assert f'from= "{name}" <sip:alice@127.0.0.1>' in invite

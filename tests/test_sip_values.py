@@ -44,9 +44,31 @@ def test_hosts() -> None:
             sv.sip_host("h", bad)
 
 
+def _valid_quoted_string(text: str) -> bool:
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return False
+    inner, i = text[1:-1], 0
+    while i < len(inner):
+        if inner[i] == "\\":
+            if i + 1 >= len(inner):
+                return False
+            i += 2
+        elif inner[i] == '"':
+            return False
+        else:
+            i += 1
+    return True
+
+
+def test_display_name_keeps_quoted_pairs_from_kamailio() -> None:
+    # $fn gives the quoted-string's content, escapes and all.
+    assert sv.display_name('Alice \\"The Boss\\" O\\\\Hara') == '"Alice \\"The Boss\\" O\\\\Hara" '
+    assert sv.display_name("trailing\\") == '"trailing\\\\" '
+
+
 def test_display_name_is_quoted_and_escaped() -> None:
     assert sv.display_name("Alice") == '"Alice" '
-    assert sv.display_name('Al "the" \\ one') == '"Al \\"the\\" \\\\ one" '
+    assert sv.display_name('Al "the" one') == '"Al \\"the\\" one" '
     with pytest.raises(UnsafeValue, match="';'"):
         sv.display_name("Smith; John")
     with pytest.raises(UnsafeValue, match="control"):
@@ -83,4 +105,6 @@ def test_any_text_is_either_refused_or_made_csv_and_header_safe(text: str) -> No
             continue
         assert ";" not in out
         assert not any(ch in out for ch in "\r\n\x00")
+        if out.startswith('"'):
+            assert _valid_quoted_string(out.rstrip(" "))
         assert sv.csv_line([out, out]).count(";") == 2

@@ -1,0 +1,35 @@
+"""The bundled Kamailio config passes `kamailio -c`, as shipped and with settings."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from evapi_worker.demo import bundled_kamailio_cfg
+
+pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="needs kamailio")
+
+
+@pytest.mark.parametrize(
+    "defines",
+    [
+        [],
+        ["EVW_SIP_IP=127.0.0.2", "EVW_SIP_PORT=5070", 'EVW_NODE="edge-1"', 'EVW_EVAPI_ADDR="127.0.0.1:9448"'],
+        ['EVW_WORKER_IP="127.0.0.3"', 'EVW_PUSH_UA="MyApp.*iOS"'],
+    ],
+)
+def test_config_checks(defines: list[str]) -> None:
+    args = ["kamailio", "-c", "-f", str(bundled_kamailio_cfg())]
+    for define in defines:
+        args += ["-A", define]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "config file ok" in result.stderr.lower() + result.stdout.lower()
+
+
+def test_drop_in_files_ship_beside_the_config() -> None:
+    folder = bundled_kamailio_cfg().parent
+    assert (folder / "evapi-worker-defs.cfg").is_file()
+    assert (folder / "evapi-worker-routes.cfg").is_file()
