@@ -32,7 +32,16 @@ from .evapi_client import NodeAddress
 from .service import Service
 from .sipp_runner import Outcome, bundled_scenario
 
-__all__ = ["DemoError", "KamailioProcess", "Phones", "Watch", "bundled_kamailio_cfg", "run_demo"]
+__all__ = [
+    "DemoError",
+    "KamailioProcess",
+    "Phones",
+    "Watch",
+    "bundled_kamailio_cfg",
+    "received",
+    "run_demo",
+    "start_watched_worker",
+]
 
 INSTALL_HINT = "apt-get install kamailio kamailio-extra-modules kamailio-json-modules sip-tester"
 IPHONE_UA = "LinphoneiOS/5.2.5 (iPhone; iOS 17.4) LinphoneSDK/5.3.0"
@@ -292,6 +301,20 @@ async def _story(
         out("   and a CANCEL without Reason  -> its call log shows a missed call")
 
 
+async def start_watched_worker(nursery: trio.Nursery, config: Config) -> tuple[Service, Watch]:
+    """Start a worker for ``config``'s single node; return once it is connected."""
+    service = Service(config)
+    watch = Watch()
+    service.decision_listeners.append(watch.on_decision)
+    service.actions.outcome_listeners.append(watch.on_outcome)
+    await nursery.start(service.run)
+    (conn,) = service.connections.values()
+    with trio.fail_after(10):
+        while not conn.connected:  # noqa: ASYNC110 (a short wait at start)
+            await trio.sleep(0.02)
+    return service, watch
+
+
 async def run_demo(config: Config, sip: tuple[str, int], evapi: tuple[str, int], play: bool, out: TextIO) -> None:
     """Run the demo until cancelled (Ctrl-C)."""
     for binary in ("kamailio", "sipp"):
@@ -307,14 +330,7 @@ async def run_demo(config: Config, sip: tuple[str, int], evapi: tuple[str, int],
         folder = Path(tmp)
         kam = KamailioProcess(sip[0], sip[1], evapi[0], evapi[1], "demo", config.sipp.local_ip, folder)
         async with kam.running(), trio.open_nursery() as nursery:
-            service = Service(config)
-            watch = Watch()
-            service.decision_listeners.append(watch.on_decision)
-            service.actions.outcome_listeners.append(watch.on_outcome)
-            await nursery.start(service.run)
-            with trio.fail_after(10):
-                while not service.connections["demo"].connected:  # noqa: ASYNC110 (a short wait at start)
-                    await trio.sleep(0.05)
+            _, watch = await start_watched_worker(nursery, config)
             say(
                 f"Kamailio listens for SIP on {sip[0]}:{sip[1]} (UDP, TCP) and for the worker on {evapi[0]}:{evapi[1]}."
             )

@@ -15,10 +15,19 @@ import pytest
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, Watch, received
+from evapi_worker.demo import (
+    DESK_UA,
+    IPHONE_UA,
+    KamailioProcess,
+    Phones,
+    Watch,
+    received,
+    start_watched_worker,
+)
 from evapi_worker.engine import EngineSettings, Strategy
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.service import Service
+from evapi_worker.sipp_runner import Outcome
 
 from .sipp_device import SCENARIOS, free_port
 
@@ -49,29 +58,33 @@ async def platform(tmp_path: Path, **engine: Any) -> AsyncIterator[Platform]:
     node = NodeAddress("e2e", HOST, evapi_port, HOST, sip_port)
     async with kam.running(), trio.open_nursery() as nursery:
         config = Config(nodes=(node,), engine=EngineSettings(**engine), backoff=Backoff(0.01, 0.1))
-        service = Service(config)
-        watch = Watch()
-        service.decision_listeners.append(watch.on_decision)
-        service.actions.outcome_listeners.append(watch.on_outcome)
-        await nursery.start(service.run)
-        with trio.fail_after(10):
-            while not service.connections["e2e"].connected:
-                await trio.sleep(0.02)
+        service, watch = await start_watched_worker(nursery, config)
         yield Platform(service, Phones(HOST, sip_port, tmp_path), watch, tmp_path)
         nursery.cancel_scope.cancel()
+
+
+async def late_iphone(
+    p: Platform, user: str, desk: str | Path, call_id: str, *, caller_name: str = "Alice", **iphone: Any
+) -> tuple[Outcome | None, Path]:
+    """A desk phone handles the call (answers, rings or declines), then the
+    user's iPhone registers after it ended; returns the fake call's outcome
+    and the iPhone's log."""
+    log = p.folder / f"iphone-{user}.log"
+    ua = iphone.pop("ua", IPHONE_UA)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.phones.phone, user, DESK_UA, "desk", desk, 4000, p.folder / f"desk-{user}.log")
+        await trio.sleep(0.5)
+        await p.phones.call("alice", caller_name, user, call_id)
+        nursery.start_soon(partial(p.phones.phone, user, ua, "iphone", "phone_rings", 2500, log, **iphone))
+        outcome = await p.watch.outcome(call_id, timeout=10)
+    return outcome, log
 
 
 async def test_answered_elsewhere_late_iphone_gets_invite_and_cancel_with_reason(tmp_path: Path) -> None:
     async with platform(tmp_path) as p:
         call_id = "e2e-answered-1@127.0.0.1"
-        iphone = tmp_path / "iphone.log"
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.phones.phone, "bob", DESK_UA, "desk", "phone_answers", 5000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
-            await p.phones.call("alice", "Alice Liddell", "bob", call_id)
-            nursery.start_soon(p.phones.phone, "bob", IPHONE_UA, "iphone", "phone_rings", 2000, iphone)
-            outcome = await p.watch.outcome(call_id, timeout=10)
-        assert outcome is not None and outcome.value == "completed"
+        outcome, iphone = await late_iphone(p, "bob", "phone_answers", call_id)
+        assert outcome is Outcome.COMPLETED
         assert received(iphone) == (call_id, 'SIP;cause=200;text="Call completed elsewhere"')
         assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "answered")]
         assert p.metric("evapi_worker_late_registrations_total", ended="answered") == 1
@@ -80,14 +93,9 @@ async def test_answered_elsewhere_late_iphone_gets_invite_and_cancel_with_reason
 async def test_missed_call_late_iphone_gets_cancel_without_reason(tmp_path: Path) -> None:
     async with platform(tmp_path) as p:
         call_id = "e2e-missed-1@127.0.0.1"
-        iphone = tmp_path / "iphone.log"
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.phones.phone, "carol", DESK_UA, "desk", "phone_rings", 5000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
-            await p.phones.call("alice", "Alice", "carol", call_id)  # gives up after 2.5 s of ringing
-            nursery.start_soon(p.phones.phone, "carol", IPHONE_UA, "iphone", "phone_rings", 2000, iphone)
-            outcome = await p.watch.outcome(call_id, timeout=10)
-        assert outcome is not None and outcome.value == "completed"
+        # The desk phone only rings; alice gives up after 2.5 s.
+        outcome, iphone = await late_iphone(p, "carol", "phone_rings", call_id)
+        assert outcome is Outcome.COMPLETED
         assert received(iphone) == (call_id, None)
         assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "missed")]
 
@@ -112,15 +120,8 @@ async def test_iphone_registering_while_it_rings_gets_the_real_call_from_tsilo(t
 async def test_declined_elsewhere_late_iphone_gets_busy_everywhere(tmp_path: Path) -> None:
     async with platform(tmp_path) as p:
         call_id = "e2e-declined-1@127.0.0.1"
-        iphone = tmp_path / "iphone.log"
-        declines = SCENARIOS / "phone_declines.xml"
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.phones.phone, "erin", DESK_UA, "desk", declines, 4000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
-            await p.phones.call("alice", "Alice", "erin", call_id)
-            nursery.start_soon(p.phones.phone, "erin", IPHONE_UA, "iphone", "phone_rings", 2000, iphone)
-            outcome = await p.watch.outcome(call_id, timeout=10)
-        assert outcome is not None and outcome.value == "completed"
+        outcome, iphone = await late_iphone(p, "erin", SCENARIOS / "phone_declines.xml", call_id)
+        assert outcome is Outcome.COMPLETED
         assert received(iphone) == (call_id, 'SIP;cause=600;text="Busy Everywhere"')
         assert p.metric("evapi_worker_late_registrations_total", ended="declined") == 1
 
@@ -161,16 +162,8 @@ async def test_two_iphones_on_one_account_get_one_fake_call_each(tmp_path: Path)
 async def test_iphone_on_tcp_gets_the_fake_call_over_its_own_connection(tmp_path: Path) -> None:
     async with platform(tmp_path) as p:
         call_id = "e2e-tcp-1@127.0.0.1"
-        iphone = tmp_path / "iphone.log"
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.phones.phone, "hank", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
-            await p.phones.call("alice", "Alice", "hank", call_id)
-            nursery.start_soon(
-                partial(p.phones.phone, "hank", IPHONE_UA, "iphone", "phone_rings", 2500, iphone, transport="t1")
-            )
-            outcome = await p.watch.outcome(call_id, timeout=10)
-        assert outcome is not None and outcome.value == "completed"
+        outcome, iphone = await late_iphone(p, "hank", "phone_answers", call_id, transport="t1")
+        assert outcome is Outcome.COMPLETED
         assert received(iphone) == (call_id, 'SIP;cause=200;text="Call completed elsewhere"')
         (decision,) = p.watch.decisions
         assert decision.register is not None and decision.register.proto == "tcp"
@@ -235,16 +228,10 @@ async def test_only_device_an_asleep_iphone_waking_while_held_gets_the_real_call
 async def test_quotes_and_backslashes_in_names_and_user_agents_survive_the_json(tmp_path: Path) -> None:
     async with platform(tmp_path) as p:
         call_id = "e2e-quotes-1@127.0.0.1"
-        iphone = tmp_path / "iphone.log"
         name = 'Alice \\"The Boss\\" O\\\\Hara'  # as written in the From header
         ua = 'LinphoneiOS/5.2 "beta" C:\\build\\'
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.phones.phone, "lena", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
-            await p.phones.call("alice", name, "lena", call_id)
-            nursery.start_soon(p.phones.phone, "lena", ua, "iphone", "phone_rings", 2000, iphone)
-            outcome = await p.watch.outcome(call_id, timeout=10)
-        assert outcome is not None and outcome.value == "completed"
+        outcome, iphone = await late_iphone(p, "lena", "phone_answers", call_id, caller_name=name, ua=ua)
+        assert outcome is Outcome.COMPLETED
         assert p.metric("evapi_worker_event_errors_total", node="e2e", reason="invalid_json") == 0
         (decision,) = p.watch.decisions
         assert decision.register is not None and decision.register.user_agent == ua
