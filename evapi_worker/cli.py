@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .config import Config, ConfigError, load_config, parse_hostport, parse_node, with_nodes
+from .config import Config, ConfigError, load_config, parse_hostport, parse_metrics, parse_node, with_nodes
 from .demo import DemoError, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
 from .logs import kv, setup_logging
@@ -70,6 +70,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", type=Path, metavar="FILE", help="SIPp scenario (default: the bundled late_call.xml)")
     p.add_argument("--max-sipp", type=int, metavar="N", help="SIPp processes at once (default 8)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="where /metrics and /healthz listen (default 127.0.0.1:9848; off: nowhere)",
+    )
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -108,6 +113,8 @@ def build_config(args: argparse.Namespace) -> Config:
     config = replace(config, engine=engine, sipp=sipp)
     if args.log_level is not None:
         config = replace(config, log_level=args.log_level)
+    if args.metrics is not None:
+        config = replace(config, metrics=parse_metrics(args.metrics, "--metrics"))
     if not config.nodes:
         config = with_nodes(config, (parse_node("127.0.0.1:8448"),))
     return config
@@ -139,7 +146,14 @@ def _run(args: argparse.Namespace) -> int:
     e = config.engine
     log.info(
         "starting %s",
-        kv(version=__version__, nodes=nodes, window=e.window, anchor=e.anchor.value, strategy=e.strategy.value),
+        kv(
+            version=__version__,
+            nodes=nodes,
+            window=e.window,
+            anchor=e.anchor.value,
+            strategy=e.strategy.value,
+            metrics=f"http://{config.metrics[0]}:{config.metrics[1]}/metrics" if config.metrics else "off",
+        ),
     )
     tune_gc()
     service = Service(config)

@@ -19,10 +19,11 @@ from .evapi_client import Backoff, NodeAddress
 from .netstring import DEFAULT_MAX_FRAME
 from .sipp_runner import SippSettings
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_hostport", "parse_node"]
+__all__ = ["Config", "ConfigError", "load_config", "parse_hostport", "parse_metrics", "parse_node"]
 
 DEFAULT_EVAPI: Final = "127.0.0.1:8448"
 DEFAULT_SIP_PORT: Final = 5060
+DEFAULT_METRICS: Final = "127.0.0.1:9848"
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
 _HOST_RE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.\-]{0,252})")
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -54,6 +55,7 @@ class Config:
     sequence_grace: float = 2.0
     action_queue: int = 10_000
     log_level: str = "info"
+    metrics: tuple[str, int] | None = None  # where /metrics and /healthz listen; None: nowhere
 
 
 def parse_hostport(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
@@ -85,6 +87,11 @@ def parse_hostport(text: str, key: str, default_port: int | None = None) -> tupl
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(key, f"{port_text!r} is not a port number (1-65535)")
     return host, int(port_text)
+
+
+def parse_metrics(text: str, key: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` for the metrics endpoint, or ``off``."""
+    return None if text == "off" else parse_hostport(text, key)
 
 
 def parse_node(spec: str, key: str = "--kamailio") -> NodeAddress:
@@ -264,7 +271,7 @@ def _nodes(doc: _Table) -> tuple[NodeAddress, ...]:
 def load_config(path: Path | None) -> Config:
     """Read a TOML file into :class:`Config` (defaults when ``path`` is None)."""
     if path is None:
-        return Config()
+        return Config(metrics=parse_hostport(DEFAULT_METRICS, "metrics"))
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -275,6 +282,7 @@ def load_config(path: Path | None) -> Config:
     log_level = doc.string("log_level", "info")
     if log_level not in _LOG_LEVELS:
         raise ConfigError("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
+    metrics = parse_metrics(doc.string("metrics", DEFAULT_METRICS), "metrics")
     nodes = _nodes(doc)
     engine_t, sipp_t, evapi_t = _table(doc, "engine"), _table(doc, "sipp"), _table(doc, "evapi")
     engine = _engine(engine_t)
@@ -298,6 +306,7 @@ def load_config(path: Path | None) -> Config:
         sequence_grace=evapi_t.number("sequence_grace", d.sequence_grace),
         action_queue=doc.integer("action_queue", d.action_queue, 1),
         log_level=log_level,
+        metrics=metrics,
     )
     for table in (engine_t, sipp_t, evapi_t, doc):
         table.check_unknown()

@@ -330,12 +330,17 @@ async def run_demo(config: Config, sip: tuple[str, int], evapi: tuple[str, int],
         folder = Path(tmp)
         kam = KamailioProcess(sip[0], sip[1], evapi[0], evapi[1], "demo", config.sipp.local_ip, folder)
         async with kam.running(), trio.open_nursery() as nursery:
-            _, watch = await start_watched_worker(nursery, config)
+            service, watch = await start_watched_worker(nursery, config)
             say(
                 f"Kamailio listens for SIP on {sip[0]}:{sip[1]} (UDP, TCP) and for the worker on {evapi[0]}:{evapi[1]}."
             )
             e = config.engine
             say(f"The worker is connected; late window {e.window:g} s from the call's {e.anchor.value}.")
+            if config.metrics is not None and service.metrics_port is not None:
+                host = config.metrics[0]
+                say(
+                    f"Metrics: http://{host}:{service.metrics_port}/metrics, health: http://{host}:{service.metrics_port}/healthz"
+                )
             if play:
                 phones = Phones(sip[0], sip[1], folder)
                 await _story(

@@ -204,6 +204,7 @@ class ActionRunner:
             return Outcome.FAILED, None, f"pin not acknowledged: {exc}"
         # Once the pin is in place the call goes out even if the deadline
         # passes meanwhile: the slot and the ack were the only waits.
+        self.metrics.fake_calls_sent.inc()
         result = await self.runner.run(prepared.job)
         self.metrics.sipp_duration.observe(result.duration)
         return result.outcome, result, result.detail

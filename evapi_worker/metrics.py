@@ -70,6 +70,9 @@ class Metrics:
             registry=r,
         )
         self.fake_calls = Counter(p + "fake_calls", "Fake calls by outcome.", ["outcome"], registry=r)
+        self.fake_calls_sent = Counter(
+            p + "fake_calls_sent", "Fake calls whose SIPp run started (the pin was acknowledged).", registry=r
+        )
         self.messages = Counter(p + "messages", "MESSAGE notifications by outcome.", ["outcome"], registry=r)
         self.sipp_duration = Histogram(
             p + "sipp_duration_seconds", "Wall time of one SIPp run.", buckets=_SIPP_BUCKETS, registry=r

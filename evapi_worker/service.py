@@ -24,6 +24,7 @@ from .engine import Action, Decision, Engine
 from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
 from .events import CommandResult, EventError, Register, UnknownEventError, event_type, parse_event
 from .fake_calls import ActionRunner
+from .http_server import serve_http
 from .logs import kv
 from .metrics import Metrics
 from .netstring import FramingError
@@ -98,6 +99,7 @@ class Service:
         self._wake = trio.Event()
         self._timer_at = math.inf
         self._evicted = (0, 0)
+        self.metrics_port: int | None = None  # bound port of /metrics, once listening
         # Observers of every decision (replay output, tests); called synchronously.
         self.decision_listeners: list[Callable[[Decision], None]] = []
         m = self.metrics
@@ -112,6 +114,9 @@ class Service:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            if self.config.metrics is not None:
+                host, port = self.config.metrics
+                self.metrics_port = await nursery.start(serve_http, host, port, self.metrics.registry, self.healthy)
             for conn in self.connections.values():
                 await nursery.start(conn.run)
                 nursery.start_soon(self._pinger, conn)

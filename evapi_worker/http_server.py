@@ -1,0 +1,97 @@
+"""A small Trio HTTP server for ``/metrics`` and ``/healthz``.
+
+Prometheus and health checkers send short GET requests; one request per
+connection is all they need, so this speaks just enough HTTP/1.1: it reads
+the request head (bounded in size and time), answers, and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+
+from .logs import kv
+
+__all__ = ["serve_http"]
+
+log = logging.getLogger("evapi_worker.http")
+
+_MAX_HEAD = 8192
+# The classic text format, which every Prometheus version reads (names here
+# are all plain, so the body is the same in newer format versions).
+_METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_READ_TIMEOUT = 5.0
+
+Health = Callable[[], tuple[bool, list[str]]]
+
+
+def _response(status: str, content_type: str, body: bytes) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def respond(method: str, path: str, registry: CollectorRegistry, health: Health) -> bytes:
+    """The response bytes for one request (pure, for tests)."""
+    if method not in ("GET", "HEAD"):
+        return _response("405 Method Not Allowed", "text/plain", b"GET only\n")
+    path = path.split("?", 1)[0]
+    if path == "/metrics":
+        body = generate_latest(registry)
+        reply = _response("200 OK", _METRICS_TYPE, body)
+    elif path == "/healthz":
+        ok, down = health()
+        if ok:
+            reply = _response("200 OK", "text/plain", b"ok: every Kamailio node is connected\n")
+        else:
+            text = "not connected: " + ", ".join(down) + "\n"
+            reply = _response("503 Service Unavailable", "text/plain", text.encode())
+    else:
+        reply = _response("404 Not Found", "text/plain", b"try /metrics or /healthz\n")
+    if method == "HEAD":
+        return reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    return reply
+
+
+async def _handle(registry: CollectorRegistry, health: Health, stream: trio.SocketStream) -> None:
+    async with stream:
+        head = b""
+        with trio.move_on_after(_READ_TIMEOUT):
+            while b"\r\n\r\n" not in head and len(head) < _MAX_HEAD:
+                try:
+                    data = await stream.receive_some(4096)
+                except trio.BrokenResourceError:
+                    return
+                if not data:
+                    break
+                head += data
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            reply = _response("400 Bad Request", "text/plain", b"bad request\n")
+        else:
+            reply = respond(parts[0].decode("latin-1"), parts[1].decode("latin-1"), registry, health)
+        try:
+            await stream.send_all(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def serve_http(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    health: Health,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; reports the bound port when listening."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound: int = listeners[0].socket.getsockname()[1]
+    log.info("http listening %s", kv(addr=f"{host}:{bound}", paths="/metrics,/healthz"))
+    task_status.started(bound)
+    await trio.serve_listeners(partial(_handle, registry, health), listeners)

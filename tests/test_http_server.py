@@ -1,0 +1,64 @@
+"""The /metrics and /healthz endpoint."""
+
+from __future__ import annotations
+
+import trio
+from prometheus_client import CollectorRegistry, Counter
+
+from evapi_worker.http_server import respond, serve_http
+
+
+def registry() -> CollectorRegistry:
+    r = CollectorRegistry()
+    Counter("evapi_worker_test", "A test counter.", registry=r).inc(3)
+    return r
+
+
+def healthy() -> tuple[bool, list[str]]:
+    return True, []
+
+
+def down() -> tuple[bool, list[str]]:
+    return False, ["edge2"]
+
+
+def test_metrics_in_prometheus_text_format() -> None:
+    reply = respond("GET", "/metrics", registry(), healthy)
+    head, body = reply.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"text/plain; version=0.0.4" in head
+    assert b"evapi_worker_test_total 3.0" in body
+
+
+def test_health_says_which_nodes_are_down() -> None:
+    assert respond("GET", "/healthz", registry(), healthy).startswith(b"HTTP/1.1 200 OK")
+    reply = respond("GET", "/healthz?x=1", registry(), down)
+    assert reply.startswith(b"HTTP/1.1 503")
+    assert reply.endswith(b"not connected: edge2\n")
+
+
+def test_other_paths_and_methods() -> None:
+    assert respond("GET", "/", registry(), healthy).startswith(b"HTTP/1.1 404")
+    assert respond("POST", "/metrics", registry(), healthy).startswith(b"HTTP/1.1 405")
+    head = respond("HEAD", "/metrics", registry(), healthy)
+    assert head.endswith(b"\r\n\r\n") and b"evapi_worker_test" not in head
+
+
+async def fetch(port: int, request: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(request)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
+async def test_served_over_tcp_and_bad_requests_are_answered() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, "127.0.0.1", 0, registry(), healthy)
+        with trio.fail_after(5):
+            reply = await fetch(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"evapi_worker_test_total 3.0" in reply
+            assert (await fetch(port, b"garbage\r\n\r\n")).startswith(b"HTTP/1.1 400")
+        nursery.cancel_scope.cancel()
