@@ -6,15 +6,30 @@ replays can build as many services as they like.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .engine import EndKind
+from .events import EVENT_TYPES
+from .sipp_runner import Outcome
 
 __all__ = ["Metrics"]
+
+EVENT_ERROR_REASONS = (
+    "invalid_json", "not_object", "missing_field", "bad_type", "bad_value", "bad_version", "unknown_type",
+    "oversized", "bad_length", "missing_comma",
+)  # fmt: skip
+COMMANDS = ("ping", "pin", "message")
+COMMAND_FAILURES = ("not_connected", "timeout", "refused", "disconnected", "stopped")
+DECISIONS = (
+    ("fake_call", "answered"), ("fake_call", "declined"), ("fake_call", "missed"),
+    ("message", "answered"), ("message", "declined"), ("message", "missed"),
+    ("none", "ringing"), ("none", "too_late"), ("none", "duplicate"),
+)  # fmt: skip
 
 _DELAY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -32,6 +47,10 @@ class EventCounter(Collector):
         self.name = name
         self.documentation = documentation
         self.counts: dict[tuple[str, str], int] = {}
+
+    def init(self, node: str, etype: str) -> None:
+        """Export a zero for a series that has not happened yet."""
+        self.counts.setdefault((node, etype), 0)
 
     def add(self, node: str, etype: str) -> None:
         key = (node, etype)
@@ -120,6 +139,32 @@ class Metrics:
         self.dispatch_dropped = Counter(
             p + "dispatch_dropped", "Actions dropped because the action queue was full.", registry=r
         )
+
+    def init_series(self, nodes: Sequence[str]) -> None:
+        """Create every labelled series at zero, so dashboards and alerts see
+        0 rather than nothing before the first occurrence."""
+        for node in nodes:
+            for etype in EVENT_TYPES:
+                self.events.init(node, etype)
+                self.unknown_fields.labels(node, etype)
+            for reason in EVENT_ERROR_REASONS:
+                self.event_errors.labels(node, reason)
+            self.reconnects.labels(node)
+            self.events_lost.labels(node)
+            for command in COMMANDS:
+                self.commands.labels(node, command)
+                self.commands_acked.labels(node, command)
+                for reason in COMMAND_FAILURES:
+                    self.commands_failed.labels(node, command, reason)
+        for action, reason in DECISIONS:
+            self.decisions.labels(action, reason)
+        for kind in EndKind:
+            self.late_registrations.labels(kind.value)
+        for outcome in Outcome:
+            self.fake_calls.labels(outcome.value)
+            self.messages.labels(outcome.value)
+        for table in ("calls", "devices"):
+            self.evictions.labels(table)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value, 0.0 when it was never set (for tests and summaries)."""

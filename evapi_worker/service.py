@@ -109,6 +109,7 @@ class Service:
         m.tracked_devices.set_function(lambda: self.engine.device_count)
         for node in config.nodes:
             m.kamailio_up.labels(node.name).set(0)
+        m.init_series([node.name for node in config.nodes])
 
     # -- running -------------------------------------------------------
 
