@@ -151,6 +151,7 @@ class Metrics:
                 self.event_errors.labels(node, reason)
             self.reconnects.labels(node)
             self.events_lost.labels(node)
+            self.kamailio_up.labels(node)
             for command in COMMANDS:
                 self.commands.labels(node, command)
                 self.commands_acked.labels(node, command)
