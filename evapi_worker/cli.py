@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import signal
@@ -15,10 +16,12 @@ from pathlib import Path
 import trio
 
 from . import __version__
+from .capture import CaptureSettings
 from .config import Config, ConfigError, load_config, parse_hostport, parse_metrics, parse_node, with_nodes
 from .demo import DemoError, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
 from .logs import kv, setup_logging
+from .replay import apply_what_if, decision_json, decision_text, differences, load_records, progress_stream, replay
 from .service import Service, check_runtime, tune_gc
 
 __all__ = ["main"]
@@ -49,6 +52,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--evapi", default="127.0.0.1:8448", metavar="HOST:PORT", help="Kamailio's evapi socket")
     demo.add_argument("--no-scenario", action="store_true", help="skip the scripted story; just run")
     add_run_options(demo)
+    rep = sub.add_parser(
+        "replay",
+        help="feed captured events through the engine under virtual time and show every decision",
+        description="Replay capture files (run --capture) or JSON-lines event files. Nothing is sent anywhere.",
+    )
+    rep.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    rep.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file for the engine settings")
+    rep.add_argument("--window", type=float, metavar="SECONDS")
+    rep.add_argument("--anchor", choices=[a.value for a in Anchor])
+    rep.add_argument("--ua", action="append", metavar="REGEX", help="User-Agent pattern of push devices (repeatable)")
+    rep.add_argument("--json", action="store_true", help="one JSON object a line: the decisions, then the summary")
+    rep.add_argument(
+        "--what-if",
+        action="append",
+        metavar="KEY=VALUE",
+        help="also replay with this change (window, anchor, settle, deadline, ring_timeout, strategy, ua) "
+        "and show the decisions that differ; repeatable",
+    )
     return parser
 
 
@@ -90,7 +111,7 @@ def build_config(args: argparse.Namespace) -> Config:
             engine = replace(engine, window=args.window)
         if args.anchor is not None:
             engine = replace(engine, anchor=Anchor(args.anchor))
-        if args.strategy is not None:
+        if getattr(args, "strategy", None) is not None:
             engine = replace(engine, strategy=Strategy(args.strategy))
         if args.ua:
             for pattern in args.ua:
@@ -102,22 +123,67 @@ def build_config(args: argparse.Namespace) -> Config:
     except ValueError as exc:
         raise ConfigError("engine", str(exc)) from None
     sipp = config.sipp
-    if args.sipp is not None:
+    if getattr(args, "sipp", None) is not None:
         sipp = replace(sipp, binary=args.sipp)
-    if args.scenario is not None:
+    if getattr(args, "scenario", None) is not None:
         sipp = replace(sipp, scenario=args.scenario)
-    if args.max_sipp is not None:
+    if getattr(args, "max_sipp", None) is not None:
         if args.max_sipp < 1:
             raise ConfigError("--max-sipp", "must be at least 1")
         sipp = replace(sipp, max_concurrent=args.max_sipp)
     config = replace(config, engine=engine, sipp=sipp)
-    if args.log_level is not None:
+    if getattr(args, "log_level", None) is not None:
         config = replace(config, log_level=args.log_level)
-    if args.metrics is not None:
+    if getattr(args, "metrics", None) is not None:
         config = replace(config, metrics=parse_metrics(args.metrics, "--metrics"))
+    if getattr(args, "capture", None) is not None:
+        config = replace(config, capture=CaptureSettings(args.capture))
     if not config.nodes:
         config = with_nodes(config, (parse_node("127.0.0.1:8448"),))
     return config
+
+
+def _replay(args: argparse.Namespace) -> int:
+    settings = build_config(args).engine
+    what_if = None
+    if args.what_if:
+        try:
+            what_if = apply_what_if(settings, args.what_if)
+        except ValueError as exc:
+            raise ConfigError("--what-if", str(exc)) from None
+    problems: list[str] = []
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        raise ConfigError("FILE", f"not a file: {', '.join(missing)}")
+    base = replay(load_records(args.files, problems), settings, progress_stream())
+    other = replay(load_records(args.files, []), what_if) if what_if is not None else None
+    for problem in problems:
+        print(f"evapi-worker replay: {problem}", file=sys.stderr)
+    out = sys.stdout
+    if args.json:
+        for d in base.decisions:
+            print(decision_json(d), file=out)
+        summary: dict[str, object] = {"summary": base.summary()}
+        if other is not None:
+            summary["what_if"] = {
+                "changes": args.what_if,
+                "summary": other.summary(),
+                "differences": [
+                    {"call_id": c, "device": dev, "base": a, "what_if": b} for c, dev, a, b in differences(base, other)
+                ],
+            }
+        print(json.dumps(summary, ensure_ascii=False), file=out)
+        return 0
+    for d in base.decisions:
+        print(decision_text(d), file=out)
+    print("\nsummary: " + json.dumps(base.summary(), indent=2), file=out)
+    if other is not None:
+        diffs = differences(base, other)
+        print(f"\nwhat if {' '.join(args.what_if)}: {len(diffs)} decisions differ", file=out)
+        for call_id, device, a, b in diffs:
+            print(f"  call={call_id} device={device}: {a} -> {b}", file=out)
+        print("summary: " + json.dumps(other.summary(), indent=2), file=out)
+    return 0
 
 
 async def _until_signal(main: Callable[[], Awaitable[object]]) -> None:
@@ -186,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "replay":
+            return _replay(args)
         return _demo(args) if args.command == "demo" else _run(args)
     except ConfigError as exc:
         print(f"evapi-worker: config error: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from .capture import CaptureSettings
 from .engine import Anchor, EngineSettings, Strategy
 from .evapi_client import Backoff, NodeAddress
 from .netstring import DEFAULT_MAX_FRAME
@@ -56,6 +57,7 @@ class Config:
     action_queue: int = 10_000
     log_level: str = "info"
     metrics: tuple[str, int] | None = None  # where /metrics and /healthz listen; None: nowhere
+    capture: CaptureSettings | None = None  # where received frames are recorded; None: nowhere
 
 
 def parse_hostport(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
@@ -285,6 +287,16 @@ def load_config(path: Path | None) -> Config:
     metrics = parse_metrics(doc.string("metrics", DEFAULT_METRICS), "metrics")
     nodes = _nodes(doc)
     engine_t, sipp_t, evapi_t = _table(doc, "engine"), _table(doc, "sipp"), _table(doc, "evapi")
+    capture_t = _table(doc, "capture")
+    capture = None
+    if capture_t.data:
+        d_cap = CaptureSettings(Path("."))
+        capture = CaptureSettings(
+            folder=Path(capture_t.string("folder", "")),
+            max_bytes=capture_t.integer("max_bytes", d_cap.max_bytes, 4096),
+            max_age=capture_t.number("max_age", d_cap.max_age, 1),
+            keep=capture_t.integer("keep", d_cap.keep, 1),
+        )
     engine = _engine(engine_t)
     sipp = _sipp(sipp_t)
     d = Config()
@@ -307,8 +319,9 @@ def load_config(path: Path | None) -> Config:
         action_queue=doc.integer("action_queue", d.action_queue, 1),
         log_level=log_level,
         metrics=metrics,
+        capture=capture,
     )
-    for table in (engine_t, sipp_t, evapi_t, doc):
+    for table in (engine_t, sipp_t, evapi_t, capture_t, doc):
         table.check_unknown()
     return config
 

@@ -136,6 +136,10 @@ class Metrics:
         )
         self.sipp_running = Gauge(p + "sipp_running", "SIPp processes running.", registry=r)
         self.sipp_waiting = Gauge(p + "sipp_waiting", "Fake calls waiting for a SIPp slot.", registry=r)
+        self.capture_records = Counter(p + "capture_records", "Frames queued for the capture file.", registry=r)
+        self.capture_dropped = Counter(
+            p + "capture_dropped", "Frames not captured because the disk was behind.", registry=r
+        )
         self.dispatch_dropped = Counter(
             p + "dispatch_dropped", "Actions dropped because the action queue was full.", registry=r
         )

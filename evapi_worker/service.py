@@ -13,11 +13,13 @@ import gc
 import logging
 import math
 import shutil
+import time
 from collections.abc import Callable
 
 import msgspec
 import trio
 
+from .capture import CaptureWriter
 from .commands import Command, Ping, command_name
 from .config import Config, ConfigError
 from .engine import Action, Decision, Engine
@@ -100,6 +102,9 @@ class Service:
         self._timer_at = math.inf
         self._evicted = (0, 0)
         self.metrics_port: int | None = None  # bound port of /metrics, once listening
+        self.capture = CaptureWriter(config.capture) if config.capture is not None else None
+        # Captures store wall-clock receive times; the service runs on trio's clock.
+        self._wall_offset = 0.0  # set when running
         # Observers of every decision (replay output, tests); called synchronously.
         self.decision_listeners: list[Callable[[Decision], None]] = []
         m = self.metrics
@@ -114,7 +119,10 @@ class Service:
     # -- running -------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._wall_offset = time.time() - trio.current_time()
         async with trio.open_nursery() as nursery:
+            if self.capture is not None:
+                await nursery.start(self.capture.run)
             if self.config.metrics is not None:
                 host, port = self.config.metrics
                 self.metrics_port = await nursery.start(serve_http, host, port, self.metrics.registry, self.healthy)
@@ -162,6 +170,7 @@ class Service:
         except UnknownEventError as exc:
             m.event_errors.labels(node, exc.reason).inc()
             log.info("event skipped %s", kv(node=node, reason=exc.reason, detail=exc.detail))
+            self._capture(node, None, payload, now)
             return
         except EventError as exc:
             m.event_errors.labels(node, exc.reason).inc()
@@ -169,8 +178,11 @@ class Service:
                 "event rejected %s",
                 kv(node=node, reason=exc.reason, detail=exc.detail, payload=payload[:200].decode("utf-8", "replace")),
             )
+            self._capture(node, None, payload, now)
             return
         event = parsed.event
+        if self.capture is not None:
+            self._capture(node, event.seq, payload, now)
         etype = event_type(event)
         m.events.add(node, etype)
         if parsed.unknown_fields:
@@ -193,6 +205,13 @@ class Service:
         deadline = self.engine.next_deadline()
         if deadline is not None and deadline < self._timer_at:
             self._wake.set()
+
+    def _capture(self, node: str, seq: int | None, payload: bytes, now: float) -> None:
+        if self.capture is not None:
+            if self.capture.record(node, seq, now + self._wall_offset, payload):
+                self.metrics.capture_records.inc()
+            else:
+                self.metrics.capture_dropped.inc()
 
     def _dispatch(self, decisions: list[Decision], received: float) -> None:
         m = self.metrics

@@ -1,0 +1,177 @@
+"""Capture files: every frame Kamailio sent, as msgpack records.
+
+A capture file starts with a header map and continues with one record per
+frame received::
+
+    {"format": "evapi-worker-capture", "version": 1, "created": <unix time>}
+    [node, seq or None, received (unix time), payload bytes]
+    ...
+
+Records are appended and flushed in batches, so a file can be read while it
+is written, and after a crash; a torn last record is reported and skipped.
+The writer rotates files by size and age and keeps a bounded number of them.
+
+Capture never slows the reader: frames are queued without waiting, and when
+the disk cannot keep up they are dropped and counted; the events themselves
+are still handled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import msgpack
+import trio
+
+from .logs import kv
+
+__all__ = ["CAPTURE_FORMAT", "CaptureError", "CaptureSettings", "CaptureWriter", "Record", "read_capture"]
+
+log = logging.getLogger("evapi_worker.capture")
+
+CAPTURE_FORMAT: Final = "evapi-worker-capture"
+CAPTURE_VERSION: Final = 1
+SUFFIX: Final = ".evcap"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    node: str
+    seq: int | None
+    received: float  # unix time the worker read the frame
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSettings:
+    folder: Path
+    max_bytes: int = 64 * 1024 * 1024  # a file is closed at this size...
+    max_age: float = 3600.0  # ...or this age (seconds)
+    keep: int = 48  # files kept; older ones are deleted
+    queue: int = 100_000  # frames waiting for the disk; more are dropped
+
+
+class CaptureError(Exception):
+    """A file that is not a capture, or a capture of another version."""
+
+
+class CaptureWriter:
+    """Queues frames from the reader; a task writes them in a worker thread."""
+
+    def __init__(self, settings: CaptureSettings) -> None:
+        self.settings = settings
+        self.dropped = 0
+        self.written = 0
+        self._tx, self._rx = trio.open_memory_channel[tuple[str, int | None, float, bytes]](settings.queue)
+        self._file: Any = None
+        self._path: Path | None = None
+        self._opened = 0.0
+        self._size = 0
+
+    def record(self, node: str, seq: int | None, received: float, payload: bytes) -> bool:
+        """Queue one frame; False (and counted) when the disk is behind."""
+        try:
+            self._tx.send_nowait((node, seq, received, payload))
+        except trio.WouldBlock:
+            self.dropped += 1
+            return False
+        return True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.settings.folder.mkdir(parents=True, exist_ok=True)
+        task_status.started()
+        try:
+            while True:
+                batch = [await self._rx.receive()]
+                while len(batch) < 4096:
+                    try:
+                        batch.append(self._rx.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                # File I/O in a thread: a slow disk must not stall the reader.
+                await trio.to_thread.run_sync(self._write, batch)
+        finally:
+            with trio.CancelScope(shield=True):
+                rest = []
+                while True:
+                    try:
+                        rest.append(self._rx.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await trio.to_thread.run_sync(self._write, rest)
+                await trio.to_thread.run_sync(self._close)
+
+    def _write(self, batch: list[tuple[str, int | None, float, bytes]]) -> None:
+        if not batch:
+            return
+        data = b"".join(msgpack.packb(list(item), use_bin_type=True) for item in batch)
+        now = time.time()
+        if self._file is None or self._size >= self.settings.max_bytes or now - self._opened >= self.settings.max_age:
+            self._rotate(now)
+        self._file.write(data)
+        self._file.flush()
+        self._size += len(data)
+        self.written += len(batch)
+
+    def _rotate(self, now: float) -> None:
+        self._close()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+        path = self.settings.folder / f"capture-{stamp}-{os.getpid()}-{int(now * 1000) % 1000:03d}{SUFFIX}"
+        self._file = path.open("ab")
+        header = {"format": CAPTURE_FORMAT, "version": CAPTURE_VERSION, "created": now}
+        data = msgpack.packb(header, use_bin_type=True)
+        self._file.write(data)
+        self._path, self._opened, self._size = path, now, len(data)
+        log.info("capture file %s", kv(path=str(path)))
+        files = sorted(self.settings.folder.glob(f"capture-*{SUFFIX}"))
+        for old in files[: max(0, len(files) - self.settings.keep)]:
+            old.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_capture(path: Path, problems: list[str] | None = None) -> Iterator[Record]:
+    """Records of one capture file, in order. A malformed record is reported
+    in ``problems`` (when given) and skipped; a torn last record too."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024)
+        try:
+            header = next(unpacker)
+        except (StopIteration, ValueError, msgpack.UnpackException):
+            raise CaptureError(f"{path}: not an evapi-worker capture") from None
+        if not isinstance(header, dict) or header.get("format") != CAPTURE_FORMAT:
+            raise CaptureError(f"{path}: not an evapi-worker capture")
+        if header.get("version") != CAPTURE_VERSION:
+            raise CaptureError(f"{path}: capture format version {header.get('version')!r}, expected {CAPTURE_VERSION}")
+        while True:
+            try:
+                item = next(unpacker)
+            except StopIteration:
+                break
+            except (ValueError, msgpack.UnpackException) as exc:
+                if problems is not None:
+                    problems.append(f"{path}: unreadable data at byte {unpacker.tell()} ({exc}); rest skipped")
+                return
+            if (
+                not isinstance(item, list)
+                or len(item) != 4
+                or not isinstance(item[0], str)
+                or not isinstance(item[2], int | float)
+                or not isinstance(item[3], bytes)
+            ):
+                if problems is not None:
+                    problems.append(f"{path}: malformed record ending at byte {unpacker.tell()}, skipped")
+                continue
+            yield Record(item[0], item[1] if isinstance(item[1], int) else None, float(item[2]), item[3])
+        if unpacker.tell() < size and problems is not None:
+            problems.append(f"{path}: torn last record ({size - unpacker.tell()} bytes) skipped")

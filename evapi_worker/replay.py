@@ -1,0 +1,198 @@
+"""Replay captured events through the engine, in seconds, with any settings.
+
+Input is capture files (``run --capture``) or JSON lines, one v1 event per
+line (see docs/protocol.md), optionally with ``"recv"``, the time the worker
+received it (the event's ``ts`` otherwise). Records from several files are
+merged by receive time. Time is virtual: the engine is fed each event at its
+original receive time, and ticked in between, so settle delays and expiry
+happen as they did, without waiting. Nothing is sent anywhere.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TextIO
+
+from .capture import CaptureError, Record, read_capture
+from .engine import Action, Anchor, Decision, Engine, EngineSettings, Strategy
+from .events import EventError, event_type, parse_event
+
+__all__ = ["ReplayResult", "apply_what_if", "decision_json", "load_records", "replay"]
+
+_PROGRESS_EVERY = 100_000
+
+
+def _read_jsonl(path: Path, problems: list[str]) -> Iterator[Record]:
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                problems.append(f"{path}:{number}: not JSON ({exc}), skipped")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"{path}:{number}: not a JSON object, skipped")
+                continue
+            recv = obj.pop("recv", obj.get("ts"))
+            try:
+                received = float(recv)
+            except (TypeError, ValueError):
+                problems.append(f"{path}:{number}: no usable 'recv' or 'ts', skipped")
+                continue
+            node = obj.get("node") if isinstance(obj.get("node"), str) else "?"
+            seq = obj.get("seq") if isinstance(obj.get("seq"), int) else None
+            yield Record(str(node), seq, received, json.dumps(obj).encode())
+
+
+def _open(path: Path, problems: list[str]) -> Iterator[Record]:
+    with path.open("rb") as f:
+        first = f.read(1)
+    if first in (b"{", b"\n", b" ", b"\r"):
+        return _read_jsonl(path, problems)
+    return read_capture(path, problems)
+
+
+def load_records(paths: Iterable[Path], problems: list[str]) -> Iterator[Record]:
+    """All records of the files, merged by receive time (each file is in order)."""
+    streams = []
+    for path in paths:
+        try:
+            streams.append(_open(path, problems))
+        except (OSError, CaptureError) as exc:
+            problems.append(f"{path}: {exc}")
+    return heapq.merge(*streams, key=lambda r: r.received)
+
+
+@dataclass
+class ReplayResult:
+    decisions: list[Decision] = field(default_factory=list)
+    events: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    records: int = 0
+
+    def summary(self) -> dict[str, object]:
+        actions = [d for d in self.decisions if d.action is not Action.NONE]
+        delays = sorted(d.since_start for d in self.decisions if d.reason != "duplicate")
+        return {
+            "records": self.records,
+            "events": dict(sorted(self.events.items())),
+            "event_errors": dict(sorted(self.errors.items())),
+            "calls": self.events.get("call_start", 0),
+            "late_registrations": dict(sorted(Counter(d.call.end.value for d in actions if d.call).items())),
+            "actions": dict(sorted(Counter(d.action.value for d in actions).items())),
+            "decisions": dict(sorted(Counter(f"{d.action.value}:{d.reason}" for d in self.decisions).items())),
+            "wakeup_delay_seconds": {f"p{q}": _percentile(delays, q) for q in (50, 90, 99)},
+        }
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    index = min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))
+    return round(values[index], 3)
+
+
+def replay(records: Iterable[Record], settings: EngineSettings, progress: TextIO | None = None) -> ReplayResult:
+    """Feed the records through a fresh engine under virtual time."""
+    engine = Engine(settings)
+    result = ReplayResult()
+    out = result.decisions
+    now = 0.0
+    for record in records:
+        result.records += 1
+        now = record.received
+        out += engine.tick(now)
+        try:
+            event = parse_event(record.payload).event
+        except EventError as exc:
+            result.errors[exc.reason] += 1
+            continue
+        result.events[event_type(event)] += 1
+        out += engine.handle(event, now)
+        if progress is not None and result.records % _PROGRESS_EVERY == 0:
+            print(f"\rreplayed {result.records:,} records", end="", file=progress, flush=True)
+    out += engine.tick(now + 86_400)  # let pending decisions settle
+    if progress is not None and result.records >= _PROGRESS_EVERY:
+        print(file=progress)
+    return result
+
+
+def decision_json(d: Decision) -> str:
+    """One decision as a JSON line: fixed key order, rounded numbers."""
+    return json.dumps(
+        {
+            "time": round(d.ts, 6),
+            "node": d.node,
+            "call_id": d.call_id,
+            "device": d.device,
+            "action": d.action.value,
+            "reason": d.reason,
+            "since_start": round(d.since_start, 3),
+            "since_end": None if d.since_end is None else round(d.since_end, 3),
+        },
+        ensure_ascii=False,
+    )
+
+
+def decision_text(d: Decision) -> str:
+    end = "" if d.since_end is None else f", {d.since_end:.1f} s after it ended"
+    return (
+        f"{_iso(d.ts)} {d.node} call={d.call_id} device={d.device}: {d.action.value} {d.reason} "
+        f"(registered {d.since_start:.1f} s after the call started{end})"
+    )
+
+
+def _iso(ts: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+def apply_what_if(settings: EngineSettings, changes: list[str]) -> EngineSettings:
+    """``["window=30", "anchor=start"]`` applied to ``settings``; ValueError names the problem."""
+    for change in changes:
+        key, eq, value = change.partition("=")
+        if not eq:
+            raise ValueError(f"{change!r}: expected KEY=VALUE")
+        if key == "window":
+            settings = replace(settings, window=float(value))
+        elif key == "settle":
+            settings = replace(settings, settle=float(value))
+        elif key == "deadline":
+            settings = replace(settings, deadline=float(value))
+        elif key == "ring_timeout":
+            settings = replace(settings, ring_timeout=float(value))
+        elif key == "anchor":
+            settings = replace(settings, anchor=Anchor(value))
+        elif key == "strategy":
+            settings = replace(settings, strategy=Strategy(value))
+        elif key == "ua":
+            settings = replace(settings, user_agents=tuple(filter(None, value.split(","))))
+        else:
+            raise ValueError(f"{key!r}: what-if takes window, anchor, settle, deadline, ring_timeout, strategy or ua")
+    return settings
+
+
+def differences(base: ReplayResult, other: ReplayResult) -> list[tuple[str, str, str, str]]:
+    """(call_id, device, base outcome, other outcome) where the two runs decided differently."""
+
+    def index(result: ReplayResult) -> dict[tuple[str, str], str]:
+        return {(d.call_id, d.device): f"{d.action.value}:{d.reason}" for d in result.decisions}
+
+    a, b = index(base), index(other)
+    keys = sorted(set(a) | set(b))
+    return [(k[0], k[1], a.get(k, "-"), b.get(k, "-")) for k in keys if a.get(k) != b.get(k)]
+
+
+def progress_stream() -> TextIO | None:
+    return sys.stderr if sys.stderr.isatty() else None

@@ -1,0 +1,143 @@
+"""Capture files and replay, with a capture recorded from real Kamailio and SIPp."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from evapi_worker.capture import CaptureError, CaptureSettings, CaptureWriter, read_capture
+from evapi_worker.cli import main
+from evapi_worker.config import Config
+from evapi_worker.engine import EngineSettings
+from evapi_worker.replay import decision_json, load_records, replay
+from evapi_worker.service import Service
+
+DATA = Path(__file__).parent / "data"
+STORY = DATA / "story.evcap"
+
+
+def test_replay_of_a_real_capture_decides_as_the_live_worker_did() -> None:
+    problems: list[str] = []
+    result = replay(load_records([STORY], problems), EngineSettings())
+    assert problems == []
+    lines = "".join(decision_json(d) + "\n" for d in result.decisions)
+    assert lines == (DATA / "story.expected.jsonl").read_text()
+    summary = result.summary()
+    assert summary["calls"] == 3
+    assert summary["late_registrations"] == {"answered": 1, "cancelled": 1}
+    assert summary["actions"] == {"fake_call": 2}
+
+
+def test_json_output_is_byte_identical_run_to_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(STORY), "--json"]) == 0
+    first = capsys.readouterr().out
+    assert main(["replay", str(STORY), "--json"]) == 0
+    assert capsys.readouterr().out == first
+    *decisions, summary = first.splitlines()
+    assert decisions == (DATA / "story.expected.jsonl").read_text().splitlines()
+    assert json.loads(summary)["summary"]["events"]["call_start"] == 3
+
+
+def test_what_if_shows_the_decisions_that_differ(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(STORY), "--json", "--what-if", "window=0.5"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    diffs = summary["what_if"]["differences"]
+    # Only the answered call's iPhone was later than half a second.
+    assert diffs == [
+        {
+            "call_id": "story-answered@127.0.0.1",
+            "device": "urn:uuid:iphone",
+            "base": "fake_call:answered",
+            "what_if": "-",
+        }
+    ]
+    assert main(["replay", str(STORY), "--what-if", "anchor=start", "--what-if", "window=2"]) == 0
+    text = capsys.readouterr().out
+    assert "what if anchor=start window=2: 1 decisions differ" in text
+    assert "story-missed@127.0.0.1" in text
+
+
+def test_text_output_tells_each_decision_and_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(STORY)]) == 0
+    out = capsys.readouterr().out
+    assert "call=story-answered@127.0.0.1 device=urn:uuid:iphone: fake_call answered" in out
+    assert '"wakeup_delay_seconds"' in out
+
+
+def test_json_lines_input_reports_bad_lines_by_number(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    jsonl = tmp_path / "events.jsonl"
+    lines = [json.dumps({**json.loads(r.payload), "recv": r.received}) for r in read_capture(STORY)]
+    lines.insert(2, "{not json")
+    jsonl.write_text("\n".join(lines) + "\n")
+    assert main(["replay", str(jsonl), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert f"{jsonl}:3: not JSON" in captured.err
+    assert captured.out.splitlines()[:-1] == (DATA / "story.expected.jsonl").read_text().splitlines()
+
+
+def test_torn_last_record_is_reported_and_the_rest_read(tmp_path: Path) -> None:
+    torn = tmp_path / "torn.evcap"
+    data = STORY.read_bytes()
+    torn.write_bytes(data[:-7])
+    problems: list[str] = []
+    records = list(read_capture(torn, problems))
+    assert len(records) == len(list(read_capture(STORY))) - 1
+    assert problems and "torn last record" in problems[0]
+
+
+def test_not_a_capture(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.evcap"
+    junk.write_bytes(b"\x93\x01\x02\x03")
+    with pytest.raises(CaptureError):
+        list(read_capture(junk))
+
+
+async def test_writer_rotates_keeps_a_bounded_number_of_files_and_reads_back(tmp_path: Path) -> None:
+    settings = CaptureSettings(tmp_path / "cap", max_bytes=4096, keep=3)
+    writer = CaptureWriter(settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for i in range(400):
+            assert writer.record("kam1", i, 1_700_000_000 + i, b'{"event":"x","n":%d}' % i)
+            if i % 50 == 0:
+                await trio.sleep(0.01)  # let the writer write and rotate
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    files = sorted(settings.folder.iterdir())
+    assert len(files) == 3
+    records = [r for f in files for r in read_capture(f)]
+    assert [r.seq for r in records] == list(range(records[0].seq or 0, 400))
+    assert records[-1].seq == 399 and records[-1].payload == b'{"event":"x","n":399}'
+
+
+def test_writer_drops_and_counts_when_the_disk_is_behind(tmp_path: Path) -> None:
+    writer = CaptureWriter(CaptureSettings(tmp_path, queue=2))  # its task is not running: a stalled disk
+    results = [writer.record("kam1", i, 0.0, b"{}") for i in range(5)]
+    assert results == [True, True, False, False, False]
+    assert writer.dropped == 3
+
+
+def test_replay_with_a_missing_file_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", "/nonexistent.evcap"]) == 2
+    assert "not a file" in capsys.readouterr().err
+
+
+async def test_service_captures_every_frame_it_receives_even_bad_ones(tmp_path: Path) -> None:
+    config = Config(capture=CaptureSettings(tmp_path / "cap"))
+    service = Service(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        good = b'{"event":"call_answered","node":"kam1","ts":1700000000.5,"seq":41,"call_id":"c1"}'
+        service.on_frame("kam1", good, trio.current_time())
+        service.on_frame("kam1", b"{not json", trio.current_time())
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    (file,) = sorted((tmp_path / "cap").iterdir())
+    records = list(read_capture(file))
+    assert [(r.node, r.seq, r.payload) for r in records] == [("kam1", 41, good), ("kam1", None, b"{not json")]
+    assert abs(records[0].received - time.time()) < 60
+    assert service.metrics.value("evapi_worker_capture_records_total") == 2
