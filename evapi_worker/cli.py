@@ -155,6 +155,7 @@ def _replay(args: argparse.Namespace) -> int:
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         raise ConfigError("FILE", f"not a file: {', '.join(missing)}")
+    tune_gc()
     base = replay(load_records(args.files, problems), settings, progress_stream())
     other = replay(load_records(args.files, []), what_if) if what_if is not None else None
     for problem in problems:

@@ -273,6 +273,8 @@ class Engine:
         else:
             self._set_call_expiry(call, self._ended_expiry(call, now))
         # A device may have registered before this event arrived (reordered).
+        if ev.aor not in self._devices:
+            return _NOTHING
         return self._reevaluate(call, now)
 
     def _on_end(self, call_id: str, ts: float, kind: EndKind, code: int | None, now: float) -> list[Decision]:
@@ -287,6 +289,8 @@ class Engine:
         call.end = kind
         call.end_code = code
         self._set_call_expiry(call, self._ended_expiry(call, now))
+        if call.started is None or call.aor not in self._devices:
+            return _NOTHING  # no push device of this account registered lately
         return self._reevaluate(call, now)
 
     def _ended_expiry(self, call: _Call, now: float) -> float:
@@ -306,7 +310,8 @@ class Engine:
 
     def _set_call_expiry(self, call: _Call, when: float) -> None:
         call.expires = when
-        self._push_timer(when, _CALL, call.call_id, "")
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, _CALL, call.call_id, ""))
 
     def _drop_call(self, call: _Call) -> None:
         del self._calls[call.call_id]

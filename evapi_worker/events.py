@@ -38,6 +38,7 @@ __all__ = [
     "Parsed",
     "Register",
     "UnknownEventError",
+    "decode_event",
     "event_type",
     "normalize_aor",
     "parse_event",
@@ -115,10 +116,16 @@ class CallStarted(_Base, frozen=True, tag="call_start"):
     from_domain: str | None = None
 
     def __post_init__(self) -> None:
-        self._check_header()
-        _required(self, "call_id", "aor", "from_user")
-        _optional(self, "from_name", "from_domain")
-        force_setattr(self, "aor", normalize_aor(self.aor))
+        # Checks written out, not looped over: this runs for every event.
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.call_id in _NULLS or self.aor in _NULLS or self.from_user in _NULLS:
+            _required(self, "call_id", "aor", "from_user")
+        if self.from_name in _NULLS or self.from_domain in _NULLS:
+            _optional(self, "from_name", "from_domain")
+        aor = normalize_aor(self.aor)
+        if aor is not self.aor:
+            force_setattr(self, "aor", aor)
 
 
 class CallAnswered(_Base, frozen=True, tag="call_answered"):
@@ -127,8 +134,10 @@ class CallAnswered(_Base, frozen=True, tag="call_answered"):
     call_id: CallId
 
     def __post_init__(self) -> None:
-        self._check_header()
-        _required(self, "call_id")
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.call_id in _NULLS:
+            _required(self, "call_id")
 
 
 class CallCancelled(_Base, frozen=True, tag="call_cancelled"):
@@ -137,8 +146,10 @@ class CallCancelled(_Base, frozen=True, tag="call_cancelled"):
     call_id: CallId
 
     def __post_init__(self) -> None:
-        self._check_header()
-        _required(self, "call_id")
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.call_id in _NULLS:
+            _required(self, "call_id")
 
 
 class CallFailed(_Base, frozen=True, tag="call_failed"):
@@ -148,8 +159,10 @@ class CallFailed(_Base, frozen=True, tag="call_failed"):
     code: Annotated[int, Meta(ge=300, le=699)]
 
     def __post_init__(self) -> None:
-        self._check_header()
-        _required(self, "call_id")
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.call_id in _NULLS:
+            _required(self, "call_id")
 
 
 class Register(_Base, frozen=True, tag="register"):
@@ -168,11 +181,23 @@ class Register(_Base, frozen=True, tag="register"):
     pn_param: str | None = None
 
     def __post_init__(self) -> None:
-        self._check_header()
-        _required(self, "aor", "contact", "src_ip", "proto")
-        _optional(self, "user_agent", "instance", "pn_provider", "pn_prid", "pn_param")
-        force_setattr(self, "aor", normalize_aor(self.aor))
-        force_setattr(self, "proto", self.proto.lower())
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.aor in _NULLS or self.contact in _NULLS or self.src_ip in _NULLS or self.proto in _NULLS:
+            _required(self, "aor", "contact", "src_ip", "proto")
+        if (
+            self.user_agent in _NULLS
+            or self.instance in _NULLS
+            or self.pn_provider in _NULLS
+            or self.pn_prid in _NULLS
+            or self.pn_param in _NULLS
+        ):
+            _optional(self, "user_agent", "instance", "pn_provider", "pn_prid", "pn_param")
+        aor = normalize_aor(self.aor)
+        if aor is not self.aor:
+            force_setattr(self, "aor", aor)
+        if not self.proto.islower():
+            force_setattr(self, "proto", self.proto.lower())
 
 
 class CommandResult(_Base, frozen=True, tag="cmd_result"):
@@ -183,9 +208,12 @@ class CommandResult(_Base, frozen=True, tag="cmd_result"):
     error: str | None = None
 
     def __post_init__(self) -> None:
-        self._check_header()
-        _required(self, "id")
-        _optional(self, "error")
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.id in _NULLS:
+            _required(self, "id")
+        if self.error in _NULLS:
+            _optional(self, "error")
 
 
 CallEnded: TypeAlias = CallAnswered | CallCancelled | CallFailed
@@ -204,7 +232,9 @@ _KNOWN_FIELDS: Final[dict[str, frozenset[str]]] = {
     name: frozenset(cls.__struct_fields__) | {"event"} for cls, name in _TYPE_NAMES.items()
 }
 EVENT_TYPES: Final = tuple(_TYPE_NAMES.values())
-_DECODER: Final = msgspec.json.Decoder(Event, strict=False)  # strict=False: "7" is 7, as Kamailio sends it
+_DECODER: Final[msgspec.json.Decoder[Event]] = msgspec.json.Decoder(
+    Event, strict=False
+)  # strict=False: "7" is 7, as Kamailio sends it
 
 
 class EventError(Exception):
@@ -244,6 +274,15 @@ def parse_event(payload: bytes | str) -> Parsed:
     except RecursionError:
         raise EventError("invalid_json", "payload nests too deeply") from None
     return _parse_with_unknown_fields(payload)
+
+
+def decode_event(payload: bytes | str) -> Event:
+    """Like :func:`parse_event`, for callers that do not count unknown fields."""
+    try:
+        event: Event = _DECODER.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return parse_event(payload).event  # the slow path names the problem
+    return event
 
 
 def _parse_with_unknown_fields(payload: bytes | str) -> Parsed:
@@ -287,3 +326,8 @@ def _classify(message: str) -> EventError:
 def event_type(event: Event) -> str:
     """The wire name of an event's type (for metrics and logs)."""
     return _TYPE_NAMES[type(event)]
+
+
+def event_type_name(kind: type) -> str:
+    """The wire name of an event class."""
+    return _TYPE_NAMES[kind]

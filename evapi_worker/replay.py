@@ -22,7 +22,7 @@ from typing import TextIO
 
 from .capture import CaptureError, Record, read_capture
 from .engine import Action, Anchor, Decision, Engine, EngineSettings, Strategy
-from .events import EventError, event_type, parse_event
+from .events import EventError, decode_event, event_type_name
 
 __all__ = ["ReplayResult", "apply_what_if", "decision_json", "load_records", "replay"]
 
@@ -70,6 +70,8 @@ def load_records(paths: Iterable[Path], problems: list[str]) -> Iterator[Record]
             streams.append(_open(path, problems))
         except (OSError, CaptureError) as exc:
             problems.append(f"{path}: {exc}")
+    if len(streams) == 1:
+        return streams[0]
     return heapq.merge(*streams, key=lambda r: r.received)
 
 
@@ -107,23 +109,36 @@ def replay(records: Iterable[Record], settings: EngineSettings, progress: TextIO
     engine = Engine(settings)
     result = ReplayResult()
     out = result.decisions
+    by_type: dict[type, int] = {}
+    # The loop runs for every record: names are bound locally, and the engine
+    # is ticked only when it has something due.
+    handle, tick, next_deadline, decode = engine.handle, engine.tick, engine.next_deadline, decode_event
+    count = 0
     now = 0.0
     for record in records:
-        result.records += 1
+        count += 1
         now = record.received
-        out += engine.tick(now)
+        due = next_deadline()
+        if due is not None and due <= now:
+            out += tick(now)
         try:
-            event = parse_event(record.payload).event
+            event = decode(record.payload)
         except EventError as exc:
             result.errors[exc.reason] += 1
             continue
-        result.events[event_type(event)] += 1
-        out += engine.handle(event, now)
-        if progress is not None and result.records % _PROGRESS_EVERY == 0:
-            print(f"\rreplayed {result.records:,} records", end="", file=progress, flush=True)
-    out += engine.tick(now + 86_400)  # let pending decisions settle
-    if progress is not None and result.records >= _PROGRESS_EVERY:
+        kind = type(event)
+        by_type[kind] = by_type.get(kind, 0) + 1
+        decided = handle(event, now)
+        if decided:
+            out += decided
+        if progress is not None and count % _PROGRESS_EVERY == 0:
+            print(f"\rreplayed {count:,} records", end="", file=progress, flush=True)
+    out += tick(now + 86_400)  # let pending decisions settle
+    if progress is not None and count >= _PROGRESS_EVERY:
         print(file=progress)
+    result.records = count
+    for kind, n in by_type.items():
+        result.events[event_type_name(kind)] += n
     return result
 
 

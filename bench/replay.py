@@ -1,0 +1,59 @@
+"""Replay benchmark: events/s from a capture file through parsing and the engine.
+
+    .venv/bin/python -m bench.replay --calls 100000
+
+Writes a capture of the synthetic stream (bench/events.py) to a temporary
+file with the worker's own capture writer format, then times
+`load_records` + `replay` over it, as `evapi-worker replay` runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+
+from evapi_worker.capture import CAPTURE_FORMAT, CAPTURE_VERSION
+from evapi_worker.engine import EngineSettings
+from evapi_worker.netstring import NEED_DATA, NetstringDecoder
+from evapi_worker.replay import load_records, replay
+from evapi_worker.service import tune_gc
+
+from .events import stream
+
+
+def write_capture(path: Path, calls: int) -> int:
+    decoder = NetstringDecoder()
+    decoder.receive_data(b"".join(stream(calls)))
+    count = 0
+    with path.open("wb") as f:
+        f.write(msgpack.packb({"format": CAPTURE_FORMAT, "version": CAPTURE_VERSION, "created": 0}))
+        received = 1_700_000_000.0
+        while (frame := decoder.next_frame()) is not NEED_DATA:
+            assert isinstance(frame, bytes)
+            received += 0.001  # 1,000 events/s of recorded time
+            f.write(msgpack.packb(["kam1", count, received, frame], use_bin_type=True))
+            count += 1
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=100_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.evcap"
+        events = write_capture(path, args.calls)
+        tune_gc()  # as the command does
+        started = time.perf_counter()
+        result = replay(load_records([path], []), EngineSettings())
+        elapsed = time.perf_counter() - started
+    print(f"events: {events}, decisions: {len(result.decisions)}, file: {path.name}")
+    print(f"elapsed: {elapsed:.3f} s, rate: {events / elapsed:,.0f} events/s")
+
+
+if __name__ == "__main__":
+    main()
