@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -175,7 +176,7 @@ class _Device:
     pending: set[str] = field(default_factory=set)
 
 
-_CALL: Final = 0
+_EXPIRY_STEP: Final = 0.25
 _DEVICE: Final = 1
 _SETTLE: Final = 2
 _NOTHING: Final[list[Decision]] = []
@@ -191,8 +192,14 @@ class Engine:
         self._calls_by_aor: dict[str, list[str]] = {}
         self._devices: dict[str, dict[str, _Device]] = {}
         self._device_count = 0
+        # Device expiry and settle delays: a heap, exact to the moment.
         self._timers: list[tuple[float, int, int, str, str]] = []
         self._timer_seq = 0
+        # Call expiry, two per call: a timing wheel of _EXPIRY_STEP slots, so
+        # a call costs a list append instead of heap operations. A call is
+        # forgotten up to one step late, which no decision depends on.
+        self._expiry_slots: dict[int, list[tuple[float, str]]] = {}
+        self._expiry_heap: list[int] = []
         self.evicted_calls = 0
         self.evicted_devices = 0
 
@@ -208,7 +215,11 @@ class Engine:
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work (may be early, never late)."""
-        return self._timers[0][0] if self._timers else None
+        timer = self._timers[0][0] if self._timers else None
+        if not self._expiry_heap:
+            return timer
+        slot = self._expiry_heap[0] * _EXPIRY_STEP
+        return slot if timer is None or slot < timer else timer
 
     # -- input ---------------------------------------------------------
 
@@ -235,11 +246,7 @@ class Engine:
         timers = self._timers
         while timers and timers[0][0] <= now:
             when, _, kind, key, sub = heapq.heappop(timers)
-            if kind == _CALL:
-                call = self._calls.get(key)
-                if call is not None and call.expires == when:
-                    self._drop_call(call)
-            elif kind == _DEVICE:
+            if kind == _DEVICE:
                 dev = self._devices.get(key, {}).get(sub)
                 if dev is not None and dev.expires == when:
                     self._drop_device(key, sub)
@@ -251,6 +258,12 @@ class Engine:
                         if call is not None and call.started is not None:
                             out.append(self._decide(call, dev, call.started))
                     dev.pending.clear()
+        slots = self._expiry_heap
+        while slots and slots[0] * _EXPIRY_STEP <= now:
+            for when, call_id in self._expiry_slots.pop(heapq.heappop(slots)):
+                call = self._calls.get(call_id)
+                if call is not None and call.expires == when:
+                    self._drop_call(call)
         return out
 
     # -- calls ---------------------------------------------------------
@@ -310,8 +323,13 @@ class Engine:
 
     def _set_call_expiry(self, call: _Call, when: float) -> None:
         call.expires = when
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, _CALL, call.call_id, ""))
+        slot = math.ceil(when / _EXPIRY_STEP)
+        entries = self._expiry_slots.get(slot)
+        if entries is None:
+            self._expiry_slots[slot] = [(when, call.call_id)]
+            heapq.heappush(self._expiry_heap, slot)
+        else:
+            entries.append((when, call.call_id))
 
     def _drop_call(self, call: _Call) -> None:
         del self._calls[call.call_id]

@@ -114,15 +114,14 @@ def replay(records: Iterable[Record], settings: EngineSettings, progress: TextIO
     # is ticked only when it has something due.
     handle, tick, next_deadline, decode = engine.handle, engine.tick, engine.next_deadline, decode_event
     count = 0
-    now = 0.0
-    for record in records:
+    now = 0.0  # the receive time of the record being replayed
+    for _node, _seq, now, payload in records:
         count += 1
-        now = record.received
         due = next_deadline()
         if due is not None and due <= now:
             out += tick(now)
         try:
-            event = decode(record.payload)
+            event = decode(payload)
         except EventError as exc:
             result.errors[exc.reason] += 1
             continue

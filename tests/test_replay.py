@@ -52,7 +52,7 @@ def test_what_if_shows_the_decisions_that_differ(capsys: pytest.CaptureFixture[s
             "call_id": "story-answered@127.0.0.1",
             "device": "urn:uuid:iphone",
             "base": "fake_call:answered",
-            "what_if": "-",
+            "what_if": "none:too_late",
         }
     ]
     assert main(["replay", str(STORY), "--what-if", "anchor=start", "--what-if", "window=2"]) == 0
