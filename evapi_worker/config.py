@@ -291,8 +291,11 @@ def load_config(path: Path | None) -> Config:
     capture = None
     if capture_t.data:
         d_cap = CaptureSettings(Path("."))
+        folder = capture_t.get("folder")
+        if not isinstance(folder, str) or not folder:
+            raise ConfigError("capture.folder", "is required: the folder for capture files")
         capture = CaptureSettings(
-            folder=Path(capture_t.string("folder", "")),
+            folder=Path(folder),
             max_bytes=capture_t.integer("max_bytes", d_cap.max_bytes, 4096),
             max_age=capture_t.number("max_age", d_cap.max_age, 1),
             keep=capture_t.integer("keep", d_cap.keep, 1),

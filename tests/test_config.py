@@ -70,6 +70,8 @@ ack_timeout = 0.5
         ("log_level = 'loud'", "log_level"),
         ("surprise = 1", "surprise"),
         ("engine = 3", "engine"),
+        ("[capture]\nkeep = 3", "capture.folder"),
+        ("[capture]\nfolder = '/tmp/x'\nkeep = 0", "capture.keep"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
