@@ -128,41 +128,30 @@ class CallStarted(_Base, frozen=True, tag="call_start"):
             force_setattr(self, "aor", aor)
 
 
-class CallAnswered(_Base, frozen=True, tag="call_answered"):
+class _CallEvent(_Base, frozen=True):
+    """An event about one call, named by its Call-ID."""
+
+    call_id: CallId
+
+    def __post_init__(self) -> None:
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.call_id in _NULLS:
+            _required(self, "call_id")
+
+
+class CallAnswered(_CallEvent, frozen=True, tag="call_answered"):
     """A 2xx final response to the call's INVITE (answered by some device)."""
 
-    call_id: CallId
 
-    def __post_init__(self) -> None:
-        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
-            self._check_header()
-        if self.call_id in _NULLS:
-            _required(self, "call_id")
-
-
-class CallCancelled(_Base, frozen=True, tag="call_cancelled"):
+class CallCancelled(_CallEvent, frozen=True, tag="call_cancelled"):
     """The caller sent CANCEL before any answer."""
 
-    call_id: CallId
 
-    def __post_init__(self) -> None:
-        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
-            self._check_header()
-        if self.call_id in _NULLS:
-            _required(self, "call_id")
-
-
-class CallFailed(_Base, frozen=True, tag="call_failed"):
+class CallFailed(_CallEvent, frozen=True, tag="call_failed"):
     """A final failure response (3xx-6xx) ended the call; 6xx means declined."""
 
-    call_id: CallId
     code: Annotated[int, Meta(ge=300, le=699)]
-
-    def __post_init__(self) -> None:
-        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
-            self._check_header()
-        if self.call_id in _NULLS:
-            _required(self, "call_id")
 
 
 class Register(_Base, frozen=True, tag="register"):
@@ -290,6 +279,8 @@ def _parse_with_unknown_fields(payload: bytes | str) -> Parsed:
     # this version does not know: drop them, then validate the rest.
     try:
         obj = msgspec.json.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise EventError("invalid_json", f"payload is not JSON: {exc}") from None
     except RecursionError:
         raise EventError("invalid_json", "payload nests too deeply") from None
     etype = obj.get("event") if isinstance(obj, dict) else None

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .capture import CaptureError, Record, read_capture
 from .engine import Action, Anchor, Decision, Engine, EngineSettings, Strategy
@@ -178,14 +178,9 @@ def apply_what_if(settings: EngineSettings, changes: list[str]) -> EngineSetting
         key, eq, value = change.partition("=")
         if not eq:
             raise ValueError(f"{change!r}: expected KEY=VALUE")
-        if key == "window":
-            settings = replace(settings, window=float(value))
-        elif key == "settle":
-            settings = replace(settings, settle=float(value))
-        elif key == "deadline":
-            settings = replace(settings, deadline=float(value))
-        elif key == "ring_timeout":
-            settings = replace(settings, ring_timeout=float(value))
+        if key in ("window", "settle", "deadline", "ring_timeout"):
+            seconds: dict[str, Any] = {key: float(value)}
+            settings = replace(settings, **seconds)
         elif key == "anchor":
             settings = replace(settings, anchor=Anchor(value))
         elif key == "strategy":

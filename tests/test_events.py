@@ -91,6 +91,7 @@ def test_unknown_event_type_is_its_own_error() -> None:
         (b"{}", "missing_field"),
         (b'{"event": 5}', "missing_field"),
         (b"[" * 100000 + b"]" * 100000, "not_object"),
+        (b'{"event":"call_start","unknown":Infinity}', "invalid_json"),
         (b'{"a":' * 5000 + b"1" + b"}" * 5000, "invalid_json"),
     ],
 )
