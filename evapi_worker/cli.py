@@ -96,6 +96,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="where /metrics and /healthz listen (default 127.0.0.1:9848; off: nowhere)",
     )
+    p.add_argument("--capture", type=Path, metavar="DIR", help="record every frame received into rotating files in DIR")
+    p.add_argument(
+        "--state", type=Path, metavar="FILE", help="save call and device state here at shutdown, restore it at start"
+    )
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -138,6 +142,8 @@ def build_config(args: argparse.Namespace) -> Config:
         config = replace(config, metrics=parse_metrics(args.metrics, "--metrics"))
     if getattr(args, "capture", None) is not None:
         config = replace(config, capture=CaptureSettings(args.capture))
+    if getattr(args, "state", None) is not None:
+        config = replace(config, state_file=args.state)
     if not config.nodes:
         config = with_nodes(config, (parse_node("127.0.0.1:8448"),))
     return config
@@ -187,8 +193,11 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _until_signal(main: Callable[[], Awaitable[object]]) -> None:
-    """Run ``main`` until SIGINT or SIGTERM, then cancel it (children are killed)."""
+async def _until_signal(
+    main: Callable[[], Awaitable[object]], on_signal: Callable[[], Awaitable[object]] | None = None
+) -> None:
+    """Run ``main`` until SIGINT or SIGTERM; then ``on_signal`` (a graceful
+    stop), then cancel ``main`` (any children left are killed)."""
     async with trio.open_nursery() as nursery:
 
         async def run_main() -> None:
@@ -198,7 +207,10 @@ async def _until_signal(main: Callable[[], Awaitable[object]]) -> None:
         nursery.start_soon(run_main)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                log.info("stopping %s", kv(signal=signal.Signals(signum).name))
+                log.info("signal %s", kv(signal=signal.Signals(signum).name))
+                if on_signal is not None:
+                    with trio.move_on_after(60):  # a second signal is not awaited: bound it
+                        await on_signal()
                 nursery.cancel_scope.cancel()
                 break
 
@@ -224,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     tune_gc()
     service = Service(config)
-    trio.run(_until_signal, service.run)
+    trio.run(_until_signal, service.run, service.stop)
     return 0
 
 

@@ -58,6 +58,8 @@ class Config:
     log_level: str = "info"
     metrics: tuple[str, int] | None = None  # where /metrics and /healthz listen; None: nowhere
     capture: CaptureSettings | None = None  # where received frames are recorded; None: nowhere
+    state_file: Path | None = None  # engine state saved at shutdown, restored at start
+    shutdown_grace: float = 10.0  # how long running fake calls may finish at shutdown
 
 
 def parse_hostport(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:
@@ -285,6 +287,9 @@ def load_config(path: Path | None) -> Config:
     if log_level not in _LOG_LEVELS:
         raise ConfigError("log_level", f"must be one of {', '.join(_LOG_LEVELS)}")
     metrics = parse_metrics(doc.string("metrics", DEFAULT_METRICS), "metrics")
+    state_file = doc.get("state_file")
+    if state_file is not None and (not isinstance(state_file, str) or not state_file):
+        raise ConfigError("state_file", "must be a file path")
     nodes = _nodes(doc)
     engine_t, sipp_t, evapi_t = _table(doc, "engine"), _table(doc, "sipp"), _table(doc, "evapi")
     capture_t = _table(doc, "capture")
@@ -323,6 +328,8 @@ def load_config(path: Path | None) -> Config:
         log_level=log_level,
         metrics=metrics,
         capture=capture,
+        state_file=Path(state_file) if state_file else None,
+        shutdown_grace=doc.number("shutdown_grace", d.shutdown_grace),
     )
     for table in (engine_t, sipp_t, evapi_t, capture_t, doc):
         table.check_unknown()

@@ -221,6 +221,38 @@ class Engine:
         slot = self._expiry_heap[0] * _EXPIRY_STEP
         return slot if timer is None or slot < timer else timer
 
+    # -- persistence (see state.py) --------------------------------------
+
+    def export_state(self) -> tuple[list[_Call], list[_Device]]:
+        """The live calls and devices, for saving at shutdown."""
+        return list(self._calls.values()), [d for devices in self._devices.values() for d in devices.values()]
+
+    def import_call(
+        self,
+        call_id: str,
+        aor: str,
+        started: CallStarted | None,
+        end_ts: float | None,
+        end: EndKind | None,
+        end_code: int | None,
+        expires: float,
+        decided: dict[str, bool] | None,
+    ) -> None:
+        """Restore one saved call (into an engine that has not seen it)."""
+        call = self._new_call(call_id, expires)
+        call.aor, call.started, call.end_ts, call.end, call.end_code = aor, started, end_ts, end, end_code
+        call.decided = decided
+        if aor:
+            self._calls_by_aor.setdefault(aor, []).append(call_id)
+        self._set_call_expiry(call, expires)
+
+    def import_device(self, reg: Register, dev: str, arrival: float, expires: float, pending: set[str]) -> None:
+        """Restore one saved push device."""
+        device = _Device(reg, dev, arrival, expires, pending)
+        self._store_device(device)
+        if pending:
+            self._push_timer(arrival + self.settings.settle, _SETTLE, reg.aor, dev)
+
     # -- input ---------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Decision]:

@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .netstring import FramingError
 from .sequence import SequenceTracker
 from .sipp_runner import SippRunner
+from .state import StateError, load_state, save_state
 
 __all__ = ["Service", "check_runtime"]
 
@@ -103,6 +104,7 @@ class Service:
         self._evicted = (0, 0)
         self.metrics_port: int | None = None  # bound port of /metrics, once listening
         self.capture = CaptureWriter(config.capture) if config.capture is not None else None
+        self._intake = trio.CancelScope()
         # Captures store wall-clock receive times; the service runs on trio's clock.
         self._wall_offset = 0.0  # set when running
         # Observers of every decision (replay output, tests); called synchronously.
@@ -120,22 +122,66 @@ class Service:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._wall_offset = time.time() - trio.current_time()
+        self._load_state()
         async with trio.open_nursery() as nursery:
             if self.capture is not None:
                 await nursery.start(self.capture.run)
             if self.config.metrics is not None:
                 host, port = self.config.metrics
                 self.metrics_port = await nursery.start(serve_http, host, port, self.metrics.registry, self.healthy)
-            for conn in self.connections.values():
-                await nursery.start(conn.run)
-                nursery.start_soon(self._pinger, conn)
-            nursery.start_soon(self._timer)
+            await nursery.start(self._run_intake)
             nursery.start_soon(self._run_actions, nursery)
             task_status.started()
+
+    async def _run_intake(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The evapi connections and the engine's timer: what :meth:`stop` ends first."""
+        with self._intake:
+            async with trio.open_nursery() as nursery:
+                for conn in self.connections.values():
+                    await nursery.start(conn.run)
+                    nursery.start_soon(self._pinger, conn)
+                nursery.start_soon(self._timer)
+                task_status.started()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown: stop taking events, give running fake calls up to
+        ``grace`` seconds to finish, then save the state. The caller then
+        cancels :meth:`run`, which kills any SIPp still running."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        self._intake.cancel()
+        self._action_tx.close()
+        log.info("stopping %s", kv(running=self.runner.running, waiting=self.runner.waiting, grace=grace))
+        with trio.move_on_after(grace):
+            while self.runner.running or self.runner.waiting:  # noqa: ASYNC110 (polls the limiter, no event for it)
+                await trio.sleep(0.05)
+        self._save_state()
+
+    def _load_state(self) -> None:
+        path = self.config.state_file
+        if path is None or not path.exists():
+            return
+        try:
+            count = load_state(self.engine, trio.current_time(), path)
+        except StateError as exc:
+            log.warning("state not restored %s", kv(error=str(exc)))
+            return
+        log.info("state restored %s", kv(path=str(path), calls=count, devices=self.engine.device_count))
+
+    def _save_state(self) -> None:
+        path = self.config.state_file
+        if path is None:
+            return
+        try:
+            count = save_state(self.engine, trio.current_time(), path)
+        except OSError as exc:
+            log.error("state not saved %s", kv(path=str(path), error=str(exc)))
+            return
+        log.info("state saved %s", kv(path=str(path), calls=count, devices=self.engine.device_count))
 
     async def _run_actions(self, nursery: trio.Nursery) -> None:
         async for decision, received in self._action_rx:
             nursery.start_soon(self.actions.run, decision, received)
+        # stop() closed the queue: what was queued has been started.
 
     async def _timer(self) -> None:
         while True:
@@ -243,6 +289,8 @@ class Service:
             m.late_registrations.labels(d.call.end.value).inc()
             try:
                 self._action_tx.send_nowait((d, received))
+            except trio.ClosedResourceError:
+                log.warning("action not started %s", kv(call_id=d.call_id, device=d.device, reason="stopping"))
             except trio.WouldBlock:
                 m.dispatch_dropped.inc()
                 m.fake_calls.labels("overdue").inc()

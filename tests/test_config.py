@@ -120,3 +120,26 @@ def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert "evapi-worker" in capsys.readouterr().out
+
+
+def test_run_flags_reach_the_config(tmp_path: Path) -> None:
+    from evapi_worker.cli import _parser, build_config
+
+    args = _parser().parse_args(
+        [
+            "run",
+            "--capture",
+            str(tmp_path / "cap"),
+            "--state",
+            str(tmp_path / "s"),
+            "--metrics",
+            "off",
+            "--window",
+            "30",
+        ]
+    )
+    config = build_config(args)
+    assert config.capture is not None and config.capture.folder == tmp_path / "cap"
+    assert config.state_file == tmp_path / "s"
+    assert config.metrics is None
+    assert config.engine.window == 30

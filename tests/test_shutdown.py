@@ -1,0 +1,148 @@
+"""Graceful stop: intake ends, fake calls get a grace period, state survives a restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from evapi_worker.config import Config
+from evapi_worker.engine import Action, Decision
+from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.service import Service
+from evapi_worker.sipp_runner import SippSettings
+
+from .evapi_server import EvapiServer
+
+T0 = 1_700_000_000.0
+
+
+def frame(event: str, ts: float, seq: int, **fields: Any) -> bytes:
+    return json.dumps({"event": event, "node": "kam1", "ts": ts, "seq": seq, "boot": 1, **fields}).encode()
+
+
+REG = {
+    "aor": "bob@x",
+    "contact": "sip:bob@127.0.0.1:5099",
+    "src_ip": "127.0.0.1",
+    "src_port": 5099,
+    "proto": "udp",
+    "expires": 600,
+    "user_agent": "LinphoneiOS/5",
+    "instance": "<urn:uuid:i1>",
+}
+
+
+async def test_a_restart_inside_the_window_loses_no_late_registration(tmp_path: Path) -> None:
+    state = tmp_path / "state.msgpack"
+    config = Config(state_file=state)
+    first = Service(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        now = trio.current_time()
+        first.on_frame("kam1", frame("call_start", T0, 1, call_id="c1", aor="bob@x", from_user="alice"), now)
+        first.on_frame("kam1", frame("call_cancelled", T0 + 2, 2, call_id="c1"), now)
+        await first.stop()
+        nursery.cancel_scope.cancel()
+    assert state.is_file()
+
+    second = Service(config)
+    decisions: list[Decision] = []
+    second.decision_listeners.append(decisions.append)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        assert second.engine.call_count == 1
+        second.on_frame("kam1", frame("register", T0 + 4, 3, **REG), trio.current_time())
+        nursery.cancel_scope.cancel()
+    assert [(d.action, d.reason, d.call_id) for d in decisions] == [(Action.FAKE_CALL, "missed", "c1")]
+
+
+async def test_a_broken_state_file_is_reported_and_the_worker_starts_empty(tmp_path: Path) -> None:
+    state = tmp_path / "state.msgpack"
+    state.write_bytes(b"\x00garbage")
+    service = Service(Config(state_file=state))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        assert service.engine.call_count == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_stop_closes_intake_and_waits_for_running_fake_calls_within_the_grace(tmp_path: Path) -> None:
+    fake = tmp_path / "sipp"
+    fake.write_text("#!/bin/sh\nsleep 0.5\n")
+    fake.chmod(0o755)
+    server = EvapiServer()
+    async with trio.open_nursery() as outer:
+        await server.start(outer)
+        node = NodeAddress("kam1", "127.0.0.1", server.port, "127.0.0.1", 5099)
+        service = Service(Config(nodes=(node,), sipp=SippSettings(binary=str(fake)), shutdown_grace=5))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            await server.wait_for(lambda: bool(server.streams))
+            await server.send(
+                server.event("call_start", T0, call_id="c1", aor="bob@x", from_user="alice")
+                + server.event("call_answered", T0 + 1, call_id="c1")
+                + server.event("register", T0 + 2, **REG)
+            )
+            with trio.fail_after(5):
+                while service.runner.running == 0:
+                    await trio.sleep(0.01)
+            started = trio.current_time()
+            await service.stop()
+            assert service.runner.running == 0  # the fake call finished
+            assert trio.current_time() - started < 2
+            await server.wait_for(lambda: not server.streams)  # intake closed
+            nursery.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+
+
+async def test_stop_gives_up_at_the_grace_and_the_cancel_kills_sipp(tmp_path: Path) -> None:
+    fake = tmp_path / "sipp"
+    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.chmod(0o755)
+    service = Service(Config(nodes=(), sipp=SippSettings(binary=str(fake)), shutdown_grace=0.3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        job_done = trio.Event()
+
+        async def one_run() -> None:
+            from evapi_worker.sipp_runner import SippJob
+
+            async with service.runner.limiter:
+                await service.runner.run(SippJob("c%%1", "a;b;c;d;;k;missed;\n", "127.0.0.1", 5099))
+            job_done.set()
+
+        nursery.start_soon(one_run)
+        with trio.fail_after(5):
+            while service.runner.running == 0:
+                await trio.sleep(0.01)
+        started = trio.current_time()
+        await service.stop()
+        assert 0.3 <= trio.current_time() - started < 2
+        assert service.runner.running == 1
+        nursery.cancel_scope.cancel()
+    assert not job_done.is_set()  # cancelled: killed with its process group
+
+
+async def test_sigterm_to_the_command_stops_gracefully_and_writes_the_state(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    state = tmp_path / "state.msgpack"
+    args = [
+        sys.executable, "-m", "evapi_worker.cli", "run", "--kamailio", "127.0.0.1:9",
+        "--metrics", "off", "--state", str(state), "--sipp", sys.executable,
+    ]  # fmt: skip
+    proc = await trio.lowlevel.open_process(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    await trio.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    with trio.fail_after(15):
+        code = await proc.wait()
+    assert proc.stderr is not None
+    err = (await proc.stderr.receive_some(65536)).decode()
+    assert code == 0, err
+    assert state.is_file()
+    assert "state saved" in err
