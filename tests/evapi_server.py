@@ -26,6 +26,7 @@ class EvapiServer:
         self._changed = trio.Event()
         self._seq = 0
         self._listeners: list[trio.SocketListener] = []
+        self._send_lock = trio.Lock()  # the test and the auto-acks share the stream
 
     async def start(self, nursery: trio.Nursery, port: int = 0) -> None:
         listeners = await nursery.start(partial(trio.serve_tcp, self._handle, port, host="127.0.0.1"))
@@ -81,7 +82,8 @@ class EvapiServer:
         return encode(json.dumps(obj).encode())
 
     async def send(self, data: bytes, stream: trio.SocketStream | None = None) -> None:
-        await (stream or self.stream).send_all(data)
+        async with self._send_lock:
+            await (stream or self.stream).send_all(data)
 
     async def ack(self, cmd_id: str, ok: bool = True, stream: trio.SocketStream | None = None) -> None:
         extra = {} if ok else {"error": "no such route"}
