@@ -36,6 +36,8 @@ __all__ = [
 
 log = logging.getLogger("evapi_worker.evapi")
 
+_FRAMES_PER_CHECKPOINT = 32
+
 
 @dataclass(frozen=True, slots=True)
 class NodeAddress:
@@ -188,6 +190,7 @@ class EvapiConnection:
                         return
                     now = trio.current_time()
                     decoder.receive_data(data)
+                    handled = 0
                     while True:
                         frame = decoder.next_frame()
                         if isinstance(frame, NeedData):
@@ -198,6 +201,11 @@ class EvapiConnection:
                                 self._on_oversized(name, frame.length)
                             continue
                         self._on_frame(name, frame, now)
+                        handled += 1
+                        if handled % _FRAMES_PER_CHECKPOINT == 0:
+                            # A read can hold hundreds of events: let the
+                            # fake calls they decided start meanwhile.
+                            await trio.lowlevel.checkpoint()
         except FramingError as exc:
             # The byte stream has lost its framing: only a new connection
             # can resynchronise. State is kept; the event that broke is lost.

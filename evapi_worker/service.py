@@ -98,7 +98,12 @@ class Service:
             self.metrics,
             pin_ttl=config.commands.pin_ttl,
         )
-        self._action_tx, self._action_rx = trio.open_memory_channel[tuple[Decision, float]](config.action_queue)
+        # Actions start as tasks straight from _dispatch (no queue hop: that
+        # would add a scheduling round to every decision's latency); at most
+        # config.action_queue of them exist at once, the rest are dropped.
+        self._actions_nursery: trio.Nursery | None = None
+        self._actions_open = 0
+        self._stopping = False
         self._wake = trio.Event()
         self._timer_at = math.inf
         self._evicted = (0, 0)
@@ -130,7 +135,7 @@ class Service:
                 host, port = self.config.metrics
                 self.metrics_port = await nursery.start(serve_http, host, port, self.metrics.registry, self.healthy)
             await nursery.start(self._run_intake)
-            nursery.start_soon(self._run_actions, nursery)
+            self._actions_nursery = nursery
             task_status.started()
 
     async def _run_intake(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -149,7 +154,7 @@ class Service:
         cancels :meth:`run`, which kills any SIPp still running."""
         grace = self.config.shutdown_grace if grace is None else grace
         self._intake.cancel()
-        self._action_tx.close()
+        self._stopping = True
         log.info("stopping %s", kv(running=self.runner.running, waiting=self.runner.waiting, grace=grace))
         with trio.move_on_after(grace):
             while self.runner.running or self.runner.waiting:  # noqa: ASYNC110 (polls the limiter, no event for it)
@@ -178,10 +183,11 @@ class Service:
             return
         log.info("state saved %s", kv(path=str(path), calls=count, devices=self.engine.device_count))
 
-    async def _run_actions(self, nursery: trio.Nursery) -> None:
-        async for decision, received in self._action_rx:
-            nursery.start_soon(self.actions.run, decision, received)
-        # stop() closed the queue: what was queued has been started.
+    async def _run_action(self, decision: Decision, received: float) -> None:
+        try:
+            await self.actions.run(decision, received)
+        finally:
+            self._actions_open -= 1
 
     async def _timer(self) -> None:
         while True:
@@ -287,11 +293,12 @@ class Service:
                 continue
             assert d.call is not None
             m.late_registrations.labels(d.call.end.value).inc()
-            try:
-                self._action_tx.send_nowait((d, received))
-            except trio.ClosedResourceError:
+            if self._stopping or self._actions_nursery is None:
                 log.warning("action not started %s", kv(call_id=d.call_id, device=d.device, reason="stopping"))
-            except trio.WouldBlock:
+            elif self._actions_open < self.config.action_queue:
+                self._actions_open += 1
+                self._actions_nursery.start_soon(self._run_action, d, received)
+            else:
                 m.dispatch_dropped.inc()
                 m.fake_calls.labels("overdue").inc()
                 log.warning("action dropped %s", kv(call_id=d.call_id, device=d.device, reason="action queue full"))

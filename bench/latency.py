@@ -1,0 +1,87 @@
+"""Decision latency under load: from a deciding event's arrival to its action starting.
+
+    .venv/bin/python -m bench.latency --rate 20000 --seconds 5
+
+A separate process plays Kamailio and sends the synthetic stream
+(bench/events.py) at a steady rate over loopback TCP. The worker is the real
+service; each action records how long after its event arrived it started
+(the time the worker takes to parse, decide, queue and schedule it), instead
+of starting SIPp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import socket
+import time
+from multiprocessing.connection import Connection
+
+import trio
+
+from evapi_worker.config import Config
+from evapi_worker.engine import Decision
+from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.service import Service, tune_gc
+from evapi_worker.sipp_runner import Outcome
+
+from .events import stream
+
+
+def _kamailio(rate: int, seconds: float, ready: Connection) -> None:
+    frames = stream(int(rate * seconds / 3.25) + 1)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ready.send(server.getsockname()[1])
+        conn, _ = server.accept()
+        with conn:
+            batch = max(1, rate // 1000)  # a write every millisecond
+            start = time.perf_counter()
+            for i in range(0, len(frames), batch):
+                due = start + i / rate
+                pause = due - time.perf_counter()
+                if pause > 0:
+                    time.sleep(pause)
+                conn.sendall(b"".join(frames[i : i + batch]))
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)
+
+
+async def _worker(port: int, seconds: float) -> list[float]:
+    service = Service(Config(nodes=(NodeAddress("kam1", "127.0.0.1", port, "127.0.0.1", 5060),)))
+    latencies: list[float] = []
+
+    async def record(decision: Decision, received: float) -> Outcome:
+        latencies.append(trio.current_time() - received)
+        return Outcome.COMPLETED
+
+    service.actions.run = record  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        await trio.sleep(seconds + 1)
+        nursery.cancel_scope.cancel()
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=int, default=20_000, help="events per second")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_kamailio, args=(args.rate, args.seconds, child))
+    proc.start()
+    port = parent.recv()
+    tune_gc()
+    latencies = sorted(trio.run(_worker, port, args.seconds))
+    proc.join(10)
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+
+    print(f"rate: {args.rate:,} events/s for {args.seconds:g} s; actions: {len(latencies):,}")
+    print(f"decision latency: p50 {pct(0.5):.3f} ms, p99 {pct(0.99):.3f} ms, max {latencies[-1] * 1000:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
