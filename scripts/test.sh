@@ -12,5 +12,6 @@ root=$PWD
     cd "$(mktemp -d)"
     "$root/.venv/bin/evapi-worker" --version
     "$root/.venv/bin/python" -c 'from evapi_worker.sipp_runner import bundled_scenario as b; assert b().is_file(), b()'
+    "$root/.venv/bin/python" -c 'from evapi_worker.demo import bundled_kamailio_cfg as k; assert k().is_file(), k()'
 )
 .venv/bin/python -m pytest "$@"
