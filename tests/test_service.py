@@ -173,3 +173,24 @@ async def test_fake_calls_past_their_deadline_are_dropped_not_sent_late(tmp_path
         await w.wait_metric("evapi_worker_fake_calls_total", 2, outcome="overdue", timeout=5)
         assert w.metric("evapi_worker_sipp_running") == 1
         assert len([c for c in kam1.commands if c["cmd"] == "pin"]) == 1
+
+
+@needs_sipp
+async def test_shell_metacharacters_and_separators_reach_sipp_as_inert_text(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    hostile_user = f"a;b$(touch {marker})`touch {marker}`|&>"
+    hostile_name = 'Eve $(id) `id` \\\\ \\"x\\"'  # backslashes and an escaped quote, as in a From header
+    async with device("phone_rings", tmp_path) as dev, world({"kam1": dev.port}) as w:
+        kam1 = w.servers["kam1"]
+        await kam1.send(
+            start(kam1, T0, from_user=hostile_user, from_name=hostile_name)
+            + kam1.event("call_cancelled", T0 + 1, call_id="orig-call-1@10.0.0.5")
+            + register(kam1, T0 + 2)
+        )
+        await w.wait_metric("evapi_worker_fake_calls_total", 1, outcome="completed")
+        await dev.finished()
+    assert not marker.exists()  # nothing went through a shell
+    invite = dev.lines()[0]
+    # The user part arrives percent-encoded (';' would have split SIPp's CSV).
+    assert "<sip:a%3Bb$(touch%20" in invite
+    assert f'from= "{hostile_name}" <sip:' in invite
