@@ -30,6 +30,15 @@ needs_sipp = pytest.mark.skipif(
 )
 
 
+def fake_sipp(folder: Path, script: str) -> Path:
+    """A stand-in for the sipp binary: a shell script running ``script``
+    (for the runner's own behaviour: timeouts, exit codes, arguments)."""
+    path = folder / "sipp"
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return path
+
+
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))

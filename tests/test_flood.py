@@ -13,15 +13,14 @@ from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 
 from .evapi_server import EvapiServer
+from .sipp_device import fake_sipp
 
 T0 = 1_700_000_000.0
 FLOOD = 2000
 
 
 async def test_two_thousand_late_registrations_in_a_second(tmp_path: Path) -> None:
-    fake = tmp_path / "sipp"
-    fake.write_text("#!/bin/sh\nsleep 0.2\n")  # every fake call takes 200 ms
-    fake.chmod(0o755)
+    fake = fake_sipp(tmp_path, "sleep 0.2")  # every fake call takes 200 ms
     server = EvapiServer()
     async with trio.open_nursery() as outer:
         await server.start(outer)

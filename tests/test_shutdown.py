@@ -15,6 +15,7 @@ from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 
 from .evapi_server import EvapiServer
+from .sipp_device import fake_sipp
 
 T0 = 1_700_000_000.0
 
@@ -70,9 +71,7 @@ async def test_a_broken_state_file_is_reported_and_the_worker_starts_empty(tmp_p
 
 
 async def test_stop_closes_intake_and_waits_for_running_fake_calls_within_the_grace(tmp_path: Path) -> None:
-    fake = tmp_path / "sipp"
-    fake.write_text("#!/bin/sh\nsleep 0.5\n")
-    fake.chmod(0o755)
+    fake = fake_sipp(tmp_path, "sleep 0.5")
     server = EvapiServer()
     async with trio.open_nursery() as outer:
         await server.start(outer)
@@ -99,9 +98,7 @@ async def test_stop_closes_intake_and_waits_for_running_fake_calls_within_the_gr
 
 
 async def test_stop_gives_up_at_the_grace_and_the_cancel_kills_sipp(tmp_path: Path) -> None:
-    fake = tmp_path / "sipp"
-    fake.write_text("#!/bin/sh\nsleep 30\n")
-    fake.chmod(0o755)
+    fake = fake_sipp(tmp_path, "sleep 30")
     service = Service(Config(nodes=(), sipp=SippSettings(binary=str(fake)), shutdown_grace=0.3))
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import tempfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import trio
 from evapi_worker import sip_values
 from evapi_worker.sipp_runner import Outcome, RunResult, SippJob, SippRunner, SippSettings, bundled_scenario
 
-from .sipp_device import device, needs_sipp
+from .sipp_device import device, fake_sipp, needs_sipp
 
 pytestmark = needs_sipp
 
@@ -95,9 +94,7 @@ async def test_silent_device_ends_with_no_response(tmp_path: Path) -> None:
 
 async def test_sipp_past_its_time_limit_is_killed_with_its_children(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
-    fake = tmp_path / "sipp"
-    fake.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pidfile}\nsleep 60\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    fake = fake_sipp(tmp_path, f"sleep 60 &\necho $! > {pidfile}\nsleep 60")
     runner = SippRunner(SippSettings(binary=str(fake), timeout=0.5))
     with trio.fail_after(10):
         async with runner.limiter:
@@ -128,9 +125,7 @@ async def test_missing_sipp_is_a_failed_outcome(tmp_path: Path) -> None:
 
 
 async def test_sipp_failing_without_an_outcome_reports_its_exit_code(tmp_path: Path) -> None:
-    fake = tmp_path / "sipp"
-    fake.write_text("#!/bin/sh\necho 'bad things' >&2\nexit 255\n")
-    fake.chmod(0o755)
+    fake = fake_sipp(tmp_path, "echo 'bad things' >&2\nexit 255")
     runner = SippRunner(SippSettings(binary=str(fake)))
     async with runner.limiter:
         result = await runner.run(job(5060))
@@ -140,9 +135,7 @@ async def test_sipp_failing_without_an_outcome_reports_its_exit_code(tmp_path: P
 
 async def test_port_pool_gives_each_run_its_own_port(tmp_path: Path) -> None:
     args_file = tmp_path / "args"
-    fake = tmp_path / "sipp"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {args_file}\nsleep 0.2\n')
-    fake.chmod(0o755)
+    fake = fake_sipp(tmp_path, f'echo "$@" >> {args_file}\nsleep 0.2')
     runner = SippRunner(SippSettings(binary=str(fake), port_base=40000, max_concurrent=3))
 
     async def one() -> None:
