@@ -1,0 +1,148 @@
+"""The worker's ingest capacity against Kamailio's own evapi emission rate, in one run.
+
+    .venv/bin/python -m bench.ingest_vs_kamailio --events 200000
+
+A real Kamailio (bench/emitter/kamailio.cfg, one SIP worker process) relays
+N events through evapi as fast as it can, each built with jansson as the
+drop-in routes build them and stamped with Kamailio's time. First a client
+that only counts bytes reads them: Kamailio's own rate is N over the span of
+its timestamps. Then the real worker service reads and handles another N:
+its capacity is N over the CPU time its process spent (Kamailio writes with
+blocking sockets, so wall time would show whichever side is slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from evapi_worker.config import Config
+from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.netstring import NEED_DATA, NetstringDecoder
+from evapi_worker.service import Service, tune_gc
+
+HOST = "127.0.0.1"
+CFG = Path(__file__).parent / "emitter" / "kamailio.cfg"
+
+
+def _free(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def _run(events: int) -> None:
+    sip_port, evapi_port = _free(socket.SOCK_DGRAM), _free(socket.SOCK_STREAM)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        args = [
+            "kamailio", "-f", str(CFG), "-DD", "-E", "-Y", tmp, "-P", str(folder / "k.pid"), "-w", tmp,
+            "-A", f"EMIT_SIP_PORT={sip_port}", "-A", f'EMIT_EVAPI="{HOST}:{evapi_port}"',
+        ]  # fmt: skip
+        with (folder / "kamailio.log").open("wb") as log:
+            proc = await trio.lowlevel.open_process(args, stdout=log, stderr=log, start_new_session=True)
+        try:
+            service = Service(Config(nodes=(NodeAddress("emitter", HOST, evapi_port, HOST, sip_port),)))
+            first: list[bytes] = []
+            last: list[bytes] = []
+            done = trio.Event()
+            handle = service.on_frame
+            seen = 0
+
+            def on_frame(node: str, payload: bytes, now: float) -> None:
+                nonlocal seen
+                if not first:
+                    first.append(payload)
+                handle(node, payload, now)
+                seen += 1
+                if seen == events:
+                    last.append(payload)
+                    done.set()
+
+            kamailio_rate = await _free_rate(sip_port, evapi_port, events)
+            for conn in service.connections.values():
+                conn._on_frame = on_frame
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.run)
+                with trio.fail_after(15):
+                    while not service.connections["emitter"].connected:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                cpu_before = time.process_time()
+                wall_before = trio.current_time()
+                await _ask(sip_port, events, "worker")
+                with trio.fail_after(120):
+                    await done.wait()
+                cpu = time.process_time() - cpu_before
+                wall = trio.current_time() - wall_before
+                nursery.cancel_scope.cancel()
+        finally:
+            os.killpg(proc.pid, 15)
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await proc.wait()
+    span = float(json.loads(last[0])["ts"]) - float(json.loads(first[0])["ts"])
+    worker_capacity = events / cpu
+    print(f"events: {events:,}; Kamailio alone (byte-counting client): {kamailio_rate:,.0f} events/s (one SIP worker)")
+    print(f"with the worker reading, Kamailio's timestamps span {span:.3f} s: {events / span:,.0f} events/s")
+    print(f"worker: all handled {wall:.3f} s after the request; CPU {cpu:.3f} s")
+    print(f"worker capacity: {worker_capacity:,.0f} events/s")
+    print(f"worker capacity / Kamailio rate: {worker_capacity / kamailio_rate:.2f}x")
+
+
+async def _ask(sip_port: int, events: int, tag: str) -> None:
+    """One MESSAGE asking the emitter for ``events`` events."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+        message = (
+            f"MESSAGE sip:emit@{HOST}:{sip_port} SIP/2.0\r\nVia: SIP/2.0/UDP {HOST}:{port};branch=z9hG4bK-{tag}\r\n"
+            f"From: <sip:b@{HOST}>;tag={tag}\r\nTo: <sip:emit@{HOST}>\r\nCall-ID: emit-{tag}@{HOST}\r\n"
+            f"CSeq: 1 MESSAGE\r\nMax-Forwards: 70\r\nX-Count: {events}\r\nContent-Length: 0\r\n\r\n"
+        )
+        await sock.sendto(message.encode(), (HOST, sip_port))
+
+
+async def _free_rate(sip_port: int, evapi_port: int, events: int) -> float:
+    """Kamailio's emission rate to a client that reads and only splits frames."""
+    with trio.fail_after(15):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(HOST, evapi_port)
+                break
+            except OSError:
+                await trio.sleep(0.05)
+    frames: list[bytes] = []
+    async with stream:
+        await _ask(sip_port, events, "count")
+        decoder = NetstringDecoder()
+        count = 0
+        with trio.fail_after(120):
+            while count < events:
+                decoder.receive_data(await stream.receive_some(1 << 20))
+                while (frame := decoder.next_frame()) is not NEED_DATA:
+                    count += 1
+                    if count == 1 or count == events:
+                        assert isinstance(frame, bytes)
+                        frames.append(frame)
+    first, last = (float(json.loads(f)["ts"]) for f in frames)
+    return events / (last - first)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    args = parser.parse_args()
+    tune_gc()
+    trio.run(_run, args.events)
+
+
+if __name__ == "__main__":
+    main()
