@@ -19,6 +19,7 @@ class _Node:
     boot: int
     highest: int
     missing: dict[int, float] = field(default_factory=dict)
+    previous_boot: int | None = None
 
 
 class SequenceTracker:
@@ -38,12 +39,13 @@ class SequenceTracker:
             self._nodes[node] = _Node(boot, seq)
             return 0
         if boot != state.boot:
-            if boot < state.boot:
+            if boot == state.previous_boot:
                 return 0  # a straggler from before the restart
             # Kamailio restarted: the old boot's gaps will never fill, and the
-            # new boot's events before this one went to nobody.
+            # new boot's events before this one went to nobody. (Boot ids are
+            # compared for identity only: they need not grow.)
             lost = len(state.missing) + max(0, seq - 1)
-            self._nodes[node] = _Node(boot, seq)
+            self._nodes[node] = _Node(boot, seq, previous_boot=state.boot)
             return lost
         if seq > state.highest:
             gap = seq - state.highest - 1

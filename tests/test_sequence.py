@@ -64,3 +64,10 @@ def test_nodes_are_independent() -> None:
     s.observe("a", 1, 3, 0.0)
     s.observe("b", 1, 2, 0.0)
     assert s.expire(5.0) == [("a", 1)]
+
+
+def test_a_new_boot_id_smaller_than_the_old_one_is_still_a_restart() -> None:
+    s = SequenceTracker()
+    s.observe("a", 1795724634_900, 5, 0.0)
+    assert s.observe("a", 1795724634_120, 3, 1.0) == 2  # same second, lower pid
+    assert s.observe("a", 1795724634_900, 6, 1.1) == 0  # straggler of the old boot
