@@ -33,16 +33,10 @@ import trio
 from evapi_worker.config import Config
 from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, start_watched_worker
 from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.sipp_runner import free_port
 
 HOST = "127.0.0.1"
 SEED = Path(__file__).parent / "seed"
-
-
-def _free(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _header(msg: str, name: str) -> str:
@@ -98,7 +92,7 @@ async def iphone(user: str, sip_port: int, timeout: float = 10.0) -> float | Non
 
 @asynccontextmanager
 async def worker_platform(folder: Path) -> AsyncIterator[int]:
-    sip_port, evapi_port = _free(socket.SOCK_DGRAM), _free(socket.SOCK_STREAM)
+    sip_port, evapi_port = free_port(HOST, socket.SOCK_DGRAM), free_port(HOST, socket.SOCK_STREAM)
     kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "bench", HOST, folder)
     config = Config(nodes=(NodeAddress("bench", HOST, evapi_port, HOST, sip_port),))
     async with kam.running(), trio.open_nursery() as nursery:
@@ -109,7 +103,7 @@ async def worker_platform(folder: Path) -> AsyncIterator[int]:
 
 @asynccontextmanager
 async def seed_platform(folder: Path) -> AsyncIterator[int]:
-    sip_port = _free(socket.SOCK_DGRAM)
+    sip_port = free_port(HOST, socket.SOCK_DGRAM)
     args = [
         "kamailio", "-f", str(SEED / "kamailio.cfg"), "-DD", "-E", "-Y", str(folder), "-P", str(folder / "k.pid"),
         "-w", str(folder), "-A", f"SEED_SIP_PORT={sip_port}", "-A", f'SEED_LAUNCHER="{SEED / "launch_sipp.sh"}"',

@@ -27,20 +27,14 @@ from evapi_worker.config import Config
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.netstring import NEED_DATA, NetstringDecoder
 from evapi_worker.service import Service, tune_gc
+from evapi_worker.sipp_runner import free_port
 
 HOST = "127.0.0.1"
 CFG = Path(__file__).parent / "emitter" / "kamailio.cfg"
 
 
-def _free(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def _run(events: int) -> None:
-    sip_port, evapi_port = _free(socket.SOCK_DGRAM), _free(socket.SOCK_STREAM)
+    sip_port, evapi_port = free_port(HOST, socket.SOCK_DGRAM), free_port(HOST, socket.SOCK_STREAM)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         args = [

@@ -30,7 +30,7 @@ from .config import Config, ConfigError
 from .engine import Action, Decision
 from .evapi_client import NodeAddress
 from .service import Service
-from .sipp_runner import Outcome, bundled_scenario
+from .sipp_runner import Outcome, bundled_scenario, free_port
 
 __all__ = [
     "DemoError",
@@ -71,13 +71,6 @@ def _port_free(host: str, port: int, kind: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -221,7 +214,7 @@ class Phones:
         await self._sipp(
             [
                 "-sf", str(_scenario("phone_register.xml")), "-oocsf", str(calls), "-t", transport,
-                "-p", str(_free_port(self.sip_host)), "-d", str(stay_ms),
+                "-p", str(free_port(self.sip_host)), "-d", str(stay_ms),
                 "-key", "user", user, "-key", "domain", self.sip_host, "-key", "ua", ua, "-key", "instance", instance,
                 "-cid_str", f"reg-{instance}-%u-{secrets.token_hex(3)}", "-trace_logs", "-log_file", str(log),
             ],
@@ -231,7 +224,7 @@ class Phones:
     async def call(self, caller: str, caller_name: str, callee: str, call_id: str) -> None:
         await self._sipp(
             [
-                "-sf", str(_scenario("caller.xml")), "-p", str(_free_port(self.sip_host)),
+                "-sf", str(_scenario("caller.xml")), "-p", str(free_port(self.sip_host)),
                 "-key", "caller", caller, "-key", "caller_name", caller_name,
                 "-key", "callee", callee, "-key", "domain", self.sip_host, "-cid_str", call_id,
             ],

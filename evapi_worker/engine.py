@@ -316,7 +316,7 @@ class Engine:
         if call.end_ts is None:
             self._set_call_expiry(call, now + self.settings.ring_timeout)
         else:
-            self._set_call_expiry(call, self._ended_expiry(call, now))
+            self._set_call_expiry(call, self._ended_expiry(now))
         # A device may have registered before this event arrived (reordered).
         if ev.aor not in self._devices:
             return _NOTHING
@@ -333,12 +333,12 @@ class Engine:
         call.end_ts = ts
         call.end = kind
         call.end_code = code
-        self._set_call_expiry(call, self._ended_expiry(call, now))
+        self._set_call_expiry(call, self._ended_expiry(now))
         if call.started is None or call.aor not in self._devices:
             return _NOTHING  # no push device of this account registered lately
         return self._reevaluate(call, now)
 
-    def _ended_expiry(self, call: _Call, now: float) -> float:
+    def _ended_expiry(self, now: float) -> float:
         # Kamailio time and monotonic time differ; the settle delay is slack
         # enough for the milliseconds between an event and its arrival.
         s = self.settings

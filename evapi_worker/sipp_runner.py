@@ -24,7 +24,7 @@ from typing import Final
 
 import trio
 
-__all__ = ["Outcome", "RunResult", "SippJob", "SippRunner", "SippSettings", "bundled_scenario"]
+__all__ = ["Outcome", "RunResult", "SippJob", "SippRunner", "SippSettings", "bundled_scenario", "free_port"]
 
 log = logging.getLogger("evapi_worker.sipp")
 
@@ -143,14 +143,11 @@ class SippRunner:
                 self._free_ports.append(port)
 
     def _ephemeral_port(self) -> int:
-        """A port the system considers free now. Left to itself SIPp tries
-        5060, 5061 and up, next to Kamailio's own ports."""
+        """A free port for the next run. Left to itself SIPp tries 5060,
+        5061 and up, next to Kamailio's own ports."""
         kind = socket.SOCK_DGRAM if self.settings.transport == "u1" else socket.SOCK_STREAM
         try:
-            with socket.socket(socket.AF_INET6 if ":" in self.settings.local_ip else socket.AF_INET, kind) as s:
-                s.bind((self.settings.local_ip, 0))
-                port: int = s.getsockname()[1]
-                return port
+            return free_port(self.settings.local_ip, kind)
         except OSError:
             return 0  # let SIPp pick; the run will say if it cannot bind
 
@@ -207,6 +204,16 @@ class SippRunner:
         meaning = _EXIT_MEANING.get(rc, f"exit code {rc}")
         errors = _tail(folder / "errors.log") or proc.stderr.decode(errors="replace").strip()[-300:]
         return RunResult(Outcome.FAILED, rc, duration, f"{meaning}: {errors}" if errors else meaning)
+
+
+def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:
+    """A port the system considers free on ``host`` now (it may be taken
+    again before it is used: good enough for loopback tools and tests)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 async def _kill_group(proc: trio.Process) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from evapi_worker.sipp_runner import free_port as sipp_free_port
+
 SCENARIOS = Path(__file__).parent / "sipp"
 PHONES = Path(__file__).parent.parent / "evapi_worker" / "sipp"
 
@@ -40,10 +42,7 @@ def fake_sipp(folder: Path, script: str) -> Path:
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return sipp_free_port("127.0.0.1", kind)
 
 
 def _port_taken(port: int) -> bool:
