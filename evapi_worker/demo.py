@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import TextIO
+from typing import Final, TextIO
 
 import trio
 
@@ -73,9 +74,24 @@ def _port_free(host: str, port: int, kind: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Subscriber:
+    """An account for the bundled config's digest authentication."""
+
+    user: str
+    password: str
+
+
 @dataclass
 class KamailioProcess:
-    """A Kamailio running the bundled config in its own folder."""
+    """A Kamailio running the bundled config in its own folder.
+
+    ``domain`` is the SIP domain it serves besides its address; ``tls_port``
+    adds a TLS listener with a throw-away self-signed certificate made in
+    ``folder``; ``subscribers`` turns digest authentication on, with a
+    SQLite subscriber table in ``folder``. ``defines`` are more ``-A``
+    settings (``EVW_PUSH_HOLD=5``, ``EVW_HOLD_KNOWN``).
+    """
 
     sip_host: str
     sip_port: int
@@ -84,35 +100,68 @@ class KamailioProcess:
     node: str
     worker_ip: str
     folder: Path
+    domain: str | None = None
+    tls_port: int | None = None
+    subscribers: tuple[Subscriber, ...] | None = None
+    defines: tuple[str, ...] = ()
     process: trio.Process | None = None
 
     @property
     def log(self) -> Path:
         return self.folder / "kamailio.log"
 
+    @property
+    def database(self) -> Path:
+        return self.folder / "evw.sqlite"
+
     def command(self) -> list[str]:
         binary = shutil.which("kamailio") or "kamailio"
-        return [
+        cmd = [
             binary, "-f", str(bundled_kamailio_cfg()), "-DD", "-E",
             "-Y", str(self.folder), "-P", str(self.folder / "kamailio.pid"), "-w", str(self.folder),
             "-A", f"EVW_SIP_IP={self.sip_host}", "-A", f"EVW_SIP_PORT={self.sip_port}",
             "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
             "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_IP="{self.worker_ip}"',
+            "-A", f'EVW_DB_URL="sqlite://{self.database}"',
         ]  # fmt: skip
+        if self.domain:
+            cmd += ["-A", f"EVW_DOMAIN={self.domain}"]
+        if self.tls_port is not None:
+            cmd += [
+                "-A", "EVW_WITH_TLS", "-A", f"EVW_TLS_PORT={self.tls_port}",
+                "-A", f'EVW_TLS_CERT="{self.folder / "tls-cert.pem"}"',
+                "-A", f'EVW_TLS_KEY="{self.folder / "tls-key.pem"}"',
+            ]  # fmt: skip
+        if self.subscribers is not None:
+            cmd += ["-A", "EVW_WITH_AUTH"]
+        for define in self.defines:
+            cmd += ["-A", define]
+        return cmd
+
+    async def _prepare(self) -> None:
+        """The certificate and the database the command line points at."""
+        if self.tls_port is not None:
+            name = self.domain or self.sip_host
+            await make_certificate(self.folder / "tls-cert.pem", self.folder / "tls-key.pem", name)
+        write_database(self.database, self.subscribers or (), self.domain or self.sip_host)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[KamailioProcess]:
         """Start Kamailio, wait until evapi listens, stop it (and its children) after."""
-        for host, port, kind, what in (
+        ports = [
             (self.sip_host, self.sip_port, socket.SOCK_DGRAM, "SIP (UDP)"),
             (self.sip_host, self.sip_port, socket.SOCK_STREAM, "SIP (TCP)"),
             (self.evapi_host, self.evapi_port, socket.SOCK_STREAM, "evapi"),
-        ):
+        ]
+        if self.tls_port is not None:
+            ports.append((self.sip_host, self.tls_port, socket.SOCK_STREAM, "SIP (TLS)"))
+        for host, port, kind, what in ports:
             if not _port_free(host, port, kind):
                 raise DemoError(
                     f"{what} port {host}:{port} is in use "
-                    "(a system Kamailio? stop it, or pick another with --sip/--evapi)"
+                    "(a system Kamailio? stop it, or pick another with --sip/--evapi/--tls)"
                 )
+        await self._prepare()
         with self.log.open("wb") as log:
             self.process = await trio.lowlevel.open_process(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -149,6 +198,50 @@ class KamailioProcess:
             return "(no log)"
 
 
+async def make_certificate(cert: Path, key: Path, name: str) -> None:
+    """A throw-away self-signed certificate for ``name`` (openssl)."""
+    binary = shutil.which("openssl")
+    if binary is None:
+        raise DemoError("openssl not found; install it with: apt-get install openssl")
+    result = await trio.run_process(
+        [
+            binary, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+        ],
+        stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise DemoError(f"openssl could not make a certificate: {result.stderr.decode(errors='replace')[-300:]}")
+
+
+# The tables the bundled config reads: Kamailio's own subscriber schema
+# (version 7) and an htable table (version 2) for known push accounts.
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS version (
+    table_name VARCHAR(32) NOT NULL PRIMARY KEY, table_version INTEGER DEFAULT 0 NOT NULL);
+CREATE TABLE IF NOT EXISTS subscriber (
+    id INTEGER PRIMARY KEY NOT NULL, username VARCHAR(64) DEFAULT '' NOT NULL,
+    domain VARCHAR(64) DEFAULT '' NOT NULL, password VARCHAR(64) DEFAULT '' NOT NULL,
+    ha1 VARCHAR(128) DEFAULT '' NOT NULL, ha1b VARCHAR(128) DEFAULT '' NOT NULL,
+    CONSTRAINT subscriber_account_idx UNIQUE (username, domain));
+CREATE TABLE IF NOT EXISTS evw_push (
+    id INTEGER PRIMARY KEY NOT NULL, key_name VARCHAR(256) DEFAULT '' NOT NULL,
+    key_type INTEGER DEFAULT 0 NOT NULL, value_type INTEGER DEFAULT 0 NOT NULL,
+    key_value VARCHAR(128) DEFAULT '' NOT NULL, expires INTEGER DEFAULT 0 NOT NULL);
+INSERT OR IGNORE INTO version VALUES ('subscriber', 7), ('evw_push', 2);
+"""
+
+
+def write_database(path: Path, subscribers: tuple[Subscriber, ...], domain: str) -> None:
+    """Create (or extend) the bundled config's SQLite database."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executescript(_SCHEMA)
+        db.executemany(
+            "INSERT OR REPLACE INTO subscriber (username, domain, password) VALUES (?, ?, ?)",
+            [(s.user, domain.lower(), s.password) for s in subscribers],
+        )
+
+
 @dataclass
 class Watch:
     """What the worker decided and how its fake calls ended, per Call-ID."""
@@ -177,12 +270,30 @@ class Watch:
 
 
 class Phones:
-    """SIPp phones and callers for the stories; every run is bounded in time."""
+    """SIPp phones and callers for the stories; every run is bounded in time.
 
-    def __init__(self, sip_host: str, sip_port: int, folder: Path) -> None:
+    Phones register as ``user@domain`` through Kamailio's address, with a
+    Contact that names the device (``dev-<instance>``), not the account;
+    callers call from ``caller_domain``, a domain this Kamailio does not
+    serve (so its calls need no authentication).
+    """
+
+    def __init__(
+        self,
+        sip_host: str,
+        sip_port: int,
+        folder: Path,
+        domain: str | None = None,
+        *,
+        caller_domain: str = "caller.example.net",
+        passwords: dict[str, str] | None = None,
+    ) -> None:
         self.sip_host = sip_host
         self.target = f"{sip_host}:{sip_port}"
         self.folder = folder
+        self.domain = domain or sip_host
+        self.caller_domain = caller_domain
+        self.passwords = passwords or {}
 
     async def _sipp(self, args: list[str], timeout: float) -> None:
         binary = shutil.which("sipp") or "sipp"
@@ -207,15 +318,20 @@ class Phones:
         log: Path,
         *,
         transport: str = "u1",
+        contact_host: str | None = None,
     ) -> None:
         """Register ``user``, handle calls with ``behaviour`` (a bundled phone
-        scenario's name, or a path) for ``stay_ms``, then unregister."""
+        scenario's name, or a path) for ``stay_ms``, then unregister.
+        ``contact_host`` puts another host than the phone's address in its
+        Contact (a phone behind NAT)."""
         calls = behaviour if isinstance(behaviour, Path) else _scenario(f"{behaviour}.xml")
+        auth = ["-au", user, "-ap", self.passwords[user]] if user in self.passwords else []
         await self._sipp(
             [
                 "-sf", str(_scenario("phone_register.xml")), "-oocsf", str(calls), "-t", transport,
-                "-p", str(free_port(self.sip_host)), "-d", str(stay_ms),
-                "-key", "user", user, "-key", "domain", self.sip_host, "-key", "ua", ua, "-key", "instance", instance,
+                "-p", str(free_port(self.sip_host)), "-d", str(stay_ms), *auth,
+                "-key", "user", user, "-key", "domain", self.domain, "-key", "ua", ua, "-key", "instance", instance,
+                "-key", "contact_user", f"dev-{instance}", "-key", "contact_host", contact_host or self.sip_host,
                 "-cid_str", f"reg-{instance}-%u-{secrets.token_hex(3)}", "-trace_logs", "-log_file", str(log),
             ],
             timeout=stay_ms / 1000 + 10,
@@ -226,7 +342,8 @@ class Phones:
             [
                 "-sf", str(_scenario("caller.xml")), "-p", str(free_port(self.sip_host)),
                 "-key", "caller", caller, "-key", "caller_name", caller_name,
-                "-key", "callee", callee, "-key", "domain", self.sip_host, "-cid_str", call_id,
+                "-key", "caller_domain", self.caller_domain, "-key", "callee", callee,
+                "-key", "domain", self.domain, "-cid_str", call_id,
             ],
             timeout=15,
         )  # fmt: skip

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from .events import Register
 
-__all__ = ["PushDetector", "device_id"]
+__all__ = ["PushDetector", "contact_keys", "device_id", "device_keys"]
 
 _UA_CACHE_SIZE = 4096
 
@@ -24,6 +24,31 @@ def device_id(reg: Register) -> str:
     if reg.pn_prid:
         return f"pn-prid:{reg.pn_prid}"
     return reg.contact
+
+
+def _pn_prid(contact: str) -> str | None:
+    for param in contact.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "pn-prid" and value:
+            return value.strip()
+    return None
+
+
+def contact_keys(contact: str) -> tuple[str, ...]:
+    """What names the device behind a branch's Contact URI: the URI itself
+    and, for RFC 8599 devices, its push token (stable when the address is
+    not: a woken phone often registers from a new port)."""
+    prid = _pn_prid(contact)
+    return (contact, f"pn-prid:{prid}") if prid else (contact,)
+
+
+def device_keys(reg: Register) -> tuple[str, ...]:
+    """Every name of a registering device (its :func:`device_id`, Contact
+    URI and push token), to match against the names of the branches that
+    rang."""
+    prid = reg.pn_prid or _pn_prid(reg.contact)
+    dev = device_id(reg)
+    return (dev, reg.contact, f"pn-prid:{prid}") if prid else (dev, reg.contact)
 
 
 class PushDetector:

@@ -25,8 +25,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Final
 
-from .devices import PushDetector, device_id
+from .devices import PushDetector, contact_keys, device_id, device_keys
 from .events import (
+    BranchReply,
     CallAnswered,
     CallCancelled,
     CallFailed,
@@ -95,7 +96,7 @@ class EngineSettings:
     """Engine tuning; see the README's configuration section for each."""
 
     window: float = 15.0
-    anchor: Anchor = Anchor.END
+    anchor: Anchor = Anchor.START
     strategy: Strategy = Strategy.FAKE_CALL
     settle: float = 0.5
     deadline: float = 5.0
@@ -134,7 +135,8 @@ class Decision:
 
     ``reason`` is the call's end (answered, declined, missed) for an action,
     or why nothing is done: ``ringing`` (tsilo delivers the real INVITE),
-    ``too_late`` or ``duplicate``. Devices that are not push devices get no
+    ``rang`` (the device already responded to the real INVITE: it saw the
+    call), ``too_late`` or ``duplicate``. Devices that are not push devices get no
     decision at all: their INVITEs reach them.
     """
 
@@ -163,6 +165,9 @@ class _Call:
     # Devices given a decision for this call (True when it was an action),
     # so each gets at most one. Created lazily: most calls never need it.
     decided: dict[str, bool] | None = None
+    # Contacts (and their pn-prid) that responded on a branch of the real
+    # INVITE: those devices saw the call. Created lazily as well.
+    rang: set[str] | None = None
 
 
 @dataclass(slots=True)
@@ -192,6 +197,10 @@ class Engine:
         self._calls_by_aor: dict[str, list[str]] = {}
         self._devices: dict[str, dict[str, _Device]] = {}
         self._device_count = 0
+        # The device behind each push device's Contact, for as long as it may
+        # be registered: a branch reply names a Contact, and a phone that
+        # rang often re-registers from another one (same +sip.instance).
+        self._contact_devices: dict[str, str] = {}
         # Device expiry and settle delays: a heap, exact to the moment.
         self._timers: list[tuple[float, int, int, str, str]] = []
         self._timer_seq = 0
@@ -237,11 +246,13 @@ class Engine:
         end_code: int | None,
         expires: float,
         decided: dict[str, bool] | None,
+        rang: set[str] | None = None,
     ) -> None:
         """Restore one saved call (into an engine that has not seen it)."""
         call = self._new_call(call_id, expires)
         call.aor, call.started, call.end_ts, call.end, call.end_code = aor, started, end_ts, end, end_code
         call.decided = decided
+        call.rang = rang
         if aor:
             self._calls_by_aor.setdefault(aor, []).append(call_id)
         self._set_call_expiry(call, expires)
@@ -268,6 +279,8 @@ class Engine:
         if isinstance(event, CallFailed):
             kind = EndKind.DECLINED if event.code >= 600 else EndKind.FAILED
             return self._on_end(event.call_id, event.ts, kind, event.code, now)
+        if isinstance(event, BranchReply):
+            return self._on_branch_reply(event, now)
         if isinstance(event, CommandResult):
             return _NOTHING
         raise TypeError(f"not an event: {event!r}")
@@ -338,6 +351,20 @@ class Engine:
             return _NOTHING  # no push device of this account registered lately
         return self._reevaluate(call, now)
 
+    def _on_branch_reply(self, ev: BranchReply, now: float) -> list[Decision]:
+        call = self._calls.get(ev.call_id)
+        if call is None:
+            # Before its call_start (reordered); kept like an early end.
+            call = self._new_call(ev.call_id, now)
+            self._set_call_expiry(call, now + self.settings.ring_timeout)
+        if call.rang is None:
+            call.rang = set()
+        call.rang.update(contact_keys(ev.contact))
+        dev = self._contact_devices.get(ev.contact)
+        if dev is not None:
+            call.rang.add(dev)
+        return _NOTHING
+
     def _ended_expiry(self, now: float) -> float:
         # Kamailio time and monotonic time differ; the settle delay is slack
         # enough for the milliseconds between an event and its arrival.
@@ -399,6 +426,7 @@ class Engine:
         dev_key = device_id(reg)
         dev = _Device(reg, dev_key, now, now + self.settings.deadline)
         self._store_device(dev)
+        self._remember_contact(reg.contact, dev_key)
         call_ids = self._calls_by_aor.get(reg.aor)
         if not call_ids:
             return _NOTHING
@@ -420,6 +448,12 @@ class Engine:
             else:
                 out.append(self._decide(call, dev, started))
         return out
+
+    def _remember_contact(self, contact: str, dev_key: str) -> None:
+        contacts = self._contact_devices
+        if contacts.pop(contact, None) is None and len(contacts) >= self.settings.max_devices:
+            del contacts[next(iter(contacts))]  # the least recently registered
+        contacts[contact] = dev_key
 
     def _store_device(self, dev: _Device) -> None:
         aor = dev.reg.aor
@@ -467,6 +501,8 @@ class Engine:
     def _judge(self, call: _Call, dev: _Device, started: CallStarted) -> Decision:
         if call.end_ts is None or call.end_ts > dev.reg.ts:
             return self._decision(call, dev, started, Action.NONE, "ringing")
+        if call.rang is not None and not call.rang.isdisjoint(device_keys(dev.reg)):
+            return self._decision(call, dev, started, Action.NONE, "rang")
         assert call.end is not None
         anchor = call.end_ts if self.settings.anchor is Anchor.END else started.ts
         if dev.reg.ts - anchor > self.settings.window:

@@ -27,6 +27,7 @@ from msgspec.structs import force_setattr
 
 __all__ = [
     "EVENT_TYPES",
+    "BranchReply",
     "CallAnswered",
     "CallCancelled",
     "CallEnded",
@@ -57,10 +58,13 @@ _NULLS: Final = frozenset(("", "<null>"))
 
 
 def normalize_aor(value: str) -> str:
-    """``sip:Bob@Example.COM`` -> ``Bob@example.com``, the key calls and
-    registrations are matched by. The domain is case-insensitive in SIP."""
-    if value == value.lower() and not value.startswith("sip") and value == value.strip():
-        return value  # already a key: the usual "$tU@$td" from Kamailio
+    """``sip:Bob@Example.COM:5060;transport=tls`` -> ``Bob@example.com``, the
+    key calls and registrations are matched by: no scheme, no port, no URI
+    parameters, the domain in lower case (it is case-insensitive in SIP; the
+    user part is not). A key without ``@`` (Kamailio with ``use_domain`` off)
+    is kept as it is."""
+    if value == value.lower() and not value.startswith("sip") and value == value.strip() and ":" not in value:
+        return value  # already a key: the usual "user@domain" from Kamailio
     aor = value.strip()
     lowered = aor[:5].lower()
     if lowered.startswith("sips:"):
@@ -70,6 +74,10 @@ def normalize_aor(value: str) -> str:
     user, at, domain = aor.rpartition("@")
     if not at:
         return aor
+    domain = domain.split(";", 1)[0]
+    # Without the port; an IPv6 reference keeps its brackets: [2001:db8::1]:5060
+    end = domain.find("]") + 1 if domain.startswith("[") else 0
+    domain = domain[:end] if end else domain.split(":", 1)[0]
     return f"{user}@{domain.lower()}"
 
 
@@ -114,6 +122,7 @@ class CallStarted(_Base, frozen=True, tag="call_start"):
     from_user: str
     from_name: str | None = None
     from_domain: str | None = None
+    push: bool = False  # held for a push: the account had no reachable contact
 
     def __post_init__(self) -> None:
         # Checks written out, not looped over: this runs for every event.
@@ -152,6 +161,24 @@ class CallFailed(_CallEvent, frozen=True, tag="call_failed"):
     """A final failure response (3xx-6xx) ended the call; 6xx means declined."""
 
     code: Annotated[int, Meta(ge=300, le=699)]
+
+
+class BranchReply(_CallEvent, frozen=True, tag="branch_reply"):
+    """A device answered something on its branch of the call's INVITE.
+
+    ``contact`` is the branch's Request-URI, the device's registered Contact.
+    A device that responded at all (rang, answered, declined) saw the call
+    and gets no fake call for it.
+    """
+
+    code: Annotated[int, Meta(ge=100, le=699)]
+    contact: str
+
+    def __post_init__(self) -> None:
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.call_id in _NULLS or self.contact in _NULLS:
+            _required(self, "call_id", "contact")
 
 
 class Register(_Base, frozen=True, tag="register"):
@@ -206,13 +233,14 @@ class CommandResult(_Base, frozen=True, tag="cmd_result"):
 
 
 CallEnded: TypeAlias = CallAnswered | CallCancelled | CallFailed
-Event: TypeAlias = CallStarted | CallAnswered | CallCancelled | CallFailed | Register | CommandResult
+Event: TypeAlias = CallStarted | CallAnswered | CallCancelled | CallFailed | BranchReply | Register | CommandResult
 
 _CLASSES: Final[tuple[type[_Base], ...]] = (
     CallStarted,
     CallAnswered,
     CallCancelled,
     CallFailed,
+    BranchReply,
     Register,
     CommandResult,
 )

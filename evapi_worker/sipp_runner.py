@@ -40,6 +40,7 @@ class Outcome(enum.Enum):
     COMPLETED = "completed"  # the device rang and took the CANCEL
     ANSWERED = "answered"  # the device answered; ACK and BYE were sent
     REJECTED = "rejected"  # the device refused the INVITE
+    UNREACHABLE = "unreachable"  # the device's TCP/TLS connection was gone (Kamailio's 477)
     TIMEOUT = "timeout"  # no ringing in time; cancelled after Kamailio's 100
     NO_RESPONSE = "no_response"  # nothing came back at all
     GAVE_UP = "gave_up"  # no final response to the CANCEL in time
@@ -56,6 +57,7 @@ _LOGGED: Final = {
         Outcome.COMPLETED,
         Outcome.ANSWERED,
         Outcome.REJECTED,
+        Outcome.UNREACHABLE,
         Outcome.TIMEOUT,
         Outcome.NO_RESPONSE,
         Outcome.GAVE_UP,

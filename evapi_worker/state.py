@@ -33,6 +33,7 @@ class _CallState(msgspec.Struct, frozen=True):
     end_code: int | None
     expires_in: float
     decided: dict[str, bool] | None
+    rang: list[str] | None = None
 
 
 class _DeviceState(msgspec.Struct, frozen=True):
@@ -64,7 +65,7 @@ def save_state(engine: Engine, now: float, path: Path) -> int:
         calls=[
             _CallState(
                 c.call_id, c.aor, c.started, c.end_ts, c.end.value if c.end else None, c.end_code,
-                c.expires - now, dict(c.decided) if c.decided else None,
+                c.expires - now, dict(c.decided) if c.decided else None, sorted(c.rang) if c.rang else None,
             )
             for c in calls
         ],
@@ -90,7 +91,7 @@ def load_state(engine: Engine, now: float, path: Path) -> int:
     for c in snapshot.calls:
         engine.import_call(
             c.call_id, c.aor, c.started, c.end_ts, EndKind(c.end) if c.end else None, c.end_code,
-            now + c.expires_in - down, c.decided,
+            now + c.expires_in - down, c.decided, set(c.rang) if c.rang else None,
         )  # fmt: skip
     for d in snapshot.devices:
         engine.import_device(d.reg, d.dev, now - d.arrived_ago - down, now + d.expires_in - down, set(d.pending))

@@ -27,17 +27,18 @@ from .sipp_device import free_port
 
 DATA = Path(__file__).parent / "data"
 HOST = "127.0.0.1"
+DOMAIN = "voip.example.org"
 
 
 async def record() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         sip_port, evapi_port = free_port(), free_port(socket.SOCK_STREAM)
-        kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "story", HOST, folder)
+        kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "story", HOST, folder, domain=DOMAIN)
         node = NodeAddress("story", HOST, evapi_port, HOST, sip_port)
         capture = CaptureSettings(folder / "capture")
         config = Config(nodes=(node,), backoff=Backoff(0.01, 0.1), capture=capture)
-        phones = Phones(HOST, sip_port, folder)
+        phones = Phones(HOST, sip_port, folder, DOMAIN)
         async with kam.running(), trio.open_nursery() as nursery:
             service, watch = await start_watched_worker(nursery, config)
             for user, desk, call_id, iphone_delay in (
@@ -55,6 +56,13 @@ async def record() -> None:
                         story.start_soon(phones.call, "alice", "Alice", user, call_id)
                         await trio.sleep(iphone_delay)
                         story.start_soon(phones.phone, user, IPHONE_UA, "iphone", "phone_rings", 3000, folder / "i.log")
+            # An iPhone that was awake rang with the real call, which was
+            # missed; the app re-registers a moment later: nothing more.
+            async with trio.open_nursery() as story:
+                story.start_soon(phones.phone, "erin", IPHONE_UA, "iphone", "phone_rings", 5000, folder / "e.log")
+                await trio.sleep(0.5)
+                await phones.call("alice", "Alice", "erin", "story-rang@127.0.0.1")
+                story.start_soon(phones.phone, "erin", IPHONE_UA, "iphone", "phone_rings", 1500, folder / "e2.log")
             await trio.sleep(1)
             nursery.cancel_scope.cancel()
         (file,) = sorted((folder / "capture").iterdir())

@@ -37,6 +37,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 HOST = "127.0.0.1"
+# A SIP domain that is not the server's address: accounts are bob@DOMAIN,
+# contacts are dev-...@127.0.0.1, as in a real deployment.
+DOMAIN = "voip.example.org"
 
 
 @dataclass
@@ -51,15 +54,15 @@ class Platform:
 
 
 @asynccontextmanager
-async def platform(tmp_path: Path, **engine: Any) -> AsyncIterator[Platform]:
+async def platform(tmp_path: Path, domain: str | None = DOMAIN, **engine: Any) -> AsyncIterator[Platform]:
     sip_port = free_port()
     evapi_port = free_port(socket.SOCK_STREAM)
-    kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "e2e", HOST, tmp_path)
+    kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "e2e", HOST, tmp_path, domain=domain)
     node = NodeAddress("e2e", HOST, evapi_port, HOST, sip_port)
     async with kam.running(), trio.open_nursery() as nursery:
         config = Config(nodes=(node,), engine=EngineSettings(**engine), backoff=Backoff(0.01, 0.1))
         service, watch = await start_watched_worker(nursery, config)
-        yield Platform(service, Phones(HOST, sip_port, tmp_path), watch, tmp_path)
+        yield Platform(service, Phones(HOST, sip_port, tmp_path, domain), watch, tmp_path)
         nursery.cancel_scope.cancel()
 
 
@@ -236,4 +239,4 @@ async def test_quotes_and_backslashes_in_names_and_user_agents_survive_the_json(
         (decision,) = p.watch.decisions
         assert decision.register is not None and decision.register.user_agent == ua
         invite = iphone.read_text().splitlines()[0]
-        assert f'from= "{name}" <sip:alice@127.0.0.1>' in invite
+        assert f'from= "{name}" <sip:alice@caller.example.net>' in invite

@@ -101,12 +101,16 @@ def test_end_arriving_before_start_is_kept_until_the_start_comes() -> None:
 
 
 def test_window_anchored_at_the_end() -> None:
-    w, e = Wire(), Engine(EngineSettings(window=15))
+    w, e = Wire(), Engine(EngineSettings(window=15, anchor=Anchor.END))
     out = run(e, (0.0, w.start(T0)), (40.0, w.cancelled(T0 + 40)), (55.0, w.register(T0 + 55)))
     assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
-    w, e = Wire(), Engine(EngineSettings(window=15))
+    w, e = Wire(), Engine(EngineSettings(window=15, anchor=Anchor.END))
     out = run(e, (0.0, w.start(T0)), (40.0, w.cancelled(T0 + 40)), (55.2, w.register(T0 + 55.2)))
     assert [(d.action, d.reason) for d in out] == [(Action.NONE, "too_late")]
+
+
+def test_default_window_is_15_s_from_the_push_as_liblinphone_times_it() -> None:
+    assert (EngineSettings().window, EngineSettings().anchor) == (15.0, Anchor.START)
 
 
 def test_window_anchored_at_the_start() -> None:

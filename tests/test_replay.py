@@ -27,9 +27,13 @@ def test_replay_of_a_real_capture_decides_as_the_live_worker_did() -> None:
     lines = "".join(decision_json(d) + "\n" for d in result.decisions)
     assert lines == (DATA / "story.expected.jsonl").read_text()
     summary = result.summary()
-    assert summary["calls"] == 3
+    assert summary["calls"] == 4
     assert summary["late_registrations"] == {"answered": 1, "cancelled": 1}
     assert summary["actions"] == {"fake_call": 2}
+    # The awake iPhone that rang with the real call and re-registered after
+    # it was missed gets nothing, as live.
+    decisions = summary["decisions"]
+    assert isinstance(decisions, dict) and decisions["none:rang"] == 1
 
 
 def test_json_output_is_byte_identical_run_to_run(capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,11 +43,11 @@ def test_json_output_is_byte_identical_run_to_run(capsys: pytest.CaptureFixture[
     assert capsys.readouterr().out == first
     *decisions, summary = first.splitlines()
     assert decisions == (DATA / "story.expected.jsonl").read_text().splitlines()
-    assert json.loads(summary)["summary"]["events"]["call_start"] == 3
+    assert json.loads(summary)["summary"]["events"]["call_start"] == 4
 
 
 def test_what_if_shows_the_decisions_that_differ(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["replay", str(STORY), "--json", "--what-if", "window=0.5"]) == 0
+    assert main(["replay", str(STORY), "--json", "--anchor", "end", "--what-if", "window=0.5"]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     diffs = summary["what_if"]["differences"]
     # Only the answered call's iPhone was later than half a second.
@@ -55,7 +59,7 @@ def test_what_if_shows_the_decisions_that_differ(capsys: pytest.CaptureFixture[s
             "what_if": "none:too_late",
         }
     ]
-    assert main(["replay", str(STORY), "--what-if", "anchor=start", "--what-if", "window=2"]) == 0
+    assert main(["replay", str(STORY), "--anchor", "end", "--what-if", "anchor=start", "--what-if", "window=2"]) == 0
     text = capsys.readouterr().out
     assert "what if anchor=start window=2: 1 decisions differ" in text
     assert "story-missed@127.0.0.1" in text
