@@ -122,7 +122,7 @@ class KamailioProcess:
             "-A", f"EVW_SIP_IP={self.sip_host}", "-A", f"EVW_SIP_PORT={self.sip_port}",
             "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
             "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_IP="{self.worker_ip}"',
-            "-A", f'EVW_DB_URL="sqlite://{self.database}"',
+            "-A", f'EVW_DB_URL="sqlite:///{self.database}"',
         ]  # fmt: skip
         if self.domain:
             cmd += ["-A", f"EVW_DOMAIN={self.domain}"]

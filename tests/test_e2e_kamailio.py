@@ -20,6 +20,7 @@ from evapi_worker.demo import (
     IPHONE_UA,
     KamailioProcess,
     Phones,
+    Subscriber,
     Watch,
     received,
     start_watched_worker,
@@ -48,21 +49,38 @@ class Platform:
     phones: Phones
     watch: Watch
     folder: Path
+    kamailio: KamailioProcess | None = None
 
     def metric(self, name: str, **labels: str) -> float:
         return self.service.metrics.value(name, labels)
 
 
 @asynccontextmanager
-async def platform(tmp_path: Path, domain: str | None = DOMAIN, **engine: Any) -> AsyncIterator[Platform]:
+async def platform(
+    tmp_path: Path,
+    domain: str | None = DOMAIN,
+    *,
+    tls: bool = False,
+    subscribers: tuple[Subscriber, ...] | None = None,
+    defines: tuple[str, ...] = (),
+    **engine: Any,
+) -> AsyncIterator[Platform]:
+    """The bundled Kamailio (serving ``domain``, with TLS, authentication
+    and more ``-A`` defines when asked) and a worker connected to it."""
     sip_port = free_port()
     evapi_port = free_port(socket.SOCK_STREAM)
-    kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "e2e", HOST, tmp_path, domain=domain)
+    tls_port = free_port(socket.SOCK_STREAM) if tls else None
+    kam = KamailioProcess(
+        HOST, sip_port, HOST, evapi_port, "e2e", HOST, tmp_path,
+        domain=domain, tls_port=tls_port, subscribers=subscribers, defines=defines,
+    )  # fmt: skip
     node = NodeAddress("e2e", HOST, evapi_port, HOST, sip_port)
+    passwords = {s.user: s.password for s in subscribers or ()}
     async with kam.running(), trio.open_nursery() as nursery:
         config = Config(nodes=(node,), engine=EngineSettings(**engine), backoff=Backoff(0.01, 0.1))
         service, watch = await start_watched_worker(nursery, config)
-        yield Platform(service, Phones(HOST, sip_port, tmp_path, domain), watch, tmp_path)
+        phones = Phones(HOST, sip_port, tmp_path, domain, passwords=passwords)
+        yield Platform(service, phones, watch, tmp_path, kam)
         nursery.cancel_scope.cancel()
 
 

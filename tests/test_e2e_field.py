@@ -1,0 +1,170 @@
+"""End to end in the shapes real deployments have: a SIP domain that is not
+the server's address, TLS and TCP phones behind NAT, digest authentication,
+calls held while a phone wakes up, phones that already rang. The late phone
+is a real liblinphone client wherever the story allows; its own call history
+is the truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from evapi_worker.demo import DESK_UA, IPHONE_UA, Subscriber, received
+from evapi_worker.sipp_runner import Outcome
+
+from .linphone import Linphone, needs_linphonec
+from .sipp_device import SCENARIOS
+from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
+
+ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
+
+
+def linphone(p: Platform, user: str, transport: str, password: str | None = None) -> Linphone:
+    kam = p.kamailio
+    assert kam is not None
+    port = kam.tls_port if transport == "tls" else kam.sip_port
+    assert port is not None
+    return Linphone(p.folder / f"linphone-{user}", user, DOMAIN, f"{HOST}:{port}", transport, password)
+
+
+async def late_linphone(p: Platform, user: str, desk: str | Path, call_id: str, phone: Linphone) -> tuple[str, str]:
+    """The desk phone handles the call; then linphonec (the iPhone app's
+    library) starts and registers late. Returns what its call history says
+    of the call: (Call-ID, status)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.phones.phone, user, DESK_UA, "desk", desk, 4000, p.folder / f"desk-{user}.log")
+        await trio.sleep(0.5)
+        await p.phones.call("alice", "Alice", user, call_id)
+        async with phone.running():
+            outcome = await p.watch.outcome(call_id, timeout=15)
+            assert outcome is Outcome.COMPLETED, outcome
+            await trio.sleep(0.5)
+            logs = await phone.call_logs()
+    assert len(logs) == 1, logs
+    return logs[0].call_id, f"{logs[0].status} / {logs[0].printed}"
+
+
+@needs_linphonec
+async def test_linphone_on_tls_answered_elsewhere(tmp_path: Path) -> None:
+    async with platform(tmp_path, tls=True) as p:
+        call_id = "field-tls-answered@caller.example.net"
+        got = await late_linphone(p, "bob", "phone_answers", call_id, linphone(p, "bob", "tls"))
+        assert got == (call_id, "accepted elsewhere / answered elsewhere")
+        (decision,) = [d for d in p.watch.decisions if d.call_id == call_id]
+        assert decision.register is not None and decision.register.proto == "tls"
+        assert decision.register.pn_provider == "apns"
+
+
+@needs_linphonec
+async def test_linphone_on_tcp_declined_elsewhere(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "field-tcp-declined@caller.example.net"
+        phone = linphone(p, "carol", "tcp")
+        got = await late_linphone(p, "carol", SCENARIOS / "phone_declines.xml", call_id, phone)
+        assert got == (call_id, "declined elsewhere / declined elsewhere")
+
+
+@needs_linphonec
+async def test_linphone_on_udp_missed(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "field-udp-missed@caller.example.net"
+        got = await late_linphone(p, "dave", "phone_rings", call_id, linphone(p, "dave", "udp"))
+        assert got == (call_id, "missed / missed")
+
+
+@needs_linphonec
+async def test_authentication_only_real_subscribers_register_and_get_fake_calls(tmp_path: Path) -> None:
+    subscribers = (Subscriber("erin", "erin-secret"),)
+    async with platform(tmp_path, tls=True, subscribers=subscribers) as p:
+        # A stranger claims erin's account with an iPhone's User-Agent and no
+        # password: challenged, never registered, no event.
+        p.phones.passwords = {}
+        await p.phones.phone("erin", IPHONE_UA, "intruder", "phone_rings", 300, tmp_path / "intruder.log")
+        assert p.metric("evapi_worker_events_total", node="e2e", type="register") == 0
+        p.phones.passwords = {"erin": "erin-secret"}
+        call_id = "field-auth@caller.example.net"
+        phone = linphone(p, "erin", "tls", password="erin-secret")
+        got = await late_linphone(p, "erin", "phone_answers", call_id, phone)
+        assert got == (call_id, "accepted elsewhere / answered elsewhere")
+        assert received(tmp_path / "intruder.log") == (None, None)
+
+
+@needs_linphonec
+async def test_call_to_a_sleeping_account_is_held_then_times_out_and_the_late_phone_sees_it_missed(
+    tmp_path: Path,
+) -> None:
+    # No contact at all: the call is held for EVW_PUSH_HOLD (1 s), then the
+    # caller gets 480 and the phone, waking later, a missed call.
+    async with platform(tmp_path, defines=("EVW_PUSH_HOLD=1",)) as p:
+        call_id = "field-held@caller.example.net"
+        await p.phones.call("alice", "Alice", "frank", call_id)
+        assert p.metric("evapi_worker_events_total", node="e2e", type="call_start") == 1
+        with trio.fail_after(6):
+            while p.metric("evapi_worker_events_total", node="e2e", type="call_failed") < 1:
+                await trio.sleep(0.1)
+        async with linphone(p, "frank", "udp").running() as phone:
+            assert await p.watch.outcome(call_id, timeout=15) is Outcome.COMPLETED
+            await trio.sleep(0.5)
+            (log,) = await phone.call_logs()
+        assert (log.call_id, log.status) == (call_id, "missed")
+        assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "missed")]
+
+
+async def test_hold_known_policy_holds_only_accounts_with_a_push_device(tmp_path: Path) -> None:
+    async with platform(tmp_path, defines=("EVW_HOLD_KNOWN",)) as p:
+        # Nobody ever registered a push device for gina: 480 at once, no event.
+        await p.phones.call("alice", "Alice", "gina", "field-unknown@caller.example.net")
+        assert p.metric("evapi_worker_events_total", node="e2e", type="call_start") == 0
+        # hank's iPhone registered once, then slept: his calls are held.
+        await p.phones.phone("hank", IPHONE_UA, "iphone", "phone_rings", 200, tmp_path / "first.log")
+        p.watch.decisions.clear()
+        call_id = "field-known@caller.example.net"
+        await p.phones.call("alice", "Alice", "hank", call_id)
+        assert p.metric("evapi_worker_events_total", node="e2e", type="call_start") == 1
+        late = tmp_path / "late.log"
+        await p.phones.phone("hank", IPHONE_UA, "iphone", "phone_rings", 2000, late)
+        assert received(late) == (call_id, None)
+
+
+async def test_an_awake_iphone_that_rang_gets_no_fake_call_when_it_re_registers(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "field-rang@caller.example.net"
+        first, again = tmp_path / "iphone.log", tmp_path / "iphone-again.log"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.phones.phone, "ivan", IPHONE_UA, "iphone", "phone_rings", 5000, first)
+            await trio.sleep(0.5)
+            await p.phones.call("alice", "Alice", "ivan", call_id)  # rings on the iPhone, missed
+            # The user opens the app: it registers again, from a new port.
+            nursery.start_soon(p.phones.phone, "ivan", IPHONE_UA, "iphone", "phone_rings", 2000, again)
+        assert received(first) == (call_id, None)
+        assert received(again) == (None, None)
+        assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("none", "rang")]
+
+
+async def test_phone_behind_nat_gets_its_fake_call_where_its_register_came_from(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "field-nat@caller.example.net"
+        # Its Contact names a host nobody can reach; only its address works.
+        outcome, iphone = await late_iphone(p, "judy", "phone_answers", call_id, contact_host="iphone.invalid")
+        assert outcome is Outcome.COMPLETED
+        assert received(iphone) == (call_id, ANSWERED)
+        (decision,) = p.watch.decisions
+        assert decision.register is not None and "@iphone.invalid" in decision.register.contact
+
+
+async def test_fake_call_to_a_tcp_phone_whose_connection_is_gone_fails_at_once(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        call_id = "field-gone@caller.example.net"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(p.phones.phone, "kim", DESK_UA, "desk", "phone_answers", 3000, tmp_path / "desk.log")
+            await trio.sleep(0.5)
+            await p.phones.call("alice", "Alice", "kim", call_id)
+            # The iPhone registers over TCP and is gone at once (app killed):
+            # its connection closes before the fake call comes.
+            await p.phones.phone("kim", IPHONE_UA, "iphone", "phone_rings", 0, tmp_path / "i.log", transport="t1")
+            started = trio.current_time()
+            outcome = await p.watch.outcome(call_id, timeout=10)
+        assert outcome is Outcome.UNREACHABLE
+        assert trio.current_time() - started < 3
+        assert p.metric("evapi_worker_fake_calls_total", outcome="unreachable") == 1
