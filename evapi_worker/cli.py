@@ -18,7 +18,7 @@ import trio
 from . import __version__
 from .capture import CaptureSettings
 from .config import Config, ConfigError, load_config, parse_hostport, parse_metrics, parse_node, with_nodes
-from .demo import DemoError, check_demo_addresses, run_demo
+from .demo import DEMO_DOMAIN, DemoError, DemoOptions, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
 from .logs import kv, setup_logging
 from .replay import apply_what_if, decision_json, decision_text, differences, load_records, progress_stream, replay
@@ -49,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="start Kamailio, the worker and SIPp phones on loopback and show a late iPhone get its call"
     )
     demo.add_argument("--sip", default="127.0.0.1:5060", metavar="HOST:PORT", help="Kamailio's SIP address (UDP+TCP)")
+    demo.add_argument(
+        "--tls",
+        nargs="?",
+        const="127.0.0.1:5061",
+        metavar="HOST:PORT",
+        help="listen on TLS too (default 127.0.0.1:5061), with a throw-away self-signed certificate",
+    )
+    demo.add_argument("--domain", default=DEMO_DOMAIN, help=f"the SIP domain served (default {DEMO_DOMAIN})")
+    demo.add_argument("--auth", action="store_true", help="digest authentication; the demo's accounts are printed")
     demo.add_argument("--evapi", default="127.0.0.1:8448", metavar="HOST:PORT", help="Kamailio's evapi socket")
     demo.add_argument("--no-scenario", action="store_true", help="skip the scripted story; just run")
     add_run_options(demo)
@@ -241,15 +250,21 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    sip = parse_hostport(args.sip, "--sip")
-    evapi = parse_hostport(args.evapi, "--evapi")
-    check_demo_addresses(sip, evapi)
+    options = DemoOptions(
+        sip=parse_hostport(args.sip, "--sip"),
+        evapi=parse_hostport(args.evapi, "--evapi"),
+        tls=parse_hostport(args.tls, "--tls") if args.tls else None,
+        domain=args.domain,
+        auth=args.auth,
+        play=not args.no_scenario,
+    )
+    check_demo_addresses(options)
     config = build_config(args)
     setup_logging(config.log_level if args.log_level else "warning")
     tune_gc()
     failed = ""
     try:
-        trio.run(_until_signal, partial(run_demo, config, sip, evapi, not args.no_scenario, sys.stdout))
+        trio.run(_until_signal, partial(run_demo, config, options, sys.stdout))
     except* DemoError as group:
         failed = str(group.exceptions[0])
     if failed:

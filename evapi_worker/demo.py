@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -35,8 +36,10 @@ from .sipp_runner import Outcome, bundled_scenario, free_port
 
 __all__ = [
     "DemoError",
+    "DemoOptions",
     "KamailioProcess",
     "Phones",
+    "Subscriber",
     "Watch",
     "bundled_kamailio_cfg",
     "received",
@@ -44,7 +47,13 @@ __all__ = [
     "start_watched_worker",
 ]
 
-INSTALL_HINT = "apt-get install kamailio kamailio-extra-modules kamailio-json-modules sip-tester"
+INSTALL_HINT = (
+    "apt-get install kamailio kamailio-extra-modules kamailio-json-modules kamailio-tls-modules "
+    "kamailio-sqlite-modules sip-tester openssl"
+)
+# The demo's SIP domain: a name, not the server's address, as in the field.
+DEMO_DOMAIN = "voip.example.org"
+DEMO_USERS = ("alice", "bob", "carol", "dave")
 IPHONE_UA = "LinphoneiOS/5.2.5 (iPhone; iOS 17.4) LinphoneSDK/5.3.0"
 DESK_UA = "Yealink SIP-T46U 108.86.0.45"
 
@@ -425,25 +434,49 @@ async def start_watched_worker(nursery: trio.Nursery, config: Config) -> tuple[S
     return service, watch
 
 
-async def run_demo(config: Config, sip: tuple[str, int], evapi: tuple[str, int], play: bool, out: TextIO) -> None:
+@dataclass(frozen=True)
+class DemoOptions:
+    """Where the demo's Kamailio listens and what it serves."""
+
+    sip: tuple[str, int] = ("127.0.0.1", 5060)
+    evapi: tuple[str, int] = ("127.0.0.1", 8448)
+    tls: tuple[str, int] | None = None  # TLS listener; its host must be the SIP host
+    domain: str = DEMO_DOMAIN
+    auth: bool = False  # digest authentication, with the DEMO_USERS accounts
+    play: bool = True  # play the scripted stories first
+
+
+async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
     """Run the demo until cancelled (Ctrl-C)."""
     for binary in ("kamailio", "sipp"):
         if shutil.which(binary) is None:
             raise DemoError(f"{binary} not found; install it with: {INSTALL_HINT}")
+    sip, evapi = options.sip, options.evapi
     node = NodeAddress("demo", evapi[0], evapi[1], sip[0], sip[1])
     config = replace(config, nodes=(node,))
+    subscribers = tuple(Subscriber(user, secrets.token_urlsafe(9)) for user in DEMO_USERS) if options.auth else None
 
     def say(text: str) -> None:
         print(text, file=out, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="evapi-worker-demo-") as tmp:
         folder = Path(tmp)
-        kam = KamailioProcess(sip[0], sip[1], evapi[0], evapi[1], "demo", config.sipp.local_ip, folder)
+        kam = KamailioProcess(
+            sip[0], sip[1], evapi[0], evapi[1], "demo", config.sipp.local_ip, folder,
+            domain=options.domain, tls_port=options.tls[1] if options.tls else None, subscribers=subscribers,
+        )  # fmt: skip
         async with kam.running(), trio.open_nursery() as nursery:
             service, watch = await start_watched_worker(nursery, config)
-            say(
-                f"Kamailio listens for SIP on {sip[0]}:{sip[1]} (UDP, TCP) and for the worker on {evapi[0]}:{evapi[1]}."
-            )
+            transports = f"UDP and TCP on {sip[0]}:{sip[1]}"
+            if options.tls:
+                transports += f", TLS on {sip[0]}:{options.tls[1]} (a throw-away self-signed certificate)"
+            say(f"Kamailio serves the SIP domain {options.domain}: {transports}.")
+            say(f"The worker connects to its evapi socket on {evapi[0]}:{evapi[1]}.")
+            if subscribers:
+                accounts = ", ".join(f"{s.user} / {s.password}" for s in subscribers)
+                say(f"Digest authentication is on; accounts: {accounts}")
+            else:
+                say("No authentication: anyone may register as anyone (loopback trials only; --auth turns it on).")
             e = config.engine
             say(f"The worker is connected; late window {e.window:g} s from the call's {e.anchor.value}.")
             if config.metrics is not None and service.metrics_port is not None:
@@ -451,8 +484,9 @@ async def run_demo(config: Config, sip: tuple[str, int], evapi: tuple[str, int],
                 say(
                     f"Metrics: http://{host}:{service.metrics_port}/metrics, health: http://{host}:{service.metrics_port}/healthz"
                 )
-            if play:
-                phones = Phones(sip[0], sip[1], folder)
+            if options.play:
+                passwords = {s.user: s.password for s in subscribers or ()}
+                phones = Phones(sip[0], sip[1], folder, options.domain, passwords=passwords)
                 await _story(
                     say, phones, watch, number=1, callee="bob", desk="phone_answers",
                     title="A call answered on another device",
@@ -462,13 +496,18 @@ async def run_demo(config: Config, sip: tuple[str, int], evapi: tuple[str, int],
                     title="A missed call",
                 )  # fmt: skip
             say(
-                f"\nReady. Register phones and call through sip:{sip[0]}:{sip[1]}; a User-Agent matching "
-                f"{', '.join(config.engine.user_agents)} counts as an iPhone. Kamailio's log: {kam.log}. Ctrl-C stops."
+                f"\nReady. Register phones as USER@{options.domain} through {sip[0]}:{sip[1]} and call each other; "
+                f"a User-Agent matching {', '.join(config.engine.user_agents)} or a pn-provider=apns Contact "
+                f"counts as an iPhone. Kamailio's log: {kam.log}. Ctrl-C stops."
             )
             await trio.sleep_forever()
 
 
-def check_demo_addresses(sip: tuple[str, int], evapi: tuple[str, int]) -> None:
-    for host, what in ((sip[0], "--sip"), (evapi[0], "--evapi")):
+def check_demo_addresses(options: DemoOptions) -> None:
+    for host, what in ((options.sip[0], "--sip"), (options.evapi[0], "--evapi")):
         if ":" in host:
             raise ConfigError(what, "the bundled config listens on IPv4 only")
+    if options.tls is not None and options.tls[0] != options.sip[0]:
+        raise ConfigError("--tls", f"must be on the SIP address {options.sip[0]} (the bundled config listens on one)")
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.\-]{0,252})", options.domain):
+        raise ConfigError("--domain", f"{options.domain!r} is not a domain name")

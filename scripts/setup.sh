@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Set up a fresh Debian machine for evapi-worker: Kamailio 5.6, SIPp and
-# Prometheus from Debian's packages (when missing), then a virtual
-# environment in .venv with the package and its test tools installed.
+# Set up a fresh Debian machine for evapi-worker: Kamailio 5.6 (with its
+# evapi, jansson, TLS and SQLite modules), SIPp, openssl and Prometheus from
+# Debian's packages (when missing), then a virtual environment in .venv with
+# the package and its test tools installed. Extra package names given as
+# arguments are installed too (scripts/test.sh adds the test-only ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(kamailio kamailio-extra-modules kamailio-json-modules sip-tester prometheus)
+packages=(kamailio kamailio-extra-modules kamailio-json-modules kamailio-tls-modules kamailio-sqlite-modules
+          sip-tester openssl prometheus "$@")
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -2,7 +2,8 @@
 # Everything CI checks: set-up, lint, types, the installed package, the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+# linphone-cli: a real liblinphone phone (linphonec) for the end-to-end tests.
+./scripts/setup.sh linphone-cli
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -36,6 +36,9 @@ class Wire:
     def cancelled(self, ts: float, call_id: str = "call-1") -> Event:
         return self.event("call_cancelled", ts, call_id=call_id)
 
+    def branch_reply(self, ts: float, contact: str, code: int = 180, call_id: str = "call-1") -> Event:
+        return self.event("branch_reply", ts, call_id=call_id, code=code, contact=contact)
+
     def failed(self, ts: float, code: int, call_id: str = "call-1") -> Event:
         return self.event("call_failed", ts, call_id=call_id, code=code)
 

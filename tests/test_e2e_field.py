@@ -6,15 +6,19 @@ is the truth."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import sys
 from pathlib import Path
 
 import trio
 
-from evapi_worker.demo import DESK_UA, IPHONE_UA, Subscriber, received
+from evapi_worker.demo import DESK_UA, IPHONE_UA, Phones, Subscriber, received
 from evapi_worker.sipp_runner import Outcome
 
-from .linphone import Linphone, needs_linphonec
-from .sipp_device import SCENARIOS
+from .linphone import CallLog, Linphone, needs_linphonec
+from .sipp_device import SCENARIOS, free_port
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
 
 ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
@@ -168,3 +172,51 @@ async def test_fake_call_to_a_tcp_phone_whose_connection_is_gone_fails_at_once(t
         assert outcome is Outcome.UNREACHABLE
         assert trio.current_time() - started < 3
         assert p.metric("evapi_worker_fake_calls_total", outcome="unreachable") == 1
+
+
+@needs_linphonec
+async def test_demo_command_serves_udp_tcp_and_tls_phones(tmp_path: Path) -> None:
+    """The installed ``evapi-worker demo --tls HOST:PORT --no-scenario``: a
+    desk phone on UDP answers; late phones on TCP and TLS both see the call
+    as answered elsewhere in their own call history."""
+    sip, evapi, tls = free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    command = [
+        str(Path(sys.executable).with_name("evapi-worker")), "demo", "--no-scenario", "--metrics", "off",
+        "--sip", f"{HOST}:{sip}", "--evapi", f"{HOST}:{evapi}", "--tls", f"{HOST}:{tls}",
+    ]  # fmt: skip
+    with (tmp_path / "demo.out").open("wb") as out:
+        demo = await trio.lowlevel.open_process(command, stdout=out, stderr=out, start_new_session=True)
+    try:
+        with trio.fail_after(20):
+            while b"Ready." not in (tmp_path / "demo.out").read_bytes():
+                assert demo.returncode is None, (tmp_path / "demo.out").read_text()
+                await trio.sleep(0.1)
+        phones = Phones(HOST, sip, tmp_path, DOMAIN)
+        call_id = "field-demo@caller.example.net"
+        late = [
+            Linphone(tmp_path / f"late-{t}", "bob", DOMAIN, f"{HOST}:{port}", t, push_token=f"TOKEN{t.upper()}")
+            for t, port in (("tcp", sip), ("tls", tls))
+        ]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(phones.phone, "bob", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
+            await trio.sleep(0.5)
+            await phones.call("alice", "Alice", "bob", call_id)
+            async with late[0].running() as tcp, late[1].running() as tls_phone:
+                logs: dict[str, list[CallLog]] = {}
+                with trio.fail_after(15):
+                    while len(logs) < 2:
+                        await trio.sleep(0.5)
+                        for name, phone in (("tcp", tcp), ("tls", tls_phone)):
+                            if phone.calls_db.exists() and (entries := await phone.call_logs()):
+                                logs[name] = entries
+        for entries in logs.values():
+            assert [(e.call_id, e.status) for e in entries] == [(call_id, "accepted elsewhere")]
+    finally:
+        if demo.returncode is None:
+            os.killpg(demo.pid, signal.SIGINT)
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await demo.wait()
+        if demo.returncode is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            await demo.wait()
+    assert demo.returncode == 0, (tmp_path / "demo.out").read_text()

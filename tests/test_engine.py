@@ -324,3 +324,56 @@ def test_invariants_one_action_per_pair_and_none_for_ringing_calls(
         assert d.call_id in ends and ends[d.call_id] <= d.ts, "a fake call for a call still ringing"
         assert d.ts >= starts[d.call_id]
         assert d.ts - ends[d.call_id] <= 15
+
+
+CONTACT = "sip:bob@192.0.2.10:50000;transport=udp"
+
+
+def test_a_device_that_rang_with_the_real_call_gets_no_fake_call() -> None:
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0)),
+        (0.1, w.branch_reply(T0 + 0.1, CONTACT)),  # the awake iPhone rang
+        (3.0, w.cancelled(T0 + 3)),
+        (4.0, w.register(T0 + 4)),  # the app re-registers, same Contact
+    )
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "rang")]
+
+
+def test_rang_is_matched_by_instance_when_the_contact_changed() -> None:
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.register(T0 - 60)),  # registered (awake) before the call
+        (1.0, w.start(T0)),
+        (1.1, w.branch_reply(T0 + 0.1, CONTACT)),
+        (3.0, w.answered(T0 + 2)),
+        # Woken again, from a new port: a new Contact, the same +sip.instance.
+        (4.0, w.register(T0 + 3, contact="sip:bob@192.0.2.10:50001;transport=udp")),
+    )
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "rang")]
+
+
+def test_rang_is_matched_by_push_token_from_the_contact() -> None:
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0)),
+        (0.1, w.branch_reply(T0 + 0.1, "sip:x@192.0.2.10:5060;pn-provider=apns;pn-prid=TOKEN1", code=486)),
+        (3.0, w.answered(T0 + 2)),
+        (4.0, w.register(T0 + 3, instance=None, contact="sip:y@192.0.2.11:6000", pn_prid="TOKEN1")),
+    )
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "rang")]
+
+
+def test_another_device_of_the_account_still_gets_its_fake_call() -> None:
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0)),
+        (0.1, w.branch_reply(T0 + 0.1, "sip:desk@192.0.2.20:5060")),
+        (3.0, w.answered(T0 + 2)),
+        (4.0, w.register(T0 + 3)),
+    )
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "answered")]

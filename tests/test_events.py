@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from evapi_worker.events import (
+    BranchReply,
     CallFailed,
     CallStarted,
     CommandResult,
@@ -146,6 +147,10 @@ def test_normalize_aor() -> None:
     assert normalize_aor("sip:bob@EXAMPLE.com") == "bob@example.com"
     assert normalize_aor("SIPS:Bob@Example.com") == "Bob@example.com"
     assert normalize_aor("bob") == "bob"
+    # No port, no URI parameters: REGISTERs and calls name one account alike.
+    assert normalize_aor("sip:bob@Voip.Example.org:5060;transport=tls") == "bob@voip.example.org"
+    assert normalize_aor("bob@voip.example.org:5061") == "bob@voip.example.org"
+    assert normalize_aor("sip:bob@[2001:DB8::1]:5060") == "bob@[2001:db8::1]"
 
 
 json_values = (
@@ -195,3 +200,21 @@ def test_any_json_object_parses_or_raises_event_error(etype: str, fields: dict[s
 def test_any_bytes_parse_or_raise_event_error(data: bytes) -> None:
     with contextlib.suppress(EventError):
         parse_event(data)
+
+
+def test_branch_reply_names_the_call_the_code_and_the_contact() -> None:
+    raw = b'{"event":"branch_reply","node":"k","ts":"1.5","seq":"3","call_id":"c1@x","code":"180",'
+    raw += b'"contact":"sip:dev@192.0.2.4:5060;pn-prid=AB"}'
+    (event, unknown) = parse_event(raw)
+    assert isinstance(event, BranchReply) and unknown == ()
+    assert (event.call_id, event.code, event.contact) == ("c1@x", 180, "sip:dev@192.0.2.4:5060;pn-prid=AB")
+    with pytest.raises(EventError) as err:
+        parse_event(raw.replace(b'"180"', b'"99"'))
+    assert err.value.reason == "bad_value"
+
+
+def test_call_start_says_whether_the_call_waits_for_a_push() -> None:
+    base = b'{"event":"call_start","node":"k","ts":1,"seq":1,"call_id":"c@x","aor":"bob@example.com","from_user":"a"'
+    assert parse_event(base + b"}").event == parse_event(base + b',"push":false}').event
+    held = parse_event(base + b',"push":true}').event
+    assert isinstance(held, CallStarted) and held.push
