@@ -131,7 +131,7 @@ class KamailioProcess:
             "-A", f"EVW_SIP_IP={self.sip_host}", "-A", f"EVW_SIP_PORT={self.sip_port}",
             "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
             "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_IP="{self.worker_ip}"',
-            "-A", f'EVW_DB_URL="sqlite:///{self.database}"',
+            "-A", f'EVW_DB_URL="sqlite:///{self.database}"', "-A", f'EVW_SQL_CON="evw=>sqlite:///{self.database}"',
         ]  # fmt: skip
         if self.domain:
             cmd += ["-A", f"EVW_DOMAIN={self.domain}"]
@@ -237,6 +237,7 @@ CREATE TABLE IF NOT EXISTS evw_push (
     id INTEGER PRIMARY KEY NOT NULL, key_name VARCHAR(256) DEFAULT '' NOT NULL,
     key_type INTEGER DEFAULT 0 NOT NULL, value_type INTEGER DEFAULT 0 NOT NULL,
     key_value VARCHAR(128) DEFAULT '' NOT NULL, expires INTEGER DEFAULT 0 NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS evw_push_key_name_idx ON evw_push (key_name);
 INSERT OR IGNORE INTO version VALUES ('subscriber', 7), ('evw_push', 2);
 """
 

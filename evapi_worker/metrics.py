@@ -28,7 +28,7 @@ COMMAND_FAILURES = ("not_connected", "timeout", "refused", "disconnected", "stop
 DECISIONS = (
     ("fake_call", "answered"), ("fake_call", "declined"), ("fake_call", "missed"),
     ("message", "answered"), ("message", "declined"), ("message", "missed"),
-    ("none", "ringing"), ("none", "too_late"), ("none", "duplicate"),
+    ("none", "ringing"), ("none", "rang"), ("none", "too_late"), ("none", "duplicate"),
 )  # fmt: skip
 
 _DELAY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0)

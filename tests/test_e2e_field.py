@@ -14,7 +14,9 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.demo import DESK_UA, IPHONE_UA, Phones, Subscriber, received
+from evapi_worker.config import Config
+from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, Subscriber, received, start_watched_worker
+from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.sipp_runner import Outcome
 
 from .linphone import CallLog, Linphone, needs_linphonec
@@ -220,3 +222,24 @@ async def test_demo_command_serves_udp_tcp_and_tls_phones(tmp_path: Path) -> Non
             os.killpg(demo.pid, signal.SIGKILL)
             await demo.wait()
     assert demo.returncode == 0, (tmp_path / "demo.out").read_text()
+
+
+async def test_known_push_accounts_survive_a_kamailio_restart(tmp_path: Path) -> None:
+    sip, evapi = free_port(), free_port(socket.SOCK_STREAM)
+
+    def kamailio() -> KamailioProcess:
+        return KamailioProcess(
+            HOST, sip, HOST, evapi, "e2e", HOST, tmp_path, domain=DOMAIN, defines=("EVW_HOLD_KNOWN",)
+        )
+
+    phones = Phones(HOST, sip, tmp_path, DOMAIN)
+    async with kamailio().running():
+        await phones.phone("lou", IPHONE_UA, "iphone", "phone_rings", 200, tmp_path / "first.log")
+    # Stopped cleanly (SIGTERM) and started again: lou is still known, his
+    # call is held for the push.
+    node = NodeAddress("e2e", HOST, evapi, HOST, sip)
+    async with kamailio().running(), trio.open_nursery() as nursery:
+        service, _ = await start_watched_worker(nursery, Config(nodes=(node,), backoff=Backoff(0.01, 0.1)))
+        await phones.call("alice", "Alice", "lou", "field-restart@caller.example.net")
+        assert service.metrics.value("evapi_worker_events_total", {"node": "e2e", "type": "call_start"}) == 1
+        nursery.cancel_scope.cancel()

@@ -24,7 +24,7 @@ from evapi_worker.http_server import respond
 from evapi_worker.sipp_runner import Outcome
 
 from .sipp_device import free_port
-from .test_e2e_kamailio import HOST, Platform, late_iphone
+from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone
 
 ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "evapi-worker.json"
@@ -134,7 +134,7 @@ async def query(port: int, expr: str) -> list[Any]:
 async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
     sip_port, evapi_port = free_port(), free_port(socket.SOCK_STREAM)
     metrics_port = free_port(socket.SOCK_STREAM)
-    kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "prom", HOST, tmp_path)
+    kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "prom", HOST, tmp_path, domain=DOMAIN)
     node = NodeAddress("prom", HOST, evapi_port, HOST, sip_port)
     config = Config(nodes=(node,), backoff=Backoff(0.01, 0.1), metrics=(HOST, metrics_port))
     async with kam.running(), trio.open_nursery() as nursery:
@@ -144,7 +144,7 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_pat
             with trio.fail_after(20):
                 while not await query(prom, 'up{job="evapi-worker"} == 1'):
                     await trio.sleep(0.2)
-            p = Platform(service, Phones(HOST, sip_port, tmp_path), watch, tmp_path)
+            p = Platform(service, Phones(HOST, sip_port, tmp_path, DOMAIN), watch, tmp_path)
             outcome, _ = await late_iphone(p, "bob", "phone_answers", "prom-answered-1@127.0.0.1")
             assert outcome is Outcome.COMPLETED
             with trio.fail_after(20):

@@ -20,7 +20,12 @@ pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="needs 
         ['EVW_WORKER_IP="127.0.0.3"', 'EVW_PUSH_UA="MyApp.*iOS"'],
         ["EVW_DOMAIN=voip.example.org", "EVW_WITH_TLS", "EVW_TLS_PORT=5071", "EVW_PUSH_HOLD=45"],
         ["EVW_WITH_AUTH", 'EVW_DB_URL="sqlite:////tmp/evw-check.sqlite"', "EVW_USE_DOMAIN=0"],
-        ["EVW_WITH_AUTH", "EVW_HOLD_KNOWN", 'EVW_DB_URL="sqlite:////tmp/evw-check.sqlite"'],
+        [
+            "EVW_WITH_AUTH",
+            "EVW_HOLD_KNOWN",
+            'EVW_DB_URL="sqlite:////tmp/c.sqlite"',
+            'EVW_SQL_CON="evw=>sqlite:////tmp/c.sqlite"',
+        ],
     ],
 )
 def test_config_checks(defines: list[str]) -> None:
