@@ -148,3 +148,11 @@ async def test_port_pool_gives_each_run_its_own_port(tmp_path: Path) -> None:
     ports = sorted(line.split("-p ")[1].split()[0] for line in args_file.read_text().splitlines())
     assert ports == ["40000", "40001", "40002"]
     assert "-cid_str orig-%%41-call@10.0.0.1" in args_file.read_text()
+
+
+async def test_stray_responses_from_the_device_do_not_end_the_fake_call(tmp_path: Path) -> None:
+    # Answers to a transaction the fake call never started, as when two fake
+    # calls' answers cross: ignored, and the call still ends as it should.
+    result, lines = await call_device("device_stray", tmp_path)
+    assert result.outcome is Outcome.COMPLETED, result
+    assert lines[1:] == ["cancel"]
