@@ -347,10 +347,14 @@ class Phones:
             timeout=stay_ms / 1000 + 10,
         )  # fmt: skip
 
-    async def call(self, caller: str, caller_name: str, callee: str, call_id: str) -> None:
+    async def call(
+        self, caller: str, caller_name: str, callee: str, call_id: str, scenario: Path | None = None
+    ) -> None:
+        """``caller`` calls ``callee``: answered calls last a second, ringing
+        ones are given up after 2.5 s (or what ``scenario`` does)."""
         await self._sipp(
             [
-                "-sf", str(_scenario("caller.xml")), "-p", str(free_port(self.sip_host)),
+                "-sf", str(scenario or _scenario("caller.xml")), "-p", str(free_port(self.sip_host)),
                 "-key", "caller", caller, "-key", "caller_name", caller_name,
                 "-key", "caller_domain", self.caller_domain, "-key", "callee", callee,
                 "-key", "domain", self.domain, "-cid_str", call_id,
