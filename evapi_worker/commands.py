@@ -29,7 +29,13 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Pin:
-    """Ask Kamailio to remember where one device is, under a one-time key.
+    """Claim a fake call and, if this worker wins, pin where the device is.
+
+    ``claim`` names the (call, device) pair: the first worker to claim it on
+    this node wins (``cmd_result`` says ``claim: won``); the others are told
+    ``taken`` and send nothing. The node handles every worker's commands one
+    at a time in its evapi dispatcher, so the check-and-set is atomic there.
+    A claim lives ``claim_ttl`` seconds.
 
     The fake INVITE carries ``key`` in an ``X-Evapi-Pin`` header; Kamailio
     sends it to ``ruri`` through ``dst`` (the address the REGISTER came from,
@@ -42,6 +48,8 @@ class Pin:
     ruri: str
     dst: str
     ttl: int
+    claim: str = ""
+    claim_ttl: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +63,8 @@ class Message:
     to_uri: str
     call_id: str
     body: str
+    claim: str = ""  # as for Pin: only the winner's MESSAGE is sent
+    claim_ttl: int = 0
 
 
 Command: TypeAlias = Ping | Pin | Message
@@ -79,6 +89,8 @@ def encode_command(command: Command) -> bytes:
         body["id"] = command.id
     elif isinstance(command, Pin):
         body.update(id=command.id, key=command.key, ruri=command.ruri, dst=command.dst, ttl=command.ttl)
+        if command.claim:
+            body.update(claim=command.claim, claim_ttl=command.claim_ttl)
     else:
         body.update(
             id=command.id,
@@ -89,6 +101,8 @@ def encode_command(command: Command) -> bytes:
             call_id=command.call_id,
             body=command.body,
         )
+        if command.claim:
+            body.update(claim=command.claim, claim_ttl=command.claim_ttl)
     payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandTooLarge(f"{body['cmd']} command is {len(payload)} bytes, over {MAX_COMMAND_BYTES}")

@@ -32,6 +32,7 @@ from .events import (
     CallCancelled,
     CallFailed,
     CallStarted,
+    ClaimUnused,
     CommandResult,
     Event,
     Register,
@@ -281,7 +282,7 @@ class Engine:
             return self._on_end(event.call_id, event.ts, kind, event.code, now)
         if isinstance(event, BranchReply):
             return self._on_branch_reply(event, now)
-        if isinstance(event, CommandResult):
+        if isinstance(event, CommandResult | ClaimUnused):
             return _NOTHING
         raise TypeError(f"not an event: {event!r}")
 

@@ -33,6 +33,7 @@ __all__ = [
     "CallEnded",
     "CallFailed",
     "CallStarted",
+    "ClaimUnused",
     "CommandResult",
     "Event",
     "EventError",
@@ -222,18 +223,34 @@ class CommandResult(_Base, frozen=True, tag="cmd_result"):
     id: str
     ok: bool
     error: str | None = None
+    claim: str | None = None  # for a command that claimed: "won" or "taken"
 
     def __post_init__(self) -> None:
         if self.node in _NULLS or self.v != PROTOCOL_VERSION:
             self._check_header()
         if self.id in _NULLS:
             _required(self, "id")
-        if self.error in _NULLS:
-            _optional(self, "error")
+        if self.error in _NULLS or self.claim in _NULLS:
+            _optional(self, "error", "claim")
+
+
+class ClaimUnused(_Base, frozen=True, tag="claim_unused"):
+    """A won claim whose fake call never came: its worker died (or lost the
+    node) between claiming and calling. That device got no fake call."""
+
+    claim: str
+
+    def __post_init__(self) -> None:
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.claim in _NULLS:
+            _required(self, "claim")
 
 
 CallEnded: TypeAlias = CallAnswered | CallCancelled | CallFailed
-Event: TypeAlias = CallStarted | CallAnswered | CallCancelled | CallFailed | BranchReply | Register | CommandResult
+Event: TypeAlias = (
+    CallStarted | CallAnswered | CallCancelled | CallFailed | BranchReply | Register | CommandResult | ClaimUnused
+)
 
 _CLASSES: Final[tuple[type[_Base], ...]] = (
     CallStarted,
@@ -243,6 +260,7 @@ _CLASSES: Final[tuple[type[_Base], ...]] = (
     BranchReply,
     Register,
     CommandResult,
+    ClaimUnused,
 )
 _TYPE_NAMES: Final[dict[type[_Base], str]] = {cls: str(cls.__struct_config__.tag) for cls in _CLASSES}
 _KNOWN_FIELDS: Final[dict[str, frozenset[str]]] = {

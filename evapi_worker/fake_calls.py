@@ -8,6 +8,7 @@ event data passes :mod:`sip_values` before it reaches SIPp or Kamailio.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import secrets
@@ -20,20 +21,27 @@ from . import sip_values
 from .commands import Command, Message, Pin
 from .engine import Action, CallInfo, Decision
 from .evapi_client import CommandFailed, NodeAddress
-from .events import Register
+from .events import CommandResult, Register
 from .logs import kv
 from .metrics import Metrics
 from .sip_values import UnsafeValue
 from .sipp_runner import Outcome, RunResult, SippJob, SippRunner
 
-__all__ = ["ActionRunner", "Parties", "PreparedCall", "build_job", "device_route", "parties"]
+__all__ = ["ActionRunner", "Parties", "PreparedCall", "build_job", "claim_key", "device_route", "parties"]
 
 log = logging.getLogger("evapi_worker.actions")
 
-SendCommand = Callable[[str, Command], Awaitable[None]]
+SendCommand = Callable[[str, Command], Awaitable[CommandResult]]
 """Send a command to the named node and wait for its acknowledgement."""
 
-_GOOD = frozenset((Outcome.COMPLETED, Outcome.ANSWERED, Outcome.REJECTED))
+_GOOD = frozenset((Outcome.COMPLETED, Outcome.ANSWERED, Outcome.REJECTED, Outcome.TAKEN))
+
+
+def claim_key(call_id: str, device: str) -> str:
+    """The name every worker gives the same (call, device) pair: the node
+    lets only the first claim on it win. A digest, so any Call-ID or device
+    name fits Kamailio's htable key safely."""
+    return hashlib.sha256(f"{call_id}\n{device}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +142,14 @@ class ActionRunner:
         metrics: Metrics,
         *,
         pin_ttl: int = 30,
+        claim_ttl: int = 30,
     ) -> None:
         self.runner = runner
         self.nodes = nodes
         self.send_command = send_command
         self.metrics = metrics
         self.pin_ttl = pin_ttl
+        self.claim_ttl = claim_ttl
         # Told how every action ended (the demo's narration, tests).
         self.outcome_listeners: list[Callable[[Decision, Outcome], None]] = []
 
@@ -197,11 +207,16 @@ class ActionRunner:
         self, decision: Decision, node: NodeAddress, prepared: PreparedCall, received: float
     ) -> tuple[Outcome, RunResult | None, str]:
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
-        pin = Pin(secrets.token_hex(6), prepared.pin_key, prepared.ruri, prepared.dst, self.pin_ttl)
+        pin = Pin(
+            secrets.token_hex(6), prepared.pin_key, prepared.ruri, prepared.dst, self.pin_ttl,
+            claim_key(decision.call_id, decision.device), self.claim_ttl,
+        )  # fmt: skip
         try:
-            await self.send_command(node.name, pin)
+            ack = await self.send_command(node.name, pin)
         except CommandFailed as exc:
             return Outcome.FAILED, None, f"pin not acknowledged: {exc}"
+        if not self._won(node.name, ack):
+            return Outcome.TAKEN, None, "another worker claimed this fake call"
         # Once the pin is in place the call goes out even if the deadline
         # passes meanwhile: the slot and the ack were the only waits.
         self.metrics.fake_calls_sent.inc()
@@ -224,6 +239,8 @@ class ActionRunner:
                 to_uri=f"sip:{who.callee_user}@{who.callee_domain}",
                 call_id=call.call_id,
                 body=f"call-ended;call-id={call.call_id};reason={decision.reason}",
+                claim=claim_key(decision.call_id, decision.device),
+                claim_ttl=self.claim_ttl,
             )
         except UnsafeValue as exc:
             return Outcome.UNSAFE, str(exc)
@@ -231,7 +248,18 @@ class ActionRunner:
             return Outcome.OVERDUE, "deadline passed"
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
         try:
-            await self.send_command(node.name, message)
+            result = await self.send_command(node.name, message)
         except CommandFailed as exc:
             return Outcome.FAILED, str(exc)
+        if not self._won(node.name, result):
+            return Outcome.TAKEN, "another worker claimed this MESSAGE"
         return Outcome.COMPLETED, ""
+
+    def _won(self, node: str, result: CommandResult) -> bool:
+        """Whether this worker won the claim; a node whose routes predate
+        claims answers without one, and every worker sends (at least once
+        becomes at least once per worker)."""
+        won = result.claim != "taken"
+        if result.claim is not None:
+            self.metrics.claims.labels(node, "won" if won else "taken").inc()
+        return won

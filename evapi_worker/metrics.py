@@ -140,6 +140,18 @@ class Metrics:
         self.capture_dropped = Counter(
             p + "capture_dropped", "Frames not captured because the disk was behind.", registry=r
         )
+        self.claims = Counter(
+            p + "claims",
+            "Fake calls (or MESSAGEs) claimed on a node: won (this worker sends it) or taken (another does).",
+            ["node", "result"],
+            registry=r,
+        )
+        self.claims_unused = Counter(
+            p + "claims_unused",
+            "Won claims whose fake call never came (a worker died between claiming and calling), told by the node.",
+            ["node"],
+            registry=r,
+        )
         self.dispatch_dropped = Counter(
             p + "dispatch_dropped", "Actions dropped because the action queue was full.", registry=r
         )
@@ -156,6 +168,9 @@ class Metrics:
             self.reconnects.labels(node)
             self.events_lost.labels(node)
             self.kamailio_up.labels(node)
+            self.claims_unused.labels(node)
+            for result in ("won", "taken"):
+                self.claims.labels(node, result)
             for command in COMMANDS:
                 self.commands.labels(node, command)
                 self.commands_acked.labels(node, command)

@@ -24,7 +24,7 @@ from .commands import Command, Ping, command_name
 from .config import Config, ConfigError
 from .engine import Action, Decision, Engine
 from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
-from .events import CommandResult, EventError, Register, UnknownEventError, event_type, parse_event
+from .events import ClaimUnused, CommandResult, EventError, Register, UnknownEventError, event_type, parse_event
 from .fake_calls import ActionRunner
 from .http_server import serve_http
 from .logs import kv
@@ -97,6 +97,11 @@ class Service:
             self.send_command,
             self.metrics,
             pin_ttl=config.commands.pin_ttl,
+            # A claim outlives every decision any worker may still make on
+            # the pair: the window, the settle delay and the deadline.
+            claim_ttl=max(
+                config.commands.pin_ttl, math.ceil(config.engine.window + config.engine.settle + config.engine.deadline)
+            ),
         )
         # Actions start as tasks straight from _dispatch (no queue hop: that
         # would add a scheduling round to every decision's latency); at most
@@ -247,6 +252,10 @@ class Service:
             if not self.connections[node].resolve(event):
                 log.debug("acknowledgement for no waiting command %s", kv(node=node, id=event.id))
             return
+        if isinstance(event, ClaimUnused):
+            m.claims_unused.labels(node).inc()
+            log.warning("claim unused %s", kv(node=node, claim=event.claim))
+            return
         if isinstance(event, Register) and event.node != node:
             # Route by the connection the REGISTER came in on: that node has
             # the device's connection and will take the fake call.
@@ -305,17 +314,18 @@ class Service:
 
     # -- commands and connection state ----------------------------------
 
-    async def send_command(self, node: str, command: Command) -> None:
+    async def send_command(self, node: str, command: Command) -> CommandResult:
         """Send a command to a node and wait for its acknowledgement."""
         name = command_name(command)
         m = self.metrics
         m.commands.labels(node, name).inc()
         try:
-            await self.connections[node].send_command(command, self.config.commands.ack_timeout)
+            result = await self.connections[node].send_command(command, self.config.commands.ack_timeout)
         except CommandFailed as exc:
             m.commands_failed.labels(node, name, exc.reason).inc()
             raise
         m.commands_acked.labels(node, name).inc()
+        return result
 
     def _on_state(self, node: str, state: ConnectionState) -> None:
         up = state is ConnectionState.CONNECTED

@@ -46,6 +46,7 @@ class Outcome(enum.Enum):
     GAVE_UP = "gave_up"  # no final response to the CANCEL in time
     KILLED = "killed"  # SIPp ran past its time limit and was killed
     OVERDUE = "overdue"  # dropped: its deadline passed while it waited
+    TAKEN = "taken"  # another worker claimed this fake call and sends it
     UNSAFE = "unsafe"  # refused: event data not safe for SIP or CSV
     FAILED = "failed"  # SIPp or the command to Kamailio failed
 

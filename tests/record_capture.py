@@ -23,7 +23,7 @@ from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, start
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.replay import decision_json
 
-from .sipp_device import free_port
+from .sipp_device import free_port, free_sip_port
 
 DATA = Path(__file__).parent / "data"
 HOST = "127.0.0.1"
@@ -33,7 +33,7 @@ DOMAIN = "voip.example.org"
 async def record() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        sip_port, evapi_port = free_port(), free_port(socket.SOCK_STREAM)
+        sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
         kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "story", HOST, folder, domain=DOMAIN)
         node = NodeAddress("story", HOST, evapi_port, HOST, sip_port)
         capture = CaptureSettings(folder / "capture")

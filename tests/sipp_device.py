@@ -45,6 +45,21 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     return sipp_free_port("127.0.0.1", kind)
 
 
+def free_sip_port() -> int:
+    """A port free on 127.0.0.1 for both UDP and TCP (Kamailio listens on
+    both with one number)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise OSError("no port free for both UDP and TCP")
+
+
 def _port_taken(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:

@@ -13,7 +13,7 @@ from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import Outcome
 
-from .sipp_device import free_port
+from .sipp_device import free_port, free_sip_port
 from .test_e2e_kamailio import HOST, Platform, late_iphone, pytestmark  # noqa: F401 (same skip rule)
 
 
@@ -32,7 +32,7 @@ async def until(predicate: object, timeout: float = 10) -> None:
 
 
 async def test_kamailio_restart_reconnects_and_later_calls_are_handled(tmp_path: Path) -> None:
-    sip_port, evapi_port = free_port(), free_port(socket.SOCK_STREAM)
+    sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
     node = NodeAddress("k", HOST, evapi_port, HOST, sip_port)
     service = Service(Config(nodes=(node,), backoff=Backoff(0.05, 0.2)))
     watch = watched(service)
@@ -61,7 +61,7 @@ async def test_kamailio_restart_reconnects_and_later_calls_are_handled(tmp_path:
 
 
 async def test_one_node_of_two_down_the_other_still_serves(tmp_path: Path) -> None:
-    sip_port, evapi_port = free_port(), free_port(socket.SOCK_STREAM)
+    sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
     up = NodeAddress("up", HOST, evapi_port, HOST, sip_port)
     down = NodeAddress("down", HOST, free_port(socket.SOCK_STREAM), HOST, free_port())
     service = Service(Config(nodes=(up, down), backoff=Backoff(0.05, 0.2)))

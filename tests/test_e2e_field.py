@@ -20,7 +20,7 @@ from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.sipp_runner import Outcome
 
 from .linphone import CallLog, Linphone, needs_linphonec
-from .sipp_device import SCENARIOS, free_port
+from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
 
 ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
@@ -183,7 +183,7 @@ async def test_demo_command_serves_udp_tcp_and_tls_phones(tmp_path: Path) -> Non
     """The installed ``evapi-worker demo --tls HOST:PORT --no-scenario``: a
     desk phone on UDP answers; late phones on TCP and TLS both see the call
     as answered elsewhere in their own call history."""
-    sip, evapi, tls = free_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+    sip, evapi, tls = free_sip_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
     command = [
         str(Path(sys.executable).with_name("evapi-worker")), "demo", "--no-scenario", "--metrics", "off",
         "--sip", f"{HOST}:{sip}", "--evapi", f"{HOST}:{evapi}", "--tls", f"{HOST}:{tls}",
@@ -227,7 +227,7 @@ async def test_demo_command_serves_udp_tcp_and_tls_phones(tmp_path: Path) -> Non
 
 
 async def test_known_push_accounts_survive_a_kamailio_restart(tmp_path: Path) -> None:
-    sip, evapi = free_port(), free_port(socket.SOCK_STREAM)
+    sip, evapi = free_sip_port(), free_port(socket.SOCK_STREAM)
 
     def kamailio() -> KamailioProcess:
         return KamailioProcess(

@@ -30,7 +30,7 @@ from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import Outcome
 
-from .sipp_device import SCENARIOS, free_port
+from .sipp_device import SCENARIOS, free_port, free_sip_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("kamailio") is None or shutil.which("sipp") is None,
@@ -67,7 +67,7 @@ async def platform(
 ) -> AsyncIterator[Platform]:
     """The bundled Kamailio (serving ``domain``, with TLS, authentication
     and more ``-A`` defines when asked) and a worker connected to it."""
-    sip_port = free_port()
+    sip_port = free_sip_port()
     evapi_port = free_port(socket.SOCK_STREAM)
     tls_port = free_port(socket.SOCK_STREAM) if tls else None
     kam = KamailioProcess(

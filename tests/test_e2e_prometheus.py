@@ -23,7 +23,7 @@ from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.http_server import respond
 from evapi_worker.sipp_runner import Outcome
 
-from .sipp_device import free_port
+from .sipp_device import free_port, free_sip_port
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone
 
 ROOT = Path(__file__).parent.parent
@@ -132,7 +132,7 @@ async def query(port: int, expr: str) -> list[Any]:
 
 @needs
 async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
-    sip_port, evapi_port = free_port(), free_port(socket.SOCK_STREAM)
+    sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
     metrics_port = free_port(socket.SOCK_STREAM)
     kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "prom", HOST, tmp_path, domain=DOMAIN)
     node = NodeAddress("prom", HOST, evapi_port, HOST, sip_port)

@@ -1,0 +1,192 @@
+"""End to end with several workers and several Kamailio nodes: every late
+device gets exactly one fake call, whichever worker sends it and whichever
+dies. Real Kamailio, real SIPp phones; the killed worker is a real
+``evapi-worker run`` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from evapi_worker.config import Config
+from evapi_worker.demo import IPHONE_UA, KamailioProcess, Phones
+from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.service import Service
+
+from .sipp_device import free_port, free_sip_port
+from .test_e2e_kamailio import DOMAIN, HOST, pytestmark  # noqa: F401 (same skip rule)
+
+
+def invites(log: Path) -> list[str]:
+    """The Call-IDs of every INVITE a SIPp phone logged."""
+    if not log.exists():
+        return []
+    return [
+        line.split("call_id= ", 1)[1].split(" from=")[0].strip()
+        for line in log.read_text(errors="replace").splitlines()
+        if line.startswith("invite call_id= ")
+    ]
+
+
+def relayed(kam: KamailioProcess, call_id: str) -> int:
+    """How many fake INVITEs with ``call_id`` Kamailio relayed to a device
+    (a SIPp phone would fold a second INVITE with the same Call-ID into the
+    first call: Kamailio's own log line counts each)."""
+    return kam.log.read_text(errors="replace").count(f"evw: fake call {call_id} to ")
+
+
+def kamailio(folder: Path, node: str) -> KamailioProcess:
+    folder.mkdir(parents=True, exist_ok=True)
+    sip, evapi = free_sip_port(), free_port(socket.SOCK_STREAM)
+    return KamailioProcess(HOST, sip, HOST, evapi, node, HOST, folder, domain=DOMAIN)
+
+
+def address(kam: KamailioProcess) -> NodeAddress:
+    return NodeAddress(kam.node, kam.evapi_host, kam.evapi_port, kam.sip_host, kam.sip_port)
+
+
+async def start_workers(nursery: trio.Nursery, count: int, nodes: Sequence[NodeAddress]) -> list[Service]:
+    """``count`` workers in this process, each connected to every node."""
+    workers = []
+    for _ in range(count):
+        service = Service(Config(nodes=tuple(nodes), backoff=Backoff(0.01, 0.1)))
+        await nursery.start(service.run)
+        workers.append(service)
+    with trio.fail_after(10):
+        while not all(c.connected for w in workers for c in w.connections.values()):
+            await trio.sleep(0.02)
+    return workers
+
+
+def total(workers: Sequence[Service], name: str, **labels: str) -> float:
+    return sum(w.metrics.value(name, labels) for w in workers)
+
+
+async def missed_calls(calling: Phones, users: Sequence[str], tag: str) -> dict[str, str]:
+    """One call to each user, whose phone sleeps (no contact): held, then the
+    caller gives up. Returns the Call-ID of each user's call."""
+    call_ids = {user: f"{tag}-{user}@caller.example.net" for user in users}
+    async with trio.open_nursery() as nursery:
+        for user, call_id in call_ids.items():
+            nursery.start_soon(calling.call, "alice", "Alice", user, call_id)
+    return call_ids
+
+
+async def late_iphones(registering: Phones, users: Sequence[str], folder: Path, stay_ms: int = 2500) -> None:
+    """Every user's iPhone wakes up and registers at once (a burst)."""
+    async with trio.open_nursery() as nursery:
+        for user in users:
+            log = folder / f"iphone-{user}.log"
+            nursery.start_soon(registering.phone, user, IPHONE_UA, f"iphone-{user}", "phone_rings", stay_ms, log)
+
+
+async def test_three_workers_one_node_every_late_iphone_gets_exactly_one_fake_call(tmp_path: Path) -> None:
+    kam = kamailio(tmp_path / "k", "solo")
+    users = [f"u{i}" for i in range(8)]
+    async with kam.running(), trio.open_nursery() as nursery:
+        workers = await start_workers(nursery, 3, [address(kam)])
+        phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+        call_ids = await missed_calls(phones, users, "three")
+        await late_iphones(phones, users, tmp_path)
+        for user in users:
+            assert invites(tmp_path / f"iphone-{user}.log") == [call_ids[user]], user
+            assert relayed(kam, call_ids[user]) == 1, user
+        assert total(workers, "evapi_worker_fake_calls_sent_total") == len(users)
+        assert total(workers, "evapi_worker_claims_total", node="solo", result="won") == len(users)
+        assert total(workers, "evapi_worker_claims_total", node="solo", result="taken") == 2 * len(users)
+        assert total(workers, "evapi_worker_fake_calls_total", outcome="completed") == len(users)
+        assert total(workers, "evapi_worker_fake_calls_total", outcome="taken") == 2 * len(users)
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_workers_two_nodes_call_on_one_phone_on_the_other(tmp_path: Path) -> None:
+    # The call is held and given up on node A; the phones register on node
+    # B, which holds their connections: the fake calls go through B, once.
+    a, b = kamailio(tmp_path / "a", "node-a"), kamailio(tmp_path / "b", "node-b")
+    users = [f"v{i}" for i in range(6)]
+    async with a.running(), b.running(), trio.open_nursery() as nursery:
+        workers = await start_workers(nursery, 2, [address(a), address(b)])
+        call_ids = await missed_calls(Phones(HOST, a.sip_port, tmp_path, DOMAIN), users, "two")
+        await late_iphones(Phones(HOST, b.sip_port, tmp_path, DOMAIN), users, tmp_path)
+        for user in users:
+            assert invites(tmp_path / f"iphone-{user}.log") == [call_ids[user]], user
+            assert (relayed(a, call_ids[user]), relayed(b, call_ids[user])) == (0, 1), user
+        assert total(workers, "evapi_worker_fake_calls_sent_total") == len(users)
+        assert total(workers, "evapi_worker_claims_total", node="node-b", result="won") == len(users)
+        assert total(workers, "evapi_worker_claims_total", node="node-a", result="won") == 0
+        assert total(workers, "evapi_worker_fake_calls_total", outcome="completed") == len(users)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def worker_process(folder: Path, name: str, kam: KamailioProcess) -> AsyncIterator[trio.Process]:
+    """A real ``evapi-worker run`` connected to ``kam``; stopped after."""
+    binary = Path(sys.executable).with_name("evapi-worker")
+    node = f"{kam.node}={kam.evapi_host}:{kam.evapi_port},sip={kam.sip_host}:{kam.sip_port}"
+    log = folder / f"{name}.log"
+    with log.open("wb") as out:
+        proc = await trio.lowlevel.open_process(
+            [str(binary), "run", "--kamailio", node, "--metrics", "off"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+        with trio.fail_after(10):
+            while b"evapi connected" not in log.read_bytes():
+                assert proc.returncode is None, log.read_text()
+                await trio.sleep(0.05)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await proc.wait()
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+def outcomes(log: Path) -> list[str]:
+    return [
+        line.split(" outcome=", 1)[1].split()[0]
+        for line in log.read_text(errors="replace").splitlines()
+        if "fake_call_done" in line
+    ]
+
+
+async def test_a_worker_killed_mid_burst_costs_no_later_device_its_fake_call(tmp_path: Path) -> None:
+    kam = kamailio(tmp_path / "k", "kill")
+    first, second = [f"w{i}" for i in range(5)], [f"x{i}" for i in range(5)]
+    async with kam.running(), AsyncExitStack() as stack:
+        procs = [await stack.enter_async_context(worker_process(tmp_path, f"worker{i}", kam)) for i in range(3)]
+        phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+        call_ids = await missed_calls(phones, first + second, "kill")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late_iphones, phones, first, tmp_path)
+            await trio.sleep(0.05)  # the burst has begun
+            os.killpg(procs[0].pid, signal.SIGKILL)
+            await procs[0].wait()
+            await trio.sleep(0.2)
+            nursery.start_soon(late_iphones, phones, second, tmp_path)
+        # Registered before the kill: at most one each (a claim the dead
+        # worker won is lost). After it: exactly one each.
+        for user in first:
+            assert relayed(kam, call_ids[user]) <= 1, user
+        for user in second:
+            assert invites(tmp_path / f"iphone-{user}.log") == [call_ids[user]], user
+            assert relayed(kam, call_ids[user]) == 1, user
+    # The survivors' fake calls all completed or were taken: no SIPp failed.
+    for name in ("worker1", "worker2"):
+        assert set(outcomes(tmp_path / f"{name}.log")) <= {"completed", "taken"}, name
+    sent = sum(outcomes(tmp_path / f"worker{i}.log").count("completed") for i in (1, 2))
+    assert sent >= len(second)
