@@ -43,6 +43,9 @@ class ConfigError(Exception):
 class CommandSettings:
     ack_timeout: float = 1.0  # how long a command waits for Kamailio's acknowledgement
     pin_ttl: int = 30  # seconds Kamailio keeps a pinned route for a fake call
+    # Seconds between liveness pings; a ping not acknowledged in ack_timeout
+    # means the node is gone (frozen, half-open connection): reconnect. 0: off.
+    ping_interval: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +318,7 @@ def load_config(path: Path | None) -> Config:
     commands = CommandSettings(
         ack_timeout=evapi_t.number("ack_timeout", CommandSettings().ack_timeout, 0.001),
         pin_ttl=evapi_t.integer("pin_ttl", CommandSettings().pin_ttl, 1),
+        ping_interval=evapi_t.number("ping_interval", CommandSettings().ping_interval),
     )
     config = Config(
         nodes=_unique(nodes),

@@ -17,6 +17,7 @@ import itertools
 import logging
 import random
 import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,6 +123,10 @@ class EvapiConnection:
         self.state = ConnectionState.STOPPED
         self.connects = 0
         self._stream: trio.SocketStream | None = None
+        self._connected = trio.Event()
+        self._disconnected = trio.Event()
+        self._disconnected.set()  # no connection yet
+        self._aborted = False
         self._send_lock = trio.Lock()
         self._waiters: dict[str, _Waiter] = {}
         self._ids = itertools.count(1)
@@ -132,6 +137,22 @@ class EvapiConnection:
     @property
     def connected(self) -> bool:
         return self.state is ConnectionState.CONNECTED
+
+    async def wait_connected(self) -> None:
+        """Return once a connection is up (at once if one is)."""
+        await self._connected.wait()
+
+    async def wait_disconnected(self) -> None:
+        """Return once the current connection is gone (at once if none is up)."""
+        await self._disconnected.wait()
+
+    def abort(self) -> None:
+        """Drop the current connection (the node stopped answering); the
+        run loop reconnects after its backoff."""
+        stream = self._stream
+        if stream is not None:
+            self._aborted = True
+            stream.socket.close()
 
     def next_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids)}"
@@ -156,6 +177,7 @@ class EvapiConnection:
                         self.node.name, self.node.evapi_host, self.node.evapi_port, str(exc),
                     )  # fmt: skip
                 else:
+                    _keepalive(stream)
                     up_since = trio.current_time()
                     await self._serve(stream)
                     if trio.current_time() - up_since >= self._backoff.cap:
@@ -170,7 +192,10 @@ class EvapiConnection:
     async def _serve(self, stream: trio.SocketStream) -> None:
         self.connects += 1
         self._stream = stream
+        self._aborted = False
+        self._disconnected = trio.Event()
         self._set_state(ConnectionState.CONNECTED)
+        self._connected.set()
         log.info("evapi connected node=%s addr=%s:%d", self.node.name, self.node.evapi_host, self.node.evapi_port)
         decoder = NetstringDecoder(self._max_frame)
         name = self.node.name
@@ -179,8 +204,11 @@ class EvapiConnection:
                 while True:
                     try:
                         data = await stream.receive_some(65536)
-                    except trio.BrokenResourceError as exc:
-                        log.warning("evapi connection lost node=%s error=%r", name, str(exc))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        if self._aborted:
+                            log.warning("evapi connection dropped node=%s reason=not answering", name)
+                        else:
+                            log.warning("evapi connection lost node=%s error=%r", name, str(exc))
                         return
                     if not data:
                         if decoder.in_frame:
@@ -214,6 +242,8 @@ class EvapiConnection:
                 self._on_framing_error(name, exc)
         finally:
             self._stream = None
+            self._connected = trio.Event()
+            self._disconnected.set()
             self._fail_waiters("disconnected", "connection closed before the acknowledgement")
 
     def resolve(self, result: CommandResult) -> bool:
@@ -263,3 +293,13 @@ class EvapiConnection:
         if not result.ok:
             raise CommandFailed("refused", result.error or "Kamailio answered ok=false")
         return result
+
+
+def _keepalive(stream: trio.SocketStream) -> None:
+    """TCP keepalive: a node whose host vanished (power, network) is noticed
+    in about 20 s even when no event or command is under way."""
+    sock = stream.socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 3), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)

@@ -42,7 +42,6 @@ decisions_log = logging.getLogger("evapi_worker.decision")
 # How often lost-sequence gaps and gauges are looked at when nothing else
 # wakes the timer.
 _HOUSEKEEPING = 0.5
-_PING_INTERVAL = 30.0
 
 
 def tune_gc() -> None:
@@ -113,6 +112,7 @@ class Service:
         self._timer_at = math.inf
         self._evicted = (0, 0)
         self.metrics_port: int | None = None  # bound port of /metrics, once listening
+        self._alive: dict[str, bool] = {}  # per node: answered a ping on this connection
         self.capture = CaptureWriter(config.capture) if config.capture is not None else None
         self._intake = trio.CancelScope()
         # Captures store wall-clock receive times; the service runs on trio's clock.
@@ -208,14 +208,39 @@ class Service:
             self._count_evictions()
 
     async def _pinger(self, conn: EvapiConnection) -> None:
-        """Check now and then that the node still answers commands."""
+        """Liveness: a node is up once it answers a ping on this connection,
+        and down (the connection dropped, to be made again) when a ping goes
+        unanswered. A TCP connection alone proves nothing: a frozen Kamailio
+        (SIGSTOP, a VM pause) or a half-open connection still accepts it."""
+        interval = self.config.commands.ping_interval
+        name = conn.node.name
+        if interval <= 0:
+            return  # up follows the TCP connection (see _on_state)
         while True:
-            await trio.sleep(_PING_INTERVAL)
-            if conn.connected:
-                try:
-                    await self.send_command(conn.node.name, Ping(conn.next_id()))
-                except CommandFailed as exc:
-                    log.warning("ping failed %s", kv(node=conn.node.name, reason=exc.reason, detail=str(exc)))
+            await conn.wait_connected()
+            generation = conn.connects
+            try:
+                await self.send_command(name, Ping(conn.next_id()))
+            except CommandFailed as exc:
+                if exc.reason == "refused":
+                    self._set_alive(name, True)  # it answered, if only "no"
+                elif exc.reason in ("timeout", "disconnected") and conn.connects == generation:
+                    log.warning("node not answering %s", kv(node=name, reason=exc.reason, detail=str(exc)))
+                    self._set_alive(name, False)
+                    conn.abort()
+                    await conn.wait_disconnected()
+                    continue
+            else:
+                self._set_alive(name, True)
+            # Sleep until the next ping, or ping a new connection at once.
+            with trio.move_on_after(interval):
+                await conn.wait_disconnected()
+
+    def _set_alive(self, node: str, alive: bool) -> None:
+        if alive != self._alive.get(node, False):
+            log.info("node %s %s", "up" if alive else "down", kv(node=node))
+        self._alive[node] = alive
+        self.metrics.kamailio_up.labels(node).set(1 if alive else 0)
 
     # -- input ---------------------------------------------------------
 
@@ -329,7 +354,12 @@ class Service:
 
     def _on_state(self, node: str, state: ConnectionState) -> None:
         up = state is ConnectionState.CONNECTED
-        self.metrics.kamailio_up.labels(node).set(1 if up else 0)
+        if not up:
+            self._alive[node] = False
+            self.metrics.kamailio_up.labels(node).set(0)
+        elif self.config.commands.ping_interval <= 0:
+            self._alive[node] = True
+            self.metrics.kamailio_up.labels(node).set(1)
         if up and self.connections[node].connects > 1:
             self.metrics.reconnects.labels(node).inc()
 
@@ -353,6 +383,7 @@ class Service:
         self._evicted = (calls, devices)
 
     def healthy(self) -> tuple[bool, list[str]]:
-        """True while every node is connected; else the names that are not."""
-        down = [name for name, conn in self.connections.items() if not conn.connected]
+        """True while every node is connected and answering; else the names
+        of those that are not."""
+        down = [name for name, conn in self.connections.items() if not (conn.connected and self._alive.get(name))]
         return not down, down

@@ -73,6 +73,11 @@ class EvapiServer:
             self._notify()
 
     @property
+    def actions(self) -> list[dict[str, Any]]:
+        """The commands other than the worker's liveness pings."""
+        return [c for c in self.commands if c["cmd"] != "ping"]
+
+    @property
     def stream(self) -> trio.SocketStream:
         return self.streams[-1]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 from pathlib import Path
 
 import trio
 
-from evapi_worker.config import Config
+from evapi_worker.config import CommandSettings, Config
 from evapi_worker.demo import KamailioProcess, Phones, Watch
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.service import Service
@@ -76,3 +78,51 @@ async def test_one_node_of_two_down_the_other_still_serves(tmp_path: Path) -> No
         assert outcome is Outcome.COMPLETED
         assert service.metrics.value("evapi_worker_kamailio_up", {"node": "down"}) == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_kamailio_is_seen_down_and_up_again_when_it_thaws(tmp_path: Path) -> None:
+    # SIGSTOP: the TCP connection stays open (the kernel keeps it), events
+    # just stop. Only an unanswered ping tells: the worker drops the
+    # connection, reports the node down, and keeps trying.
+    sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
+    node = NodeAddress("k", HOST, evapi_port, HOST, sip_port)
+    config = Config(
+        nodes=(node,),
+        backoff=Backoff(0.05, 0.2),
+        commands=CommandSettings(ack_timeout=0.3, ping_interval=0.3),
+        metrics=(HOST, free_port(socket.SOCK_STREAM)),
+    )
+    service = Service(config)
+    kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "k", HOST, tmp_path)
+    async with kam.running(), trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        up = {"node": "k"}
+        await until(lambda: service.metrics.value("evapi_worker_kamailio_up", up) == 1)
+        assert await health(service) == 200
+        assert kam.process is not None
+        os.killpg(kam.process.pid, signal.SIGSTOP)
+        try:
+            await until(lambda: service.metrics.value("evapi_worker_kamailio_up", up) == 0, timeout=5)
+            assert service.healthy() == (False, ["k"])
+            assert await health(service) == 503
+            await trio.sleep(1.0)  # reconnects reach the frozen node's backlog, pings still fail
+            assert service.metrics.value("evapi_worker_kamailio_up", up) == 0
+        finally:
+            os.killpg(kam.process.pid, signal.SIGCONT)
+        await until(lambda: service.metrics.value("evapi_worker_kamailio_up", up) == 1, timeout=10)
+        assert service.healthy() == (True, [])
+        assert service.metrics.value("evapi_worker_reconnects_total", up) >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def health(service: Service) -> int:
+    """The status code of the worker's /healthz."""
+    assert service.metrics_port is not None
+    stream = await trio.open_tcp_stream(HOST, service.metrics_port)
+    async with stream:
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+    return int(data.split(b" ", 2)[1])

@@ -97,7 +97,7 @@ async def test_late_iphone_on_another_node_gets_the_call_through_that_node(tmp_p
         await w.wait_metric("evapi_worker_fake_calls_total", 1, outcome="completed")
         await dev.finished()
         # The pin went to the node the device registered on, and only there.
-        assert kam1.commands == []
+        assert kam1.actions == []
         (pin,) = [c for c in kam2.commands if c["cmd"] == "pin"]
         assert pin["ruri"] == "sip:bob@127.0.0.1:5099;transport=udp"
         assert pin["dst"] == "sip:127.0.0.1:5099;transport=udp"
@@ -135,7 +135,7 @@ async def test_bad_input_is_counted_and_costs_no_other_event_nor_the_connection(
         assert w.metric("evapi_worker_unknown_fields_total", node="kam1", type="call_cancelled") == 1
         assert kam1.accepted == 1 and kam1.streams  # the connection survived
         assert [(d.call_id, d.reason) for d in w.decisions] == [("evil@x", "missed")]
-        assert kam1.commands == []  # nothing reached Kamailio for the unsafe call
+        assert kam1.actions == []  # nothing reached Kamailio for the unsafe call
 
 
 async def test_sequence_gaps_are_counted_as_lost_events() -> None:
