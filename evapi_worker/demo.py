@@ -123,6 +123,11 @@ class KamailioProcess:
     def database(self) -> Path:
         return self.folder / "evw.sqlite"
 
+    @property
+    def control(self) -> str:
+        """Its control socket, for ``kamcmd -s``."""
+        return f"unix:{self.folder / 'kamailio_ctl'}"
+
     def command(self) -> list[str]:
         binary = shutil.which("kamailio") or "kamailio"
         cmd = [
@@ -132,6 +137,7 @@ class KamailioProcess:
             "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
             "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_IP="{self.worker_ip}"',
             "-A", f'EVW_DB_URL="sqlite:///{self.database}"', "-A", f'EVW_SQL_CON="evw=>sqlite:///{self.database}"',
+            "-A", f'EVW_CTL="{self.control}"',
         ]  # fmt: skip
         if self.domain:
             cmd += ["-A", f"EVW_DOMAIN={self.domain}"]

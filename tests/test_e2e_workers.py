@@ -88,11 +88,20 @@ async def late_iphones(registering: Phones, users: Sequence[str], folder: Path, 
             nursery.start_soon(registering.phone, user, IPHONE_UA, f"iphone-{user}", "phone_rings", stay_ms, log)
 
 
+async def workers_on(kam: KamailioProcess) -> str:
+    """What the node itself says of its workers (kamcmd, as an operator asks)."""
+    result = await trio.run_process(
+        ["kamcmd", "-s", kam.control, "htable.get", "evw", "clients"], capture_stdout=True, check=False
+    )
+    return result.stdout.decode()
+
+
 async def test_three_workers_one_node_every_late_iphone_gets_exactly_one_fake_call(tmp_path: Path) -> None:
     kam = kamailio(tmp_path / "k", "solo")
     users = [f"u{i}" for i in range(8)]
     async with kam.running(), trio.open_nursery() as nursery:
         workers = await start_workers(nursery, 3, [address(kam)])
+        assert "value: 3" in await workers_on(kam)
         phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
         call_ids = await missed_calls(phones, users, "three")
         await late_iphones(phones, users, tmp_path)
@@ -185,6 +194,7 @@ async def test_a_worker_killed_mid_burst_costs_no_later_device_its_fake_call(tmp
         for user in second:
             assert invites(tmp_path / f"iphone-{user}.log") == [call_ids[user]], user
             assert relayed(kam, call_ids[user]) == 1, user
+        assert "value: 2" in await workers_on(kam)  # the node saw the dead worker go
     # The survivors' fake calls all completed or were taken: no SIPp failed.
     for name in ("worker1", "worker2"):
         assert set(outcomes(tmp_path / f"{name}.log")) <= {"completed", "taken"}, name
