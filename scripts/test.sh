@@ -2,8 +2,9 @@
 # Everything CI checks: set-up, lint, types, the installed package, the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# linphone-cli: a real liblinphone phone (linphonec) for the end-to-end tests.
-./scripts/setup.sh linphone-cli
+# Test-only packages: linphone-cli, a real liblinphone phone (linphonec) for
+# the end-to-end tests; systemd, for systemd-analyze verify of the unit.
+./scripts/setup.sh linphone-cli systemd
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

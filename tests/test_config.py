@@ -143,3 +143,21 @@ def test_run_flags_reach_the_config(tmp_path: Path) -> None:
     assert config.state_file == tmp_path / "s"
     assert config.metrics is None
     assert config.engine.window == 30
+
+
+EXAMPLE = Path(__file__).parent.parent / "deploy" / "evapi-worker.toml"
+
+
+def test_the_example_settings_file_loads_as_shipped() -> None:
+    cfg = load_config(EXAMPLE)
+    assert [n.name for n in cfg.nodes] == ["edge1", "edge2"]
+    assert cfg.commands.ping_interval == 5.0 and cfg.action_queue == 10000
+    assert cfg.capture is not None and cfg.capture.keep == 48
+
+
+def test_the_readme_settings_example_is_the_example_file_and_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```\n", 1)[0]
+    assert block == EXAMPLE.read_text()
+    (tmp_path / "readme.toml").write_text(block)
+    assert load_config(tmp_path / "readme.toml") == load_config(EXAMPLE)
