@@ -6,6 +6,7 @@ dies. Real Kamailio, real SIPp phones; the killed worker is a real
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import trio
 
+from evapi_worker.commands import Pin
 from evapi_worker.config import Config
 from evapi_worker.demo import IPHONE_UA, KamailioProcess, Phones
 from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.fake_calls import claim_key
 from evapi_worker.service import Service
 
 from .sipp_device import free_port, free_sip_port
@@ -200,3 +203,31 @@ async def test_a_worker_killed_mid_burst_costs_no_later_device_its_fake_call(tmp
         assert set(outcomes(tmp_path / f"{name}.log")) <= {"completed", "taken"}, name
     sent = sum(outcomes(tmp_path / f"worker{i}.log").count("completed") for i in (1, 2))
     assert sent >= len(second)
+
+
+async def test_the_node_arbitrates_claims_and_reports_one_never_used(tmp_path: Path) -> None:
+    kam = kamailio(tmp_path / "k", "arb")
+    async with kam.running(), trio.open_nursery() as nursery:
+        first, second = await start_workers(nursery, 2, [address(kam)])
+        claim = claim_key("some-call@x", "urn:uuid:iphone")
+
+        def pin(worker: Service) -> Pin:
+            conn = worker.connections["arb"]
+            return Pin(
+                conn.next_id(), secrets.token_urlsafe(12), "sip:dev@127.0.0.1:5999", "sip:127.0.0.1:5999", 1, claim, 2
+            )
+
+        assert (await first.send_command("arb", pin(first))).claim == "won"
+        assert (await second.send_command("arb", pin(second))).claim == "taken"
+        assert (await first.send_command("arb", pin(first))).claim == "taken"  # once won, for its whole life
+        # The winner never calls (as if it died): its pin expires unused and
+        # the node tells every worker.
+        with trio.fail_after(6):
+            while total([first, second], "evapi_worker_claims_unused_total", node="arb") < 2:
+                await trio.sleep(0.1)
+        # The claim expires after claim_ttl (htable checks every second):
+        # then the pair may be claimed again.
+        with trio.fail_after(5):
+            while (await second.send_command("arb", pin(second))).claim != "won":
+                await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
