@@ -50,6 +50,7 @@ class Pin:
     ttl: int
     claim: str = ""
     claim_ttl: int = 0
+    aor: str = ""  # the device's account: ruri must be one of its registered contacts
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,8 @@ def encode_command(command: Command) -> bytes:
         body["id"] = command.id
     elif isinstance(command, Pin):
         body.update(id=command.id, key=command.key, ruri=command.ruri, dst=command.dst, ttl=command.ttl)
+        if command.aor:
+            body["aor"] = command.aor
         if command.claim:
             body.update(claim=command.claim, claim_ttl=command.claim_ttl)
     else:

@@ -335,6 +335,7 @@ class Phones:
         *,
         transport: str = "u1",
         contact_host: str | None = None,
+        port: int | None = None,
     ) -> None:
         """Register ``user``, handle calls with ``behaviour`` (a bundled phone
         scenario's name, or a path) for ``stay_ms``, then unregister.
@@ -345,7 +346,7 @@ class Phones:
         await self._sipp(
             [
                 "-sf", str(_scenario("phone_register.xml")), "-oocsf", str(calls), "-t", transport,
-                "-p", str(free_port(self.sip_host)), "-d", str(stay_ms), *auth,
+                "-p", str(port or free_port(self.sip_host)), "-d", str(stay_ms), *auth,
                 "-key", "user", user, "-key", "domain", self.domain, "-key", "ua", ua, "-key", "instance", instance,
                 "-key", "contact_user", f"dev-{instance}", "-key", "contact_host", contact_host or self.sip_host,
                 "-cid_str", f"reg-{instance}-%u-{secrets.token_hex(3)}", "-trace_logs", "-log_file", str(log),

@@ -63,6 +63,7 @@ class PreparedCall:
     ruri: str
     dst: str
     warnings: tuple[str, ...]
+    aor: str = ""  # the device's account, for Kamailio's registered-contact check
 
 
 def parties(call: CallInfo, default_domain: str) -> Parties:
@@ -128,7 +129,9 @@ def build_job(decision: Decision, node: NodeAddress, pin_key: str) -> PreparedCa
         remote_host=node.sip_host,
         remote_port=node.sip_port,
     )
-    return PreparedCall(job, pin_key, sip_values.sip_uri("contact", reg.contact), device_route(reg), who.warnings)
+    return PreparedCall(
+        job, pin_key, sip_values.sip_uri("contact", reg.contact), device_route(reg), who.warnings, reg.aor
+    )
 
 
 class ActionRunner:
@@ -209,7 +212,7 @@ class ActionRunner:
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
         pin = Pin(
             secrets.token_hex(6), prepared.pin_key, prepared.ruri, prepared.dst, self.pin_ttl,
-            claim_key(decision.call_id, decision.device), self.claim_ttl,
+            claim_key(decision.call_id, decision.device), self.claim_ttl, prepared.aor,
         )  # fmt: skip
         try:
             ack = await self.send_command(node.name, pin)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -210,12 +211,20 @@ async def test_the_node_arbitrates_claims_and_reports_one_never_used(tmp_path: P
     async with kam.running(), trio.open_nursery() as nursery:
         first, second = await start_workers(nursery, 2, [address(kam)])
         claim = claim_key("some-call@x", "urn:uuid:iphone")
+        # A registered iPhone (pins may only name a registered contact).
+        port = free_port()
+        phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+        log = tmp_path / "iphone.log"
+        nursery.start_soon(partial(phones.phone, "yan", IPHONE_UA, "iphone", "phone_rings", 9000, log, port=port))
+        with trio.fail_after(5):
+            while not total([first], "evapi_worker_events_total", node="arb", type="register"):
+                await trio.sleep(0.05)
 
         def pin(worker: Service) -> Pin:
             conn = worker.connections["arb"]
-            return Pin(
-                conn.next_id(), secrets.token_urlsafe(12), "sip:dev@127.0.0.1:5999", "sip:127.0.0.1:5999", 1, claim, 2
-            )
+            where = (f"sip:dev-iphone@{HOST}:{port};transport=UDP", f"sip:{HOST}:{port};transport=udp")
+            key = secrets.token_urlsafe(12)
+            return Pin(conn.next_id(), key, *where, ttl=1, claim=claim, claim_ttl=2, aor=f"yan@{DOMAIN}")
 
         assert (await first.send_command("arb", pin(first))).claim == "won"
         assert (await second.send_command("arb", pin(second))).claim == "taken"

@@ -1,0 +1,121 @@
+"""Nobody but the worker drives the routes: the fake-call route, the pin and
+message commands and the evapi socket itself, tried against real Kamailio
+with the requests a stranger could send."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from evapi_worker.commands import Message, Pin
+from evapi_worker.demo import IPHONE_UA
+from evapi_worker.evapi_client import CommandFailed
+from evapi_worker.service import Service
+
+from .sipp_device import free_port
+from .test_e2e_kamailio import DOMAIN, HOST, Platform, platform, pytestmark  # noqa: F401 (same skip rule)
+
+STRANGER = "127.0.0.2"  # on this machine, but not the worker's address
+
+
+async def sip_request(target: tuple[str, int], message: str, source: str = HOST) -> int:
+    """Send one request over UDP from ``source``; the code of the first
+    response that is not 100 Trying (a ringing device's 180, or a final)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind((source, 0))
+        port = sock.getsockname()[1]
+        await sock.sendto(message.replace("PORT", str(port)).replace("SOURCE", source).encode(), target)
+        with trio.fail_after(5):
+            while True:
+                data = await sock.recv(65536)
+                code = int(data.split(b" ", 2)[1])
+                if code != 100:
+                    return code
+
+
+def invite(call_id: str, pin: str | None) -> str:
+    """A fake-call INVITE as the worker's SIPp sends it."""
+    lines = [
+        f"INVITE sip:bob@{DOMAIN} SIP/2.0",
+        f"Via: SIP/2.0/UDP SOURCE:PORT;branch=z9hG4bK-{secrets.token_hex(6)}",
+        f"From: <sip:alice@caller.example.net>;tag=evw-{secrets.token_hex(3)}",
+        f"To: <sip:bob@{DOMAIN}>",
+        f"Call-ID: {call_id}",
+        "CSeq: 1 INVITE",
+        "Contact: <sip:alice@SOURCE:PORT>",
+        "Max-Forwards: 70",
+    ]
+    if pin is not None:
+        lines.append(f"X-Evapi-Pin: {pin}")
+    return "\r\n".join([*lines, "Content-Length: 0", "", ""])
+
+
+def target(p: Platform) -> tuple[str, int]:
+    assert p.kamailio is not None
+    return (HOST, p.kamailio.sip_port)
+
+
+async def iphone(p: Platform, nursery: trio.Nursery, user: str) -> tuple[str, str]:
+    """An iPhone that registers and stays; its Contact and where it is."""
+    port = free_port()
+    log = p.folder / f"{user}.log"
+    nursery.start_soon(partial(p.phones.phone, user, IPHONE_UA, "iphone", "phone_rings", 8000, log, port=port))
+    with trio.fail_after(5):
+        while not p.metric("evapi_worker_events_total", node="e2e", type="register"):
+            await trio.sleep(0.05)
+    return f"sip:dev-iphone@{HOST}:{port};transport=UDP", f"sip:{HOST}:{port};transport=udp"
+
+
+async def pin(service: Service, aor: str, ruri: str, dst: str, ttl: int = 30) -> str:
+    conn = service.connections["e2e"]
+    key = secrets.token_urlsafe(12)
+    await service.send_command("e2e", Pin(conn.next_id(), key, ruri, dst, ttl, aor=aor))
+    return key
+
+
+async def test_a_pin_from_another_address_is_refused(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        assert await sip_request(target(p), invite("rogue-1@x", "AAAAAAAAAAAA"), source=STRANGER) == 403
+
+
+async def test_unknown_reused_and_expired_pin_keys_find_nothing(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p, trio.open_nursery() as nursery:
+        contact, dst = await iphone(p, nursery, "bob")
+        assert await sip_request(target(p), invite("rogue-2@x", "NoSuchKey123")) == 404
+        key = await pin(p.service, f"bob@{DOMAIN}", contact, dst)
+        assert await sip_request(target(p), invite("pinned-1@x", key)) == 180  # the phone rings
+        assert await sip_request(target(p), invite("pinned-2@x", key)) == 404  # a key serves once
+        short = await pin(p.service, f"bob@{DOMAIN}", contact, dst, ttl=1)
+        await trio.sleep(2.5)
+        assert await sip_request(target(p), invite("pinned-3@x", short)) == 404  # expired
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_pin_must_name_a_registered_contact_of_the_account(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        with pytest.raises(CommandFailed, match="not a registered contact") as refused:
+            await pin(p.service, f"bob@{DOMAIN}", "sip:victim@127.0.0.9:5999", "sip:127.0.0.9:5999;transport=udp")
+        assert refused.value.reason == "refused"
+
+
+async def test_a_message_must_go_to_a_registered_contact(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        conn = p.service.connections["e2e"]
+        message = Message(
+            conn.next_id(),
+            "sip:victim@127.0.0.9:5999",
+            "sip:127.0.0.9:5999;transport=udp",
+            "sip:alice@caller.example.net",
+            f"sip:bob@{DOMAIN}",
+            "c@x",
+            "call-ended;call-id=c@x;reason=missed",
+        )
+        with pytest.raises(CommandFailed, match="not a registered contact") as refused:
+            await p.service.send_command("e2e", message)
+        assert refused.value.reason == "refused"
