@@ -85,7 +85,7 @@ class CaptureWriter:
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.settings.folder.mkdir(parents=True, exist_ok=True)
+        self.settings.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         task_status.started()
         try:
             while True:
@@ -124,7 +124,8 @@ class CaptureWriter:
         self._close()
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
         path = self.settings.folder / f"capture-{stamp}-{os.getpid()}-{int(now * 1000) % 1000:03d}{SUFFIX}"
-        self._file = path.open("ab")
+        # 0600: captures hold push tokens and phone numbers.
+        self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         header = {"format": CAPTURE_FORMAT, "version": CAPTURE_VERSION, "created": now}
         data = msgpack.packb(header, use_bin_type=True)
         self._file.write(data)

@@ -74,7 +74,10 @@ def save_state(engine: Engine, now: float, path: Path) -> int:
         ],
     )  # fmt: skip
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(msgspec.msgpack.encode(snapshot))
+    # 0600: the state holds push tokens and phone numbers.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(msgspec.msgpack.encode(snapshot))
     os.replace(tmp, path)
     return len(calls)
 

@@ -119,3 +119,31 @@ async def test_a_message_must_go_to_a_registered_contact(tmp_path: Path) -> None
         with pytest.raises(CommandFailed, match="not a registered contact") as refused:
             await p.service.send_command("e2e", message)
         assert refused.value.reason == "refused"
+
+
+async def test_a_rogue_invite_with_a_live_calls_call_id_cannot_silence_its_cancel(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p, trio.open_nursery() as nursery:
+        call_id = "live-call@caller.example.net"
+        nursery.start_soon(p.phones.call, "alice", "Alice", "carol", call_id)  # held, given up after 2.5 s
+        with trio.fail_after(5):
+            while not p.metric("evapi_worker_events_total", node="e2e", type="call_start"):
+                await trio.sleep(0.05)
+        # From the worker's own address, with that Call-ID and a made-up pin.
+        assert await sip_request(target(p), invite(call_id, "MadeUpPin123")) == 404
+        with trio.fail_after(8):
+            while not p.metric("evapi_worker_events_total", node="e2e", type="call_cancelled"):
+                await trio.sleep(0.05)
+
+
+async def test_evapi_clients_outside_the_allow_list_are_closed_at_once(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        assert p.kamailio is not None
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with sock:
+            await sock.bind((STRANGER, 0))
+            await sock.connect((HOST, p.kamailio.evapi_port))
+            # A REGISTER happens meanwhile: the stranger must hear nothing of it.
+            await p.phones.phone("dave", IPHONE_UA, "iphone", "phone_rings", 200, tmp_path / "d.log")
+            with trio.fail_after(5):
+                assert await sock.recv(65536) == b""  # closed by Kamailio, nothing sent
+        assert p.service.healthy() == (True, [])  # the worker itself stays connected

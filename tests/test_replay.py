@@ -113,6 +113,8 @@ async def test_writer_rotates_keeps_a_bounded_number_of_files_and_reads_back(tmp
         nursery.cancel_scope.cancel()
     files = sorted(settings.folder.iterdir())
     assert len(files) == 3
+    # They hold push tokens: readable by the worker's user alone.
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o600}
     records = [r for f in files for r in read_capture(f)]
     assert [r.seq for r in records] == list(range(records[0].seq or 0, 400))
     assert records[-1].seq == 399 and records[-1].payload == b'{"event":"x","n":399}'

@@ -48,6 +48,7 @@ async def test_a_restart_inside_the_window_loses_no_late_registration(tmp_path: 
         await first.stop()
         nursery.cancel_scope.cancel()
     assert state.is_file()
+    assert state.stat().st_mode & 0o777 == 0o600  # push tokens: the worker's user alone
 
     second = Service(config)
     decisions: list[Decision] = []
