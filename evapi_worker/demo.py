@@ -336,16 +336,18 @@ class Phones:
         transport: str = "u1",
         contact_host: str | None = None,
         port: int | None = None,
+        register: Path | None = None,
     ) -> None:
         """Register ``user``, handle calls with ``behaviour`` (a bundled phone
         scenario's name, or a path) for ``stay_ms``, then unregister.
         ``contact_host`` puts another host than the phone's address in its
-        Contact (a phone behind NAT)."""
+        Contact (a phone behind NAT); ``register`` replaces the bundled
+        register-stay-unregister scenario."""
         calls = behaviour if isinstance(behaviour, Path) else _scenario(f"{behaviour}.xml")
         auth = ["-au", user, "-ap", self.passwords[user]] if user in self.passwords else []
         await self._sipp(
             [
-                "-sf", str(_scenario("phone_register.xml")), "-oocsf", str(calls), "-t", transport,
+                "-sf", str(register or _scenario("phone_register.xml")), "-oocsf", str(calls), "-t", transport,
                 "-p", str(port or free_port(self.sip_host)), "-d", str(stay_ms), *auth,
                 "-key", "user", user, "-key", "domain", self.domain, "-key", "ua", ua, "-key", "instance", instance,
                 "-key", "contact_user", f"dev-{instance}", "-key", "contact_host", contact_host or self.sip_host,

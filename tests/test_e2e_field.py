@@ -170,7 +170,10 @@ async def test_fake_call_to_a_tcp_phone_whose_connection_is_gone_fails_at_once(t
             await p.phones.call("alice", "Alice", "kim", call_id)
             # The iPhone registers over TCP and is gone at once (app killed):
             # its connection closes before the fake call comes.
-            await p.phones.phone("kim", IPHONE_UA, "iphone", "phone_rings", 0, tmp_path / "i.log", transport="t1")
+            killed = SCENARIOS / "phone_register_leave.xml"
+            await p.phones.phone(
+                "kim", IPHONE_UA, "iphone", "phone_rings", 0, tmp_path / "i.log", transport="t1", register=killed
+            )
             started = trio.current_time()
             outcome = await p.watch.outcome(call_id, timeout=10)
         assert outcome is Outcome.UNREACHABLE

@@ -47,10 +47,10 @@ def relayed(kam: KamailioProcess, call_id: str) -> int:
     return kam.log.read_text(errors="replace").count(f"evw: fake call {call_id} to ")
 
 
-def kamailio(folder: Path, node: str) -> KamailioProcess:
+def kamailio(folder: Path, node: str, *defines: str) -> KamailioProcess:
     folder.mkdir(parents=True, exist_ok=True)
     sip, evapi = free_sip_port(), free_port(socket.SOCK_STREAM)
-    return KamailioProcess(HOST, sip, HOST, evapi, node, HOST, folder, domain=DOMAIN)
+    return KamailioProcess(HOST, sip, HOST, evapi, node, HOST, folder, domain=DOMAIN, defines=defines)
 
 
 def address(kam: KamailioProcess) -> NodeAddress:
@@ -140,14 +140,16 @@ async def test_two_workers_two_nodes_call_on_one_phone_on_the_other(tmp_path: Pa
 
 
 @asynccontextmanager
-async def worker_process(folder: Path, name: str, kam: KamailioProcess) -> AsyncIterator[trio.Process]:
+async def worker_process(
+    folder: Path, name: str, kam: KamailioProcess, metrics: str = "off"
+) -> AsyncIterator[trio.Process]:
     """A real ``evapi-worker run`` connected to ``kam``; stopped after."""
     binary = Path(sys.executable).with_name("evapi-worker")
     node = f"{kam.node}={kam.evapi_host}:{kam.evapi_port},sip={kam.sip_host}:{kam.sip_port}"
     log = folder / f"{name}.log"
     with log.open("wb") as out:
         proc = await trio.lowlevel.open_process(
-            [str(binary), "run", "--kamailio", node, "--metrics", "off"],
+            [str(binary), "run", "--kamailio", node, "--metrics", metrics],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -161,6 +163,7 @@ async def worker_process(folder: Path, name: str, kam: KamailioProcess) -> Async
         yield proc
     finally:
         if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGCONT)  # in case a test froze it
             os.killpg(proc.pid, signal.SIGTERM)
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await proc.wait()

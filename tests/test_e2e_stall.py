@@ -1,0 +1,111 @@
+"""A frozen worker must never stall Kamailio. The worker (a real process) is
+stopped with SIGSTOP, as a VM pause or a debugger would; tens of thousands of
+iPhones register meanwhile; Kamailio keeps answering SIP at once. After
+SIGCONT the worker reports the events it lost and serves the next late
+iPhone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import trio
+
+from evapi_worker.demo import IPHONE_UA, KamailioProcess, Phones
+
+from .sipp_device import SCENARIOS, free_port
+from .test_e2e_kamailio import DOMAIN, HOST, pytestmark  # noqa: F401 (same skip rule)
+from .test_e2e_workers import invites, kamailio, missed_calls, worker_process
+
+FLOOD = 30_000
+QUEUE = 5_000
+
+
+async def options_rtt(target: tuple[str, int], timeout: float = 2.0) -> float:
+    """Seconds until Kamailio answers one OPTIONS (``timeout`` if it does not)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind((HOST, 0))
+        port = sock.getsockname()[1]
+        branch = f"z9hG4bK-probe-{time.monotonic_ns()}"
+        request = (
+            f"OPTIONS sip:{target[0]}:{target[1]} SIP/2.0\r\nVia: SIP/2.0/UDP {HOST}:{port};branch={branch}\r\n"
+            f"From: <sip:probe@{DOMAIN}>;tag=p\r\nTo: <sip:{target[0]}:{target[1]}>\r\nCall-ID: {branch}\r\n"
+            "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+        start = trio.current_time()
+        await sock.sendto(request.encode(), target)
+        with trio.move_on_after(timeout):
+            await sock.recv(65536)
+            return trio.current_time() - start
+        return timeout
+
+
+async def kamcmd(kam: KamailioProcess, *args: str) -> str:
+    result = await trio.run_process(["kamcmd", "-s", kam.control, *args], capture_stdout=True, check=False)
+    return result.stdout.decode()
+
+
+async def metric(port: int, name: str) -> float:
+    """Sum of a metric's samples on a worker's /metrics."""
+    stream = await trio.open_tcp_stream(HOST, port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in data.decode().splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+async def test_a_frozen_worker_never_stalls_kamailio(tmp_path: Path) -> None:
+    # A queue smaller than the flood: the oldest events are dropped.
+    kam = kamailio(tmp_path / "k", "stall", f"EVW_QUEUE_SIZE={QUEUE}")
+    metrics_port = free_port(socket.SOCK_STREAM)
+    target = (HOST, kam.sip_port)
+    async with kam.running(), worker_process(tmp_path, "worker", kam, f"{HOST}:{metrics_port}") as worker:
+        assert await options_rtt(target) < 0.2
+        os.killpg(worker.pid, signal.SIGSTOP)
+        flood = [
+            shutil.which("sipp") or "sipp", f"{HOST}:{kam.sip_port}", "-sf", str(SCENARIOS / "register_flood.xml"),
+            "-key", "domain", DOMAIN, "-m", str(FLOOD), "-r", "10000", "-l", "5000", "-i", HOST,
+            "-p", str(free_port()), "-nostdin", "-timeout", "30s",
+        ]  # fmt: skip
+        rtts: list[float] = []
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def run_flood() -> None:
+                with trio.move_on_after(40):
+                    await trio.run_process(flood, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+                done.set()
+
+            nursery.start_soon(run_flood)
+            while not done.is_set():
+                rtts.append(await options_rtt(target))
+                await trio.sleep(0.1)
+        assert len(rtts) >= 10, rtts
+        assert max(rtts) < 0.2, f"OPTIONS answered in up to {max(rtts):.3f} s while the worker was frozen"
+        # Kamailio counted what it dropped...
+        dropped = int((await kamcmd(kam, "htable.get", "evw", "dropped")).split("value: ")[1].split()[0])
+        assert dropped > 0, dropped
+        os.killpg(worker.pid, signal.SIGCONT)
+        # ...and the worker sees the same gap in the sequence.
+        with trio.fail_after(20):
+            while await metric(metrics_port, "evapi_worker_events_lost_total") < dropped:
+                await trio.sleep(0.2)
+        assert await metric(metrics_port, "evapi_worker_events_lost_total") == dropped
+        # And it serves the next late iPhone.
+        phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+        (call_id,) = (await missed_calls(phones, ["after"], "stall")).values()
+        log = tmp_path / "iphone-after.log"
+        await phones.phone("after", IPHONE_UA, "iphone-after", "phone_rings", 2500, log)
+        assert invites(log) == [call_id]
