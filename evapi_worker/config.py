@@ -46,6 +46,11 @@ class CommandSettings:
     # Seconds between liveness pings; a ping not acknowledged in ack_timeout
     # means the node is gone (frozen, half-open connection): reconnect. 0: off.
     ping_interval: float = 5.0
+    # Overload: with more than shed_above bytes waiting unread on a node's
+    # socket, events are counted and dropped (acknowledgements kept) until
+    # fewer than shed_below wait. 0: never shed.
+    shed_above: int = 1 << 20
+    shed_below: int = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +324,8 @@ def load_config(path: Path | None) -> Config:
         ack_timeout=evapi_t.number("ack_timeout", CommandSettings().ack_timeout, 0.001),
         pin_ttl=evapi_t.integer("pin_ttl", CommandSettings().pin_ttl, 1),
         ping_interval=evapi_t.number("ping_interval", CommandSettings().ping_interval),
+        shed_above=evapi_t.integer("shed_above", CommandSettings().shed_above),
+        shed_below=evapi_t.integer("shed_below", CommandSettings().shed_below),
     )
     config = Config(
         nodes=_unique(nodes),

@@ -13,11 +13,14 @@ interleave, and wait for Kamailio's ``cmd_result`` with the same id.
 from __future__ import annotations
 
 import enum
+import fcntl
 import itertools
 import logging
 import random
 import secrets
 import socket
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +41,9 @@ __all__ = [
 log = logging.getLogger("evapi_worker.evapi")
 
 _FRAMES_PER_CHECKPOINT = 32
+# Acknowledgements are never shed: a lost ack fails a command, and a lost
+# ping answer would drop the connection.
+_ACK_MARK = b'"cmd_result"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +117,9 @@ class EvapiConnection:
         on_state: Callable[[str, ConnectionState], None] | None = None,
         on_oversized: Callable[[str, int], None] | None = None,
         on_framing_error: Callable[[str, FramingError], None] | None = None,
+        on_shed: FrameHandler | None = None,
+        shed_above: int = 0,
+        shed_below: int = 0,
     ) -> None:
         self.node = node
         self._on_frame = on_frame
@@ -120,6 +129,13 @@ class EvapiConnection:
         self._on_state = on_state
         self._on_oversized = on_oversized
         self._on_framing_error = on_framing_error
+        # Overload: past shed_above bytes waiting in the socket, frames other
+        # than acknowledgements go to on_shed (counted, not decided) until
+        # fewer than shed_below wait, so Kamailio's writes never back up.
+        self._on_shed = on_shed
+        self._shed_above = shed_above if on_shed is not None else 0
+        self._shed_below = shed_below
+        self.shedding = False
         self.state = ConnectionState.STOPPED
         self.connects = 0
         self._stream: trio.SocketStream | None = None
@@ -218,6 +234,9 @@ class EvapiConnection:
                         return
                     now = trio.current_time()
                     decoder.receive_data(data)
+                    if self._shed_above:
+                        self._check_overload(stream)
+                    shedding = self.shedding
                     handled = 0
                     while True:
                         frame = decoder.next_frame()
@@ -227,6 +246,10 @@ class EvapiConnection:
                             log.warning("evapi frame skipped node=%s reason=oversized length=%d", name, frame.length)
                             if self._on_oversized is not None:
                                 self._on_oversized(name, frame.length)
+                            continue
+                        if shedding and _ACK_MARK not in frame:
+                            assert self._on_shed is not None
+                            self._on_shed(name, frame, now)
                             continue
                         self._on_frame(name, frame, now)
                         handled += 1
@@ -245,6 +268,15 @@ class EvapiConnection:
             self._connected = trio.Event()
             self._disconnected.set()
             self._fail_waiters("disconnected", "connection closed before the acknowledgement")
+
+    def _check_overload(self, stream: trio.SocketStream) -> None:
+        waiting = _unread_bytes(stream)
+        if not self.shedding and waiting > self._shed_above:
+            self.shedding = True
+            log.warning("evapi intake overloaded node=%s waiting=%d; shedding events", self.node.name, waiting)
+        elif self.shedding and waiting < self._shed_below:
+            self.shedding = False
+            log.warning("evapi intake caught up node=%s waiting=%d", self.node.name, waiting)
 
     def resolve(self, result: CommandResult) -> bool:
         """Deliver an acknowledgement; False if no command waits for it."""
@@ -293,6 +325,16 @@ class EvapiConnection:
         if not result.ok:
             raise CommandFailed("refused", result.error or "Kamailio answered ok=false")
         return result
+
+
+def _unread_bytes(stream: trio.SocketStream) -> int:
+    """Bytes received by the kernel that this worker has not read yet."""
+    try:
+        buf = fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    waiting: int = struct.unpack("i", buf)[0]
+    return waiting
 
 
 def _keepalive(stream: trio.SocketStream) -> None:

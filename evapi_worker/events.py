@@ -44,6 +44,7 @@ __all__ = [
     "event_type",
     "normalize_aor",
     "parse_event",
+    "peek_sequence",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -309,6 +310,24 @@ def parse_event(payload: bytes | str) -> Parsed:
     except RecursionError:
         raise EventError("invalid_json", "payload nests too deeply") from None
     return _parse_with_unknown_fields(payload)
+
+
+class _Sequence(Struct, gc=False):
+    seq: int = -1
+    boot: int = 0
+
+
+_SEQUENCE: Final = msgspec.json.Decoder(_Sequence, strict=False)
+
+
+def peek_sequence(payload: bytes) -> tuple[int, int] | None:
+    """(boot, seq) of a frame, read without validating the event (for
+    frames shed under overload, so their numbers are not taken as lost)."""
+    try:
+        found = _SEQUENCE.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return (found.boot, found.seq) if found.seq >= 0 else None
 
 
 def decode_event(payload: bytes | str) -> Event:

@@ -124,6 +124,9 @@ class Metrics:
         )
         self.reconnects = Counter(p + "reconnects", "evapi connections made after the first.", ["node"], registry=r)
         self.events_lost = Counter(p + "events_lost", "Events missing from a node's sequence.", ["node"], registry=r)
+        self.events_shed = Counter(
+            p + "events_shed", "Events dropped unread because the worker fell behind (overload).", ["node"], registry=r
+        )
         self.commands = Counter(p + "commands", "Commands sent to Kamailio.", ["node", "command"], registry=r)
         self.commands_acked = Counter(
             p + "commands_acked", "Commands Kamailio acknowledged.", ["node", "command"], registry=r
@@ -167,6 +170,7 @@ class Metrics:
                 self.event_errors.labels(node, reason)
             self.reconnects.labels(node)
             self.events_lost.labels(node)
+            self.events_shed.labels(node)
             self.kamailio_up.labels(node)
             self.claims_unused.labels(node)
             for result in ("won", "taken"):

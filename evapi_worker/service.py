@@ -24,7 +24,16 @@ from .commands import Command, Ping, command_name
 from .config import Config, ConfigError
 from .engine import Action, Decision, Engine
 from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
-from .events import ClaimUnused, CommandResult, EventError, Register, UnknownEventError, event_type, parse_event
+from .events import (
+    ClaimUnused,
+    CommandResult,
+    EventError,
+    Register,
+    UnknownEventError,
+    event_type,
+    parse_event,
+    peek_sequence,
+)
 from .fake_calls import ActionRunner
 from .http_server import serve_http
 from .logs import kv
@@ -87,6 +96,9 @@ class Service:
                 on_state=self._on_state,
                 on_oversized=self._on_oversized,
                 on_framing_error=self._on_framing_error,
+                on_shed=self._on_shed,
+                shed_above=config.commands.shed_above,
+                shed_below=config.commands.shed_below,
             )
             for node in config.nodes
         }
@@ -362,6 +374,17 @@ class Service:
             self.metrics.kamailio_up.labels(node).set(1)
         if up and self.connections[node].connects > 1:
             self.metrics.reconnects.labels(node).inc()
+
+    def _on_shed(self, node: str, payload: bytes, now: float) -> None:
+        """A frame dropped under overload: counted, captured, its sequence
+        number noted (it is shed, not lost), nothing decided."""
+        self.metrics.events_shed.labels(node).inc()
+        self._capture(node, None, payload, now)
+        numbers = peek_sequence(payload)
+        if numbers is not None:
+            lost = self.sequences.observe(node, numbers[0], numbers[1], now)
+            if lost:
+                self._count_lost(node, lost)
 
     def _on_oversized(self, node: str, length: int) -> None:
         self.metrics.event_errors.labels(node, "oversized").inc()

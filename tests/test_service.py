@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from evapi_worker.config import Config
+from evapi_worker.config import CommandSettings, Config
 from evapi_worker.engine import Decision, EngineSettings
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.netstring import encode
@@ -41,7 +41,9 @@ class World:
 
 
 @asynccontextmanager
-async def world(sip_ports: dict[str, int] | None = None, **engine: Any) -> AsyncIterator[World]:
+async def world(
+    sip_ports: dict[str, int] | None = None, commands: CommandSettings | None = None, **engine: Any
+) -> AsyncIterator[World]:
     sip_ports = sip_ports or {}
     async with trio.open_nursery() as nursery:
         servers = {name: EvapiServer(name) for name in ("kam1", "kam2")}
@@ -56,6 +58,7 @@ async def world(sip_ports: dict[str, int] | None = None, **engine: Any) -> Async
             engine=EngineSettings(**engine),
             sipp=SippSettings(max_concurrent=2, timeout=20),
             backoff=Backoff(0.01, 0.05),
+            commands=commands or CommandSettings(),
         )
         service = Service(config)
         decisions: list[Decision] = []
@@ -194,3 +197,27 @@ async def test_shell_metacharacters_and_separators_reach_sipp_as_inert_text(tmp_
     # The user part arrives percent-encoded (';' would have split SIPp's CSV).
     assert "<sip:a%3Bb$(touch%20" in invite
     assert f'from= "{hostile_name}" <sip:' in invite
+
+
+async def test_an_overloaded_intake_sheds_and_counts_instead_of_backing_up_kamailio() -> None:
+    # A burst far larger than the watermark arrives at once: the worker
+    # drops (and counts) events unread rather than let Kamailio's writes
+    # wait, keeps acknowledgements, notes the shed events' numbers (they are
+    # shed, not lost), and decides normally again once it caught up.
+    async with world(commands=CommandSettings(shed_above=16_384, shed_below=4_096, ping_interval=0)) as w:
+        kam1 = w.servers["kam1"]
+        burst = b"".join(register(kam1, T0 + i * 1e-4, aor=f"user{i}@example.com") for i in range(3000))
+        await kam1.send(burst)
+        await w.wait_metric("evapi_worker_events_total", 1, timeout=5, node="kam1", type="register")
+        with trio.fail_after(5):
+            while (
+                w.metric("evapi_worker_events_shed_total", node="kam1")
+                + w.metric("evapi_worker_events_total", node="kam1", type="register")
+                < 3000
+            ):
+                await trio.sleep(0.01)
+        assert w.metric("evapi_worker_events_shed_total", node="kam1") > 0
+        assert w.metric("evapi_worker_events_lost_total", node="kam1") == 0
+        assert not w.service.connections["kam1"].shedding
+        await kam1.send(start(kam1, T0 + 1))
+        await w.wait_metric("evapi_worker_events_total", 1, timeout=5, node="kam1", type="call_start")
