@@ -16,6 +16,7 @@ import enum
 import fcntl
 import itertools
 import logging
+import math
 import random
 import secrets
 import socket
@@ -136,6 +137,7 @@ class EvapiConnection:
         self._shed_above = shed_above if on_shed is not None else 0
         self._shed_below = shed_below
         self.shedding = False
+        self.last_data = -math.inf  # trio time of the last bytes read from the node
         self.state = ConnectionState.STOPPED
         self.connects = 0
         self._stream: trio.SocketStream | None = None
@@ -233,6 +235,7 @@ class EvapiConnection:
                             log.warning("evapi closed by Kamailio node=%s", name)
                         return
                     now = trio.current_time()
+                    self.last_data = now
                     decoder.receive_data(data)
                     if self._shed_above:
                         self._check_overload(stream)
@@ -268,6 +271,14 @@ class EvapiConnection:
             self._connected = trio.Event()
             self._disconnected.set()
             self._fail_waiters("disconnected", "connection closed before the acknowledgement")
+
+    def heard_since(self, since: float) -> bool:
+        """Whether the node sent anything since ``since`` (or has bytes
+        waiting unread): a node that talks is alive, even if an answer is
+        late (after this worker was itself frozen, its timers fire before
+        it has read what came meanwhile)."""
+        stream = self._stream
+        return self.last_data >= since or (stream is not None and _unread_bytes(stream) > 0)
 
     def _check_overload(self, stream: trio.SocketStream) -> None:
         waiting = _unread_bytes(stream)

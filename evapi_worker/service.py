@@ -231,11 +231,14 @@ class Service:
         while True:
             await conn.wait_connected()
             generation = conn.connects
+            sent = trio.current_time()
             try:
                 await self.send_command(name, Ping(conn.next_id()))
             except CommandFailed as exc:
                 if exc.reason == "refused":
                     self._set_alive(name, True)  # it answered, if only "no"
+                elif exc.reason == "timeout" and conn.heard_since(sent):
+                    continue  # late, but the node talks: ask again
                 elif exc.reason in ("timeout", "disconnected") and conn.connects == generation:
                     log.warning("node not answering %s", kv(node=name, reason=exc.reason, detail=str(exc)))
                     self._set_alive(name, False)

@@ -51,6 +51,11 @@ async def kamcmd(kam: KamailioProcess, *args: str) -> str:
     return result.stdout.decode()
 
 
+async def dropped_on(kam: KamailioProcess) -> int:
+    """Events the node's queue dropped, as an operator reads it."""
+    return int((await kamcmd(kam, "htable.get", "evw", "dropped")).split("value: ")[1].split()[0])
+
+
 async def metric(port: int, name: str) -> float:
     """Sum of a metric's samples on a worker's /metrics."""
     stream = await trio.open_tcp_stream(HOST, port)
@@ -95,14 +100,19 @@ async def test_a_frozen_worker_never_stalls_kamailio(tmp_path: Path) -> None:
         assert len(rtts) >= 10, rtts
         assert max(rtts) < 0.2, f"OPTIONS answered in up to {max(rtts):.3f} s while the worker was frozen"
         # Kamailio counted what it dropped...
-        dropped = int((await kamcmd(kam, "htable.get", "evw", "dropped")).split("value: ")[1].split()[0])
+        dropped = await dropped_on(kam)
         assert dropped > 0, dropped
         os.killpg(worker.pid, signal.SIGCONT)
-        # ...and the worker sees the same gap in the sequence.
+        # ...and the worker counts them lost, from the gap in the sequence.
+        # (The node's count is close, not exact: SIP workers check the queue's
+        # size and add to it without a common lock; a few more drop while the
+        # queue drains, the worker's own acknowledgements among them.)
         with trio.fail_after(20):
-            while await metric(metrics_port, "evapi_worker_events_lost_total") < dropped:
+            while await metric(metrics_port, "evapi_worker_events_lost_total") < 0.99 * dropped:
                 await trio.sleep(0.2)
-        assert await metric(metrics_port, "evapi_worker_events_lost_total") == dropped
+        await trio.sleep(1.0)
+        lost = await metric(metrics_port, "evapi_worker_events_lost_total")
+        assert lost <= 1.01 * await dropped_on(kam) + 10, (lost, dropped)
         # And it serves the next late iPhone.
         phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
         (call_id,) = (await missed_calls(phones, ["after"], "stall")).values()
