@@ -43,7 +43,8 @@ def _kamailio(rate: int, seconds: float, ready: Connection) -> None:
                     time.sleep(pause)
                 conn.sendall(b"".join(frames[i : i + batch]))
             conn.shutdown(socket.SHUT_WR)
-            conn.recv(1)
+            while conn.recv(65536):  # the worker's pings, until it hangs up
+                pass
 
 
 async def _worker(port: int, seconds: float) -> list[float]:

@@ -49,8 +49,8 @@ class CommandSettings:
     # Overload: with more than shed_above bytes waiting unread on a node's
     # socket, events are counted and dropped (acknowledgements kept) until
     # fewer than shed_below wait. 0: never shed.
-    shed_above: int = 1 << 20
-    shed_below: int = 1 << 18
+    shed_above: int = 4 << 20
+    shed_below: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ __all__ = [
 log = logging.getLogger("evapi_worker.evapi")
 
 _FRAMES_PER_CHECKPOINT = 32
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 # Acknowledgements are never shed: a lost ack fails a command, and a lost
 # ping answer would drop the connection.
 _ACK_MARK = b'"cmd_result"'
@@ -236,6 +237,12 @@ class EvapiConnection:
                         return
                     now = trio.current_time()
                     self.last_data = now
+                    if _QUICKACK is not None:
+                        # ACK at once, every read: Kamailio writes each event
+                        # on its own, and with Nagle on its side a delayed ACK
+                        # from us (the kernel's default once the connection
+                        # also carries our commands) holds events back.
+                        stream.socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
                     decoder.receive_data(data)
                     if self._shed_above:
                         self._check_overload(stream)
