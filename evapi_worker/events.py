@@ -307,6 +307,8 @@ def parse_event(payload: bytes | str) -> Parsed:
             raise _classify(message) from None
     except msgspec.DecodeError as exc:
         raise EventError("invalid_json", f"payload is not JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise EventError("invalid_json", "payload is not UTF-8") from None
     except RecursionError:
         raise EventError("invalid_json", "payload nests too deeply") from None
     return _parse_with_unknown_fields(payload)
@@ -325,7 +327,7 @@ def peek_sequence(payload: bytes) -> tuple[int, int] | None:
     frames shed under overload, so their numbers are not taken as lost)."""
     try:
         found = _SEQUENCE.decode(payload)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     return (found.boot, found.seq) if found.seq >= 0 else None
 
@@ -334,7 +336,7 @@ def decode_event(payload: bytes | str) -> Event:
     """Like :func:`parse_event`, for callers that do not count unknown fields."""
     try:
         event: Event = _DECODER.decode(payload)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return parse_event(payload).event  # the slow path names the problem
     return event
 
@@ -346,6 +348,8 @@ def _parse_with_unknown_fields(payload: bytes | str) -> Parsed:
         obj = msgspec.json.decode(payload)
     except msgspec.DecodeError as exc:
         raise EventError("invalid_json", f"payload is not JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise EventError("invalid_json", "payload is not UTF-8") from None
     except RecursionError:
         raise EventError("invalid_json", "payload nests too deeply") from None
     etype = obj.get("event") if isinstance(obj, dict) else None

@@ -18,6 +18,7 @@ from evapi_worker.events import (
     EventError,
     Register,
     UnknownEventError,
+    decode_event,
     event_type,
     normalize_aor,
     parse_event,
@@ -218,3 +219,20 @@ def test_call_start_says_whether_the_call_waits_for_a_push() -> None:
     assert parse_event(base + b"}").event == parse_event(base + b',"push":false}').event
     held = parse_event(base + b',"push":true}').event
     assert isinstance(held, CallStarted) and held.push
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"event":"register","aor":"\xff\xfe"}',
+        b'{"event":"call_start","node":"k","ts":1,"seq":1,"call_id":"c@x","aor":"b@x","from_user":"\xc3"}',
+        b"\xff\xfe\xfd",
+        b'{"event":"call_start","extra":"\xff","node":"k","ts":1,"seq":1}',
+    ],
+)
+def test_bytes_that_are_not_utf8_are_a_counted_bad_frame_never_a_crash(payload: bytes) -> None:
+    with pytest.raises(EventError) as err:
+        parse_event(payload)
+    assert err.value.reason in ("invalid_json", "missing_field", "bad_type", "bad_value")
+    with pytest.raises(EventError):
+        decode_event(payload)

@@ -124,6 +124,7 @@ async def test_bad_input_is_counted_and_costs_no_other_event_nor_the_connection(
             encode(b"[1,2,3]"),
             encode(json.dumps({"event": "call_transferred", "node": "kam1", "ts": 1, "seq": 1}).encode()),
             encode(b"\xff\xfe\x00binary"),
+            encode(b'{"event":"register","aor":"\xff\xfe"}'),  # valid JSON shape, not UTF-8
             start(kam1, T0, call_id="bad\r\nVia: x"),
             start(kam1, T0, call_id="evil@x", from_user="a\r\nX-Injected: 1"),
             kam1.event("call_cancelled", T0 + 1, call_id="evil@x", surprise="field"),
@@ -131,7 +132,7 @@ async def test_bad_input_is_counted_and_costs_no_other_event_nor_the_connection(
         ]
         await kam1.send(b"".join(junk))
         await w.wait_metric("evapi_worker_fake_calls_total", 1, outcome="unsafe")
-        assert w.metric("evapi_worker_event_errors_total", node="kam1", reason="invalid_json") == 2
+        assert w.metric("evapi_worker_event_errors_total", node="kam1", reason="invalid_json") == 3
         assert w.metric("evapi_worker_event_errors_total", node="kam1", reason="not_object") == 1
         assert w.metric("evapi_worker_event_errors_total", node="kam1", reason="unknown_type") == 1
         assert w.metric("evapi_worker_event_errors_total", node="kam1", reason="bad_value") == 1
