@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import signal
 import sys
@@ -119,8 +120,8 @@ def build_config(args: argparse.Namespace) -> Config:
     engine = config.engine
     try:
         if args.window is not None:
-            if args.window < 0:
-                raise ConfigError("--window", "must not be negative")
+            if not math.isfinite(args.window) or args.window < 0:
+                raise ConfigError("--window", f"must be a finite number of seconds, not {args.window!r}")
             engine = replace(engine, window=args.window)
         if args.anchor is not None:
             engine = replace(engine, anchor=Anchor(args.anchor))

@@ -8,6 +8,7 @@ exit with code 2.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -149,6 +150,8 @@ class _Table:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(self.key(name), f"must be a number, not {value!r}")
+        if not math.isfinite(value):  # TOML has nan and inf; no setting means them
+            raise ConfigError(self.key(name), f"must be a finite number, not {value!r}")
         if value < minimum:
             raise ConfigError(self.key(name), f"must be at least {minimum:g}")
         return float(value)

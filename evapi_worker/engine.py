@@ -109,8 +109,9 @@ class EngineSettings:
 
     def __post_init__(self) -> None:
         for name in ("window", "settle", "deadline", "ring_timeout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number, not negative (got {value!r})")
         if self.settle > self.deadline:
             raise ValueError("settle must not be longer than deadline")
         if self.max_calls < 1 or self.max_devices < 1:

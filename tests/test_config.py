@@ -161,3 +161,27 @@ def test_the_readme_settings_example_is_the_example_file_and_loads(tmp_path: Pat
     assert block == EXAMPLE.read_text()
     (tmp_path / "readme.toml").write_text(block)
     assert load_config(tmp_path / "readme.toml") == load_config(EXAMPLE)
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "[engine]\nwindow = nan\n",
+        "[engine]\ndeadline = inf\n",
+        "shutdown_grace = nan\n",
+        "[evapi]\nreconnect_max = nan\n",
+        "[evapi]\nack_timeout = inf\n",
+    ],
+)
+def test_non_finite_numbers_are_refused_at_load(tmp_path: Path, toml: str) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_window_flag_must_be_finite(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--kamailio", "127.0.0.1:8448", "--window", value]) == 2
+    err = capsys.readouterr().err
+    assert "--window" in err and len(err.strip().splitlines()) == 1
