@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .commands import Command, command_name, encode_command
+from .commands import Command, CommandTooLarge, command_name, encode_command
 from .events import CommandResult
 from .netstring import DEFAULT_MAX_FRAME, FramingError, NeedData, NetstringDecoder, OversizedFrame
 
@@ -320,7 +320,10 @@ class EvapiConnection:
         stream = self._stream
         if stream is None:
             raise CommandFailed("not_connected", f"node {self.node.name} is not connected")
-        frame = encode_command(command)
+        try:
+            frame = encode_command(command)
+        except CommandTooLarge as exc:
+            raise CommandFailed("too_large", str(exc)) from None
         waiter = _Waiter()
         cmd_id = command.id
         self._waiters[cmd_id] = waiter

@@ -157,17 +157,23 @@ class ActionRunner:
         self.outcome_listeners: list[Callable[[Decision, Outcome], None]] = []
 
     async def run(self, decision: Decision, received: float) -> Outcome:
-        """Carry out one decision; ``received`` is when its event arrived."""
-        if decision.action is Action.MESSAGE:
-            outcome, detail = await self._message(decision, received)
-            self.metrics.messages.labels(outcome.value).inc()
-            duration = None
-            what = "message_done"
-        else:
-            outcome, result, detail = await self._fake_call(decision, received)
-            self.metrics.fake_calls.labels(outcome.value).inc()
-            duration = result.duration if result else None
-            what = "fake_call_done"
+        """Carry out one decision; ``received`` is when its event arrived.
+        Whatever goes wrong is this action's outcome (``failed``, logged
+        with the error), never the service's end."""
+        duration: float | None = None
+        try:
+            if decision.action is Action.MESSAGE:
+                what = "message_done"
+                outcome, detail = await self._message(decision, received)
+            else:
+                what = "fake_call_done"
+                outcome, result, detail = await self._fake_call(decision, received)
+                duration = result.duration if result else None
+        except Exception as exc:  # the error boundary of one action
+            log.exception("action failed %s", kv(call_id=decision.call_id, device=decision.device, error=repr(exc)))
+            outcome, detail = Outcome.FAILED, f"{type(exc).__name__}: {exc}"
+        counter = self.metrics.messages if what == "message_done" else self.metrics.fake_calls
+        counter.labels(outcome.value).inc()
         fields = kv(
             node=decision.node,
             call_id=decision.call_id,

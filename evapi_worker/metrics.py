@@ -24,7 +24,7 @@ EVENT_ERROR_REASONS = (
     "oversized", "bad_length", "missing_comma",
 )  # fmt: skip
 COMMANDS = ("ping", "pin", "message")
-COMMAND_FAILURES = ("not_connected", "timeout", "refused", "disconnected", "stopped")
+COMMAND_FAILURES = ("not_connected", "timeout", "refused", "disconnected", "stopped", "too_large")
 DECISIONS = (
     ("fake_call", "answered"), ("fake_call", "declined"), ("fake_call", "missed"),
     ("message", "answered"), ("message", "declined"), ("message", "missed"),

@@ -141,6 +141,10 @@ class SippRunner:
         try:
             with tempfile.TemporaryDirectory(prefix="evapi-worker-sipp-") as tmp:
                 return await self._run_in(Path(tmp), job, port, started)
+        except OSError as exc:
+            # No folder, no descriptors, a full disk: this run's outcome,
+            # never the service's end.
+            return RunResult(Outcome.FAILED, None, trio.current_time() - started, f"cannot prepare SIPp: {exc}")
         finally:
             if pooled:
                 self._free_ports.append(port)

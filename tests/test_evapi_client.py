@@ -177,3 +177,17 @@ async def test_command_refused_unanswered_or_disconnected() -> None:
         with pytest.raises(CommandFailed, match="disconnected"):
             await conn.send_command(Ping(conn.next_id()), timeout=5)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_command_too_large_for_evapi_is_a_failed_command() -> None:
+    server, rec = EvapiServer(), Recorder()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        conn = connection(server.port, rec)
+        await nursery.start(conn.run)
+        await rec.wait_for(lambda: conn.connected)
+        with pytest.raises(CommandFailed, match="too_large") as failed:
+            await conn.send_command(Ping("x" * 9000), timeout=1)
+        assert failed.value.reason == "too_large"
+        assert server.commands == []  # nothing reached Kamailio
+        nursery.cancel_scope.cancel()

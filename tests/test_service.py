@@ -222,3 +222,24 @@ async def test_an_overloaded_intake_sheds_and_counts_instead_of_backing_up_kamai
         assert not w.service.connections["kam1"].shedding
         await kam1.send(start(kam1, T0 + 1))
         await w.wait_metric("evapi_worker_events_total", 1, timeout=5, node="kam1", type="call_start")
+
+
+async def test_an_action_that_raises_is_its_own_failed_outcome_and_the_worker_serves_on() -> None:
+    async with world() as w:
+        kam1 = w.servers["kam1"]
+        calls = 0
+
+        async def out_of_descriptors(job: object) -> object:
+            nonlocal calls
+            calls += 1
+            raise OSError(24, "Too many open files")
+
+        w.service.runner.run = out_of_descriptors  # type: ignore[assignment]
+        for n in range(2):
+            call_id = f"boom-{n}@10.0.0.5"
+            await kam1.send(start(kam1, T0 + n * 10, call_id=call_id, aor=f"u{n}@example.com"))
+            await kam1.send(kam1.event("call_cancelled", T0 + n * 10 + 1, call_id=call_id))
+            await kam1.send(register(kam1, T0 + n * 10 + 2, aor=f"u{n}@example.com", instance=f"<urn:uuid:{n}>"))
+            await w.wait_metric("evapi_worker_fake_calls_total", n + 1, outcome="failed")
+        assert calls == 2
+        assert kam1.accepted == 1 and kam1.streams  # the same connection, still read

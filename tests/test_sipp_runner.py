@@ -156,3 +156,14 @@ async def test_stray_responses_from_the_device_do_not_end_the_fake_call(tmp_path
     result, lines = await call_device("device_stray", tmp_path)
     assert result.outcome is Outcome.COMPLETED, result
     assert lines[1:] == ["cancel"]
+
+
+async def test_no_temporary_folder_is_a_failed_run_not_an_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # cannot make its folder
+    runner = SippRunner(SippSettings(binary=str(fake_sipp(tmp_path, "exit 0"))))
+    async with runner.limiter:
+        result = await runner.run(job(5999))
+    assert result.outcome is Outcome.FAILED
+    assert "cannot prepare SIPp" in result.detail
