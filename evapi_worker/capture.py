@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -65,10 +65,15 @@ class CaptureError(Exception):
 class CaptureWriter:
     """Queues frames from the reader; a task writes them in a worker thread."""
 
-    def __init__(self, settings: CaptureSettings) -> None:
+    def __init__(
+        self, settings: CaptureSettings, on_error: Callable[[int, OSError], None] | None = None, retry: float = 5.0
+    ) -> None:
         self.settings = settings
         self.dropped = 0
         self.written = 0
+        self.lost = 0  # records a write error cost (disk full, folder gone...)
+        self._on_error = on_error
+        self._retry = retry
         self._tx, self._rx = trio.open_memory_channel[tuple[str, int | None, float, bytes]](settings.queue)
         self._file: Any = None
         self._path: Path | None = None
@@ -96,7 +101,11 @@ class CaptureWriter:
                     except trio.WouldBlock:
                         break
                 # File I/O in a thread: a slow disk must not stall the reader.
-                await trio.to_thread.run_sync(self._write, batch)
+                if not await self._write_safely(batch):
+                    # Disk full or folder gone: the capture pauses (what
+                    # arrives meanwhile is dropped and counted), the worker
+                    # goes on, and writing is tried again later.
+                    await trio.sleep(self._retry)
         finally:
             with trio.CancelScope(shield=True):
                 rest = []
@@ -105,8 +114,26 @@ class CaptureWriter:
                         rest.append(self._rx.receive_nowait())
                     except trio.WouldBlock:
                         break
-                await trio.to_thread.run_sync(self._write, rest)
-                await trio.to_thread.run_sync(self._close)
+                await self._write_safely(rest)
+                await trio.to_thread.run_sync(self._close_quietly)
+
+    async def _write_safely(self, batch: list[tuple[str, int | None, float, bytes]]) -> bool:
+        try:
+            await trio.to_thread.run_sync(self._write, batch)
+        except OSError as exc:
+            self.lost += len(batch)
+            log.error("capture write failed %s", kv(records=len(batch), error=str(exc), retry_in=self._retry))
+            await trio.to_thread.run_sync(self._close_quietly)  # a new file next time
+            if self._on_error is not None:
+                self._on_error(len(batch), exc)
+            return False
+        return True
+
+    def _close_quietly(self) -> None:
+        try:
+            self._close()
+        except OSError:
+            self._file = None
 
     def _write(self, batch: list[tuple[str, int | None, float, bytes]]) -> None:
         if not batch:

@@ -143,6 +143,9 @@ class Metrics:
         self.capture_dropped = Counter(
             p + "capture_dropped", "Frames not captured because the disk was behind.", registry=r
         )
+        self.capture_lost = Counter(
+            p + "capture_lost", "Frames not captured because writing failed (disk full, folder gone).", registry=r
+        )
         self.claims = Counter(
             p + "claims",
             "Fake calls (or MESSAGEs) claimed on a node: won (this worker sends it) or taken (another does).",

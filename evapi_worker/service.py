@@ -125,7 +125,9 @@ class Service:
         self._evicted = (0, 0)
         self.metrics_port: int | None = None  # bound port of /metrics, once listening
         self._alive: dict[str, bool] = {}  # per node: answered a ping on this connection
-        self.capture = CaptureWriter(config.capture) if config.capture is not None else None
+        self.capture = (
+            CaptureWriter(config.capture, on_error=self._on_capture_error) if config.capture is not None else None
+        )
         self._intake = trio.CancelScope()
         # Captures store wall-clock receive times; the service runs on trio's clock.
         self._wall_offset = 0.0  # set when running
@@ -377,6 +379,9 @@ class Service:
             self.metrics.kamailio_up.labels(node).set(1)
         if up and self.connections[node].connects > 1:
             self.metrics.reconnects.labels(node).inc()
+
+    def _on_capture_error(self, records: int, exc: OSError) -> None:
+        self.metrics.capture_lost.inc(records)
 
     def _on_shed(self, node: str, payload: bytes, now: float) -> None:
         """A frame dropped under overload: counted, captured, its sequence

@@ -147,3 +147,34 @@ async def test_service_captures_every_frame_it_receives_even_bad_ones(tmp_path: 
     assert [(r.node, r.seq, r.payload) for r in records] == [("kam1", 41, good), ("kam1", None, b"{not json")]
     assert abs(records[0].received - time.time()) < 60
     assert service.metrics.value("evapi_worker_capture_records_total") == 2
+
+
+async def test_a_full_disk_pauses_the_capture_and_costs_the_worker_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    errors: list[int] = []
+    writer = CaptureWriter(CaptureSettings(tmp_path / "cap"), on_error=lambda n, exc: errors.append(n), retry=0.05)
+    real_write = writer._write
+    full = True
+
+    def write(batch: list[tuple[str, int | None, float, bytes]]) -> None:
+        if full:
+            raise OSError(28, "No space left on device")
+        real_write(batch)
+
+    monkeypatch.setattr(writer, "_write", write)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        assert writer.record("kam1", 1, 1_700_000_000.0, b'{"event":"x"}')
+        with trio.fail_after(5):
+            while not errors:
+                await trio.sleep(0.01)
+        full = False  # space freed: capture resumes
+        assert writer.record("kam1", 2, 1_700_000_001.0, b'{"event":"y"}')
+        with trio.fail_after(5):
+            while writer.written < 1:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert writer.lost == 1 and errors == [1]
+    (file,) = (tmp_path / "cap").iterdir()
+    assert [r.seq for r in read_capture(file)] == [2]
