@@ -24,7 +24,10 @@ _MAX_HEAD = 8192
 # The classic text format, which every Prometheus version reads (names here
 # are all plain, so the body is the same in newer format versions).
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_READ_TIMEOUT = 5.0
+_TIMEOUT = 5.0  # a whole exchange, request and answer
+# Connections served at once; more are answered 503 and closed at once, so
+# idle or slow clients cannot take the descriptors SIPp and evapi need.
+_MAX_CONNECTIONS = 32
 
 Health = Callable[[], tuple[bool, list[str]]]
 
@@ -58,27 +61,53 @@ def respond(method: str, path: str, registry: CollectorRegistry, health: Health)
     return reply
 
 
-async def _handle(registry: CollectorRegistry, health: Health, stream: trio.SocketStream) -> None:
+async def _handle(
+    registry: CollectorRegistry,
+    health: Health,
+    limiter: trio.CapacityLimiter,
+    timeout: float,
+    stream: trio.SocketStream,
+) -> None:
     async with stream:
-        head = b""
-        with trio.move_on_after(_READ_TIMEOUT):
-            while b"\r\n\r\n" not in head and len(head) < _MAX_HEAD:
-                try:
-                    data = await stream.receive_some(4096)
-                except trio.BrokenResourceError:
-                    return
-                if not data:
-                    break
-                head += data
-        parts = head.split(b"\r\n", 1)[0].split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-            reply = _response("400 Bad Request", "text/plain", b"bad request\n")
-        else:
-            reply = respond(parts[0].decode("latin-1"), parts[1].decode("latin-1"), registry, health)
         try:
-            await stream.send_all(reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            limiter.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(min(timeout, 0.2)), _quietly():
+                await stream.send_all(_response("503 Service Unavailable", "text/plain", b"busy\n"))
+                # Read what the client sent, so that closing does not reset
+                # the connection before it reads the answer.
+                await stream.receive_some(_MAX_HEAD)
             return
+        try:
+            with trio.move_on_after(timeout), _quietly():
+                await _exchange(registry, health, stream)
+        finally:
+            limiter.release()
+
+
+class _quietly:
+    """A client that went away is no error of ours."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        return kind is not None and issubclass(kind, trio.BrokenResourceError | trio.ClosedResourceError)
+
+
+async def _exchange(registry: CollectorRegistry, health: Health, stream: trio.SocketStream) -> None:
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < _MAX_HEAD:
+        data = await stream.receive_some(4096)
+        if not data:
+            break
+        head += data
+    parts = head.split(b"\r\n", 1)[0].split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        reply = _response("400 Bad Request", "text/plain", b"bad request\n")
+    else:
+        reply = respond(parts[0].decode("latin-1"), parts[1].decode("latin-1"), registry, health)
+    await stream.send_all(reply)
 
 
 async def serve_http(
@@ -87,6 +116,8 @@ async def serve_http(
     registry: CollectorRegistry,
     health: Health,
     *,
+    max_connections: int = _MAX_CONNECTIONS,
+    timeout: float = _TIMEOUT,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; reports the bound port when listening."""
@@ -94,4 +125,5 @@ async def serve_http(
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("http listening %s", kv(addr=f"{host}:{bound}", paths="/metrics,/healthz"))
     task_status.started(bound)
-    await trio.serve_listeners(partial(_handle, registry, health), listeners)
+    limiter = trio.CapacityLimiter(max_connections)
+    await trio.serve_listeners(partial(_handle, registry, health, limiter, timeout), listeners)

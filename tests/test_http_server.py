@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
@@ -61,4 +63,22 @@ async def test_served_over_tcp_and_bad_requests_are_answered() -> None:
             reply = await fetch(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             assert b"evapi_worker_test_total 3.0" in reply
             assert (await fetch(port, b"garbage\r\n\r\n")).startswith(b"HTTP/1.1 400")
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_clients_cannot_hold_more_than_the_cap_and_time_out() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            partial(serve_http, "127.0.0.1", 0, registry(), healthy, max_connections=4, timeout=0.5)
+        )
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
+        await trio.sleep(0.05)
+        with trio.fail_after(2):
+            # Past the cap: answered at once, and closed.
+            assert (await fetch(port, b"GET /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 503")
+        await trio.sleep(0.7)  # the idle ones time out and free their places
+        with trio.fail_after(2):
+            assert b"evapi_worker_test_total 3.0" in await fetch(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        for stream in idle:
+            await stream.aclose()
         nursery.cancel_scope.cancel()
