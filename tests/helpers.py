@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from typing import Any
+
+import trio
 
 from evapi_worker.events import Event, parse_event
 
@@ -63,3 +67,16 @@ class Wire:
         if instance is not None:
             fields["instance"] = instance
         return self.event("register", ts, **fields)
+
+
+async def stop_group(proc: trio.Process, sig: signal.Signals = signal.SIGTERM) -> None:
+    """Stop a process group this test started: ``sig`` (after SIGCONT, in case
+    the test froze it), up to 10 s to exit, then SIGKILL."""
+    if proc.returncode is None:
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, sig)
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await proc.wait()
+    if proc.returncode is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()

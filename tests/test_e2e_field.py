@@ -6,7 +6,6 @@ is the truth."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import sys
@@ -19,6 +18,7 @@ from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, Subsc
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.sipp_runner import Outcome
 
+from .helpers import stop_group
 from .linphone import CallLog, Linphone, needs_linphonec
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
@@ -219,13 +219,7 @@ async def test_demo_command_serves_udp_tcp_and_tls_phones(tmp_path: Path) -> Non
         for entries in logs.values():
             assert [(e.call_id, e.status) for e in entries] == [(call_id, "accepted elsewhere")]
     finally:
-        if demo.returncode is None:
-            os.killpg(demo.pid, signal.SIGINT)
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            await demo.wait()
-        if demo.returncode is None:
-            os.killpg(demo.pid, signal.SIGKILL)
-            await demo.wait()
+        await stop_group(demo, signal.SIGINT)
     assert demo.returncode == 0, (tmp_path / "demo.out").read_text()
 
 

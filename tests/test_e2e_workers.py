@@ -25,6 +25,7 @@ from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.fake_calls import claim_key
 from evapi_worker.service import Service
 
+from .helpers import stop_group
 from .sipp_device import free_port, free_sip_port
 from .test_e2e_kamailio import DOMAIN, HOST, pytestmark  # noqa: F401 (same skip rule)
 
@@ -162,14 +163,7 @@ async def worker_process(
                 await trio.sleep(0.05)
         yield proc
     finally:
-        if proc.returncode is None:
-            os.killpg(proc.pid, signal.SIGCONT)  # in case a test froze it
-            os.killpg(proc.pid, signal.SIGTERM)
-            with trio.CancelScope(shield=True), trio.move_on_after(10):
-                await proc.wait()
-        if proc.returncode is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+        await stop_group(proc)
 
 
 def outcomes(log: Path) -> list[str]:
