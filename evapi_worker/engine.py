@@ -459,15 +459,17 @@ class Engine:
 
     def _store_device(self, dev: _Device) -> None:
         aor = dev.reg.aor
-        devices = self._devices.setdefault(aor, {})
-        if dev.dev in devices:
+        known = self._devices.get(aor)
+        if known is not None and dev.dev in known:
             # Keep the calls still waiting to settle for this device.
-            dev.pending = devices[dev.dev].pending
+            dev.pending = known[dev.dev].pending
         else:
             if self._device_count >= self.settings.max_devices:
+                # Before looking up the account's table: evicting may remove
+                # that very table (its only device was the oldest).
                 self._evict_device()
             self._device_count += 1
-        devices[dev.dev] = dev
+        self._devices.setdefault(aor, {})[dev.dev] = dev
         self._push_timer(dev.expires, _DEVICE, aor, dev.dev)
 
     def _evict_device(self) -> None:

@@ -377,3 +377,19 @@ def test_another_device_of_the_account_still_gets_its_fake_call() -> None:
         (4.0, w.register(T0 + 3)),
     )
     assert actions(out) == [("call-1", "urn:uuid:iphone-1", "answered")]
+
+
+def test_evicting_an_accounts_only_device_for_its_new_one_keeps_the_count_true() -> None:
+    # At the bound, bob's new device evicts the oldest device: bob's only one.
+    w, e = Wire(), Engine(EngineSettings(max_devices=1))
+    run(e, (0.0, w.register(T0, instance="<urn:uuid:old>")))
+    run(e, (1.0, w.register(T0 + 1, instance="<urn:uuid:new>")))
+    assert e.device_count == 1 and e.evicted_devices == 1
+    # The new device is where a call finds it.
+    out = run(
+        e, (2.0, w.start(T0 + 2)), (2.5, w.cancelled(T0 + 2.5)), (3.0, w.register(T0 + 3, instance="<urn:uuid:new>"))
+    )
+    assert actions(out) == [("call-1", "urn:uuid:new", "missed")]
+    for n in range(5):  # and eviction goes on without ever finding nothing to evict
+        run(e, (4.0 + n, w.register(T0 + 4 + n, aor=f"u{n}@example.com", instance=f"<urn:uuid:{n}>")))
+    assert e.device_count == 1
