@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -187,7 +188,15 @@ class Service:
         try:
             count = load_state(self.engine, trio.current_time(), path)
         except StateError as exc:
-            log.warning("state not restored %s", kv(error=str(exc)))
+            # Start empty, and keep the file aside for a look (it would fail
+            # again at every start).
+            aside = path.with_name(path.name + ".bad")
+            try:
+                os.replace(path, aside)
+            except OSError as move:
+                aside = path
+                log.warning("state file not moved aside %s", kv(path=str(path), error=str(move)))
+            log.warning("state not restored %s", kv(error=str(exc), kept=str(aside)))
             return
         log.info("state restored %s", kv(path=str(path), calls=count, devices=self.engine.device_count))
 

@@ -9,6 +9,7 @@ left, not 10.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -90,6 +91,7 @@ def load_state(engine: Engine, now: float, path: Path) -> int:
         raise StateError(f"{path}: {exc}") from None
     if snapshot.version != STATE_VERSION:
         raise StateError(f"{path}: state version {snapshot.version}, expected {STATE_VERSION}")
+    _check_values(snapshot, path)
     down = max(0.0, time.time() - snapshot.saved_at)
     for c in snapshot.calls:
         engine.import_call(
@@ -99,3 +101,32 @@ def load_state(engine: Engine, now: float, path: Path) -> int:
     for d in snapshot.devices:
         engine.import_device(d.reg, d.dev, now - d.arrived_ago - down, now + d.expires_in - down, set(d.pending))
     return len(snapshot.calls)
+
+
+# No saved time is further away than this (about four months): anything else
+# is a damaged file, not a state.
+_SPAN: Final = 1e7
+
+
+def _check_values(snapshot: _Snapshot, path: Path) -> None:
+    """Values of the right types may still be wrong (a hand-edited or
+    damaged file); the worker must start, not crash at every start."""
+    ends = {kind.value for kind in EndKind}
+
+    def bad(what: str) -> StateError:
+        return StateError(f"{path}: {what}")
+
+    if not math.isfinite(snapshot.saved_at):
+        raise bad("saved_at is not a time")
+    for c in snapshot.calls:
+        if c.end is not None and c.end not in ends:
+            raise bad(f"call {c.call_id!r} ended as {c.end!r}")
+        if not (math.isfinite(c.expires_in) and abs(c.expires_in) < _SPAN):
+            raise bad(f"call {c.call_id!r} expires_in {c.expires_in!r}")
+        if c.end_ts is not None and not math.isfinite(c.end_ts):
+            raise bad(f"call {c.call_id!r} end_ts {c.end_ts!r}")
+    for d in snapshot.devices:
+        for name in ("arrived_ago", "expires_in"):
+            value = getattr(d, name)
+            if not (math.isfinite(value) and abs(value) < _SPAN):
+                raise bad(f"device {d.dev!r} {name} {value!r}")

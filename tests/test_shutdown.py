@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgpack
+import pytest
 import trio
 
 from evapi_worker.config import Config
@@ -144,3 +146,29 @@ async def test_sigterm_to_the_command_stops_gracefully_and_writes_the_state(tmp_
     assert code == 0, err
     assert state.is_file()
     assert "state saved" in err
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"end": "bogus"},
+        {"expires_in": float("inf")},
+        {"expires_in": 1e308},
+        {"end_ts": float("nan")},
+    ],
+)
+async def test_a_state_file_with_impossible_values_is_set_aside_and_the_worker_starts_empty(
+    tmp_path: Path, damage: dict[str, object]
+) -> None:
+    state = tmp_path / "state.msgpack"
+    call = {
+        "call_id": "c@x", "aor": "bob@example.com", "started": None, "end_ts": 1.0, "end": "answered",
+        "end_code": None, "expires_in": 10.0, "decided": None, "rang": None, **damage,
+    }  # fmt: skip
+    state.write_bytes(msgpack.packb({"version": 1, "saved_at": 1.0, "calls": [call], "devices": []}))
+    service = Service(Config(state_file=state))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)  # would raise before
+        assert service.engine.call_count == 0
+        nursery.cancel_scope.cancel()
+    assert not state.exists() and (tmp_path / "state.msgpack.bad").is_file()
