@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 
@@ -77,6 +78,27 @@ def check_runtime(config: Config) -> None:
         raise ConfigError("sipp.scenario", f"{str(config.sipp.scenario)!r} is not a file")
     if not config.nodes:
         raise ConfigError("kamailio", "no Kamailio node configured (give --kamailio HOST:PORT)")
+    if config.state_file is not None:
+        folder = config.state_file.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError("state_file", f"{str(folder)!r} is not a folder this worker can write in")
+    if config.capture is not None:
+        folder = config.capture.folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError("capture.folder", f"{str(folder)!r} cannot be made: {exc.strerror}") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError("capture.folder", f"{str(folder)!r} is not writable")
+    if config.metrics is not None:
+        host, port = config.metrics
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError("metrics", f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 class Service:

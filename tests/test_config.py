@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,32 @@ def test_window_flag_must_be_finite(value: str, capsys: pytest.CaptureFixture[st
     assert main(["run", "--kamailio", "127.0.0.1:8448", "--window", value]) == 2
     err = capsys.readouterr().err
     assert "--window" in err and len(err.strip().splitlines()) == 1
+
+
+def _fake_sipp(tmp_path: Path) -> str:
+    binary = tmp_path / "sipp"
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    return str(binary)
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        (["--state", "/nonexistent-folder/state.msgpack"], "state_file"),
+        (["--capture", "/proc/evapi-worker-capture"], "capture.folder"),
+        (["--metrics", "BUSY"], "metrics"),
+    ],
+)
+def test_start_up_problems_are_one_line_and_exit_2_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], key: str
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        flags = [f"127.0.0.1:{port}" if f == "BUSY" else f for f in flags]
+        code = main(["run", "--kamailio", "127.0.0.1:1", "--sipp", _fake_sipp(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and key in err, err
