@@ -13,17 +13,26 @@ missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}" >&2
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-# The Debian package starts a system Kamailio on port 5060; the demo and the
-# tests run their own instances, so keep the system one out of the way.
-if pgrep -x kamailio >/dev/null && [ -f /run/kamailio/kamailio.pid ]; then
-    kill "$(cat /run/kamailio/kamailio.pid)" 2>/dev/null || true
+    # Installing the kamailio package just started its system service on
+    # port 5060, which the demo uses by default: stop and disable that one
+    # service, which this run brought up. A Kamailio that was running before
+    # is never touched.
+    if [[ " ${missing[*]} " == *" kamailio "* ]]; then
+        if command -v systemctl >/dev/null && systemctl is-active --quiet kamailio 2>/dev/null; then
+            $sudo systemctl disable --now kamailio >/dev/null 2>&1 || true
+            echo "setup: stopped and disabled the kamailio service the package started" >&2
+        elif [ -f /run/kamailio/kamailio.pid ] && $sudo kill -0 "$(cat /run/kamailio/kamailio.pid)" 2>/dev/null; then
+            $sudo kill "$(cat /run/kamailio/kamailio.pid)" || true
+            command -v update-rc.d >/dev/null && $sudo update-rc.d kamailio disable >/dev/null 2>&1 || true
+            echo "setup: stopped and disabled the kamailio service the package started" >&2
+        fi
+    fi
 fi
 
 if [ ! -x .venv/bin/python ]; then
