@@ -42,7 +42,7 @@ from .logs import kv
 from .metrics import Metrics
 from .netstring import FramingError
 from .sequence import SequenceTracker
-from .sipp_runner import SippRunner
+from .sipp_runner import SippRunner, remove_stale_folders
 from .state import StateError, load_state, save_state
 
 __all__ = ["Service", "check_runtime"]
@@ -169,6 +169,9 @@ class Service:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._wall_offset = time.time() - trio.current_time()
+        stale = remove_stale_folders()
+        if stale:
+            log.info("stale SIPp folders removed %s", kv(count=stale))
         self._load_state()
         async with trio.open_nursery() as nursery:
             if self.capture is not None:

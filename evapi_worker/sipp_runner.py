@@ -13,6 +13,7 @@ import contextlib
 import enum
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,21 @@ from typing import Final
 
 import trio
 
-__all__ = ["Outcome", "RunResult", "SippJob", "SippRunner", "SippSettings", "bundled_scenario", "free_port"]
+__all__ = [
+    "Outcome",
+    "RunResult",
+    "SippJob",
+    "SippRunner",
+    "SippSettings",
+    "bundled_scenario",
+    "free_port",
+    "remove_stale_folders",
+]
+
+# A run's private folder (its CSV holds the pin key) is named after the
+# worker's process id, so that folders a killed worker left behind can be
+# told from those of workers still running on the same host.
+_FOLDER_PREFIX: Final = "evapi-worker-sipp-"
 
 log = logging.getLogger("evapi_worker.sipp")
 
@@ -139,7 +154,7 @@ class SippRunner:
         pooled = bool(self._free_ports)
         port = self._free_ports.pop() if pooled else self._ephemeral_port()
         try:
-            with tempfile.TemporaryDirectory(prefix="evapi-worker-sipp-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-") as tmp:
                 return await self._run_in(Path(tmp), job, port, started)
         except OSError as exc:
             # No folder, no descriptors, a full disk: this run's outcome,
@@ -215,6 +230,31 @@ class SippRunner:
         meaning = _EXIT_MEANING.get(rc, f"exit code {rc}")
         errors = _tail(folder / "errors.log") or proc.stderr.decode(errors="replace").strip()[-300:]
         return RunResult(Outcome.FAILED, rc, duration, f"{meaning}: {errors}" if errors else meaning)
+
+
+def remove_stale_folders(parent: Path | None = None) -> int:
+    """Remove run folders left by workers that no longer run (``kill -9``
+    skips their clean-up); returns how many. Folders of live processes,
+    this one's included, are left alone."""
+    parent = parent or Path(tempfile.gettempdir())
+    removed = 0
+    for folder in parent.glob(f"{_FOLDER_PREFIX}*-*"):
+        pid_text = folder.name[len(_FOLDER_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not folder.is_dir() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    return True
 
 
 def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:

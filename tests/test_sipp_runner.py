@@ -10,7 +10,15 @@ import pytest
 import trio
 
 from evapi_worker import sip_values
-from evapi_worker.sipp_runner import Outcome, RunResult, SippJob, SippRunner, SippSettings, bundled_scenario
+from evapi_worker.sipp_runner import (
+    Outcome,
+    RunResult,
+    SippJob,
+    SippRunner,
+    SippSettings,
+    bundled_scenario,
+    remove_stale_folders,
+)
 
 from .sipp_device import device, fake_sipp, needs_sipp
 
@@ -167,3 +175,15 @@ async def test_no_temporary_folder_is_a_failed_run_not_an_exception(
         result = await runner.run(job(5999))
     assert result.outcome is Outcome.FAILED
     assert "cannot prepare SIPp" in result.detail
+
+
+def test_folders_of_killed_workers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    gone_pid = os.getpid() + 1_000_000  # beyond pid_max: no such process
+    stale = tmp_path / f"evapi-worker-sipp-{gone_pid}-abc"
+    mine = tmp_path / f"evapi-worker-sipp-{os.getpid()}-def"
+    other = tmp_path / "unrelated"
+    for folder in (stale, mine, other):
+        folder.mkdir()
+        (folder / "call.csv").write_text("SEQUENTIAL\nsecret-pin;\n")
+    assert remove_stale_folders(tmp_path) == 1
+    assert not stale.exists() and mine.exists() and other.exists()
