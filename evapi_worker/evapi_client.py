@@ -141,6 +141,7 @@ class EvapiConnection:
         self.last_data = -math.inf  # trio time of the last bytes read from the node
         self.state = ConnectionState.STOPPED
         self.connects = 0
+        self.frames = 0  # frames received, over every connection
         self._stream: trio.SocketStream | None = None
         self._connected = trio.Event()
         self._disconnected = trio.Event()
@@ -198,9 +199,13 @@ class EvapiConnection:
                 else:
                     _keepalive(stream)
                     up_since = trio.current_time()
+                    frames = self.frames
                     await self._serve(stream)
-                    if trio.current_time() - up_since >= self._backoff.cap:
-                        attempt = 0  # it was a healthy connection
+                    if self.frames > frames or trio.current_time() - up_since >= self._backoff.cap:
+                        # It was a working connection: events sent before the
+                        # next one are lost, so retry at once (~0.1 s), and
+                        # back off only while attempts keep failing.
+                        attempt = 0
                 self._set_state(ConnectionState.WAITING)
                 await trio.sleep(self._backoff.delay(attempt, self._rng))
                 attempt += 1
@@ -263,6 +268,7 @@ class EvapiConnection:
                             continue
                         self._on_frame(name, frame, now)
                         handled += 1
+                        self.frames += 1
                         if handled % _FRAMES_PER_CHECKPOINT == 0:
                             # A read can hold hundreds of events: let the
                             # fake calls they decided start meanwhile.

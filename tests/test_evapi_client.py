@@ -51,12 +51,12 @@ class Recorder:
                 await self.changed.wait()
 
 
-def connection(port: int, rec: Recorder, **kw: object) -> EvapiConnection:
+def connection(port: int, rec: Recorder, backoff: Backoff = FAST, **kw: object) -> EvapiConnection:
     node = NodeAddress("kam1", "127.0.0.1", port, "127.0.0.1", 5060)
     conn = EvapiConnection(
         node,
         rec.on_frame,
-        backoff=FAST,
+        backoff=backoff,
         on_state=rec.on_state,
         on_framing_error=lambda n, e: rec.framing_errors.append(e.reason),
         on_oversized=lambda n, length: rec.oversized.append(length),
@@ -190,4 +190,25 @@ async def test_a_command_too_large_for_evapi_is_a_failed_command() -> None:
             await conn.send_command(Ping("x" * 9000), timeout=1)
         assert failed.value.reason == "too_large"
         assert server.commands == []  # nothing reached Kamailio
+        nursery.cancel_scope.cancel()
+
+
+async def test_after_a_working_connection_drops_the_retry_comes_at_once() -> None:
+    # Backed off to a second or more while Kamailio was down; then it is up,
+    # talks, and drops again: the worker is back within ~0.1 s, not after
+    # the long backoff (events sent meanwhile would be lost).
+    port = free_port(socket.SOCK_STREAM)
+    server, rec = EvapiServer(), Recorder()
+    conn = connection(port, rec, backoff=Backoff(initial=0.1, cap=2.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        await trio.sleep(1.6)  # refused a few times: the backoff grew
+        await server.start(nursery, port)
+        await server.wait_for(lambda: server.accepted == 1, timeout=5)
+        await server.send(server.event("call_answered", 1.0, call_id="c"))
+        await rec.wait_for(lambda: len(rec.frames) == 1)
+        dropped = trio.current_time()
+        await server.drop()
+        await server.wait_for(lambda: server.accepted == 2, timeout=5)
+        assert trio.current_time() - dropped < 0.15
         nursery.cancel_scope.cancel()
