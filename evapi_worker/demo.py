@@ -151,6 +151,11 @@ class KamailioProcess:
             cmd += ["-A", "EVW_WITH_AUTH"]
         for define in self.defines:
             cmd += ["-A", define]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            # Kamailio ends with the process that started it, even one killed
+            # with SIGKILL: no Kamailio is left holding the demo's ports.
+            cmd = [setpriv, "--pdeathsig", "TERM", *cmd]
         return cmd
 
     async def _prepare(self) -> None:

@@ -6,6 +6,7 @@ is the truth."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -242,3 +243,32 @@ async def test_known_push_accounts_survive_a_kamailio_restart(tmp_path: Path) ->
         await phones.call("alice", "Alice", "lou", "field-restart@caller.example.net")
         assert service.metrics.value("evapi_worker_events_total", {"node": "e2e", "type": "call_start"}) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_killing_the_demo_takes_its_kamailio_with_it(tmp_path: Path) -> None:
+    sip, evapi = free_sip_port(), free_port(socket.SOCK_STREAM)
+    command = [
+        str(Path(sys.executable).with_name("evapi-worker")), "demo", "--no-scenario", "--metrics", "off",
+        "--sip", f"{HOST}:{sip}", "--evapi", f"{HOST}:{evapi}",
+    ]  # fmt: skip
+    out = tmp_path / "demo.out"
+    with out.open("wb") as sink:
+        demo = await trio.lowlevel.open_process(command, stdout=sink, stderr=sink, start_new_session=True)
+    try:
+        with trio.fail_after(20):
+            while b"Ready." not in out.read_bytes():
+                assert demo.returncode is None, out.read_text()
+                await trio.sleep(0.1)
+        folder = Path(out.read_text().split("Kamailio's log: ")[1].split()[0].rstrip(".")).parent
+        kamailio_pid = int((folder / "kamailio.pid").read_text())
+        os.kill(demo.pid, signal.SIGKILL)  # the demo alone, not its group
+        await demo.wait()
+        try:
+            with trio.fail_after(10):
+                while Path(f"/proc/{kamailio_pid}").exists():
+                    await trio.sleep(0.1)
+        finally:
+            if Path(f"/proc/{kamailio_pid}").exists():  # left behind: this test started it, so it stops it
+                os.killpg(kamailio_pid, signal.SIGKILL)
+    finally:
+        await stop_group(demo)
