@@ -52,6 +52,12 @@ PROTOCOL_VERSION: Final = 1
 # RFC 3261 callid = word [ "@" word ]; word characters as in section 25.1.
 _WORD: Final = r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+"
 CallId = Annotated[str, Meta(pattern=f"^{_WORD}(@{_WORD})?$", max_length=256)]
+# Every string has a bound, so the memory a tracked call or device can take
+# is known (a 15 KB display name under the frame limit would otherwise be
+# kept as it is); longer values make the event invalid (bad_value).
+Short = Annotated[str, Meta(max_length=64)]
+Name = Annotated[str, Meta(max_length=256)]
+Uri = Annotated[str, Meta(max_length=512)]
 # Any later time is garbage, not a timestamp (year 5138).
 Timestamp = Annotated[float, Meta(ge=0, le=1e11)]
 Count = Annotated[int, Meta(ge=0)]
@@ -103,7 +109,7 @@ def _optional(event: Struct, *names: str) -> None:
 
 
 class _Base(Struct, frozen=True, tag_field="event", forbid_unknown_fields=True, kw_only=True, gc=False):
-    node: str
+    node: Short
     ts: Timestamp
     seq: Count
     boot: Count = 0
@@ -120,10 +126,10 @@ class CallStarted(_Base, frozen=True, tag="call_start"):
     """An INVITE for a user was accepted for ringing (a push was sent)."""
 
     call_id: CallId
-    aor: str
-    from_user: str
-    from_name: str | None = None
-    from_domain: str | None = None
+    aor: Name
+    from_user: Name
+    from_name: Name | None = None
+    from_domain: Name | None = None
     push: bool = False  # held for a push: the account had no reachable contact
 
     def __post_init__(self) -> None:
@@ -174,7 +180,7 @@ class BranchReply(_CallEvent, frozen=True, tag="branch_reply"):
     """
 
     code: Annotated[int, Meta(ge=100, le=699)]
-    contact: str
+    contact: Uri
 
     def __post_init__(self) -> None:
         if self.node in _NULLS or self.v != PROTOCOL_VERSION:
@@ -186,17 +192,17 @@ class BranchReply(_CallEvent, frozen=True, tag="branch_reply"):
 class Register(_Base, frozen=True, tag="register"):
     """A successful REGISTER (after ``save("location")``) of one contact."""
 
-    aor: str
-    contact: str
-    src_ip: str
+    aor: Name
+    contact: Uri
+    src_ip: Short
     src_port: Annotated[int, Meta(ge=1, le=65535)]
-    proto: str
+    proto: Short
     expires: Annotated[int, Meta(ge=0, le=2**31 - 1)]
-    user_agent: str | None = None
-    instance: str | None = None
-    pn_provider: str | None = None
-    pn_prid: str | None = None
-    pn_param: str | None = None
+    user_agent: Name | None = None
+    instance: Name | None = None
+    pn_provider: Short | None = None
+    pn_prid: Uri | None = None
+    pn_param: Uri | None = None
 
     def __post_init__(self) -> None:
         if self.node in _NULLS or self.v != PROTOCOL_VERSION:
@@ -221,10 +227,10 @@ class Register(_Base, frozen=True, tag="register"):
 class CommandResult(_Base, frozen=True, tag="cmd_result"):
     """Kamailio's acknowledgement of one worker command."""
 
-    id: str
+    id: Short
     ok: bool
-    error: str | None = None
-    claim: str | None = None  # for a command that claimed: "won" or "taken"
+    error: Name | None = None
+    claim: Short | None = None  # for a command that claimed: "won" or "taken"
 
     def __post_init__(self) -> None:
         if self.node in _NULLS or self.v != PROTOCOL_VERSION:
@@ -239,7 +245,7 @@ class ClaimUnused(_Base, frozen=True, tag="claim_unused"):
     """A won claim whose fake call never came: its worker died (or lost the
     node) between claiming and calling. That device got no fake call."""
 
-    claim: str
+    claim: Short
 
     def __post_init__(self) -> None:
         if self.node in _NULLS or self.v != PROTOCOL_VERSION:

@@ -236,3 +236,23 @@ def test_bytes_that_are_not_utf8_are_a_counted_bad_frame_never_a_crash(payload: 
     assert err.value.reason in ("invalid_json", "missing_field", "bad_type", "bad_value")
     with pytest.raises(EventError):
         decode_event(payload)
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"),
+    [("from_name", 256), ("aor", 256), ("from_user", 256), ("node", 64)],
+)
+def test_over_long_values_are_refused_so_memory_per_call_is_bounded(field: str, limit: int) -> None:
+    event = {"event": "call_start", "node": "k", "ts": 1, "seq": 1, "call_id": "c@x", "aor": "b@x", "from_user": "a"}
+    assert parse_event(json.dumps({**event, field: "x" * limit}).encode())
+    with pytest.raises(EventError) as err:
+        parse_event(json.dumps({**event, field: "x" * 15_000}).encode())
+    assert err.value.reason == "bad_value"
+
+
+def test_over_long_register_fields_are_refused() -> None:
+    w = Wire()
+    with pytest.raises(EventError):
+        w.register(1.0, user_agent="LinphoneiOS " + "x" * 300)
+    with pytest.raises(EventError):
+        w.register(1.0, contact="sip:bob@192.0.2.1;" + "p" * 600)
