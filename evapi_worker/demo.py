@@ -32,7 +32,7 @@ from .config import Config, ConfigError
 from .engine import Action, Decision
 from .evapi_client import NodeAddress
 from .service import Service
-from .sipp_runner import Outcome, bundled_scenario, free_port
+from .sipp_runner import Outcome, bind_error, bundled_scenario, free_port
 
 __all__ = [
     "DemoError",
@@ -68,19 +68,6 @@ def bundled_kamailio_cfg() -> Path:
 
 def _scenario(name: str) -> Path:
     return bundled_scenario().with_name(name)
-
-
-def _port_free(host: str, port: int, kind: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        if kind == socket.SOCK_STREAM:
-            # As servers do, so that old TIME_WAIT connections do not count.
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -176,7 +163,7 @@ class KamailioProcess:
         if self.tls_port is not None:
             ports.append((self.sip_host, self.tls_port, socket.SOCK_STREAM, "SIP (TLS)"))
         for host, port, kind, what in ports:
-            if not _port_free(host, port, kind):
+            if bind_error(host, port, kind) is not None:
                 raise DemoError(
                     f"{what} port {host}:{port} is in use "
                     "(a system Kamailio? stop it, or pick another with --sip/--evapi/--tls)"

@@ -172,7 +172,7 @@ class ActionRunner:
         except Exception as exc:  # the error boundary of one action
             log.exception("action failed %s", kv(call_id=decision.call_id, device=decision.device, error=repr(exc)))
             outcome, detail = Outcome.FAILED, f"{type(exc).__name__}: {exc}"
-        counter = self.metrics.messages if what == "message_done" else self.metrics.fake_calls
+        counter = self.metrics.messages if decision.action is Action.MESSAGE else self.metrics.fake_calls
         counter.labels(outcome.value).inc()
         fields = kv(
             node=decision.node,

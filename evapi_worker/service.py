@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable
 
@@ -42,7 +41,7 @@ from .logs import kv
 from .metrics import Metrics
 from .netstring import FramingError
 from .sequence import SequenceTracker
-from .sipp_runner import SippRunner, remove_stale_folders
+from .sipp_runner import SippRunner, bind_error, remove_stale_folders
 from .state import StateError, load_state, save_state
 
 __all__ = ["Service", "check_runtime"]
@@ -92,13 +91,8 @@ def check_runtime(config: Config) -> None:
             raise ConfigError("capture.folder", f"{str(folder)!r} is not writable")
     if config.metrics is not None:
         host, port = config.metrics
-        try:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError("metrics", f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        if (problem := bind_error(host, port)) is not None:
+            raise ConfigError("metrics", f"cannot listen on {host}:{port}: {problem.strerror}")
 
 
 class Service:
@@ -406,11 +400,9 @@ class Service:
     def _on_state(self, node: str, state: ConnectionState) -> None:
         up = state is ConnectionState.CONNECTED
         if not up:
-            self._alive[node] = False
-            self.metrics.kamailio_up.labels(node).set(0)
+            self._set_alive(node, False)
         elif self.config.commands.ping_interval <= 0:
-            self._alive[node] = True
-            self.metrics.kamailio_up.labels(node).set(1)
+            self._set_alive(node, True)  # no pings: up follows the connection
         if up and self.connections[node].connects > 1:
             self.metrics.reconnects.labels(node).inc()
 

@@ -31,6 +31,7 @@ __all__ = [
     "SippJob",
     "SippRunner",
     "SippSettings",
+    "bind_error",
     "bundled_scenario",
     "free_port",
     "remove_stale_folders",
@@ -255,6 +256,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process: not ours to judge
     return True
+
+
+def bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> OSError | None:
+    """Why ``host:port`` cannot be listened on now, or None when it can.
+    TCP is tried as servers bind, so old TIME_WAIT connections do not count."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        return exc
+    return None
 
 
 def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:
