@@ -52,6 +52,9 @@ decisions_log = logging.getLogger("evapi_worker.decision")
 # How often lost-sequence gaps and gauges are looked at when nothing else
 # wakes the timer.
 _HOUSEKEEPING = 0.5
+# Lost events are counted at once but logged at most this often per node: a
+# node dropping events under load would otherwise log a line per gap.
+_LOST_LOG_EVERY = 1.0
 
 
 def tune_gc() -> None:
@@ -140,6 +143,8 @@ class Service:
         self._wake = trio.Event()
         self._timer_at = math.inf
         self._evicted = (0, 0)
+        self._lost_unlogged: dict[str, tuple[int, int]] = {}  # node -> (events, gaps) not yet logged
+        self._lost_logged_at = -math.inf
         self.metrics_port: int | None = None  # bound port of /metrics, once listening
         self._alive: dict[str, bool] = {}  # per node: answered a ping on this connection
         self.capture = (
@@ -194,6 +199,7 @@ class Service:
         grace = self.config.shutdown_grace if grace is None else grace
         self._intake.cancel()
         self._stopping = True
+        self._log_lost(math.inf)
         log.info("stopping %s", kv(running=self.runner.running, waiting=self.runner.waiting, grace=grace))
         with trio.move_on_after(grace):
             while self.runner.running or self.runner.waiting:  # noqa: ASYNC110 (polls the limiter, no event for it)
@@ -247,6 +253,7 @@ class Service:
             self._dispatch(self.engine.tick(now), now)
             for node, lost in self.sequences.expire(now):
                 self._count_lost(node, lost)
+            self._log_lost(now)
             self._count_evictions()
 
     async def _pinger(self, conn: EvapiConnection) -> None:
@@ -428,7 +435,16 @@ class Service:
 
     def _count_lost(self, node: str, lost: int) -> None:
         self.metrics.events_lost.labels(node).inc(lost)
-        log.warning("events lost %s", kv(node=node, count=lost))
+        events, gaps = self._lost_unlogged.get(node, (0, 0))
+        self._lost_unlogged[node] = (events + lost, gaps + 1)
+
+    def _log_lost(self, now: float) -> None:
+        if not self._lost_unlogged or now < self._lost_logged_at + _LOST_LOG_EVERY:
+            return
+        for node, (events, gaps) in self._lost_unlogged.items():
+            log.warning("events lost %s", kv(node=node, count=events, gaps=gaps))
+        self._lost_unlogged.clear()
+        self._lost_logged_at = now
 
     def _count_evictions(self) -> None:
         calls, devices = self.engine.evicted_calls, self.engine.evicted_devices

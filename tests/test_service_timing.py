@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import socket
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from evapi_worker.config import Config
 from evapi_worker.engine import Decision, EngineSettings
 from evapi_worker.evapi_client import Backoff, ConnectionState, EvapiConnection, NodeAddress
+from evapi_worker.sequence import SequenceTracker
 from evapi_worker.service import Service
 
 from .sipp_device import free_port
@@ -86,3 +89,25 @@ async def test_reconnect_attempts_back_off_up_to_the_cap(autojump_clock: trio.te
     assert all(g <= 5.0 + 0.01 for g in gaps)  # never more than the cap
     assert all(g >= 2.5 for g in gaps[7:])  # once capped, never hammering
     assert 12 <= len(attempts) <= 40
+
+
+async def test_a_stream_of_gaps_is_logged_once_a_second_not_once_per_gap(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="evapi_worker.service")
+    service = Service(Config(sequence_grace=0.2))
+    # A tracker full of open gaps counts each new one at once (the stalled
+    # worker's case): still one line a second.
+    service.sequences = SequenceTracker(0.2, max_missing=10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service._timer)
+        for i in range(500):  # every other event lost, for 5 seconds
+            call = frame("call_start", T0 + i / 100, 2 * i + 1, call_id=f"c{i}", aor="bob@x", from_user="a")
+            service.on_frame("kam1", call, trio.current_time())
+            await trio.sleep(0.01)
+        await trio.sleep(3)
+        nursery.cancel_scope.cancel()
+    assert service.metrics.value("evapi_worker_events_lost_total", {"node": "kam1"}) == 499
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("events lost")]
+    assert 3 <= len(lines) <= 8, lines
+    assert sum(int(line.split("count=")[1].split()[0]) for line in lines) == 499
