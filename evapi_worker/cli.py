@@ -108,7 +108,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--capture", type=Path, metavar="DIR", help="record every frame received into rotating files in DIR")
     p.add_argument(
-        "--state", type=Path, metavar="FILE", help="save call and device state here at shutdown, restore it at start"
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="keep call and device state in FILE while running (snapshots and journals), restore it at start",
     )
 
 

@@ -67,7 +67,8 @@ class Config:
     log_level: str = "info"
     metrics: tuple[str, int] | None = None  # where /metrics and /healthz listen; None: nowhere
     capture: CaptureSettings | None = None  # where received frames are recorded; None: nowhere
-    state_file: Path | None = None  # engine state saved at shutdown, restored at start
+    state_file: Path | None = None  # engine state kept on disk while running, restored at start
+    state_interval: float = 1.0  # at most this long between snapshots of a changing state
     shutdown_grace: float = 10.0  # how long running fake calls may finish at shutdown
 
 
@@ -343,6 +344,7 @@ def load_config(path: Path | None) -> Config:
         metrics=metrics,
         capture=capture,
         state_file=Path(state_file) if state_file else None,
+        state_interval=doc.number("state_interval", d.state_interval, 0.05),
         shutdown_grace=doc.number("shutdown_grace", d.shutdown_grace),
     )
     for table in (engine_t, sipp_t, evapi_t, capture_t, doc):

@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Final
 
+import msgspec
+
 from .devices import PushDetector, contact_keys, device_id, device_keys
 from .events import (
     BranchReply,
@@ -39,13 +41,18 @@ from .events import (
 )
 
 __all__ = [
+    "Act",
     "Action",
     "Anchor",
     "CallInfo",
+    "CallRecord",
     "Decision",
+    "DeviceRecord",
     "EndKind",
     "Engine",
     "EngineSettings",
+    "EngineState",
+    "Reason",
     "Strategy",
 ]
 
@@ -73,17 +80,9 @@ class EndKind(enum.Enum):
     FAILED = "failed"  # another final failure (timeout, busy...): missed
 
     @property
-    def reason(self) -> str:
-        """The reason label shown in decisions: answered, declined or missed."""
+    def reason(self) -> Reason:
+        """The reason of a decision to act: answered, declined or missed."""
         return _REASONS[self]
-
-
-_REASONS: Final = {
-    EndKind.ANSWERED: "answered",
-    EndKind.DECLINED: "declined",
-    EndKind.CANCELLED: "missed",
-    EndKind.FAILED: "missed",
-}
 
 
 class Action(enum.Enum):
@@ -131,15 +130,34 @@ class CallInfo:
     end_code: int | None
 
 
+class Reason(enum.StrEnum):
+    """Why a decision is what it is: how the call ended, for an action, or
+    why nothing is done."""
+
+    ANSWERED = "answered"  # answered elsewhere
+    DECLINED = "declined"  # declined elsewhere
+    MISSED = "missed"  # cancelled by the caller, or another final failure
+    RINGING = "ringing"  # still ringing: tsilo delivers the real INVITE
+    RANG = "rang"  # the device responded to the real INVITE: it saw the call
+    TOO_LATE = "too_late"  # outside the window: its call screen is gone
+    DUPLICATE = "duplicate"  # it registered again after its fake call
+
+
+_REASONS: Final = {
+    EndKind.ANSWERED: Reason.ANSWERED,
+    EndKind.DECLINED: Reason.DECLINED,
+    EndKind.CANCELLED: Reason.MISSED,
+    EndKind.FAILED: Reason.MISSED,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """One decision about one (call, device) pair, logged and acted upon.
+    """One decision about one (call, device) pair, logged and counted.
 
-    ``reason`` is the call's end (answered, declined, missed) for an action,
-    or why nothing is done: ``ringing`` (tsilo delivers the real INVITE),
-    ``rang`` (the device already responded to the real INVITE: it saw the
-    call), ``too_late`` or ``duplicate``. Devices that are not push devices get no
-    decision at all: their INVITEs reach them.
+    A plain ``Decision`` does nothing (``action`` is ``NONE``); an
+    :class:`Act` is one to carry out. Devices that are not push devices get
+    no decision at all: their INVITEs reach them.
     """
 
     ts: float  # Kamailio time of the REGISTER
@@ -147,12 +165,60 @@ class Decision:
     call_id: str
     device: str
     action: Action
-    reason: str
+    reason: Reason
     since_start: float  # seconds from call start to REGISTER (push wake-up delay)
     since_end: float | None  # seconds from call end to REGISTER, None while ringing
-    call: CallInfo | None = None  # set for actions
-    register: Register | None = None  # set for actions
-    deadline: float = 0.0  # monotonic time after which the action is useless
+
+
+@dataclass(frozen=True, slots=True)
+class Act(Decision):
+    """A decision to act: a fake call or a MESSAGE to the device."""
+
+    call: CallInfo
+    register: Register
+    deadline: float  # monotonic time after which the action is useless
+
+
+class CallRecord(msgspec.Struct, frozen=True):
+    """One tracked call, as exported and imported (see state.py). Times
+    ending in ``_at`` are on the engine's clock."""
+
+    call_id: str
+    aor: str
+    started: CallStarted | None
+    end_ts: float | None
+    end: EndKind | None
+    end_code: int | None
+    expires_at: float
+    decided: dict[str, bool]  # device -> whether it was given an action
+    rang: list[str]
+
+
+class DeviceRecord(msgspec.Struct, frozen=True):
+    """One push device registered lately, as exported and imported."""
+
+    register: Register
+    device: str
+    arrived_at: float
+    expires_at: float
+    pending: list[str]  # calls waiting for the settle delay
+
+
+class EngineState(msgspec.Struct, frozen=True):
+    """Everything the engine knows, in records."""
+
+    calls: list[CallRecord]
+    devices: list[DeviceRecord]
+
+    def shifted(self, offset: float) -> EngineState:
+        """The same state with every engine time moved by ``offset``."""
+        return EngineState(
+            [msgspec.structs.replace(c, expires_at=c.expires_at + offset) for c in self.calls],
+            [
+                msgspec.structs.replace(d, arrived_at=d.arrived_at + offset, expires_at=d.expires_at + offset)
+                for d in self.devices
+            ],
+        )
 
 
 @dataclass(slots=True)
@@ -234,37 +300,54 @@ class Engine:
 
     # -- persistence (see state.py) --------------------------------------
 
-    def export_state(self) -> tuple[list[_Call], list[_Device]]:
-        """The live calls and devices, for saving at shutdown."""
-        return list(self._calls.values()), [d for devices in self._devices.values() for d in devices.values()]
+    def export_state(self) -> EngineState:
+        """Every live call and device, as records."""
+        calls = [
+            CallRecord(
+                c.call_id, c.aor, c.started, c.end_ts, c.end, c.end_code, c.expires,
+                dict(c.decided) if c.decided else {}, sorted(c.rang) if c.rang else [],
+            )
+            for c in self._calls.values()
+        ]  # fmt: skip
+        devices = [
+            DeviceRecord(d.reg, d.dev, d.arrival, d.expires, sorted(d.pending))
+            for table in self._devices.values()
+            for d in table.values()
+        ]
+        return EngineState(calls, devices)
 
-    def import_call(
-        self,
-        call_id: str,
-        aor: str,
-        started: CallStarted | None,
-        end_ts: float | None,
-        end: EndKind | None,
-        end_code: int | None,
-        expires: float,
-        decided: dict[str, bool] | None,
-        rang: set[str] | None = None,
-    ) -> None:
-        """Restore one saved call (into an engine that has not seen it)."""
-        call = self._new_call(call_id, expires)
-        call.aor, call.started, call.end_ts, call.end, call.end_code = aor, started, end_ts, end, end_code
-        call.decided = decided
-        call.rang = rang
-        if aor:
-            self._calls_by_aor.setdefault(aor, []).append(call_id)
-        self._set_call_expiry(call, expires)
+    def import_state(self, state: EngineState) -> None:
+        """Take in what :meth:`export_state` gave (times on this engine's
+        clock), on top of what the engine knows; a call or device it knows
+        already is replaced."""
+        for c in state.calls:
+            known = self._calls.get(c.call_id)
+            if known is not None:
+                self._drop_call(known)
+            call = self._new_call(c.call_id, c.expires_at)
+            call.aor, call.started, call.end_ts, call.end, call.end_code = c.aor, c.started, c.end_ts, c.end, c.end_code
+            call.decided = dict(c.decided) or None
+            call.rang = set(c.rang) or None
+            if c.aor:
+                self._calls_by_aor.setdefault(c.aor, []).append(c.call_id)
+            self._set_call_expiry(call, c.expires_at)
+        for d in state.devices:
+            device = _Device(d.register, d.device, d.arrived_at, d.expires_at, set(d.pending))
+            self._store_device(device)
+            self._remember_contact(d.register.contact, d.device)
+            if device.pending:
+                self._push_timer(device.arrival + self.settings.settle, _SETTLE, d.register.aor, d.device)
 
-    def import_device(self, reg: Register, dev: str, arrival: float, expires: float, pending: set[str]) -> None:
-        """Restore one saved push device."""
-        device = _Device(reg, dev, arrival, expires, pending)
-        self._store_device(device)
-        if pending:
-            self._push_timer(arrival + self.settings.settle, _SETTLE, reg.aor, dev)
+    def mark_decided(self, call_id: str, device: str) -> bool:
+        """Record that ``device`` was given an action for ``call_id`` (a
+        journal replayed after a crash); False when the call is unknown."""
+        call = self._calls.get(call_id)
+        if call is None:
+            return False
+        if call.decided is None:
+            call.decided = {}
+        call.decided[device] = True
+        return True
 
     # -- input ---------------------------------------------------------
 
@@ -441,7 +524,7 @@ class Engine:
             ended_before = call.end_ts is not None and call.end_ts <= reg.ts
             if call.decided is not None and dev_key in call.decided:
                 if ended_before and call.decided[dev_key]:
-                    out.append(self._decision(call, dev, started, Action.NONE, "duplicate"))
+                    out.append(self._decision(call, dev, started, Action.NONE, Reason.DUPLICATE))
                 continue
             if call.end_ts is None:
                 # Ringing now, but an end event stamped before this REGISTER
@@ -504,44 +587,29 @@ class Engine:
 
     def _judge(self, call: _Call, dev: _Device, started: CallStarted) -> Decision:
         if call.end_ts is None or call.end_ts > dev.reg.ts:
-            return self._decision(call, dev, started, Action.NONE, "ringing")
+            return self._decision(call, dev, started, Action.NONE, Reason.RINGING)
         if call.rang is not None and not call.rang.isdisjoint(device_keys(dev.reg)):
-            return self._decision(call, dev, started, Action.NONE, "rang")
+            return self._decision(call, dev, started, Action.NONE, Reason.RANG)
         assert call.end is not None
         anchor = call.end_ts if self.settings.anchor is Anchor.END else started.ts
         if dev.reg.ts - anchor > self.settings.window:
-            return self._decision(call, dev, started, Action.NONE, "too_late")
+            return self._decision(call, dev, started, Action.NONE, Reason.TOO_LATE)
         action = Action.FAKE_CALL if self.settings.strategy is Strategy.FAKE_CALL else Action.MESSAGE
         return self._decision(call, dev, started, action, call.end.reason)
 
-    def _decision(self, call: _Call, dev: _Device, started: CallStarted, action: Action, reason: str) -> Decision:
+    def _decision(self, call: _Call, dev: _Device, started: CallStarted, action: Action, reason: Reason) -> Decision:
         reg = dev.reg
         since_end = None if call.end_ts is None or call.end_ts > reg.ts else reg.ts - call.end_ts
-        info = None
-        if action is not Action.NONE:
-            assert call.end is not None
-            info = CallInfo(
-                call.call_id,
-                call.aor,
-                started.from_user,
-                started.from_name,
-                started.from_domain,
-                call.end,
-                call.end_code,
-            )
-        return Decision(
-            ts=reg.ts,
-            node=reg.node,
-            call_id=call.call_id,
-            device=dev.dev,
-            action=action,
-            reason=reason,
-            since_start=reg.ts - started.ts,
-            since_end=since_end,
-            call=info,
-            register=reg if info is not None else None,
-            deadline=dev.arrival + self.settings.deadline,
+        if action is Action.NONE:
+            return Decision(reg.ts, reg.node, call.call_id, dev.dev, action, reason, reg.ts - started.ts, since_end)
+        assert call.end is not None
+        info = CallInfo(
+            call.call_id, call.aor, started.from_user, started.from_name, started.from_domain, call.end, call.end_code
         )
+        return Act(
+            reg.ts, reg.node, call.call_id, dev.dev, action, reason, reg.ts - started.ts, since_end,
+            call=info, register=reg, deadline=dev.arrival + self.settings.deadline,
+        )  # fmt: skip
 
     def _push_timer(self, when: float, kind: int, key: str, sub: str) -> None:
         self._timer_seq += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,7 +20,7 @@ import trio
 
 from . import sip_values
 from .commands import Command, Message, Pin
-from .engine import Action, CallInfo, Decision
+from .engine import Act, Action, CallInfo
 from .evapi_client import CommandFailed, NodeAddress
 from .events import CommandResult, Register
 from .logs import kv
@@ -34,7 +35,7 @@ log = logging.getLogger("evapi_worker.actions")
 SendCommand = Callable[[str, Command], Awaitable[CommandResult]]
 """Send a command to the named node and wait for its acknowledgement."""
 
-_GOOD = frozenset((Outcome.COMPLETED, Outcome.ANSWERED, Outcome.REJECTED, Outcome.TAKEN))
+_GOOD = frozenset((Outcome.COMPLETED, Outcome.ANSWERED, Outcome.REJECTED, Outcome.TAKEN, Outcome.DEFERRED))
 
 
 def claim_key(call_id: str, device: str) -> str:
@@ -105,14 +106,12 @@ def device_route(reg: Register) -> str:
     return f"sip:{host}:{reg.src_port};transport={proto}"
 
 
-def build_job(decision: Decision, node: NodeAddress, pin_key: str) -> PreparedCall:
+def build_job(decision: Act, node: NodeAddress, pin_key: str) -> PreparedCall:
     """Turn a fake-call decision into a SIPp job and the route to pin.
 
     Raises :class:`UnsafeValue` when a needed value cannot be made safe.
     """
     call, reg = decision.call, decision.register
-    if call is None or reg is None:
-        raise ValueError("decision carries no call to fake")
     who = parties(call, node.sip_host)
     fields = [
         who.callee_user,
@@ -154,24 +153,55 @@ class ActionRunner:
         self.pin_ttl = pin_ttl
         self.claim_ttl = claim_ttl
         # Told how every action ended (the demo's narration, tests).
-        self.outcome_listeners: list[Callable[[Decision, Outcome], None]] = []
+        self.outcome_listeners: list[Callable[[Act, Outcome], None]] = []
+        # Actions that have not begun (no pin, no MESSAGE sent yet): what a
+        # stopping worker saves to begin after its restart.
+        self._not_begun: dict[int, Act] = {}
+        self._keys = itertools.count()
+        self._closed = False
 
-    async def run(self, decision: Decision, received: float) -> Outcome:
+    def close(self) -> list[Act]:
+        """Begin no more actions; returns those that had not begun (each
+        ends as ``deferred`` once cancelled, or when it would begin)."""
+        self._closed = True
+        return list(self._not_begun.values())
+
+    def _begin(self, key: int) -> bool:
+        """The point of no return of an action; False once closed."""
+        if self._closed:
+            return False
+        del self._not_begun[key]
+        return True
+
+    async def run(self, decision: Act, received: float) -> Outcome:
         """Carry out one decision; ``received`` is when its event arrived.
         Whatever goes wrong is this action's outcome (``failed``, logged
         with the error), never the service's end."""
         duration: float | None = None
+        what = "message_done" if decision.action is Action.MESSAGE else "fake_call_done"
+        key = next(self._keys)
+        self._not_begun[key] = decision
+        outcome: Outcome | None = None
         try:
             if decision.action is Action.MESSAGE:
-                what = "message_done"
-                outcome, detail = await self._message(decision, received)
+                outcome, detail = await self._message(decision, received, key)
             else:
-                what = "fake_call_done"
-                outcome, result, detail = await self._fake_call(decision, received)
+                outcome, result, detail = await self._fake_call(decision, received, key)
                 duration = result.duration if result else None
         except Exception as exc:  # the error boundary of one action
             log.exception("action failed %s", kv(call_id=decision.call_id, device=decision.device, error=repr(exc)))
             outcome, detail = Outcome.FAILED, f"{type(exc).__name__}: {exc}"
+        finally:
+            begun = self._not_begun.pop(key, None) is None
+            if outcome is None:
+                # Cancelled: the worker stops. An action that had not begun
+                # is saved by the caller and begins after a restart; one
+                # that had is cut short.
+                self._done(decision, what, Outcome.KILLED if begun else Outcome.DEFERRED, None, "the worker stopped")
+        self._done(decision, what, outcome, duration, detail)
+        return outcome
+
+    def _done(self, decision: Act, what: str, outcome: Outcome, duration: float | None, detail: str) -> None:
         counter = self.metrics.messages if decision.action is Action.MESSAGE else self.metrics.fake_calls
         counter.labels(outcome.value).inc()
         fields = kv(
@@ -186,9 +216,8 @@ class ActionRunner:
         log.log(logging.INFO if outcome in _GOOD else logging.WARNING, "%s %s", what, fields)
         for listener in self.outcome_listeners:
             listener(decision, outcome)
-        return outcome
 
-    async def _fake_call(self, decision: Decision, received: float) -> tuple[Outcome, RunResult | None, str]:
+    async def _fake_call(self, decision: Act, received: float, key: int) -> tuple[Outcome, RunResult | None, str]:
         node = self.nodes.get(decision.node)
         if node is None:
             return Outcome.FAILED, None, f"node {decision.node!r} is not configured"
@@ -207,13 +236,16 @@ class ActionRunner:
             got_slot = True
         if not got_slot:
             return Outcome.OVERDUE, None, "no SIPp slot before the deadline"
+        if not self._begin(key):
+            limiter.release()
+            return Outcome.DEFERRED, None, "the worker stops; saved for its restart"
         try:
             return await self._pin_and_run(decision, node, prepared, received)
         finally:
             limiter.release()
 
     async def _pin_and_run(
-        self, decision: Decision, node: NodeAddress, prepared: PreparedCall, received: float
+        self, decision: Act, node: NodeAddress, prepared: PreparedCall, received: float
     ) -> tuple[Outcome, RunResult | None, str]:
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
         pin = Pin(
@@ -233,10 +265,10 @@ class ActionRunner:
         self.metrics.sipp_duration.observe(result.duration)
         return result.outcome, result, result.detail
 
-    async def _message(self, decision: Decision, received: float) -> tuple[Outcome, str]:
+    async def _message(self, decision: Act, received: float, key: int) -> tuple[Outcome, str]:
         call, reg = decision.call, decision.register
         node = self.nodes.get(decision.node)
-        if call is None or reg is None or node is None:
+        if node is None:
             return Outcome.FAILED, f"node {decision.node!r} is not configured"
         try:
             who = parties(call, node.sip_host)
@@ -255,6 +287,8 @@ class ActionRunner:
             return Outcome.UNSAFE, str(exc)
         if trio.current_time() > decision.deadline:
             return Outcome.OVERDUE, "deadline passed"
+        if not self._begin(key):
+            return Outcome.DEFERRED, "the worker stops; saved for its restart"
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
         try:
             result = await self.send_command(node.name, message)

@@ -89,6 +89,9 @@ class Metrics:
             registry=r,
         )
         self.fake_calls = Counter(p + "fake_calls", "Fake calls by outcome.", ["outcome"], registry=r)
+        self.state_errors = Counter(
+            p + "state_errors", "State writes that failed, by file (snapshot, journal).", ["file"], registry=r
+        )
         self.fake_calls_sent = Counter(
             p + "fake_calls_sent", "Fake calls whose SIPp run started (the pin was acknowledged).", registry=r
         )
@@ -192,6 +195,8 @@ class Metrics:
             self.messages.labels(outcome.value)
         for table in ("calls", "devices"):
             self.evictions.labels(table)
+        for file in ("snapshot", "journal"):
+            self.state_errors.labels(file)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value, 0.0 when it was never set (for tests and summaries)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .capture import CaptureError, Record, read_capture
-from .engine import Action, Anchor, Decision, Engine, EngineSettings, Strategy
+from .engine import Act, Anchor, Decision, Engine, EngineSettings, Reason, Strategy
 from .events import EventError, decode_event, event_type_name
 
 __all__ = ["ReplayResult", "apply_what_if", "decision_json", "load_records", "replay"]
@@ -83,14 +83,14 @@ class ReplayResult:
     records: int = 0
 
     def summary(self) -> dict[str, object]:
-        actions = [d for d in self.decisions if d.action is not Action.NONE]
-        delays = sorted(d.since_start for d in self.decisions if d.reason != "duplicate")
+        actions = [d for d in self.decisions if isinstance(d, Act)]
+        delays = sorted(d.since_start for d in self.decisions if d.reason is not Reason.DUPLICATE)
         return {
             "records": self.records,
             "events": dict(sorted(self.events.items())),
             "event_errors": dict(sorted(self.errors.items())),
             "calls": self.events.get("call_start", 0),
-            "late_registrations": dict(sorted(Counter(d.call.end.value for d in actions if d.call).items())),
+            "late_registrations": dict(sorted(Counter(d.call.end.value for d in actions).items())),
             "actions": dict(sorted(Counter(d.action.value for d in actions).items())),
             "decisions": dict(sorted(Counter(f"{d.action.value}:{d.reason}" for d in self.decisions).items())),
             "wakeup_delay_seconds": {f"p{q}": _percentile(delays, q) for q in (50, 90, 99)},

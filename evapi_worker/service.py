@@ -23,7 +23,7 @@ import trio
 from .capture import CaptureWriter
 from .commands import Command, Ping, command_name
 from .config import Config, ConfigError
-from .engine import Action, Decision, Engine
+from .engine import Act, Decision, Engine, Reason
 from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
 from .events import (
     ClaimUnused,
@@ -40,9 +40,10 @@ from .http_server import serve_http
 from .logs import kv
 from .metrics import Metrics
 from .netstring import FramingError
+from .persistence import StateStore
 from .sequence import SequenceTracker
-from .sipp_runner import SippRunner, bind_error, remove_stale_folders
-from .state import StateError, load_state, save_state
+from .sipp_runner import Outcome, SippRunner, bind_error, remove_stale_folders
+from .state import StateError
 
 __all__ = ["Service", "check_runtime"]
 
@@ -150,6 +151,10 @@ class Service:
         self.capture = (
             CaptureWriter(config.capture, on_error=self._on_capture_error) if config.capture is not None else None
         )
+        self.store = StateStore(config.state_file, self._on_state_error) if config.state_file is not None else None
+        self._state_lock = trio.Lock()
+        self._state_changed = False
+        self._restored_actions: list[Act] = []
         self._intake = trio.CancelScope()
         # Captures store wall-clock receive times; the service runs on trio's clock.
         self._wall_offset = 0.0  # set when running
@@ -172,15 +177,22 @@ class Service:
         if stale:
             log.info("stale SIPp folders removed %s", kv(count=stale))
         self._load_state()
-        async with trio.open_nursery() as nursery:
-            if self.capture is not None:
-                await nursery.start(self.capture.run)
-            if self.config.metrics is not None:
-                host, port = self.config.metrics
-                self.metrics_port = await nursery.start(serve_http, host, port, self.metrics.registry, self.healthy)
-            await nursery.start(self._run_intake)
-            self._actions_nursery = nursery
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.capture is not None:
+                    await nursery.start(self.capture.run)
+                if self.config.metrics is not None:
+                    host, port = self.config.metrics
+                    self.metrics_port = await nursery.start(serve_http, host, port, self.metrics.registry, self.healthy)
+                self._actions_nursery = nursery
+                self._resume_actions()
+                await nursery.start(self._run_intake)
+                if self.store is not None:
+                    nursery.start_soon(self._persist)
+                task_status.started()
+        finally:
+            if self.store is not None:
+                self.store.close()
 
     async def _run_intake(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The evapi connections and the engine's timer: what :meth:`stop` ends first."""
@@ -194,8 +206,9 @@ class Service:
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown: stop taking events, give running fake calls up to
-        ``grace`` seconds to finish, then save the state. The caller then
-        cancels :meth:`run`, which kills any SIPp still running."""
+        ``grace`` seconds to finish, then save the state with the actions that
+        have not begun (they begin after a restart). The caller then cancels
+        :meth:`run`, which kills any SIPp still running."""
         grace = self.config.shutdown_grace if grace is None else grace
         self._intake.cancel()
         self._stopping = True
@@ -204,40 +217,81 @@ class Service:
         with trio.move_on_after(grace):
             while self.runner.running or self.runner.waiting:  # noqa: ASYNC110 (polls the limiter, no event for it)
                 await trio.sleep(0.05)
-        self._save_state()
+        deferred = self.actions.close()
+        if self.store is not None and await self._save_state(deferred):
+            log.info(
+                "state saved %s",
+                kv(path=str(self.store.path), calls=self.engine.call_count, devices=self.engine.device_count,
+                   deferred=len(deferred)),
+            )  # fmt: skip
+
+    # -- state on disk ----------------------------------------------------
 
     def _load_state(self) -> None:
-        path = self.config.state_file
-        if path is None or not path.exists():
+        store = self.store
+        if store is None:
             return
         try:
-            count = load_state(self.engine, trio.current_time(), path)
+            restored = store.restore(self.engine, trio.current_time())
         except StateError as exc:
             # Start empty, and keep the file aside for a look (it would fail
             # again at every start).
-            aside = path.with_name(path.name + ".bad")
             try:
-                os.replace(path, aside)
+                kept = str(store.set_aside())
             except OSError as move:
-                aside = path
-                log.warning("state file not moved aside %s", kv(path=str(path), error=str(move)))
-            log.warning("state not restored %s", kv(error=str(exc), kept=str(aside)))
+                kept = str(store.path)
+                log.warning("state file not moved aside %s", kv(path=kept, error=str(move)))
+            log.warning("state not restored %s", kv(error=str(exc), kept=kept))
             return
-        log.info("state restored %s", kv(path=str(path), calls=count, devices=self.engine.device_count))
+        self._restored_actions = restored.actions
+        if restored.calls or restored.devices:
+            log.info(
+                "state restored %s",
+                kv(path=str(store.path), calls=restored.calls, devices=restored.devices,
+                   deferred=len(restored.actions), journaled=restored.journaled),
+            )  # fmt: skip
 
-    def _save_state(self) -> None:
-        path = self.config.state_file
-        if path is None:
-            return
-        try:
-            count = save_state(self.engine, trio.current_time(), path)
-        except OSError as exc:
-            log.error("state not saved %s", kv(path=str(path), error=str(exc)))
-            return
-        log.info("state saved %s", kv(path=str(path), calls=count, devices=self.engine.device_count))
+    def _resume_actions(self) -> None:
+        """Begin the actions a stopped worker saved, those still in time."""
+        now = trio.current_time()
+        for act in self._restored_actions:
+            if act.deadline > now:
+                self._start_action(act, now, resumed=True)
+            else:
+                self.metrics.fake_calls.labels(Outcome.OVERDUE.value).inc()
+                log.warning("saved action overdue %s", kv(call_id=act.call_id, device=act.device))
+        self._restored_actions = []
 
-    async def _run_action(self, decision: Decision, received: float) -> None:
+    async def _persist(self) -> None:
+        """Snapshot the state at most every ``state_interval`` while it changes."""
+        while True:
+            await trio.sleep(self.config.state_interval)
+            if self._state_changed:
+                await self._save_state()
+
+    async def _save_state(self, deferred: list[Act] | None = None) -> bool:
+        store = self.store
+        assert store is not None
+        async with self._state_lock:
+            self._state_changed = False
+            data, journal = store.snapshot(self.engine, trio.current_time(), deferred)
+            saved = await trio.to_thread.run_sync(store.write, data, journal)
+            if not saved:
+                self._state_changed = True  # try again at the next interval
+            return saved
+
+    def _on_state_error(self, file: str, exc: OSError) -> None:
+        # Called from the writer thread too: a counter and a log line only.
+        self.metrics.state_errors.labels(file).inc()
+        log.error("state not written %s", kv(file=file, error=str(exc)))
+
+    async def _run_action(self, decision: Act, received: float, resumed: bool = False) -> None:
         try:
+            conn = self.connections.get(decision.node)
+            if resumed and conn is not None:
+                # Saved by a stopped worker: its node is being connected to.
+                with trio.move_on_at(decision.deadline):
+                    await conn.wait_connected()
             await self.actions.run(decision, received)
         finally:
             self._actions_open -= 1
@@ -250,7 +304,10 @@ class Service:
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
-            self._dispatch(self.engine.tick(now), now)
+            decided = self.engine.tick(now)
+            if decided:
+                self._state_changed = True
+                self._dispatch(decided, now)
             for node, lost in self.sequences.expire(now):
                 self._count_lost(node, lost)
             self._log_lost(now)
@@ -338,6 +395,7 @@ class Service:
             # the device's connection and will take the fake call.
             event = msgspec.structs.replace(event, node=node)
         decisions = self.engine.handle(event, now)
+        self._state_changed = True
         if decisions:
             self._dispatch(decisions, now)
         deadline = self.engine.next_deadline()
@@ -371,23 +429,29 @@ class Service:
                 )
             for listener in self.decision_listeners:
                 listener(d)
-            if d.reason != "duplicate":
+            if d.reason is not Reason.DUPLICATE:
                 m.wakeup_delay.observe(max(0.0, d.since_start))
                 if d.since_end is not None:
                     m.late_after_end.observe(max(0.0, d.since_end))
-            if d.action is Action.NONE:
+            if not isinstance(d, Act):
                 continue
-            assert d.call is not None
             m.late_registrations.labels(d.call.end.value).inc()
             if self._stopping or self._actions_nursery is None:
                 log.warning("action not started %s", kv(call_id=d.call_id, device=d.device, reason="stopping"))
             elif self._actions_open < self.config.action_queue:
-                self._actions_open += 1
-                self._actions_nursery.start_soon(self._run_action, d, received)
+                self._start_action(d, received)
             else:
                 m.dispatch_dropped.inc()
                 m.fake_calls.labels("overdue").inc()
                 log.warning("action dropped %s", kv(call_id=d.call_id, device=d.device, reason="action queue full"))
+
+    def _start_action(self, act: Act, received: float, *, resumed: bool = False) -> None:
+        assert self._actions_nursery is not None
+        if self.store is not None:
+            # On disk before it begins: a restored worker never begins it again.
+            self.store.note_action(act.call_id, act.device)
+        self._actions_open += 1
+        self._actions_nursery.start_soon(self._run_action, act, received, resumed)
 
     # -- commands and connection state ----------------------------------
 

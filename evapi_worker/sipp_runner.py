@@ -60,7 +60,8 @@ class Outcome(enum.Enum):
     TIMEOUT = "timeout"  # no ringing in time; cancelled after Kamailio's 100
     NO_RESPONSE = "no_response"  # nothing came back at all
     GAVE_UP = "gave_up"  # no final response to the CANCEL in time
-    KILLED = "killed"  # SIPp ran past its time limit and was killed
+    KILLED = "killed"  # SIPp was killed: past its time limit, or the worker stopped
+    DEFERRED = "deferred"  # not begun when the worker stopped: saved, begun after its restart
     OVERDUE = "overdue"  # dropped: its deadline passed while it waited
     TAKEN = "taken"  # another worker claimed this fake call and sends it
     UNSAFE = "unsafe"  # refused: event data not safe for SIP or CSV

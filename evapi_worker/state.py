@@ -1,132 +1,99 @@
-"""The engine's state on disk, so a restart inside the window loses nothing.
+"""The state file's format: what a snapshot holds and how it is checked.
 
-Written at shutdown, read at start. Times are stored relative to the moment
-of saving (the engine's clock is monotonic and does not survive a restart);
-on load they are re-based on the new clock, minus the time the worker was
-down, so a call that ended 5 s before a 3 s restart has 7 s of its window
-left, not 10.
+A snapshot is the engine's records (see :class:`~.engine.EngineState`), the
+actions decided but not yet started when the worker stopped, and two
+clocks: the unix time of saving, and the engine's (monotonic) clock at that
+moment. The engine's clock does not survive a restart, so on load every
+engine time is re-based on the new clock, minus the time the worker was
+down: a call that ended 5 s before a 3 s restart has 7 s of its window left,
+not 10.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import time
-from pathlib import Path
 from typing import Final
 
 import msgspec
 
-from .engine import EndKind, Engine
-from .events import CallStarted, Register
+from .engine import Act, EngineState
 
-__all__ = ["StateError", "load_state", "save_state"]
+__all__ = ["STATE_VERSION", "Snapshot", "StateError", "decode_snapshot", "encode_snapshot"]
 
-STATE_VERSION: Final = 1
+STATE_VERSION: Final = 2
 
-
-class _CallState(msgspec.Struct, frozen=True):
-    call_id: str
-    aor: str
-    started: CallStarted | None
-    end_ts: float | None
-    end: str | None
-    end_code: int | None
-    expires_in: float
-    decided: dict[str, bool] | None
-    rang: list[str] | None = None
+# No saved time is further from the moment of saving than this (about four
+# months): anything else is a damaged file, not a state.
+_SPAN: Final = 1e7
 
 
-class _DeviceState(msgspec.Struct, frozen=True):
-    reg: Register
-    dev: str
-    arrived_ago: float
-    expires_in: float
-    pending: list[str]
-
-
-class _Snapshot(msgspec.Struct, frozen=True):
+class Snapshot(msgspec.Struct, frozen=True):
     version: int
     saved_at: float  # unix time
-    calls: list[_CallState]
-    devices: list[_DeviceState]
+    clock: float  # the engine's clock when saved
+    journal: int  # journal files numbered from this one hold what came after
+    engine: EngineState
+    actions: list[Act] = []  # decided, not started when the worker stopped
+
+    def rebased(self, now: float) -> Snapshot:
+        """This snapshot with engine times on a clock that reads ``now``
+        now, the time since saving taken off."""
+        down = max(0.0, time.time() - self.saved_at)
+        offset = now - self.clock - down
+        actions = [dataclasses.replace(a, deadline=a.deadline + offset) for a in self.actions]
+        return msgspec.structs.replace(self, clock=now, engine=self.engine.shifted(offset), actions=actions)
 
 
 class StateError(Exception):
     """A state file that cannot be used; the worker starts empty instead."""
 
 
-def save_state(engine: Engine, now: float, path: Path) -> int:
-    """Write the engine's calls and devices; returns how many calls. Atomic:
-    a crash while writing leaves the previous file."""
-    calls, devices = engine.export_state()
-    snapshot = _Snapshot(
-        version=STATE_VERSION,
-        saved_at=time.time(),
-        calls=[
-            _CallState(
-                c.call_id, c.aor, c.started, c.end_ts, c.end.value if c.end else None, c.end_code,
-                c.expires - now, dict(c.decided) if c.decided else None, sorted(c.rang) if c.rang else None,
-            )
-            for c in calls
-        ],
-        devices=[
-            _DeviceState(d.reg, d.dev, now - d.arrival, d.expires - now, sorted(d.pending)) for d in devices
-        ],
-    )  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    # 0600: the state holds push tokens and phone numbers.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(msgspec.msgpack.encode(snapshot))
-    os.replace(tmp, path)
-    return len(calls)
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Snapshot)
 
 
-def load_state(engine: Engine, now: float, path: Path) -> int:
-    """Restore what :func:`save_state` wrote into an empty engine; returns how many calls."""
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    return _encoder.encode(snapshot)
+
+
+def decode_snapshot(data: bytes, where: str) -> Snapshot:
+    """Decode and check a snapshot; :class:`StateError` says what is wrong."""
     try:
-        snapshot = msgspec.msgpack.decode(path.read_bytes(), type=_Snapshot)
-    except (OSError, msgspec.DecodeError) as exc:
-        raise StateError(f"{path}: {exc}") from None
+        snapshot = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise StateError(f"{where}: {exc}") from None
     if snapshot.version != STATE_VERSION:
-        raise StateError(f"{path}: state version {snapshot.version}, expected {STATE_VERSION}")
-    _check_values(snapshot, path)
-    down = max(0.0, time.time() - snapshot.saved_at)
-    for c in snapshot.calls:
-        engine.import_call(
-            c.call_id, c.aor, c.started, c.end_ts, EndKind(c.end) if c.end else None, c.end_code,
-            now + c.expires_in - down, c.decided, set(c.rang) if c.rang else None,
-        )  # fmt: skip
-    for d in snapshot.devices:
-        engine.import_device(d.reg, d.dev, now - d.arrived_ago - down, now + d.expires_in - down, set(d.pending))
-    return len(snapshot.calls)
+        raise StateError(f"{where}: state version {snapshot.version}, expected {STATE_VERSION}")
+    _check_values(snapshot, where)
+    return snapshot
 
 
-# No saved time is further away than this (about four months): anything else
-# is a damaged file, not a state.
-_SPAN: Final = 1e7
-
-
-def _check_values(snapshot: _Snapshot, path: Path) -> None:
+def _check_values(snapshot: Snapshot, where: str) -> None:
     """Values of the right types may still be wrong (a hand-edited or
     damaged file); the worker must start, not crash at every start."""
-    ends = {kind.value for kind in EndKind}
 
     def bad(what: str) -> StateError:
-        return StateError(f"{path}: {what}")
+        return StateError(f"{where}: {what}")
+
+    def near(value: float) -> bool:
+        return math.isfinite(value) and abs(value - snapshot.clock) < _SPAN
 
     if not math.isfinite(snapshot.saved_at):
         raise bad("saved_at is not a time")
-    for c in snapshot.calls:
-        if c.end is not None and c.end not in ends:
-            raise bad(f"call {c.call_id!r} ended as {c.end!r}")
-        if not (math.isfinite(c.expires_in) and abs(c.expires_in) < _SPAN):
-            raise bad(f"call {c.call_id!r} expires_in {c.expires_in!r}")
+    if not math.isfinite(snapshot.clock):
+        raise bad("clock is not a time")
+    for c in snapshot.engine.calls:
+        if not near(c.expires_at):
+            raise bad(f"call {c.call_id!r} expires_at {c.expires_at!r}")
         if c.end_ts is not None and not math.isfinite(c.end_ts):
             raise bad(f"call {c.call_id!r} end_ts {c.end_ts!r}")
-    for d in snapshot.devices:
-        for name in ("arrived_ago", "expires_in"):
+    for d in snapshot.engine.devices:
+        for name in ("arrived_at", "expires_at"):
             value = getattr(d, name)
-            if not (math.isfinite(value) and abs(value) < _SPAN):
-                raise bad(f"device {d.dev!r} {name} {value!r}")
+            if not near(value):
+                raise bad(f"device {d.device!r} {name} {value!r}")
+    for a in snapshot.actions:
+        if not near(a.deadline):
+            raise bad(f"action for {a.call_id!r} deadline {a.deadline!r}")

@@ -32,6 +32,14 @@ needs_sipp = pytest.mark.skipif(
 )
 
 
+# For a stand-in SIPp: log the outcome the bundled scenario logs when the
+# phone rang and took the CANCEL.
+LOGS_COMPLETED = """while [ $# -gt 0 ]; do
+  if [ "$1" = -log_file ]; then echo outcome=completed > "$2"; fi
+  shift
+done"""
+
+
 def fake_sipp(folder: Path, script: str) -> Path:
     """A stand-in for the sipp binary: a shell script running ``script``
     (for the runner's own behaviour: timeouts, exit codes, arguments)."""

@@ -16,6 +16,7 @@ import trio
 
 from evapi_worker.config import Config
 from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, Subscriber, received, start_watched_worker
+from evapi_worker.engine import Act
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.sipp_runner import Outcome
 
@@ -59,7 +60,7 @@ async def test_linphone_on_tls_answered_elsewhere(tmp_path: Path) -> None:
         got = await late_linphone(p, "bob", "phone_answers", call_id, linphone(p, "bob", "tls"))
         assert got == (call_id, "accepted elsewhere / answered elsewhere")
         (decision,) = [d for d in p.watch.decisions if d.call_id == call_id]
-        assert decision.register is not None and decision.register.proto == "tls"
+        assert isinstance(decision, Act) and decision.register.proto == "tls"
         assert decision.register.pn_provider == "apns"
 
 
@@ -159,7 +160,7 @@ async def test_phone_behind_nat_gets_its_fake_call_where_its_register_came_from(
         assert outcome is Outcome.COMPLETED
         assert received(iphone) == (call_id, ANSWERED)
         (decision,) = p.watch.decisions
-        assert decision.register is not None and "@iphone.invalid" in decision.register.contact
+        assert isinstance(decision, Act) and "@iphone.invalid" in decision.register.contact
 
 
 async def test_fake_call_to_a_tcp_phone_whose_connection_is_gone_fails_at_once(tmp_path: Path) -> None:

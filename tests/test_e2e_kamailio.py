@@ -25,7 +25,7 @@ from evapi_worker.demo import (
     received,
     start_watched_worker,
 )
-from evapi_worker.engine import EngineSettings, Strategy
+from evapi_worker.engine import Act, EngineSettings, Strategy
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import Outcome
@@ -193,7 +193,7 @@ async def test_iphone_on_tcp_gets_the_fake_call_over_its_own_connection(tmp_path
         assert outcome is Outcome.COMPLETED
         assert received(iphone) == (call_id, 'SIP;cause=200;text="Call completed elsewhere"')
         (decision,) = p.watch.decisions
-        assert decision.register is not None and decision.register.proto == "tcp"
+        assert isinstance(decision, Act) and decision.register.proto == "tcp"
 
 
 async def test_message_strategy_tells_the_late_device_by_sip_message(tmp_path: Path) -> None:
@@ -261,6 +261,6 @@ async def test_quotes_and_backslashes_in_names_and_user_agents_survive_the_json(
         assert outcome is Outcome.COMPLETED
         assert p.metric("evapi_worker_event_errors_total", node="e2e", reason="invalid_json") == 0
         (decision,) = p.watch.decisions
-        assert decision.register is not None and decision.register.user_agent == ua
+        assert isinstance(decision, Act) and decision.register.user_agent == ua
         invite = iphone.read_text().splitlines()[0]
         assert f'from= "{name}" <sip:alice@caller.example.net>' in invite

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evapi_worker.engine import Action, Anchor, Decision, EndKind, Engine, EngineSettings, Strategy
+from evapi_worker.engine import Act, Action, Anchor, Decision, EndKind, Engine, EngineSettings, Strategy
 from evapi_worker.events import Event
 
 from .helpers import Wire
@@ -32,13 +32,14 @@ def test_answered_elsewhere_then_late_register_gets_one_fake_call() -> None:
     out = run(e, (0.0, w.start(T0)), (3.0, w.answered(T0 + 3)), (5.0, w.register(T0 + 5)))
     assert len(out) == 1
     d = out[0]
+    assert isinstance(d, Act)
     assert (d.action, d.reason, d.call_id, d.device, d.node) == (
         Action.FAKE_CALL, "answered", "call-1", "urn:uuid:iphone-1", "kam1",
     )  # fmt: skip
     assert d.since_start == 5.0 and d.since_end == 2.0
-    assert d.call is not None and d.call.end is EndKind.ANSWERED
+    assert d.call.end is EndKind.ANSWERED
     assert d.call.from_user == "alice" and d.call.from_name == "Alice"
-    assert d.register is not None and d.register.contact.startswith("sip:bob@")
+    assert d.register.contact.startswith("sip:bob@")
     assert d.deadline == 5.0 + EngineSettings().deadline
 
 
@@ -57,7 +58,7 @@ def test_how_the_call_ended_picks_the_reason(code: int | None, reason: str, kind
     end = w.cancelled(T0 + 2) if code is None else w.failed(T0 + 2, code)
     out = run(e, (0.0, w.start(T0)), (2.0, end), (4.0, w.register(T0 + 4)))
     assert [(d.action, d.reason) for d in out] == [(Action.FAKE_CALL, reason)]
-    assert out[0].call is not None and out[0].call.end is kind
+    assert isinstance(out[0], Act) and out[0].call.end is kind
 
 
 def test_register_while_ringing_waits_the_settle_delay_then_leaves_it_to_tsilo() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,24 +149,41 @@ async def test_sigterm_to_the_command_stops_gracefully_and_writes_the_state(tmp_
     assert "state saved" in err
 
 
+def state_file_with(tmp_path: Path, **damage: object) -> Path:
+    state = tmp_path / "state.msgpack"
+    call = {
+        "call_id": "c@x", "aor": "bob@example.com", "started": None, "end_ts": 1.0, "end": "answered",
+        "end_code": None, "expires_at": 10.0, "decided": {}, "rang": [], **damage,
+    }  # fmt: skip
+    snapshot = {
+        "version": 2, "saved_at": time.time(), "clock": 0.0, "journal": 1,
+        "engine": {"calls": [call], "devices": []}, "actions": [],
+    }  # fmt: skip
+    state.write_bytes(msgpack.packb(snapshot))
+    return state
+
+
+async def test_a_sound_state_file_is_restored(tmp_path: Path) -> None:
+    service = Service(Config(state_file=state_file_with(tmp_path)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        assert service.engine.call_count == 1
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     "damage",
     [
         {"end": "bogus"},
-        {"expires_in": float("inf")},
-        {"expires_in": 1e308},
+        {"expires_at": float("inf")},
+        {"expires_at": 1e308},
         {"end_ts": float("nan")},
     ],
 )
 async def test_a_state_file_with_impossible_values_is_set_aside_and_the_worker_starts_empty(
     tmp_path: Path, damage: dict[str, object]
 ) -> None:
-    state = tmp_path / "state.msgpack"
-    call = {
-        "call_id": "c@x", "aor": "bob@example.com", "started": None, "end_ts": 1.0, "end": "answered",
-        "end_code": None, "expires_in": 10.0, "decided": None, "rang": None, **damage,
-    }  # fmt: skip
-    state.write_bytes(msgpack.packb({"version": 1, "saved_at": 1.0, "calls": [call], "devices": []}))
+    state = state_file_with(tmp_path, **damage)
     service = Service(Config(state_file=state))
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)  # would raise before

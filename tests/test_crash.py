@@ -1,0 +1,98 @@
+"""``kill -9`` of the real ``evapi-worker run``: at most a second of state
+lost, and never a fake call twice."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from .evapi_server import EvapiServer
+from .sipp_device import fake_sipp
+
+CALLS = 6
+# A stand-in SIPp that notes each run and logs the outcome the bundled
+# scenario logs when the phone took the CANCEL.
+SIPP_NOTES_RUNS = """runs="$(dirname "$0")/runs.txt"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -cid_str) echo "$2" >> "$runs" ;;
+    -log_file) echo outcome=completed > "$2" ;;
+  esac
+  shift
+done"""
+
+
+@asynccontextmanager
+async def worker(tmp_path: Path, server: EvapiServer, *extra: str) -> AsyncIterator[trio.Process]:
+    """The installed command against the in-test node; killed with SIGKILL
+    (never stopped gracefully) when the block ends."""
+    fake = fake_sipp(tmp_path, SIPP_NOTES_RUNS)
+    args = [
+        sys.executable, "-m", "evapi_worker.cli", "run", "--kamailio", f"127.0.0.1:{server.port}",
+        "--metrics", "off", "--state", str(tmp_path / "state.msgpack"), "--sipp", str(fake), *extra,
+    ]  # fmt: skip
+    before = server.accepted
+    log = (tmp_path / "worker.log").open("ab")
+    proc = await trio.lowlevel.open_process(args, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        await server.wait_for(lambda: server.accepted > before and bool(server.streams), timeout=15)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        log.close()
+        await server.wait_for(lambda: not server.streams)
+
+
+def runs(tmp_path: Path) -> list[str]:
+    path = tmp_path / "runs.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def register(server: EvapiServer, ts: float, i: int) -> bytes:
+    return server.event(
+        "register", ts, aor=f"bob{i}@x", contact=f"sip:bob{i}@127.0.0.1:{6000 + i}", src_ip="127.0.0.1",
+        src_port=6000 + i, proto="udp", expires=600, user_agent="LinphoneiOS/5", instance=f"<urn:uuid:{i}>",
+    )  # fmt: skip
+
+
+async def test_kill_9_loses_at_most_a_second_and_never_repeats_a_fake_call(tmp_path: Path) -> None:
+    server = EvapiServer()
+    t0 = time.time()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        # 1. Six calls end, their iPhones still asleep; the worker dies a
+        #    little more than a second later.
+        async with worker(tmp_path, server):
+            for i in range(CALLS):
+                await server.send(
+                    server.event("call_start", t0, call_id=f"c{i}", aor=f"bob{i}@x", from_user="alice")
+                    + server.event("call_cancelled", t0 + 0.5, call_id=f"c{i}")
+                )
+            await trio.sleep(1.6)
+        # 2. Restarted, it still knows the calls: the iPhones get their fake
+        #    calls. Snapshots here are far apart, so only the journal records
+        #    that the fake calls began before this worker dies too.
+        config = tmp_path / "slow-snapshots.toml"
+        config.write_text("state_interval = 60\n")
+        async with worker(tmp_path, server, "--config", str(config)):
+            await server.send(b"".join(register(server, t0 + 2, i) for i in range(CALLS)))
+            with trio.fail_after(10):
+                while len(runs(tmp_path)) < CALLS:
+                    await trio.sleep(0.05)
+        assert sorted(runs(tmp_path)) == [f"c{i}" for i in range(CALLS)]
+        # 3. Restarted again, the same iPhones register again: nothing repeats.
+        async with worker(tmp_path, server):
+            await server.send(b"".join(register(server, t0 + 3, i) for i in range(CALLS)))
+            await trio.sleep(1.5)
+        nursery.cancel_scope.cancel()
+    assert len(runs(tmp_path)) == CALLS
+    log = (tmp_path / "worker.log").read_text()
+    assert "journaled=6" in log, log
