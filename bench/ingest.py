@@ -7,6 +7,9 @@ engine, action queue); only the actions themselves are counted instead of
 starting SIPp. Run with::
 
     .venv/bin/python -m bench.ingest --calls 100000
+    .venv/bin/python -m bench.ingest --calls 100000 --state /tmp/evw-bench/state
+
+(the second with the state journal and its snapshots on).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import socket
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import trio
 
@@ -41,11 +45,12 @@ def _kamailio(calls: int, ready: Connection) -> None:
                 pass
 
 
-async def _worker(port: int, events: int) -> tuple[float, int, int, Service]:
+async def _worker(port: int, events: int, state: Path | None) -> tuple[float, int, int, Service]:
     node = NodeAddress("kam1", "127.0.0.1", port, "127.0.0.1", 5060)
     # Shedding off: this measures how fast every event is decided, and the
     # sender here outruns the worker on purpose.
-    service = Service(Config(nodes=(node,), action_queue=1_000_000, commands=CommandSettings(shed_above=0)))
+    config = Config(nodes=(node,), action_queue=1_000_000, commands=CommandSettings(shed_above=0), state_file=state)
+    service = Service(config)
     seen = 0
     first = last = 0.0
     actions = 0
@@ -80,7 +85,12 @@ async def _worker(port: int, events: int) -> tuple[float, int, int, Service]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100_000)
+    parser.add_argument("--state", type=Path, help="keep the state in this file (journal and snapshots)")
     args = parser.parse_args()
+    if args.state is not None:
+        args.state.parent.mkdir(parents=True, exist_ok=True)
+        for old in args.state.parent.glob(args.state.name + "*"):
+            old.unlink()
     events = len(stream(args.calls))
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -88,12 +98,15 @@ def main() -> None:
     proc.start()
     port, size = parent.recv()
     tune_gc()  # as `evapi-worker run` does
-    elapsed, seen, actions, service = trio.run(_worker, port, events)
+    elapsed, seen, actions, service = trio.run(_worker, port, events, args.state)
     proc.join(10)
     rate = seen / elapsed
     print(f"cpu cores: {os.cpu_count()}, events: {seen}, bytes: {size}, fake-call decisions: {actions}")
     print(f"elapsed: {elapsed:.3f} s, rate: {rate:,.0f} events/s, {elapsed / seen * 1e6:.2f} us/event")
     print(f"tracked calls: {service.engine.call_count}, devices: {service.engine.device_count}")
+    if args.state is not None:
+        files = sorted(args.state.parent.glob(args.state.name + "*"))
+        print("state files: " + ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in files))
 
 
 if __name__ == "__main__":

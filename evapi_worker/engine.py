@@ -385,8 +385,11 @@ class Engine:
                 if dev is not None and dev.pending:
                     for call_id in sorted(dev.pending):
                         call = self._calls.get(call_id)
-                        if call is not None and call.started is not None:
-                            out.append(self._decide(call, dev, call.started))
+                        if call is None or call.started is None:
+                            continue
+                        if call.decided is not None and dev.dev in call.decided:
+                            continue  # decided meanwhile (a restored journal says so)
+                        out.append(self._decide(call, dev, call.started))
                     dev.pending.clear()
         slots = self._expiry_heap
         while slots and slots[0] * _EXPIRY_STEP <= now:

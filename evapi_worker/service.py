@@ -28,6 +28,7 @@ from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
 from .events import (
     ClaimUnused,
     CommandResult,
+    Event,
     EventError,
     Register,
     UnknownEventError,
@@ -151,9 +152,8 @@ class Service:
         self.capture = (
             CaptureWriter(config.capture, on_error=self._on_capture_error) if config.capture is not None else None
         )
-        self.store = StateStore(config.state_file, self._on_state_error) if config.state_file is not None else None
+        self.store: StateStore | None = None  # made when running (it needs the clock)
         self._state_lock = trio.Lock()
-        self._state_changed = False
         self._restored_actions: list[Act] = []
         self._intake = trio.CancelScope()
         # Captures store wall-clock receive times; the service runs on trio's clock.
@@ -173,6 +173,8 @@ class Service:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._wall_offset = time.time() - trio.current_time()
+        if self.config.state_file is not None:
+            self.store = StateStore(self.config.state_file, self._wall_offset, self._on_state_error)
         stale = remove_stale_folders()
         if stale:
             log.info("stale SIPp folders removed %s", kv(count=stale))
@@ -232,7 +234,7 @@ class Service:
         if store is None:
             return
         try:
-            restored = store.restore(self.engine, trio.current_time())
+            restored = store.restore(self.engine, trio.current_time(), self._replay_frame)
         except StateError as exc:
             # Start empty, and keep the file aside for a look (it would fail
             # again at every start).
@@ -243,13 +245,22 @@ class Service:
                 log.warning("state file not moved aside %s", kv(path=kept, error=str(move)))
             log.warning("state not restored %s", kv(error=str(exc), kept=kept))
             return
-        self._restored_actions = restored.actions
-        if restored.calls or restored.devices:
-            log.info(
-                "state restored %s",
-                kv(path=str(store.path), calls=restored.calls, devices=restored.devices,
-                   deferred=len(restored.actions), journaled=restored.journaled),
-            )  # fmt: skip
+        self._restored_actions = restored.deferred
+        log.info(
+            "state restored %s",
+            kv(path=str(store.path), calls=self.engine.call_count, devices=self.engine.device_count,
+               snapshot_calls=restored.calls, journal_events=restored.events,
+               actions_begun=restored.actions_begun, deferred=len(restored.deferred)),
+        )  # fmt: skip
+
+    def _replay_frame(self, node: str, payload: bytes, now: float) -> None:
+        """A journaled event, fed to the engine again; what it decides was
+        acted upon (or lost) before."""
+        try:
+            event = parse_event(payload).event
+        except EventError:
+            return
+        self._feed(node, event, now)
 
     def _resume_actions(self) -> None:
         """Begin the actions a stopped worker saved, those still in time."""
@@ -263,22 +274,23 @@ class Service:
         self._restored_actions = []
 
     async def _persist(self) -> None:
-        """Snapshot the state at most every ``state_interval`` while it changes."""
+        """Journal the events at least every ``state_interval``; compact the
+        journal into a snapshot when it outgrew the last one."""
+        store = self.store
+        assert store is not None
         while True:
             await trio.sleep(self.config.state_interval)
-            if self._state_changed:
+            store.flush()
+            if store.wants_snapshot:
                 await self._save_state()
 
     async def _save_state(self, deferred: list[Act] | None = None) -> bool:
         store = self.store
         assert store is not None
         async with self._state_lock:
-            self._state_changed = False
-            data, journal = store.snapshot(self.engine, trio.current_time(), deferred)
-            saved = await trio.to_thread.run_sync(store.write, data, journal)
-            if not saved:
-                self._state_changed = True  # try again at the next interval
-            return saved
+            snapshot = store.snapshot(self.engine, trio.current_time(), deferred)
+            # Encoding and writing in a thread: the records are immutable.
+            return await trio.to_thread.run_sync(store.write, snapshot)
 
     def _on_state_error(self, file: str, exc: OSError) -> None:
         # Called from the writer thread too: a counter and a log line only.
@@ -304,10 +316,7 @@ class Service:
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
-            decided = self.engine.tick(now)
-            if decided:
-                self._state_changed = True
-                self._dispatch(decided, now)
+            self._dispatch(self.engine.tick(now), now)
             for node, lost in self.sequences.expire(now):
                 self._count_lost(node, lost)
             self._log_lost(now)
@@ -390,17 +399,21 @@ class Service:
             m.claims_unused.labels(node).inc()
             log.warning("claim unused %s", kv(node=node, claim=event.claim))
             return
-        if isinstance(event, Register) and event.node != node:
-            # Route by the connection the REGISTER came in on: that node has
-            # the device's connection and will take the fake call.
-            event = msgspec.structs.replace(event, node=node)
-        decisions = self.engine.handle(event, now)
-        self._state_changed = True
+        decisions = self._feed(node, event, now)
+        if self.store is not None:
+            self.store.note_event(node, now, payload)
         if decisions:
             self._dispatch(decisions, now)
         deadline = self.engine.next_deadline()
         if deadline is not None and deadline < self._timer_at:
             self._wake.set()
+
+    def _feed(self, node: str, event: Event, now: float) -> list[Decision]:
+        if isinstance(event, Register) and event.node != node:
+            # Route by the connection the REGISTER came in on: that node has
+            # the device's connection and will take the fake call.
+            event = msgspec.structs.replace(event, node=node)
+        return self.engine.handle(event, now)
 
     def _capture(self, node: str, seq: int | None, payload: bytes, now: float) -> None:
         if self.capture is not None:

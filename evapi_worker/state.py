@@ -1,19 +1,17 @@
 """The state file's format: what a snapshot holds and how it is checked.
 
 A snapshot is the engine's records (see :class:`~.engine.EngineState`), the
-actions decided but not yet started when the worker stopped, and two
-clocks: the unix time of saving, and the engine's (monotonic) clock at that
-moment. The engine's clock does not survive a restart, so on load every
-engine time is re-based on the new clock, minus the time the worker was
-down: a call that ended 5 s before a 3 s restart has 7 s of its window left,
-not 10.
+actions decided but not yet begun when the worker stopped, and two clocks:
+the unix time of saving and the engine's (monotonic) clock at that moment.
+The engine's clock does not survive a restart, so on load every engine time
+is re-based on the new clock through the wall clock: a call that ended 5 s
+before a 3 s restart has 7 s of its window left, not 10.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Final
 
 import msgspec
@@ -37,13 +35,13 @@ class Snapshot(msgspec.Struct, frozen=True):
     engine: EngineState
     actions: list[Act] = []  # decided, not started when the worker stopped
 
-    def rebased(self, now: float) -> Snapshot:
-        """This snapshot with engine times on a clock that reads ``now``
-        now, the time since saving taken off."""
-        down = max(0.0, time.time() - self.saved_at)
-        offset = now - self.clock - down
+    def rebased(self, offset: float) -> Snapshot:
+        """This snapshot with every engine time moved by ``offset`` (onto
+        another process's clock)."""
         actions = [dataclasses.replace(a, deadline=a.deadline + offset) for a in self.actions]
-        return msgspec.structs.replace(self, clock=now, engine=self.engine.shifted(offset), actions=actions)
+        return msgspec.structs.replace(
+            self, clock=self.clock + offset, engine=self.engine.shifted(offset), actions=actions
+        )
 
 
 class StateError(Exception):

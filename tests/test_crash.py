@@ -78,9 +78,10 @@ async def test_kill_9_loses_at_most_a_second_and_never_repeats_a_fake_call(tmp_p
                 )
             await trio.sleep(1.6)
         # 2. Restarted, it still knows the calls: the iPhones get their fake
-        #    calls. Snapshots here are far apart, so only the journal records
-        #    that the fake calls began before this worker dies too.
-        config = tmp_path / "slow-snapshots.toml"
+        #    calls. The timer writes the journal rarely here, so only the
+        #    records each fake call writes before it begins reach the disk
+        #    before this worker dies too.
+        config = tmp_path / "slow-journal.toml"
         config.write_text("state_interval = 60\n")
         async with worker(tmp_path, server, "--config", str(config)):
             await server.send(b"".join(register(server, t0 + 2, i) for i in range(CALLS)))
@@ -95,4 +96,4 @@ async def test_kill_9_loses_at_most_a_second_and_never_repeats_a_fake_call(tmp_p
         nursery.cancel_scope.cancel()
     assert len(runs(tmp_path)) == CALLS
     log = (tmp_path / "worker.log").read_text()
-    assert "journaled=6" in log, log
+    assert "actions_begun=6" in log, log

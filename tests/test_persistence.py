@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import trio
 from evapi_worker.config import Config
 from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Reason
 from evapi_worker.evapi_client import NodeAddress
-from evapi_worker.persistence import StateStore
+from evapi_worker.events import parse_event
+from evapi_worker.persistence import Restored, StateStore
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import Outcome, SippSettings
 from evapi_worker.state import decode_snapshot
@@ -33,6 +35,13 @@ def ended_call(engine: Engine, wire: Wire) -> None:
     engine.handle(wire.cancelled(T0 + 1), 1.0)
 
 
+def feed(engine: Engine) -> Callable[[str, bytes, float], None]:
+    def replay(node: str, payload: bytes, now: float) -> None:
+        engine.handle(parse_event(payload).event, now)
+
+    return replay
+
+
 def test_export_and_import_give_back_the_same_state() -> None:
     wire, engine = Wire(), Engine()
     ended_call(engine, wire)
@@ -45,70 +54,101 @@ def test_export_and_import_give_back_the_same_state() -> None:
     assert (copy.call_count, copy.device_count) == (1, 1)
 
 
-def test_the_journal_keeps_an_action_begun_after_the_last_snapshot(tmp_path: Path) -> None:
-    errors = Errors()
-    wire, engine = Wire(), Engine()
-    store = StateStore(tmp_path / "state", errors)
-    store.restore(engine, 0.0)
-    ended_call(engine, wire)
-    store.write(*store.snapshot(engine, 1.5))
-    (act,) = engine.handle(wire.register(T0 + 2), 2.0)
-    store.note_action(act.call_id, act.device)  # then kill -9: no snapshot
+class Journaled:
+    """An engine whose every event is journaled, like the service's."""
 
-    def after_crash(journal: bool) -> list[Decision]:
+    def __init__(self, path: Path, wall_offset: float = 1000.0) -> None:
+        self.wire, self.engine = Wire(), Engine()
+        self.errors = Errors()
+        self.store = StateStore(path, wall_offset, self.errors)
+        self.store.restore(self.engine, 0.0, feed(self.engine))
+
+    def handle(self, raw: bytes, now: float) -> list[Decision]:
+        decisions = self.engine.handle(parse_event(raw).event, now)
+        self.store.note_event("kam1", now, raw)
+        return decisions
+
+
+def restored(path: Path, now: float, wall_offset: float = 1000.0) -> tuple[Engine, Restored]:
+    engine = Engine()
+    return engine, StateStore(path, wall_offset, Errors()).restore(engine, now, feed(engine))
+
+
+def test_journaled_events_after_the_snapshot_are_restored(tmp_path: Path) -> None:
+    j = Journaled(tmp_path / "state")
+    j.handle(j.wire.raw("call_start", T0, call_id="c1", aor="bob@example.com", from_user="alice"), 0.0)
+    j.store.write(j.store.snapshot(j.engine, 0.5))
+    j.handle(j.wire.raw("call_start", T0 + 1, call_id="c2", aor="bob@example.com", from_user="alice"), 1.0)
+    j.store.flush()  # then kill -9
+    engine, result = restored(tmp_path / "state", 0.0, wall_offset=1002.0)  # restarted 2 s later
+    assert (result.calls, result.events) == (1, 1)
+    assert sorted(c.call_id for c in engine.export_state().calls) == ["c1", "c2"]
+    # Re-based through the wall clock: c2 rings until 1 + 180 s on the old clock.
+    (c2,) = [c for c in engine.export_state().calls if c.call_id == "c2"]
+    assert c2.expires_at == 1.0 + 180.0 - 2.0
+
+
+def test_the_journal_keeps_an_action_begun_after_the_last_snapshot(tmp_path: Path) -> None:
+    j = Journaled(tmp_path / "state")
+    j.handle(j.wire.raw("call_start", T0, call_id="c1", aor="bob@example.com", from_user="alice"), 0.0)
+    j.handle(j.wire.raw("call_cancelled", T0 + 1, call_id="c1"), 1.0)
+    j.store.write(j.store.snapshot(j.engine, 1.5))
+    (act,) = j.engine.handle(j.wire.register(T0 + 2), 2.0)  # not journaled as an event...
+    j.store.note_action(act.call_id, act.device)  # ...but its action is; then kill -9
+
+    def again(journal: bool) -> list[Decision]:
         if not journal:
             for path in tmp_path.glob("state.journal.*"):
-                path.rename(tmp_path / ("hidden-" + path.name))
-        restored = Engine()
-        StateStore(tmp_path / "state", errors).restore(restored, 10.0)
-        for path in tmp_path.glob("hidden-*"):
-            path.rename(tmp_path / path.name.removeprefix("hidden-"))
-        return restored.handle(wire.register(T0 + 3), 10.5)
+                path.unlink()
+        engine, _ = restored(tmp_path / "state", 10.0)
+        return engine.handle(j.wire.register(T0 + 3), 10.5)
 
-    assert [d.action.value for d in after_crash(journal=False)] == ["fake_call"]  # what the journal prevents
-    assert [(d.action.value, d.reason) for d in after_crash(journal=True)] == [("none", Reason.DUPLICATE)]
-    assert errors == []
+    assert [(d.action.value, d.reason) for d in again(journal=True)] == [("none", Reason.DUPLICATE)]
+    assert [d.action.value for d in again(journal=False)] == ["fake_call"]  # what the journal prevents
+    assert j.errors == []
+
+
+def test_a_settle_decision_restored_from_the_journal_is_not_made_twice() -> None:
+    wire, engine = Wire(), Engine(EngineSettings(settle=0.5))
+    engine.handle(wire.start(T0), 0.0)
+    assert engine.handle(wire.register(T0 + 1), 1.0) == []  # ringing: waits for the settle delay
+    engine.mark_decided("call-1", "urn:uuid:iphone-1")  # the journal says it was acted upon
+    assert engine.tick(2.0) == []
 
 
 def test_a_torn_last_journal_record_is_ignored(tmp_path: Path) -> None:
-    wire, engine = Wire(), Engine()
-    store = StateStore(tmp_path / "state", Errors())
-    ended_call(engine, wire)
-    store.write(*store.snapshot(engine, 1.5))
-    store.note_action("call-1", "urn:uuid:iphone-1")
-    store.close()
+    j = Journaled(tmp_path / "state")
+    j.handle(j.wire.raw("call_start", T0, call_id="c1", aor="bob@example.com", from_user="alice"), 0.0)
+    j.store.note_action("c1", "urn:uuid:iphone-1")
+    j.store.close()
     (journal,) = tmp_path.glob("state.journal.*")
     with journal.open("ab") as f:
-        f.write(b"\x92\xa6call-")  # a record cut short by a crash
-    restored = Engine()
-    result = StateStore(tmp_path / "state", Errors()).restore(restored, 5.0)
-    assert result.journaled == 1
+        f.write(b"\x92\xa1e\x91")  # a batch cut short by a crash
+    _, result = restored(tmp_path / "state", 5.0)
+    assert (result.events, result.actions_begun) == (1, 1)
 
 
 def test_a_written_snapshot_removes_the_journals_it_contains(tmp_path: Path) -> None:
-    wire, engine = Wire(), Engine()
-    store = StateStore(tmp_path / "state", Errors())
-    ended_call(engine, wire)
-    store.note_action("call-1", "a")
-    data, journal = store.snapshot(engine, 1.5)
-    store.note_action("call-1", "b")  # after the snapshot: in the next journal
+    j = Journaled(tmp_path / "state")
+    j.handle(j.wire.raw("call_start", T0, call_id="c1", aor="bob@example.com", from_user="alice"), 0.0)
+    j.store.note_action("c1", "a")
+    snapshot = j.store.snapshot(j.engine, 1.5)
+    j.store.note_action("c1", "b")  # after the snapshot: in the next journal
     assert len(list(tmp_path.glob("state.journal.*"))) == 2
-    assert store.write(data, journal)
+    assert j.store.write(snapshot)
     (left,) = tmp_path.glob("state.journal.*")
-    assert left.name == f"state.journal.{journal}"
-    assert decode_snapshot((tmp_path / "state").read_bytes(), "state").journal == journal
+    assert left.name == f"state.journal.{snapshot.journal}"
+    assert decode_snapshot((tmp_path / "state").read_bytes(), "state").journal == snapshot.journal
 
 
 def test_a_failed_snapshot_is_reported_and_keeps_the_previous_file(tmp_path: Path) -> None:
-    errors = Errors()
-    wire, engine = Wire(), Engine()
-    store = StateStore(tmp_path / "state", errors)
-    assert store.write(*store.snapshot(engine, 0.0))
+    j = Journaled(tmp_path / "state")
+    assert j.store.write(j.store.snapshot(j.engine, 0.0))
     before = (tmp_path / "state").read_bytes()
-    ended_call(engine, wire)
+    ended_call(j.engine, j.wire)
     (tmp_path / "state.tmp").mkdir()  # the temporary file cannot be made
-    assert not store.write(*store.snapshot(engine, 1.5))
-    assert [file for file, _ in errors] == ["snapshot"]
+    assert not j.store.write(j.store.snapshot(j.engine, 1.5))
+    assert [file for file, _ in j.errors] == ["snapshot"]
     assert (tmp_path / "state").read_bytes() == before
 
 
@@ -125,9 +165,10 @@ async def test_a_running_worker_keeps_its_state_on_disk_within_the_interval(tmp_
         service.on_frame("kam1", frame("call_start", T0, 1, call_id="c1", aor="bob@x", from_user="a"), now)
         service.on_frame("kam1", frame("call_cancelled", T0 + 1, 2, call_id="c1"), now)
         await trio.sleep(0.5)
-        nursery.cancel_scope.cancel()  # no stop(): a crash, as far as the file knows
-    snapshot = decode_snapshot(state.read_bytes(), str(state))
-    assert [c.call_id for c in snapshot.engine.calls] == ["c1"]
+        engine, result = restored(state, 0.0)  # what a worker killed now would find
+        nursery.cancel_scope.cancel()
+    assert [c.call_id for c in engine.export_state().calls] == ["c1"]
+    assert result.events == 2
 
 
 REG = {
