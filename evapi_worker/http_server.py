@@ -7,8 +7,10 @@ the request head (bounded in size and time), answers, and closes.
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
@@ -25,9 +27,10 @@ _MAX_HEAD = 8192
 # are all plain, so the body is the same in newer format versions).
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TIMEOUT = 5.0  # a whole exchange, request and answer
-# Connections served at once; more are answered 503 and closed at once, so
-# idle or slow clients cannot take the descriptors SIPp and evapi need.
+# Connections served at once; more wait to be accepted, so idle or slow
+# clients cannot take the descriptors SIPp and evapi need.
 _MAX_CONNECTIONS = 32
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 Health = Callable[[], tuple[bool, list[str]]]
 
@@ -64,25 +67,16 @@ def respond(method: str, path: str, registry: CollectorRegistry, health: Health)
 async def _handle(
     registry: CollectorRegistry,
     health: Health,
-    limiter: trio.CapacityLimiter,
+    slots: trio.Semaphore,
     timeout: float,
     stream: trio.SocketStream,
 ) -> None:
-    async with stream:
-        try:
-            limiter.acquire_nowait()
-        except trio.WouldBlock:
-            with trio.move_on_after(min(timeout, 0.2)), _quietly():
-                await stream.send_all(_response("503 Service Unavailable", "text/plain", b"busy\n"))
-                # Read what the client sent, so that closing does not reset
-                # the connection before it reads the answer.
-                await stream.receive_some(_MAX_HEAD)
-            return
-        try:
+    try:
+        async with stream:
             with trio.move_on_after(timeout), _quietly():
                 await _exchange(registry, health, stream)
-        finally:
-            limiter.release()
+    finally:
+        slots.release()
 
 
 class _quietly:
@@ -125,5 +119,42 @@ async def serve_http(
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("http listening %s", kv(addr=f"{host}:{bound}", paths="/metrics,/healthz"))
     task_status.started(bound)
-    limiter = trio.CapacityLimiter(max_connections)
-    await trio.serve_listeners(partial(_handle, registry, health, limiter, timeout), listeners)
+    slots = trio.Semaphore(max_connections)
+    handle = partial(_handle, registry, health, slots, timeout)
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept, listener, slots, handle)
+    finally:
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await listener.aclose()
+
+
+async def _accept(
+    listener: trio.abc.Listener[trio.SocketStream],
+    slots: trio.Semaphore,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    """Accept only while a slot is free: the connections beyond it wait in
+    the kernel's backlog, where they take none of this process's
+    descriptors (SIPp and evapi need them)."""
+    warned = -math.inf
+    async with trio.open_nursery() as nursery:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                # Out of descriptors or memory: an outcome, not an end. Wait
+                # for some to be freed; say so now and then.
+                now = trio.current_time()
+                if now - warned >= 10:
+                    log.warning("http accept failed %s", kv(error=exc.strerror or str(exc)))
+                    warned = now
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(handle, stream)
