@@ -29,7 +29,7 @@ from typing import Final, TextIO
 import trio
 
 from .config import Config, ConfigError
-from .engine import Action, Decision
+from .engine import Act, Decision
 from .evapi_client import NodeAddress
 from .service import Service
 from .sipp_runner import Outcome, bind_error, bundled_scenario, free_port
@@ -114,6 +114,10 @@ class KamailioProcess:
     def control(self) -> str:
         """Its control socket, for ``kamcmd -s``."""
         return f"unix:{self.folder / 'kamailio_ctl'}"
+
+    async def wait_registered(self, aor: str, count: int = 1, timeout: float = 5.0) -> None:
+        """Return once ``aor`` has ``count`` Contacts registered."""
+        await wait_registered(self.control, aor, count, timeout)
 
     def command(self) -> list[str]:
         binary = shutil.which("kamailio") or "kamailio"
@@ -277,6 +281,22 @@ class Watch:
         return self.outcomes.get(call_id)
 
 
+async def registered_contacts(control: str, aor: str) -> int:
+    """How many Contacts the Kamailio behind the control socket ``control``
+    has registered for ``aor`` (as an operator asks it: ``kamcmd ul.lookup``)."""
+    result = await trio.run_process(
+        ["kamcmd", "-s", control, "ul.lookup", "location", aor], capture_stdout=True, capture_stderr=True, check=False
+    )
+    return int(result.stdout.count(b"\tAddress: "))
+
+
+async def wait_registered(control: str, aor: str, count: int = 1, timeout: float = 5.0) -> None:
+    """Return once ``aor`` has ``count`` Contacts registered."""
+    with trio.fail_after(timeout):
+        while await registered_contacts(control, aor) < count:  # noqa: ASYNC110 (polls Kamailio, which tells no one)
+            await trio.sleep(0.05)
+
+
 class Phones:
     """SIPp phones and callers for the stories; every run is bounded in time.
 
@@ -381,6 +401,7 @@ def received(log: Path) -> tuple[str | None, str | None]:
 
 async def _story(
     out: Callable[[str], None],
+    kam: KamailioProcess,
     phones: Phones,
     watch: Watch,
     *,
@@ -396,7 +417,7 @@ async def _story(
         nursery.start_soon(
             phones.phone, callee, DESK_UA, f"desk-{callee}", desk, 9000, phones.folder / f"desk-{callee}.log"
         )
-        await trio.sleep(0.5)
+        await kam.wait_registered(f"{callee}@{phones.domain}")
         out(f"   alice calls {callee}; {callee}'s desk phone rings, {callee}'s iPhone gets a push and wakes up slowly")
         await phones.call("alice", "Alice Liddell", callee, call_id)
         out(
@@ -407,7 +428,7 @@ async def _story(
         out(f"   {callee}'s iPhone registers now, after the call ended")
         nursery.start_soon(phones.phone, callee, IPHONE_UA, f"iphone-{callee}", "phone_rings", 3000, iphone_log)
         outcome = await watch.outcome(call_id, timeout=10)
-        decision = next((d for d in watch.decisions if d.call_id == call_id and d.action is not Action.NONE), None)
+        decision = next((d for d in watch.decisions if d.call_id == call_id and isinstance(d, Act)), None)
         if decision is None:
             out("   worker: no decision about this call (see the log above)")
         else:
@@ -494,11 +515,11 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
                 passwords = {s.user: s.password for s in subscribers or ()}
                 phones = Phones(sip[0], sip[1], folder, options.domain, passwords=passwords)
                 await _story(
-                    say, phones, watch, number=1, callee="bob", desk="phone_answers",
+                    say, kam, phones, watch, number=1, callee="bob", desk="phone_answers",
                     title="A call answered on another device",
                 )  # fmt: skip
                 await _story(
-                    say, phones, watch, number=2, callee="carol", desk="phone_rings",
+                    say, kam, phones, watch, number=2, callee="carol", desk="phone_rings",
                     title="A missed call",
                 )  # fmt: skip
             say(

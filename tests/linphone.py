@@ -144,6 +144,15 @@ domain={self.domain}
         with trio.move_on_after(5):
             await self.process.wait()
 
+    async def wait_call_logs(self, count: int = 1, timeout: float = 10.0) -> list[CallLog]:
+        """The call history once it has ``count`` entries (liblinphone
+        writes an entry when the call has ended on its side)."""
+        with trio.fail_after(timeout):
+            while True:
+                if self.calls_db.exists() and len(logs := await self.call_logs()) >= count:
+                    return logs
+                await trio.sleep(0.1)
+
     async def call_logs(self) -> list[CallLog]:
         """The phone's call history: Call-ID and status from its database,
         and the status line linphonec prints for each entry."""

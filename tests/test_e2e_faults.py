@@ -56,7 +56,7 @@ async def test_kamailio_restart_reconnects_and_later_calls_are_handled(tmp_path:
         async with second.running():
             await until(lambda: conn.connected)
             assert service.metrics.value("evapi_worker_reconnects_total", {"node": "k"}) >= 1
-            p = Platform(service, Phones(HOST, sip_port, tmp_path), watch, tmp_path)
+            p = Platform(service, Phones(HOST, sip_port, tmp_path), watch, tmp_path, second)
             outcome, _ = await late_iphone(p, "bob", "phone_answers", "restart-1@127.0.0.1")
             assert outcome is Outcome.COMPLETED
         nursery.cancel_scope.cancel()
@@ -73,7 +73,7 @@ async def test_one_node_of_two_down_the_other_still_serves(tmp_path: Path) -> No
         await nursery.start(service.run)
         # Up once it answered a ping; the other never connects.
         await until(lambda: service.healthy() == (False, ["down"]))
-        p = Platform(service, Phones(HOST, sip_port, tmp_path), watch, tmp_path)
+        p = Platform(service, Phones(HOST, sip_port, tmp_path), watch, tmp_path, kam)
         outcome, _ = await late_iphone(p, "bob", "phone_answers", "twonodes-1@127.0.0.1")
         assert outcome is Outcome.COMPLETED
         assert service.metrics.value("evapi_worker_kamailio_up", {"node": "down"}) == 0

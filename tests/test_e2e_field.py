@@ -15,13 +15,22 @@ from pathlib import Path
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, Subscriber, received, start_watched_worker
+from evapi_worker.demo import (
+    DESK_UA,
+    IPHONE_UA,
+    KamailioProcess,
+    Phones,
+    Subscriber,
+    received,
+    start_watched_worker,
+    wait_registered,
+)
 from evapi_worker.engine import Act
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.sipp_runner import Outcome
 
 from .helpers import stop_group
-from .linphone import CallLog, Linphone, needs_linphonec
+from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
 
@@ -42,13 +51,12 @@ async def late_linphone(p: Platform, user: str, desk: str | Path, call_id: str, 
     of the call: (Call-ID, status)."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(p.phones.phone, user, DESK_UA, "desk", desk, 4000, p.folder / f"desk-{user}.log")
-        await trio.sleep(0.5)
+        await p.registered(user)
         await p.phones.call("alice", "Alice", user, call_id)
         async with phone.running():
             outcome = await p.watch.outcome(call_id, timeout=15)
             assert outcome is Outcome.COMPLETED, outcome
-            await trio.sleep(0.5)
-            logs = await phone.call_logs()
+            logs = await phone.wait_call_logs()
     assert len(logs) == 1, logs
     return logs[0].call_id, f"{logs[0].status} / {logs[0].printed}"
 
@@ -115,8 +123,7 @@ async def test_call_to_a_sleeping_account_is_held_then_times_out_and_the_late_ph
         assert p.metric("evapi_worker_events_total", node="e2e", type="call_cancelled") == 0
         async with linphone(p, "frank", "udp").running() as phone:
             assert await p.watch.outcome(call_id, timeout=15) is Outcome.COMPLETED
-            await trio.sleep(0.5)
-            (log,) = await phone.call_logs()
+            (log,) = await phone.wait_call_logs()
         assert (log.call_id, log.status) == (call_id, "missed")
         assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "missed")]
 
@@ -143,7 +150,7 @@ async def test_an_awake_iphone_that_rang_gets_no_fake_call_when_it_re_registers(
         first, again = tmp_path / "iphone.log", tmp_path / "iphone-again.log"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.phones.phone, "ivan", IPHONE_UA, "iphone", "phone_rings", 5000, first)
-            await trio.sleep(0.5)
+            await p.registered("ivan")
             await p.phones.call("alice", "Alice", "ivan", call_id)  # rings on the iPhone, missed
             # The user opens the app: it registers again, from a new port.
             nursery.start_soon(p.phones.phone, "ivan", IPHONE_UA, "iphone", "phone_rings", 2000, again)
@@ -168,7 +175,7 @@ async def test_fake_call_to_a_tcp_phone_whose_connection_is_gone_fails_at_once(t
         call_id = "field-gone@caller.example.net"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.phones.phone, "kim", DESK_UA, "desk", "phone_answers", 3000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
+            await p.registered("kim")
             await p.phones.call("alice", "Alice", "kim", call_id)
             # The iPhone registers over TCP and is gone at once (app killed):
             # its connection closes before the fake call comes.
@@ -201,6 +208,8 @@ async def test_demo_command_serves_udp_tcp_and_tls_phones(tmp_path: Path) -> Non
                 assert demo.returncode is None, (tmp_path / "demo.out").read_text()
                 await trio.sleep(0.1)
         phones = Phones(HOST, sip, tmp_path, DOMAIN)
+        printed = (tmp_path / "demo.out").read_text()
+        control = "unix:" + str(Path(printed.split("Kamailio's log: ")[1].split()[0]).parent / "kamailio_ctl")
         call_id = "field-demo@caller.example.net"
         late = [
             Linphone(tmp_path / f"late-{t}", "bob", DOMAIN, f"{HOST}:{port}", t, push_token=f"TOKEN{t.upper()}")
@@ -208,16 +217,10 @@ async def test_demo_command_serves_udp_tcp_and_tls_phones(tmp_path: Path) -> Non
         ]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(phones.phone, "bob", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
+            await wait_registered(control, f"bob@{DOMAIN}")
             await phones.call("alice", "Alice", "bob", call_id)
             async with late[0].running() as tcp, late[1].running() as tls_phone:
-                logs: dict[str, list[CallLog]] = {}
-                with trio.fail_after(15):
-                    while len(logs) < 2:
-                        await trio.sleep(0.5)
-                        for name, phone in (("tcp", tcp), ("tls", tls_phone)):
-                            if phone.calls_db.exists() and (entries := await phone.call_logs()):
-                                logs[name] = entries
+                logs = {"tcp": await tcp.wait_call_logs(timeout=15), "tls": await tls_phone.wait_call_logs(timeout=15)}
         for entries in logs.values():
             assert [(e.call_id, e.status) for e in entries] == [(call_id, "accepted elsewhere")]
     finally:

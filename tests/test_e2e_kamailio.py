@@ -49,10 +49,20 @@ class Platform:
     phones: Phones
     watch: Watch
     folder: Path
-    kamailio: KamailioProcess | None = None
+    kamailio: KamailioProcess
 
     def metric(self, name: str, **labels: str) -> float:
         return self.service.metrics.value(name, labels)
+
+    async def events(self, etype: str, count: int = 1, timeout: float = 5.0) -> None:
+        """Wait until the worker has received ``count`` events of ``etype``."""
+        with trio.fail_after(timeout):
+            while self.metric("evapi_worker_events_total", node=self.service.config.nodes[0].name, type=etype) < count:
+                await trio.sleep(0.02)
+
+    async def registered(self, user: str, count: int = 1) -> None:
+        """Wait until Kamailio has ``count`` Contacts of ``user`` (not a guess of time)."""
+        await self.kamailio.wait_registered(f"{user}@{self.phones.domain}", count)
 
 
 @asynccontextmanager
@@ -94,7 +104,7 @@ async def late_iphone(
     ua = iphone.pop("ua", IPHONE_UA)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(p.phones.phone, user, DESK_UA, "desk", desk, 4000, p.folder / f"desk-{user}.log")
-        await trio.sleep(0.5)
+        await p.registered(user)
         await p.phones.call("alice", caller_name, user, call_id)
         nursery.start_soon(partial(p.phones.phone, user, ua, "iphone", "phone_rings", 2500, log, **iphone))
         outcome = await p.watch.outcome(call_id, timeout=10)
@@ -127,9 +137,9 @@ async def test_iphone_registering_while_it_rings_gets_the_real_call_from_tsilo(t
         iphone = tmp_path / "iphone.log"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.phones.phone, "dave", DESK_UA, "desk", "phone_rings", 6000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
+            await p.registered("dave")
             nursery.start_soon(p.phones.call, "alice", "Alice", "dave", call_id)
-            await trio.sleep(1.0)  # the call rings on the desk phone now
+            await p.events("call_start")  # the call rings on the desk phone now
             nursery.start_soon(p.phones.phone, "dave", IPHONE_UA, "iphone", "phone_rings", 4000, iphone)
         # tsilo added the iPhone as a branch: it got the real INVITE, then the
         # real CANCEL when alice gave up; the worker did nothing.
@@ -153,7 +163,7 @@ async def test_after_the_window_and_non_push_devices_get_nothing(tmp_path: Path)
         iphone, late_desk = tmp_path / "iphone.log", tmp_path / "desk2.log"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.phones.phone, "fred", DESK_UA, "desk", "phone_answers", 3000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
+            await p.registered("fred")
             await p.phones.call("alice", "Alice", "fred", call_id)
             await trio.sleep(1.0)  # beyond the 0.5 s window
             nursery.start_soon(p.phones.phone, "fred", IPHONE_UA, "iphone", "phone_rings", 1500, iphone)
@@ -176,7 +186,7 @@ async def test_two_iphones_on_one_account_get_one_fake_call_each(tmp_path: Path)
         logs = [tmp_path / "iphone-a.log", tmp_path / "iphone-b.log"]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.phones.phone, "gina", DESK_UA, "desk", "phone_answers", 5000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
+            await p.registered("gina")
             await p.phones.call("alice", "Alice", "gina", call_id)
             for name, log in zip(("iphone-a", "iphone-b"), logs, strict=True):
                 nursery.start_soon(p.phones.phone, "gina", IPHONE_UA, name, "phone_rings", 2500, log)
@@ -203,7 +213,7 @@ async def test_message_strategy_tells_the_late_device_by_sip_message(tmp_path: P
         takes_message = SCENARIOS / "phone_message.xml"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.phones.phone, "ivy", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
-            await trio.sleep(0.5)
+            await p.registered("ivy")
             await p.phones.call("alice", "Alice", "ivy", call_id)
             nursery.start_soon(p.phones.phone, "ivy", IPHONE_UA, "iphone", takes_message, 2000, iphone)
             outcome = await p.watch.outcome(call_id, timeout=10)
@@ -244,7 +254,7 @@ async def test_only_device_an_asleep_iphone_waking_while_held_gets_the_real_call
         p.watch.decisions.clear()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.phones.call, "alice", "Alice", "kate", call_id)
-            await trio.sleep(1.0)  # held: no contact online, the push went out
+            await p.events("call_start")  # held: no contact online, the push went out
             nursery.start_soon(p.phones.phone, "kate", IPHONE_UA, "iphone", "phone_rings", 3500, iphone)
         # tsilo added the woken iPhone to the held call: the real INVITE, then
         # the caller's CANCEL.

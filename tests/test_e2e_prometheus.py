@@ -144,7 +144,7 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_pat
             with trio.fail_after(20):
                 while not await query(prom, 'up{job="evapi-worker"} == 1'):
                     await trio.sleep(0.2)
-            p = Platform(service, Phones(HOST, sip_port, tmp_path, DOMAIN), watch, tmp_path)
+            p = Platform(service, Phones(HOST, sip_port, tmp_path, DOMAIN), watch, tmp_path, kam)
             outcome, _ = await late_iphone(p, "bob", "phone_answers", "prom-answered-1@127.0.0.1")
             assert outcome is Outcome.COMPLETED
             with trio.fail_after(20):
