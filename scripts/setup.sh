@@ -2,11 +2,17 @@
 # Set up a fresh Debian machine for evapi-worker: Kamailio 5.6 (with its
 # evapi, jansson, TLS and SQLite modules), SIPp, openssl and Prometheus from
 # Debian's packages (when missing), then a virtual environment in .venv with
-# the package and its test tools installed. Extra package names given as
-# arguments are installed too (scripts/test.sh adds the test-only ones).
+# the package installed. With --test first, its test tools too; extra Debian
+# package names given as arguments are installed as well (scripts/test.sh
+# adds the test-only ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+target="."
+if [ "${1:-}" = "--test" ]; then
+    target=".[test]"
+    shift
+fi
 packages=(kamailio kamailio-extra-modules kamailio-json-modules kamailio-tls-modules kamailio-sqlite-modules
           sip-tester openssl prometheus "$@")
 missing=()
@@ -39,5 +45,6 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# A regular (not editable) install: what users get from `pip install .`.
-.venv/bin/python -m pip install -q ".[test]"
+# A regular (not editable) install: what users get from `pip install .`,
+# at the versions CI checked (requirements/lock.txt; scripts/lock.sh makes it).
+.venv/bin/python -m pip install -q -c requirements/lock.txt "$target"

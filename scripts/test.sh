@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Test-only packages: linphone-cli, a real liblinphone phone (linphonec) for
 # the end-to-end tests; systemd, for systemd-analyze verify of the unit.
-./scripts/setup.sh linphone-cli systemd
+./scripts/setup.sh --test linphone-cli systemd
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
