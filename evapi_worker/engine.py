@@ -41,6 +41,7 @@ from .events import (
 )
 
 __all__ = [
+    "MAX_RANG",
     "Act",
     "Action",
     "Anchor",
@@ -250,6 +251,9 @@ class _Device:
 
 
 _EXPIRY_STEP: Final = 0.25
+# Keys of devices that answered a branch, kept per call: enough for every
+# device of an account, and a bound on memory per call.
+MAX_RANG: Final = 16
 _DEVICE: Final = 1
 _SETTLE: Final = 2
 _NOTHING: Final[list[Decision]] = []
@@ -447,6 +451,8 @@ class Engine:
             self._set_call_expiry(call, now + self.settings.ring_timeout)
         if call.rang is None:
             call.rang = set()
+        elif len(call.rang) >= MAX_RANG:
+            return _NOTHING  # bounded: a call forks to a few devices, not hundreds
         call.rang.update(contact_keys(ev.contact))
         dev = self._contact_devices.get(ev.contact)
         if dev is not None:

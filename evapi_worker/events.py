@@ -27,6 +27,9 @@ from msgspec.structs import force_setattr
 
 __all__ = [
     "EVENT_TYPES",
+    "MAX_NAME",
+    "MAX_SHORT",
+    "MAX_URI",
     "BranchReply",
     "CallAnswered",
     "CallCancelled",
@@ -55,9 +58,12 @@ CallId = Annotated[str, Meta(pattern=f"^{_WORD}(@{_WORD})?$", max_length=256)]
 # Every string has a bound, so the memory a tracked call or device can take
 # is known (a 15 KB display name under the frame limit would otherwise be
 # kept as it is); longer values make the event invalid (bad_value).
-Short = Annotated[str, Meta(max_length=64)]
-Name = Annotated[str, Meta(max_length=256)]
-Uri = Annotated[str, Meta(max_length=512)]
+MAX_SHORT: Final = 64
+MAX_NAME: Final = 256
+MAX_URI: Final = 512
+Short = Annotated[str, Meta(max_length=MAX_SHORT)]
+Name = Annotated[str, Meta(max_length=MAX_NAME)]
+Uri = Annotated[str, Meta(max_length=MAX_URI)]
 # Any later time is garbage, not a timestamp (year 5138).
 Timestamp = Annotated[float, Meta(ge=0, le=1e11)]
 Count = Annotated[int, Meta(ge=0)]

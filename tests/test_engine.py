@@ -394,3 +394,12 @@ def test_evicting_an_accounts_only_device_for_its_new_one_keeps_the_count_true()
     for n in range(5):  # and eviction goes on without ever finding nothing to evict
         run(e, (4.0 + n, w.register(T0 + 4 + n, aor=f"u{n}@example.com", instance=f"<urn:uuid:{n}>")))
     assert e.device_count == 1
+
+
+def test_branch_replies_kept_per_call_are_bounded() -> None:
+    w, e = Wire(), Engine()
+    run(e, (0.0, w.start(T0)))
+    for i in range(500):
+        e.handle(w.branch_reply(T0 + 0.1, f"sip:dev{i}@10.0.0.1:5060;pn-prid=TOKEN{i}"), 0.1)
+    (call,) = e.export_state().calls
+    assert 16 <= len(call.rang) < 20  # the last reply may add a contact, its token and its device
