@@ -1,10 +1,11 @@
-"""The worker service: wires connections, engine, actions and metrics.
+"""The worker service: wires connections, engine, dispatch, liveness,
+state on disk and metrics.
 
 Frames arrive from each node's connection and are handled synchronously:
-parse, count, feed the engine, queue its actions. Nothing on that path
-awaits, so the readers never stop reading. Actions run as their own tasks,
-bounded by the SIPp limiter and their deadlines; a timer task feeds the
-engine the passage of time.
+parse, count, journal, feed the engine, dispatch its decisions. Nothing on
+that path awaits, so the readers never stop reading. Actions run as their
+own tasks (dispatch.py); a timer task feeds the engine the passage of time;
+liveness.py pings the nodes; persistence.py keeps the state on disk.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 
 import msgspec
 import trio
 
 from .capture import CaptureWriter
-from .commands import Command, Ping, command_name
+from .commands import Command, command_name
 from .config import Config, ConfigError
-from .engine import Act, Decision, Engine, Reason
+from .dispatch import Dispatcher
+from .engine import Act, Decision, Engine
 from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
 from .events import (
     ClaimUnused,
@@ -37,19 +38,19 @@ from .events import (
     peek_sequence,
 )
 from .fake_calls import ActionRunner
+from .health import Liveness
 from .http_server import serve_http
 from .logs import kv
 from .metrics import Metrics
 from .netstring import FramingError
 from .persistence import StateStore
 from .sequence import SequenceTracker
-from .sipp_runner import Outcome, SippRunner, bind_error, remove_stale_folders
+from .sipp_runner import SippRunner, bind_error, remove_stale_folders
 from .state import StateError
 
 __all__ = ["Service", "check_runtime"]
 
 log = logging.getLogger("evapi_worker.service")
-decisions_log = logging.getLogger("evapi_worker.decision")
 
 # How often lost-sequence gaps and gauges are looked at when nothing else
 # wakes the timer.
@@ -115,7 +116,7 @@ class Service:
                 self.on_frame,
                 backoff=config.backoff,
                 max_frame=config.max_frame,
-                on_state=self._on_state,
+                on_state=self._on_connection_state,
                 on_oversized=self._on_oversized,
                 on_framing_error=self._on_framing_error,
                 on_shed=self._on_shed,
@@ -136,19 +137,14 @@ class Service:
                 config.commands.pin_ttl, math.ceil(config.engine.window + config.engine.settle + config.engine.deadline)
             ),
         )
-        # Actions start as tasks straight from _dispatch (no queue hop: that
-        # would add a scheduling round to every decision's latency); at most
-        # config.action_queue of them exist at once, the rest are dropped.
-        self._actions_nursery: trio.Nursery | None = None
-        self._actions_open = 0
-        self._stopping = False
+        self.dispatcher = Dispatcher(self.actions, self.connections, self.metrics, config.action_queue)
+        self.liveness = Liveness(self.connections, self.send_command, self.metrics, config.commands.ping_interval)
         self._wake = trio.Event()
         self._timer_at = math.inf
         self._evicted = (0, 0)
         self._lost_unlogged: dict[str, tuple[int, int]] = {}  # node -> (events, gaps) not yet logged
         self._lost_logged_at = -math.inf
         self.metrics_port: int | None = None  # bound port of /metrics, once listening
-        self._alive: dict[str, bool] = {}  # per node: answered a ping on this connection
         self.capture = (
             CaptureWriter(config.capture, on_error=self._on_capture_error) if config.capture is not None else None
         )
@@ -159,14 +155,12 @@ class Service:
         # Captures store wall-clock receive times; the service runs on trio's clock.
         self._wall_offset = 0.0  # set when running
         # Observers of every decision (replay output, tests); called synchronously.
-        self.decision_listeners: list[Callable[[Decision], None]] = []
+        self.decision_listeners = self.dispatcher.listeners
         m = self.metrics
         m.sipp_running.set_function(lambda: self.runner.running)
         m.sipp_waiting.set_function(lambda: self.runner.waiting)
         m.tracked_calls.set_function(lambda: self.engine.call_count)
         m.tracked_devices.set_function(lambda: self.engine.device_count)
-        for node in config.nodes:
-            m.kamailio_up.labels(node.name).set(0)
         m.init_series([node.name for node in config.nodes])
 
     # -- running -------------------------------------------------------
@@ -175,6 +169,7 @@ class Service:
         self._wall_offset = time.time() - trio.current_time()
         if self.config.state_file is not None:
             self.store = StateStore(self.config.state_file, self._wall_offset, self._on_state_error)
+            self.dispatcher.store = self.store
         stale = remove_stale_folders()
         if stale:
             log.info("stale SIPp folders removed %s", kv(count=stale))
@@ -185,9 +180,12 @@ class Service:
                     await nursery.start(self.capture.run)
                 if self.config.metrics is not None:
                     host, port = self.config.metrics
-                    self.metrics_port = await nursery.start(serve_http, host, port, self.metrics.registry, self.healthy)
-                self._actions_nursery = nursery
-                self._resume_actions()
+                    self.metrics_port = await nursery.start(
+                        serve_http, host, port, self.metrics.registry, self.liveness.healthy
+                    )
+                self.dispatcher.open(nursery)
+                self.dispatcher.resume(self._restored_actions)
+                self._restored_actions = []
                 await nursery.start(self._run_intake)
                 if self.store is not None:
                     nursery.start_soon(self._persist)
@@ -202,7 +200,7 @@ class Service:
             async with trio.open_nursery() as nursery:
                 for conn in self.connections.values():
                     await nursery.start(conn.run)
-                    nursery.start_soon(self._pinger, conn)
+                    nursery.start_soon(self.liveness.watch, conn)
                 nursery.start_soon(self._timer)
                 task_status.started()
 
@@ -213,7 +211,7 @@ class Service:
         :meth:`run`, which kills any SIPp still running."""
         grace = self.config.shutdown_grace if grace is None else grace
         self._intake.cancel()
-        self._stopping = True
+        self.dispatcher.close()
         self._log_lost(math.inf)
         log.info("stopping %s", kv(running=self.runner.running, waiting=self.runner.waiting, grace=grace))
         with trio.move_on_after(grace):
@@ -262,17 +260,6 @@ class Service:
             return
         self._feed(node, event, now)
 
-    def _resume_actions(self) -> None:
-        """Begin the actions a stopped worker saved, those still in time."""
-        now = trio.current_time()
-        for act in self._restored_actions:
-            if act.deadline > now:
-                self._start_action(act, now, resumed=True)
-            else:
-                self.metrics.fake_calls.labels(Outcome.OVERDUE.value).inc()
-                log.warning("saved action overdue %s", kv(call_id=act.call_id, device=act.device))
-        self._restored_actions = []
-
     async def _persist(self) -> None:
         """Journal the events at least every ``state_interval``; compact the
         journal into a snapshot when it outgrew the last one."""
@@ -297,17 +284,6 @@ class Service:
         self.metrics.state_errors.labels(file).inc()
         log.error("state not written %s", kv(file=file, error=str(exc)))
 
-    async def _run_action(self, decision: Act, received: float, resumed: bool = False) -> None:
-        try:
-            conn = self.connections.get(decision.node)
-            if resumed and conn is not None:
-                # Saved by a stopped worker: its node is being connected to.
-                with trio.move_on_at(decision.deadline):
-                    await conn.wait_connected()
-            await self.actions.run(decision, received)
-        finally:
-            self._actions_open -= 1
-
     async def _timer(self) -> None:
         while True:
             deadline = self.engine.next_deadline()
@@ -316,49 +292,11 @@ class Service:
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
-            self._dispatch(self.engine.tick(now), now)
+            self.dispatcher.dispatch(self.engine.tick(now), now)
             for node, lost in self.sequences.expire(now):
                 self._count_lost(node, lost)
             self._log_lost(now)
             self._count_evictions()
-
-    async def _pinger(self, conn: EvapiConnection) -> None:
-        """Liveness: a node is up once it answers a ping on this connection,
-        and down (the connection dropped, to be made again) when a ping goes
-        unanswered. A TCP connection alone proves nothing: a frozen Kamailio
-        (SIGSTOP, a VM pause) or a half-open connection still accepts it."""
-        interval = self.config.commands.ping_interval
-        name = conn.node.name
-        if interval <= 0:
-            return  # up follows the TCP connection (see _on_state)
-        while True:
-            await conn.wait_connected()
-            generation = conn.connects
-            sent = trio.current_time()
-            try:
-                await self.send_command(name, Ping(conn.next_id()))
-            except CommandFailed as exc:
-                if exc.reason == "refused":
-                    self._set_alive(name, True)  # it answered, if only "no"
-                elif exc.reason == "timeout" and conn.heard_since(sent):
-                    continue  # late, but the node talks: ask again
-                elif exc.reason in ("timeout", "disconnected") and conn.connects == generation:
-                    log.warning("node not answering %s", kv(node=name, reason=exc.reason, detail=str(exc)))
-                    self._set_alive(name, False)
-                    conn.abort()
-                    await conn.wait_disconnected()
-                    continue
-            else:
-                self._set_alive(name, True)
-            # Sleep until the next ping, or ping a new connection at once.
-            with trio.move_on_after(interval):
-                await conn.wait_disconnected()
-
-    def _set_alive(self, node: str, alive: bool) -> None:
-        if alive != self._alive.get(node, False):
-            log.info("node %s %s", "up" if alive else "down", kv(node=node))
-        self._alive[node] = alive
-        self.metrics.kamailio_up.labels(node).set(1 if alive else 0)
 
     # -- input ---------------------------------------------------------
 
@@ -403,7 +341,7 @@ class Service:
         if self.store is not None:
             self.store.note_event(node, now, payload)
         if decisions:
-            self._dispatch(decisions, now)
+            self.dispatcher.dispatch(decisions, now)
         deadline = self.engine.next_deadline()
         if deadline is not None and deadline < self._timer_at:
             self._wake.set()
@@ -422,50 +360,6 @@ class Service:
             else:
                 self.metrics.capture_dropped.inc()
 
-    def _dispatch(self, decisions: list[Decision], received: float) -> None:
-        m = self.metrics
-        for d in decisions:
-            m.decisions.labels(d.action.value, d.reason).inc()
-            if decisions_log.isEnabledFor(logging.INFO):
-                decisions_log.info(
-                    "decision %s",
-                    kv(
-                        ts=d.ts,
-                        node=d.node,
-                        call_id=d.call_id,
-                        device=d.device,
-                        action=d.action.value,
-                        reason=d.reason,
-                        since_start=d.since_start,
-                        since_end=d.since_end,
-                    ),
-                )
-            for listener in self.decision_listeners:
-                listener(d)
-            if d.reason is not Reason.DUPLICATE:
-                m.wakeup_delay.observe(max(0.0, d.since_start))
-                if d.since_end is not None:
-                    m.late_after_end.observe(max(0.0, d.since_end))
-            if not isinstance(d, Act):
-                continue
-            m.late_registrations.labels(d.call.end.value).inc()
-            if self._stopping or self._actions_nursery is None:
-                log.warning("action not started %s", kv(call_id=d.call_id, device=d.device, reason="stopping"))
-            elif self._actions_open < self.config.action_queue:
-                self._start_action(d, received)
-            else:
-                m.dispatch_dropped.inc()
-                m.fake_calls.labels("overdue").inc()
-                log.warning("action dropped %s", kv(call_id=d.call_id, device=d.device, reason="action queue full"))
-
-    def _start_action(self, act: Act, received: float, *, resumed: bool = False) -> None:
-        assert self._actions_nursery is not None
-        if self.store is not None:
-            # On disk before it begins: a restored worker never begins it again.
-            self.store.note_action(act.call_id, act.device)
-        self._actions_open += 1
-        self._actions_nursery.start_soon(self._run_action, act, received, resumed)
-
     # -- commands and connection state ----------------------------------
 
     async def send_command(self, node: str, command: Command) -> CommandResult:
@@ -481,14 +375,8 @@ class Service:
         m.commands_acked.labels(node, name).inc()
         return result
 
-    def _on_state(self, node: str, state: ConnectionState) -> None:
-        up = state is ConnectionState.CONNECTED
-        if not up:
-            self._set_alive(node, False)
-        elif self.config.commands.ping_interval <= 0:
-            self._set_alive(node, True)  # no pings: up follows the connection
-        if up and self.connections[node].connects > 1:
-            self.metrics.reconnects.labels(node).inc()
+    def _on_connection_state(self, node: str, state: ConnectionState) -> None:
+        self.liveness.on_state(node, state)
 
     def _on_capture_error(self, records: int, exc: OSError) -> None:
         self.metrics.capture_lost.inc(records)
@@ -535,5 +423,4 @@ class Service:
     def healthy(self) -> tuple[bool, list[str]]:
         """True while every node is connected and answering; else the names
         of those that are not."""
-        down = [name for name, conn in self.connections.items() if not (conn.connected and self._alive.get(name))]
-        return not down, down
+        return self.liveness.healthy()

@@ -1,0 +1,122 @@
+"""What happens to the engine's decisions: counted, logged, shown to
+listeners, and, for an :class:`~.engine.Act`, started as a task.
+
+Actions start as tasks straight from :meth:`Dispatcher.dispatch` (no queue
+hop: that would add a scheduling round to every decision's latency); at
+most ``limit`` of them exist at once, the rest are dropped and counted.
+Before an action starts, the journal records it (see persistence.py), so a
+restored worker never begins it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import trio
+
+from .engine import Act, Decision, Reason
+from .evapi_client import EvapiConnection
+from .fake_calls import ActionRunner
+from .logs import kv
+from .metrics import Metrics
+from .persistence import StateStore
+from .sipp_runner import Outcome
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger("evapi_worker.dispatch")
+decisions_log = logging.getLogger("evapi_worker.decision")
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        actions: ActionRunner,
+        connections: Mapping[str, EvapiConnection],
+        metrics: Metrics,
+        limit: int,
+    ) -> None:
+        self.actions = actions
+        self.connections = connections
+        self.metrics = metrics
+        self.limit = limit
+        self.store: StateStore | None = None  # journal of begun actions, once running
+        # Observers of every decision (replay output, tests); called synchronously.
+        self.listeners: list[Callable[[Decision], None]] = []
+        self._nursery: trio.Nursery | None = None
+        self._open = 0
+        self._stopping = False
+
+    def open(self, nursery: trio.Nursery) -> None:
+        """Start actions in ``nursery`` from now on."""
+        self._nursery = nursery
+
+    def close(self) -> None:
+        """Start no more actions (the worker stops)."""
+        self._stopping = True
+
+    def dispatch(self, decisions: list[Decision], received: float) -> None:
+        """Count, log and act on decisions made for events received at ``received``."""
+        m = self.metrics
+        for d in decisions:
+            m.decisions.labels(d.action.value, d.reason).inc()
+            if decisions_log.isEnabledFor(logging.INFO):
+                decisions_log.info(
+                    "decision %s",
+                    kv(
+                        ts=d.ts,
+                        node=d.node,
+                        call_id=d.call_id,
+                        device=d.device,
+                        action=d.action.value,
+                        reason=d.reason,
+                        since_start=d.since_start,
+                        since_end=d.since_end,
+                    ),
+                )
+            for listener in self.listeners:
+                listener(d)
+            if d.reason is not Reason.DUPLICATE:
+                m.wakeup_delay.observe(max(0.0, d.since_start))
+                if d.since_end is not None:
+                    m.late_after_end.observe(max(0.0, d.since_end))
+            if not isinstance(d, Act):
+                continue
+            m.late_registrations.labels(d.call.end.value).inc()
+            if self._stopping or self._nursery is None:
+                log.warning("action not started %s", kv(call_id=d.call_id, device=d.device, reason="stopping"))
+            elif self._open < self.limit:
+                self.start(d, received)
+            else:
+                m.dispatch_dropped.inc()
+                m.fake_calls.labels(Outcome.OVERDUE.value).inc()
+                log.warning("action dropped %s", kv(call_id=d.call_id, device=d.device, reason="action queue full"))
+
+    def resume(self, saved: list[Act]) -> None:
+        """Begin the actions a stopped worker saved, those still in time."""
+        now = trio.current_time()
+        for act in saved:
+            if act.deadline > now:
+                self.start(act, now, resumed=True)
+            else:
+                self.metrics.fake_calls.labels(Outcome.OVERDUE.value).inc()
+                log.warning("saved action overdue %s", kv(call_id=act.call_id, device=act.device))
+
+    def start(self, act: Act, received: float, *, resumed: bool = False) -> None:
+        assert self._nursery is not None
+        if self.store is not None:
+            self.store.note_action(act.call_id, act.device)
+        self._open += 1
+        self._nursery.start_soon(self._run, act, received, resumed)
+
+    async def _run(self, act: Act, received: float, resumed: bool) -> None:
+        try:
+            conn = self.connections.get(act.node)
+            if resumed and conn is not None:
+                # Saved by a stopped worker: its node is being connected to.
+                with trio.move_on_at(act.deadline):
+                    await conn.wait_connected()
+            await self.actions.run(act, received)
+        finally:
+            self._open -= 1

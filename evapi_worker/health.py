@@ -1,0 +1,97 @@
+"""Is each Kamailio node alive? Pings on every connection decide.
+
+A TCP connection alone proves nothing: a frozen Kamailio (SIGSTOP, a VM
+pause) or a half-open connection still accepts it. A node is up once it
+answered a ping on its current connection, and down when a ping goes
+unanswered, when the connection drops, or before the first answer; a node
+found down has its connection dropped and made again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+import trio
+
+from .commands import Command, Ping
+from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
+from .events import CommandResult
+from .logs import kv
+from .metrics import Metrics
+
+__all__ = ["Liveness"]
+
+log = logging.getLogger("evapi_worker.health")
+
+SendCommand = Callable[[str, Command], Awaitable[CommandResult]]
+
+
+class Liveness:
+    """Liveness of every node: :meth:`watch` per connection, :meth:`on_state`
+    from the connections, :meth:`healthy` for ``/healthz``."""
+
+    def __init__(
+        self,
+        connections: Mapping[str, EvapiConnection],
+        send_command: SendCommand,
+        metrics: Metrics,
+        ping_interval: float,
+    ) -> None:
+        self.connections = connections
+        self.send_command = send_command
+        self.metrics = metrics
+        self.ping_interval = ping_interval  # 0: no pings, up follows the connection
+        self._alive: dict[str, bool] = {}
+        for name in connections:
+            metrics.kamailio_up.labels(name).set(0)
+
+    async def watch(self, conn: EvapiConnection) -> None:
+        """Ping ``conn`` every ``ping_interval`` while it is connected, and
+        at once after each new connection."""
+        name = conn.node.name
+        if self.ping_interval <= 0:
+            return
+        while True:
+            await conn.wait_connected()
+            generation = conn.connects
+            sent = trio.current_time()
+            try:
+                await self.send_command(name, Ping(conn.next_id()))
+            except CommandFailed as exc:
+                if exc.reason == "refused":
+                    self.set_alive(name, True)  # it answered, if only "no"
+                elif exc.reason == "timeout" and conn.heard_since(sent):
+                    continue  # late, but the node talks: ask again
+                elif exc.reason in ("timeout", "disconnected") and conn.connects == generation:
+                    log.warning("node not answering %s", kv(node=name, reason=exc.reason, detail=str(exc)))
+                    self.set_alive(name, False)
+                    conn.abort()
+                    await conn.wait_disconnected()
+                    continue
+            else:
+                self.set_alive(name, True)
+            with trio.move_on_after(self.ping_interval):
+                await conn.wait_disconnected()
+
+    def on_state(self, node: str, state: ConnectionState) -> None:
+        """A connection's state changed."""
+        up = state is ConnectionState.CONNECTED
+        if not up:
+            self.set_alive(node, False)
+        elif self.ping_interval <= 0:
+            self.set_alive(node, True)
+        if up and self.connections[node].connects > 1:
+            self.metrics.reconnects.labels(node).inc()
+
+    def set_alive(self, node: str, alive: bool) -> None:
+        if alive != self._alive.get(node, False):
+            log.info("node %s %s", "up" if alive else "down", kv(node=node))
+        self._alive[node] = alive
+        self.metrics.kamailio_up.labels(node).set(1 if alive else 0)
+
+    def healthy(self) -> tuple[bool, list[str]]:
+        """True while every node is connected and answering; else the names
+        of those that are not."""
+        down = [name for name, conn in self.connections.items() if not (conn.connected and self._alive.get(name))]
+        return not down, down

@@ -1,0 +1,130 @@
+"""The service's parts on their own: decision dispatch, node liveness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+
+from evapi_worker.dispatch import Dispatcher
+from evapi_worker.engine import Act, Decision, Engine
+from evapi_worker.evapi_client import ConnectionState, EvapiConnection
+from evapi_worker.fake_calls import ActionRunner
+from evapi_worker.health import Liveness
+from evapi_worker.metrics import Metrics
+from evapi_worker.persistence import StateStore
+from evapi_worker.sipp_runner import Outcome
+
+from .helpers import Wire
+
+T0 = 1_700_000_000.0
+
+
+class Runner:
+    """Stands in for ActionRunner: records what it was asked to run, and
+    what the journal held at that moment."""
+
+    def __init__(self, journal: Path | None = None, hold: bool = False) -> None:
+        self.ran: list[Act] = []
+        self.journal_size: list[int] = []
+        self.journal = journal
+        self.hold = hold
+
+    async def run(self, act: Act, received: float) -> Outcome:
+        if self.journal is not None:
+            self.journal_size.append(sum(p.stat().st_size for p in self.journal.parent.glob("state.journal.*")))
+        self.ran.append(act)
+        if self.hold:
+            await trio.sleep_forever()
+        return Outcome.COMPLETED
+
+
+def late_iphones(count: int) -> list[Decision]:
+    w, e = Wire(), Engine()
+    e.handle(w.start(T0), 0.0)
+    e.handle(w.answered(T0 + 1), 1.0)
+    out: list[Decision] = []
+    for i in range(count):
+        out += e.handle(w.register(T0 + 2, instance=f"<urn:uuid:{i}>"), 2.0)
+    out += e.handle(w.register(T0 + 3, instance="<urn:uuid:0>"), 3.0)  # the first again: nothing to do
+    return out
+
+
+async def test_decisions_are_counted_and_acts_run_after_the_journal_has_them(tmp_path: Path) -> None:
+    runner = Runner(journal=tmp_path / "state")
+    m = Metrics()
+    dispatcher = Dispatcher(cast(ActionRunner, runner), {}, m, limit=10)
+    store = StateStore(tmp_path / "state", 0.0, lambda file, exc: None)
+    dispatcher.store = store
+    seen: list[Decision] = []
+    dispatcher.listeners.append(seen.append)
+    decisions = late_iphones(2)
+    async with trio.open_nursery() as nursery:
+        dispatcher.open(nursery)
+        dispatcher.dispatch(decisions, 2.0)
+    assert len(seen) == 3
+    assert sorted(a.device for a in runner.ran) == ["urn:uuid:0", "urn:uuid:1"]
+    assert all(size > 0 for size in runner.journal_size)  # written before the action ran
+    assert m.value("evapi_worker_decisions_total", {"action": "fake_call", "reason": "answered"}) == 2
+    assert m.value("evapi_worker_decisions_total", {"action": "none", "reason": "duplicate"}) == 1
+
+
+async def test_past_the_limit_actions_are_dropped_and_counted() -> None:
+    runner = Runner(hold=True)
+    m = Metrics()
+    dispatcher = Dispatcher(cast(ActionRunner, runner), {}, m, limit=2)
+    async with trio.open_nursery() as nursery:
+        dispatcher.open(nursery)
+        dispatcher.dispatch(late_iphones(5), 2.0)
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert len(runner.ran) == 2
+    assert m.value("evapi_worker_dispatch_dropped_total") == 3
+    assert m.value("evapi_worker_fake_calls_total", {"outcome": "overdue"}) == 3
+
+
+async def test_after_close_no_action_starts() -> None:
+    runner = Runner()
+    dispatcher = Dispatcher(cast(ActionRunner, runner), {}, Metrics(), limit=10)
+    async with trio.open_nursery() as nursery:
+        dispatcher.open(nursery)
+        dispatcher.close()
+        dispatcher.dispatch(late_iphones(1), 2.0)
+    assert runner.ran == []
+
+
+class Connection:
+    """Stands in for an EvapiConnection's state."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.connects = 0
+
+
+def test_a_node_is_healthy_only_connected_and_answering() -> None:
+    conn = Connection()
+    m = Metrics()
+    liveness = Liveness({"kam1": cast(EvapiConnection, conn)}, cast(Any, None), m, ping_interval=5)
+    assert liveness.healthy() == (False, ["kam1"])
+    conn.connected, conn.connects = True, 1
+    liveness.on_state("kam1", ConnectionState.CONNECTED)
+    assert liveness.healthy() == (False, ["kam1"])  # connected, no ping answered yet
+    liveness.set_alive("kam1", True)
+    assert liveness.healthy() == (True, [])
+    assert m.value("evapi_worker_kamailio_up", {"node": "kam1"}) == 1
+    conn.connected = False
+    liveness.on_state("kam1", ConnectionState.WAITING)
+    assert liveness.healthy() == (False, ["kam1"])
+    assert m.value("evapi_worker_kamailio_up", {"node": "kam1"}) == 0
+    conn.connected, conn.connects = True, 2
+    liveness.on_state("kam1", ConnectionState.CONNECTED)
+    assert m.value("evapi_worker_reconnects_total", {"node": "kam1"}) == 1
+
+
+def test_without_pings_up_follows_the_connection() -> None:
+    conn = Connection()
+    liveness = Liveness({"kam1": cast(EvapiConnection, conn)}, cast(Any, None), Metrics(), ping_interval=0)
+    conn.connected, conn.connects = True, 1
+    liveness.on_state("kam1", ConnectionState.CONNECTED)
+    assert liveness.healthy() == (True, [])
