@@ -24,7 +24,7 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.config import CommandSettings, Config
+from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.engine import Decision
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.service import Service, tune_gc
@@ -49,7 +49,7 @@ async def _worker(port: int, events: int, state: Path | None) -> tuple[float, in
     node = NodeAddress("kam1", "127.0.0.1", port, "127.0.0.1", 5060)
     # Shedding off: this measures how fast every event is decided, and the
     # sender here outruns the worker on purpose.
-    config = Config(nodes=(node,), action_queue=1_000_000, commands=CommandSettings(shed_above=0), state_file=state)
+    config = Config(nodes=(node,), action_queue=1_000_000, evapi=EvapiSettings(shed_above=0), state_file=state)
     service = Service(config)
     seen = 0
     first = last = 0.0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.config import CommandSettings, Config
+from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.netstring import NEED_DATA, NetstringDecoder
 from evapi_worker.service import Service, tune_gc
@@ -46,7 +46,7 @@ async def _run(events: int) -> None:
         try:
             node = NodeAddress("emitter", HOST, evapi_port, HOST, sip_port)
             # Shedding off: the CPU cost of deciding every event is measured.
-            service = Service(Config(nodes=(node,), commands=CommandSettings(shed_above=0)))
+            service = Service(Config(nodes=(node,), evapi=EvapiSettings(shed_above=0)))
             first: list[bytes] = []
             last: list[bytes] = []
             done = trio.Event()

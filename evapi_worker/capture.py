@@ -22,11 +22,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Annotated, Any, Final, NamedTuple
 
 import msgpack
+import msgspec
 import trio
 
 from .logs import kv
@@ -49,13 +49,15 @@ class Record(NamedTuple):
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class CaptureSettings:
+class CaptureSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where and how frames are recorded, and the ``[capture]`` table of the
+    settings file."""
+
     folder: Path
-    max_bytes: int = 64 * 1024 * 1024  # a file is closed at this size...
-    max_age: float = 3600.0  # ...or this age (seconds)
-    keep: int = 48  # files kept; older ones are deleted
-    queue: int = 100_000  # frames waiting for the disk; more are dropped
+    max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 * 1024 * 1024  # a file is closed at this size...
+    max_age: Annotated[float, msgspec.Meta(ge=1, le=31_536_000)] = 3600.0  # ...or this age (seconds)
+    keep: Annotated[int, msgspec.Meta(ge=1)] = 48  # files kept; older ones are deleted
+    queue: Annotated[int, msgspec.Meta(ge=1)] = 100_000  # frames waiting for the disk; more are dropped
 
 
 class CaptureError(Exception):

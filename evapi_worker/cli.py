@@ -5,20 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import trio
 
 from . import __version__
-from .capture import CaptureSettings
-from .config import Config, ConfigError, load_config, parse_hostport, parse_metrics, parse_node, with_nodes
+from .config import DEFAULT_EVAPI, Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
 from .demo import DEMO_DOMAIN, DemoError, DemoOptions, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
 from .logs import kv, setup_logging
@@ -115,61 +111,50 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Flags and the settings-file keys they set; the file's rules check both.
+_FLAGS = {
+    "window": "engine.window",
+    "anchor": "engine.anchor",
+    "strategy": "engine.strategy",
+    "ua": "engine.user_agents",
+    "sipp": "sipp.binary",
+    "scenario": "sipp.scenario",
+    "max_sipp": "sipp.max_concurrent",
+    "log_level": "log_level",
+    "metrics": "metrics",
+    "capture": "capture.folder",
+    "state": "state_file",
+}
+
+
 def build_config(args: argparse.Namespace) -> Config:
     """The TOML file's settings with the command line's on top."""
-    config = load_config(args.config)
+    data = read_toml(args.config) if args.config is not None else {}
+    names: dict[str, str] = {}
+    for attr, key in _FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        table, _, name = key.rpartition(".")
+        target = data
+        if table:
+            section = data.get(table)
+            # A flag's table replaces a file's value of the wrong kind; the
+            # file's own errors are reported when it is read without flags.
+            target = data[table] = dict(section) if isinstance(section, dict) else {}
+        target[name] = str(value) if isinstance(value, Path) else value
+        names[key] = "--" + attr.replace("_", "-")
+    config = config_from(data, names)
     if getattr(args, "kamailio", None):
         config = with_nodes(config, tuple(parse_node(spec) for spec in args.kamailio))
-    engine = config.engine
-    try:
-        if args.window is not None:
-            if not math.isfinite(args.window) or args.window < 0:
-                raise ConfigError("--window", f"must be a finite number of seconds, not {args.window!r}")
-            engine = replace(engine, window=args.window)
-        if args.anchor is not None:
-            engine = replace(engine, anchor=Anchor(args.anchor))
-        if getattr(args, "strategy", None) is not None:
-            engine = replace(engine, strategy=Strategy(args.strategy))
-        if args.ua:
-            for pattern in args.ua:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ConfigError("--ua", f"{pattern!r} is not a regular expression: {exc}") from None
-            engine = replace(engine, user_agents=tuple(args.ua))
-    except ValueError as exc:
-        raise ConfigError("engine", str(exc)) from None
-    sipp = config.sipp
-    if getattr(args, "sipp", None) is not None:
-        sipp = replace(sipp, binary=args.sipp)
-    if getattr(args, "scenario", None) is not None:
-        sipp = replace(sipp, scenario=args.scenario)
-    if getattr(args, "max_sipp", None) is not None:
-        if args.max_sipp < 1:
-            raise ConfigError("--max-sipp", "must be at least 1")
-        sipp = replace(sipp, max_concurrent=args.max_sipp)
-    config = replace(config, engine=engine, sipp=sipp)
-    if getattr(args, "log_level", None) is not None:
-        config = replace(config, log_level=args.log_level)
-    if getattr(args, "metrics", None) is not None:
-        config = replace(config, metrics=parse_metrics(args.metrics, "--metrics"))
-    if getattr(args, "capture", None) is not None:
-        config = replace(config, capture=CaptureSettings(args.capture))
-    if getattr(args, "state", None) is not None:
-        config = replace(config, state_file=args.state)
     if not config.nodes:
-        config = with_nodes(config, (parse_node("127.0.0.1:8448"),))
+        config = with_nodes(config, (parse_node(DEFAULT_EVAPI),))
     return config
 
 
 def _replay(args: argparse.Namespace) -> int:
     settings = build_config(args).engine
-    what_if = None
-    if args.what_if:
-        try:
-            what_if = apply_what_if(settings, args.what_if)
-        except ValueError as exc:
-            raise ConfigError("--what-if", str(exc)) from None
+    what_if = apply_what_if(settings, args.what_if) if args.what_if else None
     problems: list[str] = []
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:

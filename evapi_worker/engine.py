@@ -22,8 +22,9 @@ from __future__ import annotations
 import enum
 import heapq
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -92,30 +93,36 @@ class Action(enum.Enum):
     NONE = "none"
 
 
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    """Engine tuning; see the README's configuration section for each."""
+# Seconds: never negative, finite (TOML has inf and nan; no setting means them).
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=86_400)]
 
-    window: float = 15.0
+
+class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Engine tuning, and the ``[engine]`` table of the settings file (its
+    constraints are checked when settings are loaded); see the README's
+    configuration section for each."""
+
+    window: Seconds = 15.0
     anchor: Anchor = Anchor.START
     strategy: Strategy = Strategy.FAKE_CALL
-    settle: float = 0.5
-    deadline: float = 5.0
-    ring_timeout: float = 180.0
-    user_agents: tuple[str, ...] = ("LinphoneiOS",)
-    push_providers: tuple[str, ...] = ("apns",)
-    max_calls: int = 100_000
-    max_devices: int = 100_000
+    settle: Seconds = 0.5
+    deadline: Seconds = 5.0
+    ring_timeout: Seconds = 180.0
+    user_agents: tuple[Annotated[str, msgspec.Meta(min_length=1)], ...] = ("LinphoneiOS",)
+    push_providers: tuple[Annotated[str, msgspec.Meta(min_length=1)], ...] = ("apns",)
+    max_calls: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    max_devices: Annotated[int, msgspec.Meta(ge=1)] = 100_000
 
     def __post_init__(self) -> None:
-        for name in ("window", "settle", "deadline", "ring_timeout"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number, not negative (got {value!r})")
+        # What a single field's constraint cannot say; the message starts
+        # with the field's name.
         if self.settle > self.deadline:
-            raise ValueError("settle must not be longer than deadline")
-        if self.max_calls < 1 or self.max_devices < 1:
-            raise ValueError("max_calls and max_devices must be at least 1")
+            raise ValueError(f"settle: must not be longer than deadline ({self.deadline:g})")
+        for pattern in self.user_agents:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"user_agents: {pattern!r} is not a regular expression: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,13 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Final, TextIO
 
 from .capture import CaptureError, Record, read_capture
-from .engine import Act, Anchor, Decision, Engine, EngineSettings, Reason, Strategy
+from .config import ConfigError, with_changes
+from .engine import Act, Decision, Engine, EngineSettings, Reason
 from .events import EventError, decode_event, event_type_name
 
 __all__ = ["ReplayResult", "apply_what_if", "decision_json", "load_records", "replay"]
@@ -172,24 +173,30 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
+_WHAT_IF: Final = {
+    "window": "window",
+    "anchor": "anchor",
+    "settle": "settle",
+    "deadline": "deadline",
+    "ring_timeout": "ring_timeout",
+    "strategy": "strategy",
+    "ua": "user_agents",
+}
+
+
 def apply_what_if(settings: EngineSettings, changes: list[str]) -> EngineSettings:
-    """``["window=30", "anchor=start"]`` applied to ``settings``; ValueError names the problem."""
+    """``["window=30", "anchor=start"]`` applied to ``settings``, checked by
+    the same rules as the settings file; ConfigError names the problem."""
+    values: dict[str, object] = {}
     for change in changes:
         key, eq, value = change.partition("=")
         if not eq:
-            raise ValueError(f"{change!r}: expected KEY=VALUE")
-        if key in ("window", "settle", "deadline", "ring_timeout"):
-            seconds: dict[str, Any] = {key: float(value)}
-            settings = replace(settings, **seconds)
-        elif key == "anchor":
-            settings = replace(settings, anchor=Anchor(value))
-        elif key == "strategy":
-            settings = replace(settings, strategy=Strategy(value))
-        elif key == "ua":
-            settings = replace(settings, user_agents=tuple(filter(None, value.split(","))))
-        else:
-            raise ValueError(f"{key!r}: what-if takes window, anchor, settle, deadline, ring_timeout, strategy or ua")
-    return settings
+            raise ConfigError("--what-if", f"{change!r}: expected KEY=VALUE")
+        if key not in _WHAT_IF:
+            raise ConfigError("--what-if", f"{key!r}: what-if takes {', '.join(_WHAT_IF)}")
+        values[_WHAT_IF[key]] = [v for v in value.split(",") if v] if key == "ua" else value
+    names = {f"engine.{field}": f"--what-if {key}" for key, field in _WHAT_IF.items()}
+    return with_changes(settings, values, "engine", names)
 
 
 def differences(base: ReplayResult, other: ReplayResult) -> list[tuple[str, str, str, str]]:

@@ -108,20 +108,20 @@ class Service:
         self.config = config
         self.metrics = metrics or Metrics()
         self.engine = Engine(config.engine)
-        self.sequences = SequenceTracker(config.sequence_grace)
+        self.sequences = SequenceTracker(config.evapi.sequence_grace)
         self.runner = SippRunner(config.sipp)
         self.connections = {
             node.name: EvapiConnection(
                 node,
                 self.on_frame,
-                backoff=config.backoff,
-                max_frame=config.max_frame,
+                backoff=config.evapi.backoff,
+                max_frame=config.evapi.max_frame,
                 on_state=self._on_connection_state,
                 on_oversized=self._on_oversized,
                 on_framing_error=self._on_framing_error,
                 on_shed=self._on_shed,
-                shed_above=config.commands.shed_above,
-                shed_below=config.commands.shed_below,
+                shed_above=config.evapi.shed_above,
+                shed_below=config.evapi.shed_below,
             )
             for node in config.nodes
         }
@@ -130,15 +130,15 @@ class Service:
             {node.name: node for node in config.nodes},
             self.send_command,
             self.metrics,
-            pin_ttl=config.commands.pin_ttl,
+            pin_ttl=config.evapi.pin_ttl,
             # A claim outlives every decision any worker may still make on
             # the pair: the window, the settle delay and the deadline.
             claim_ttl=max(
-                config.commands.pin_ttl, math.ceil(config.engine.window + config.engine.settle + config.engine.deadline)
+                config.evapi.pin_ttl, math.ceil(config.engine.window + config.engine.settle + config.engine.deadline)
             ),
         )
         self.dispatcher = Dispatcher(self.actions, self.connections, self.metrics, config.action_queue)
-        self.liveness = Liveness(self.connections, self.send_command, self.metrics, config.commands.ping_interval)
+        self.liveness = Liveness(self.connections, self.send_command, self.metrics, config.evapi.ping_interval)
         self._wake = trio.Event()
         self._timer_at = math.inf
         self._evicted = (0, 0)
@@ -368,7 +368,7 @@ class Service:
         m = self.metrics
         m.commands.labels(node, name).inc()
         try:
-            result = await self.connections[node].send_command(command, self.config.commands.ack_timeout)
+            result = await self.connections[node].send_command(command, self.config.evapi.ack_timeout)
         except CommandFailed as exc:
             m.commands_failed.labels(node, name, exc.reason).inc()
             raise

@@ -21,8 +21,9 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Final
+from typing import Annotated, Final, Literal
 
+import msgspec
 import trio
 
 __all__ = [
@@ -92,25 +93,20 @@ _EXIT_MEANING: Final = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class SippSettings:
-    binary: str = "sipp"
+class SippSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How fake calls run, and the ``[sipp]`` table of the settings file."""
+
+    binary: Annotated[str, msgspec.Meta(min_length=1)] = "sipp"
     scenario: Path | None = None  # None: the bundled late_call.xml
-    max_concurrent: int = 8
-    timeout: float = 30.0
-    local_ip: str = "127.0.0.1"
-    port_base: int = 0  # 0: a free port the system picks for each run
-    transport: str = "u1"
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 8
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    local_ip: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
+    port_base: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0: a free port the system picks for each run
+    transport: Literal["udp", "tcp"] = "udp"  # from SIPp to Kamailio
 
     def __post_init__(self) -> None:
-        if self.max_concurrent < 1:
-            raise ValueError("max_concurrent must be at least 1")
-        if self.timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if not 0 <= self.port_base <= 65535 - self.max_concurrent:
-            raise ValueError("port_base leaves no room for max_concurrent ports")
-        if self.transport not in ("u1", "t1"):
-            raise ValueError("transport must be u1 (UDP) or t1 (TCP)")
+        if self.port_base and self.port_base + self.max_concurrent > 65536:
+            raise ValueError("port_base: leaves no room for max_concurrent ports")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +165,7 @@ class SippRunner:
     def _ephemeral_port(self) -> int:
         """A free port for the next run. Left to itself SIPp tries 5060,
         5061 and up, next to Kamailio's own ports."""
-        kind = socket.SOCK_DGRAM if self.settings.transport == "u1" else socket.SOCK_STREAM
+        kind = socket.SOCK_DGRAM if self.settings.transport == "udp" else socket.SOCK_STREAM
         try:
             return free_port(self.settings.local_ip, kind)
         except OSError:
@@ -188,7 +184,7 @@ class SippRunner:
             # would wait 100 ms before leaving.
             "-r", "1000",
             "-i", s.local_ip,
-            "-t", s.transport,
+            "-t", "u1" if s.transport == "udp" else "t1",
             "-nostdin",
             # A message the scenario does not expect (another call's answer,
             # a stray response) is ignored instead of aborting the call: the

@@ -9,7 +9,11 @@ from typing import Any
 
 import trio
 
+from evapi_worker.config import EvapiSettings
 from evapi_worker.events import Event, parse_event
+
+# Reconnect at once in tests: nodes there start and stop on purpose.
+FAST_RECONNECT = EvapiSettings(reconnect_initial=0.01, reconnect_max=0.1)
 
 
 class Wire:

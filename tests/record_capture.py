@@ -18,9 +18,9 @@ from pathlib import Path
 import trio
 
 from evapi_worker.capture import CaptureSettings
-from evapi_worker.config import Config
+from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, start_watched_worker
-from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.replay import decision_json
 
 from .sipp_device import free_port, free_sip_port
@@ -37,7 +37,7 @@ async def record() -> None:
         kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "story", HOST, folder, domain=DOMAIN)
         node = NodeAddress("story", HOST, evapi_port, HOST, sip_port)
         capture = CaptureSettings(folder / "capture")
-        config = Config(nodes=(node,), backoff=Backoff(0.01, 0.1), capture=capture)
+        config = Config(nodes=(node,), evapi=EvapiSettings(reconnect_initial=0.01, reconnect_max=0.1), capture=capture)
         phones = Phones(HOST, sip_port, folder, DOMAIN)
         async with kam.running(), trio.open_nursery() as nursery:
             service, watch = await start_watched_worker(nursery, config)

@@ -49,8 +49,8 @@ ack_timeout = 0.5
     ]
     assert cfg.engine.window == 30 and cfg.engine.anchor is Anchor.START
     assert cfg.engine.user_agents == ("LinphoneiOS", "MyApp/.*iOS")
-    assert cfg.sipp.max_concurrent == 4 and cfg.sipp.transport == "t1"
-    assert cfg.commands.ack_timeout == 0.5
+    assert cfg.sipp.max_concurrent == 4 and cfg.sipp.transport == "tcp"
+    assert cfg.evapi.ack_timeout == 0.5
     assert cfg.log_level == "debug"
 
 
@@ -152,7 +152,7 @@ EXAMPLE = Path(__file__).parent.parent / "deploy" / "evapi-worker.toml"
 def test_the_example_settings_file_loads_as_shipped() -> None:
     cfg = load_config(EXAMPLE)
     assert [n.name for n in cfg.nodes] == ["edge1", "edge2"]
-    assert cfg.commands.ping_interval == 5.0 and cfg.action_queue == 10000
+    assert cfg.evapi.ping_interval == 5.0 and cfg.action_queue == 10000
     assert cfg.capture is not None and cfg.capture.keep == 48
 
 

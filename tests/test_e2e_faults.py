@@ -9,9 +9,9 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.config import CommandSettings, Config
+from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.demo import KamailioProcess, Phones, Watch
-from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import Outcome
 
@@ -36,7 +36,7 @@ async def until(predicate: object, timeout: float = 10) -> None:
 async def test_kamailio_restart_reconnects_and_later_calls_are_handled(tmp_path: Path) -> None:
     sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
     node = NodeAddress("k", HOST, evapi_port, HOST, sip_port)
-    service = Service(Config(nodes=(node,), backoff=Backoff(0.05, 0.2)))
+    service = Service(Config(nodes=(node,), evapi=EvapiSettings(reconnect_initial=0.05, reconnect_max=0.2)))
     watch = watched(service)
     conn = service.connections["k"]
     async with trio.open_nursery() as nursery:
@@ -66,7 +66,7 @@ async def test_one_node_of_two_down_the_other_still_serves(tmp_path: Path) -> No
     sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
     up = NodeAddress("up", HOST, evapi_port, HOST, sip_port)
     down = NodeAddress("down", HOST, free_port(socket.SOCK_STREAM), HOST, free_port())
-    service = Service(Config(nodes=(up, down), backoff=Backoff(0.05, 0.2)))
+    service = Service(Config(nodes=(up, down), evapi=EvapiSettings(reconnect_initial=0.05, reconnect_max=0.2)))
     watch = watched(service)
     kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "up", HOST, tmp_path)
     async with kam.running(), trio.open_nursery() as nursery:
@@ -88,8 +88,7 @@ async def test_a_frozen_kamailio_is_seen_down_and_up_again_when_it_thaws(tmp_pat
     node = NodeAddress("k", HOST, evapi_port, HOST, sip_port)
     config = Config(
         nodes=(node,),
-        backoff=Backoff(0.05, 0.2),
-        commands=CommandSettings(ack_timeout=0.3, ping_interval=0.3),
+        evapi=EvapiSettings(reconnect_initial=0.05, reconnect_max=0.2, ack_timeout=0.3, ping_interval=0.3),
         metrics=(HOST, free_port(socket.SOCK_STREAM)),
     )
     service = Service(config)

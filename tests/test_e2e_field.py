@@ -26,10 +26,10 @@ from evapi_worker.demo import (
     wait_registered,
 )
 from evapi_worker.engine import Act
-from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.sipp_runner import Outcome
 
-from .helpers import stop_group
+from .helpers import FAST_RECONNECT, stop_group
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
@@ -243,7 +243,7 @@ async def test_known_push_accounts_survive_a_kamailio_restart(tmp_path: Path) ->
     # call is held for the push.
     node = NodeAddress("e2e", HOST, evapi, HOST, sip)
     async with kamailio().running(), trio.open_nursery() as nursery:
-        service, _ = await start_watched_worker(nursery, Config(nodes=(node,), backoff=Backoff(0.01, 0.1)))
+        service, _ = await start_watched_worker(nursery, Config(nodes=(node,), evapi=FAST_RECONNECT))
         await phones.call("alice", "Alice", "lou", "field-restart@caller.example.net")
         assert service.metrics.value("evapi_worker_events_total", {"node": "e2e", "type": "call_start"}) == 1
         nursery.cancel_scope.cancel()

@@ -26,10 +26,11 @@ from evapi_worker.demo import (
     start_watched_worker,
 )
 from evapi_worker.engine import Act, EngineSettings, Strategy
-from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import Outcome
 
+from .helpers import FAST_RECONNECT
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 
 pytestmark = pytest.mark.skipif(
@@ -87,7 +88,11 @@ async def platform(
     node = NodeAddress("e2e", HOST, evapi_port, HOST, sip_port)
     passwords = {s.user: s.password for s in subscribers or ()}
     async with kam.running(), trio.open_nursery() as nursery:
-        config = Config(nodes=(node,), engine=EngineSettings(**engine), backoff=Backoff(0.01, 0.1))
+        config = Config(
+            nodes=(node,),
+            engine=EngineSettings(**engine),
+            evapi=FAST_RECONNECT,
+        )
         service, watch = await start_watched_worker(nursery, config)
         phones = Phones(HOST, sip_port, tmp_path, domain, passwords=passwords)
         yield Platform(service, phones, watch, tmp_path, kam)

@@ -19,10 +19,11 @@ import trio
 
 from evapi_worker.config import Config
 from evapi_worker.demo import KamailioProcess, Phones, start_watched_worker
-from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.http_server import respond
 from evapi_worker.sipp_runner import Outcome
 
+from .helpers import FAST_RECONNECT
 from .sipp_device import free_port, free_sip_port
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone
 
@@ -136,7 +137,7 @@ async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_pat
     metrics_port = free_port(socket.SOCK_STREAM)
     kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "prom", HOST, tmp_path, domain=DOMAIN)
     node = NodeAddress("prom", HOST, evapi_port, HOST, sip_port)
-    config = Config(nodes=(node,), backoff=Backoff(0.01, 0.1), metrics=(HOST, metrics_port))
+    config = Config(nodes=(node,), evapi=FAST_RECONNECT, metrics=(HOST, metrics_port))
     async with kam.running(), trio.open_nursery() as nursery:
         service, watch = await start_watched_worker(nursery, config)
         async with prometheus(tmp_path, metrics_port) as prom:

@@ -19,9 +19,9 @@ from pathlib import Path
 import trio
 
 from evapi_worker.commands import Pin
-from evapi_worker.config import Config
+from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.demo import IPHONE_UA, KamailioProcess, Phones
-from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.fake_calls import claim_key
 from evapi_worker.service import Service
 
@@ -62,7 +62,7 @@ async def start_workers(nursery: trio.Nursery, count: int, nodes: Sequence[NodeA
     """``count`` workers in this process, each connected to every node."""
     workers = []
     for _ in range(count):
-        service = Service(Config(nodes=tuple(nodes), backoff=Backoff(0.01, 0.1)))
+        service = Service(Config(nodes=tuple(nodes), evapi=EvapiSettings(reconnect_initial=0.01, reconnect_max=0.1)))
         await nursery.start(service.run)
         workers.append(service)
     with trio.fail_after(10):

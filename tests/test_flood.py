@@ -6,9 +6,9 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.config import Config
+from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.engine import EngineSettings
-from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 
@@ -31,7 +31,7 @@ async def test_two_thousand_late_registrations_in_a_second(tmp_path: Path) -> No
             nodes=(node,),
             engine=EngineSettings(deadline=1.0, settle=0.1, max_devices=500),
             sipp=SippSettings(binary=str(fake), max_concurrent=4),
-            backoff=Backoff(0.01, 0.05),
+            evapi=EvapiSettings(reconnect_initial=0.01, reconnect_max=0.05),
         )
         service = Service(config)
         m = service.metrics

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
-from evapi_worker.config import CommandSettings, Config
+from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.engine import Decision, EngineSettings
-from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.netstring import encode
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
@@ -42,7 +43,7 @@ class World:
 
 @asynccontextmanager
 async def world(
-    sip_ports: dict[str, int] | None = None, commands: CommandSettings | None = None, **engine: Any
+    sip_ports: dict[str, int] | None = None, evapi: EvapiSettings | None = None, **engine: Any
 ) -> AsyncIterator[World]:
     sip_ports = sip_ports or {}
     async with trio.open_nursery() as nursery:
@@ -57,8 +58,7 @@ async def world(
             nodes=nodes,
             engine=EngineSettings(**engine),
             sipp=SippSettings(max_concurrent=2, timeout=20),
-            backoff=Backoff(0.01, 0.05),
-            commands=commands or CommandSettings(),
+            evapi=msgspec.structs.replace(evapi or EvapiSettings(), reconnect_initial=0.01, reconnect_max=0.05),
         )
         service = Service(config)
         decisions: list[Decision] = []
@@ -205,7 +205,7 @@ async def test_an_overloaded_intake_sheds_and_counts_instead_of_backing_up_kamai
     # drops (and counts) events unread rather than let Kamailio's writes
     # wait, keeps acknowledgements, notes the shed events' numbers (they are
     # shed, not lost), and decides normally again once it caught up.
-    async with world(commands=CommandSettings(shed_above=16_384, shed_below=4_096, ping_interval=0)) as w:
+    async with world(evapi=EvapiSettings(shed_above=16_384, shed_below=4_096, ping_interval=0)) as w:
         kam1 = w.servers["kam1"]
         burst = b"".join(register(kam1, T0 + i * 1e-4, aor=f"user{i}@example.com") for i in range(3000))
         await kam1.send(burst)

@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from evapi_worker.config import Config
+from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.engine import Decision, EngineSettings
 from evapi_worker.evapi_client import Backoff, ConnectionState, EvapiConnection, NodeAddress
 from evapi_worker.sequence import SequenceTracker
@@ -52,7 +52,7 @@ async def test_settle_and_expiry_run_on_the_service_timer(autojump_clock: trio.t
 
 
 async def test_lost_events_are_counted_after_the_grace_on_the_timer(autojump_clock: trio.testing.MockClock) -> None:
-    service = Service(Config(sequence_grace=2.0))
+    service = Service(Config(evapi=EvapiSettings(sequence_grace=2.0)))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(service._timer)
         service.on_frame("kam1", frame("call_answered", T0, 1, call_id="a"), trio.current_time())
@@ -95,7 +95,7 @@ async def test_a_stream_of_gaps_is_logged_once_a_second_not_once_per_gap(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="evapi_worker.service")
-    service = Service(Config(sequence_grace=0.2))
+    service = Service(Config(evapi=EvapiSettings(sequence_grace=0.2)))
     # A tracker full of open gaps counts each new one at once (the stalled
     # worker's case): still one line a second.
     service.sequences = SequenceTracker(0.2, max_missing=10)
