@@ -40,6 +40,24 @@ LOGS_COMPLETED = """while [ $# -gt 0 ]; do
 done"""
 
 
+# A stand-in SIPp that also notes each run's Call-ID in runs.txt beside it
+# (see :func:`fake_runs`).
+NOTES_RUNS = """runs="$(dirname "$0")/runs.txt"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -cid_str) echo "$2" >> "$runs" ;;
+    -log_file) echo outcome=completed > "$2" ;;
+  esac
+  shift
+done"""
+
+
+def fake_runs(folder: Path) -> list[str]:
+    """The Call-IDs a ``NOTES_RUNS`` stand-in in ``folder`` was run for."""
+    path = folder / "runs.txt"
+    return path.read_text().split() if path.exists() else []
+
+
 def fake_sipp(folder: Path, script: str) -> Path:
     """A stand-in for the sipp binary: a shell script running ``script``
     (for the runner's own behaviour: timeouts, exit codes, arguments)."""

@@ -14,26 +14,16 @@ from pathlib import Path
 import trio
 
 from .evapi_server import EvapiServer
-from .sipp_device import fake_sipp
+from .sipp_device import NOTES_RUNS, fake_runs, fake_sipp
 
 CALLS = 6
-# A stand-in SIPp that notes each run and logs the outcome the bundled
-# scenario logs when the phone took the CANCEL.
-SIPP_NOTES_RUNS = """runs="$(dirname "$0")/runs.txt"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -cid_str) echo "$2" >> "$runs" ;;
-    -log_file) echo outcome=completed > "$2" ;;
-  esac
-  shift
-done"""
 
 
 @asynccontextmanager
 async def worker(tmp_path: Path, server: EvapiServer, *extra: str) -> AsyncIterator[trio.Process]:
     """The installed command against the in-test node; killed with SIGKILL
     (never stopped gracefully) when the block ends."""
-    fake = fake_sipp(tmp_path, SIPP_NOTES_RUNS)
+    fake = fake_sipp(tmp_path, NOTES_RUNS)
     args = [
         sys.executable, "-m", "evapi_worker.cli", "run", "--kamailio", f"127.0.0.1:{server.port}",
         "--metrics", "off", "--state", str(tmp_path / "state.msgpack"), "--sipp", str(fake), *extra,
@@ -49,11 +39,6 @@ async def worker(tmp_path: Path, server: EvapiServer, *extra: str) -> AsyncItera
         await proc.wait()
         log.close()
         await server.wait_for(lambda: not server.streams)
-
-
-def runs(tmp_path: Path) -> list[str]:
-    path = tmp_path / "runs.txt"
-    return path.read_text().splitlines() if path.exists() else []
 
 
 def register(server: EvapiServer, ts: float, i: int) -> bytes:
@@ -86,14 +71,14 @@ async def test_kill_9_loses_at_most_a_second_and_never_repeats_a_fake_call(tmp_p
         async with worker(tmp_path, server, "--config", str(config)):
             await server.send(b"".join(register(server, t0 + 2, i) for i in range(CALLS)))
             with trio.fail_after(10):
-                while len(runs(tmp_path)) < CALLS:
+                while len(fake_runs(tmp_path)) < CALLS:
                     await trio.sleep(0.05)
-        assert sorted(runs(tmp_path)) == [f"c{i}" for i in range(CALLS)]
+        assert sorted(fake_runs(tmp_path)) == [f"c{i}" for i in range(CALLS)]
         # 3. Restarted again, the same iPhones register again: nothing repeats.
         async with worker(tmp_path, server):
             await server.send(b"".join(register(server, t0 + 3, i) for i in range(CALLS)))
             await trio.sleep(1.5)
         nursery.cancel_scope.cancel()
-    assert len(runs(tmp_path)) == CALLS
+    assert len(fake_runs(tmp_path)) == CALLS
     log = (tmp_path / "worker.log").read_text()
     assert "actions_begun=6" in log, log

@@ -21,18 +21,7 @@ import trio
 from evapi_worker.netstring import encode
 
 from .evapi_server import EvapiServer
-from .sipp_device import fake_sipp, free_port
-
-# A stand-in SIPp that notes each run's Call-ID and logs the outcome the
-# bundled scenario logs when the phone took the CANCEL.
-SIPP_NOTES_RUNS = """runs="$(dirname "$0")/runs.txt"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -cid_str) echo "$2" >> "$runs" ;;
-    -log_file) echo outcome=completed > "$2" ;;
-  esac
-  shift
-done"""
+from .sipp_device import NOTES_RUNS, fake_runs, fake_sipp, free_port
 
 CONFIG = """
 [engine]
@@ -75,7 +64,7 @@ def healthz(port: int) -> int:
 
 @contextlib.asynccontextmanager
 async def running_worker(tmp_path: Path, server: EvapiServer, *extra: str) -> AsyncIterator[tuple[trio.Process, int]]:
-    fake = fake_sipp(tmp_path, SIPP_NOTES_RUNS)
+    fake = fake_sipp(tmp_path, NOTES_RUNS)
     (tmp_path / "worker.toml").write_text(CONFIG)
     port = free_port(socket.SOCK_STREAM)
     args = [
@@ -114,9 +103,8 @@ async def late_iphone_gets_its_fake_call(tmp_path: Path, server: EvapiServer, ca
             instance=f"<urn:uuid:{call_id}>", **IPHONE,
         )
     )  # fmt: skip
-    runs = tmp_path / "runs.txt"
     with trio.fail_after(10):
-        while not (runs.exists() and call_id in runs.read_text().split()):
+        while call_id not in fake_runs(tmp_path):
             await trio.sleep(0.05)
 
 
