@@ -21,11 +21,12 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Final, TextIO
 
+import msgspec
 import trio
 
 from .config import Config, ConfigError
@@ -480,7 +481,7 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
             raise DemoError(f"{binary} not found; install it with: {INSTALL_HINT}")
     sip, evapi = options.sip, options.evapi
     node = NodeAddress("demo", evapi[0], evapi[1], sip[0], sip[1])
-    config = replace(config, nodes=(node,))
+    config = msgspec.structs.replace(config, nodes=(node,))
     subscribers = tuple(Subscriber(user, secrets.token_urlsafe(9)) for user in DEMO_USERS) if options.auth else None
 
     def say(text: str) -> None:
