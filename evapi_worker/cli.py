@@ -7,18 +7,21 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 import trio
 
 from . import __version__
+from .capture import Record
 from .config import DEFAULT_EVAPI, Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
 from .demo import DEMO_DOMAIN, DemoError, DemoOptions, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
 from .logs import kv, setup_logging
 from .replay import apply_what_if, decision_json, decision_text, differences, load_records, progress_stream, replay
+from .report import MAX_SECONDS, figures, render_html
 from .service import Service, check_runtime, tune_gc
 
 __all__ = ["main"]
@@ -68,7 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--window", type=float, metavar="SECONDS")
     rep.add_argument("--anchor", choices=[a.value for a in Anchor])
     rep.add_argument("--ua", action="append", metavar="REGEX", help="User-Agent pattern of push devices (repeatable)")
-    rep.add_argument("--json", action="store_true", help="one JSON object a line: the decisions, then the summary")
+    rep.add_argument(
+        "--json", action="store_true", help="one JSON object a line: the decisions, then the summary and the figures"
+    )
+    rep.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE",
+        help="write an HTML report (wake-up delays, what each window would serve, late devices over time)",
+    )
     rep.add_argument(
         "--what-if",
         action="append",
@@ -152,6 +163,16 @@ def build_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _window_progress(stream: TextIO | None) -> Callable[[int], None] | None:
+    if stream is None:
+        return None
+
+    def show(window: int) -> None:
+        print(f"\rwhat each window would serve: {window} s", end="" if window < MAX_SECONDS else "\n", file=stream)
+
+    return show
+
+
 def _replay(args: argparse.Namespace) -> int:
     settings = build_config(args).engine
     what_if = apply_what_if(settings, args.what_if) if args.what_if else None
@@ -160,15 +181,33 @@ def _replay(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError("FILE", f"not a file: {', '.join(missing)}")
     tune_gc()
-    base = replay(load_records(args.files, problems), settings, progress_stream())
+    # The report and the JSON figures replay the capture once per window:
+    # read it once.
+    wants_figures = args.json or args.report is not None
+    records: Iterable[Record] = load_records(args.files, problems)
+    if wants_figures:
+        records = list(records)
+    base = replay(records, settings, progress_stream())
     other = replay(load_records(args.files, []), what_if) if what_if is not None else None
     for problem in problems:
         print(f"evapi-worker replay: {problem}", file=sys.stderr)
+    figs = None
+    if wants_figures:
+        assert isinstance(records, list)
+        figs = figures(records, settings, base, _window_progress(progress_stream()))
+    if args.report is not None:
+        assert figs is not None
+        title = "evapi-worker replay: " + ", ".join(f.name for f in args.files)
+        try:
+            args.report.write_text(render_html(figs, title), encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("--report", f"cannot write {str(args.report)!r}: {exc.strerror or exc}") from None
+        print(f"evapi-worker replay: report written to {args.report}", file=sys.stderr)
     out = sys.stdout
     if args.json:
         for d in base.decisions:
             print(decision_json(d), file=out)
-        summary: dict[str, object] = {"summary": base.summary()}
+        summary: dict[str, object] = {"summary": base.summary(), "figures": figs}
         if other is not None:
             summary["what_if"] = {
                 "changes": args.what_if,

@@ -176,6 +176,7 @@ class Decision:
     reason: Reason
     since_start: float  # seconds from call start to REGISTER (push wake-up delay)
     since_end: float | None  # seconds from call end to REGISTER, None while ringing
+    end: EndKind | None  # how the call ended, if it had when the device registered
 
 
 @dataclass(frozen=True, slots=True)
@@ -616,14 +617,17 @@ class Engine:
     def _decision(self, call: _Call, dev: _Device, started: CallStarted, action: Action, reason: Reason) -> Decision:
         reg = dev.reg
         since_end = None if call.end_ts is None or call.end_ts > reg.ts else reg.ts - call.end_ts
+        end = call.end if since_end is not None else None
         if action is Action.NONE:
-            return Decision(reg.ts, reg.node, call.call_id, dev.dev, action, reason, reg.ts - started.ts, since_end)
+            return Decision(
+                reg.ts, reg.node, call.call_id, dev.dev, action, reason, reg.ts - started.ts, since_end, end
+            )
         assert call.end is not None
         info = CallInfo(
             call.call_id, call.aor, started.from_user, started.from_name, started.from_domain, call.end, call.end_code
         )
         return Act(
-            reg.ts, reg.node, call.call_id, dev.dev, action, reason, reg.ts - started.ts, since_end,
+            reg.ts, reg.node, call.call_id, dev.dev, action, reason, reg.ts - started.ts, since_end, end,
             call=info, register=reg, deadline=dev.arrival + self.settings.deadline,
         )  # fmt: skip
 

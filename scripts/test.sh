@@ -3,8 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Test-only packages: linphone-cli, a real liblinphone phone (linphonec) for
-# the end-to-end tests; systemd, for systemd-analyze verify of the unit.
-./scripts/setup.sh --test linphone-cli systemd
+# the end-to-end tests; systemd, for systemd-analyze verify of the unit;
+# chromium, which renders the replay report in its test.
+./scripts/setup.sh --test linphone-cli systemd chromium
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

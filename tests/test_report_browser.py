@@ -1,0 +1,65 @@
+"""The replay report in a real browser: headless Chromium renders the charts
+of a capture recorded from real Kamailio and SIPp, with no console error."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from evapi_worker.cli import main
+
+from .png import colours
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (Debian package chromium)")
+STORY = Path(__file__).parent / "data" / "story.evcap"
+# The series colours of the report (report._COLORS).
+IN_TIME, ANSWERED, MISSED, TOO_LATE = (76, 120, 168), (84, 162, 75), (245, 133, 24), (178, 121, 162)
+
+
+def chromium(tmp_path: Path, page: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    return subprocess.run(
+        [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+            "--window-size=820,2200", *args, page.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+
+
+def console_messages(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+@needs_chromium
+def test_console_errors_are_seen(tmp_path: Path) -> None:
+    # The check below would notice a page that goes wrong.
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!doctype html><body><script>missingFunction();</script></body>")
+    assert console_messages(chromium(tmp_path, bad, "--dump-dom").stderr) != []
+
+
+@needs_chromium
+def test_the_report_renders_its_charts_in_headless_chromium(tmp_path: Path) -> None:
+    report = tmp_path / "report.html"
+    assert main(["replay", str(STORY), "--report", str(report)]) == 0
+    dom = chromium(tmp_path, report, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert console_messages(dom.stderr) == []
+    assert len(re.findall(r"<svg class=\"chart\"", dom.stdout)) == 3
+    assert len(re.findall(r"<rect class=\"bar\"", dom.stdout)) >= 5  # four delays, two late devices in time
+    assert len(re.findall(r"<polyline class=\"line\"", dom.stdout)) == 2
+    shot = tmp_path / "report.png"
+    run = chromium(tmp_path, report, f"--screenshot={shot}")
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    painted = colours(shot)
+    # The charts were painted: bars in each series colour the story has, and
+    # the coverage lines.
+    for colour in (IN_TIME, ANSWERED, MISSED, TOO_LATE):
+        assert painted[colour] > 50, (colour, painted.most_common(8))
