@@ -16,7 +16,10 @@ from .png import colours
 
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (Debian package chromium)")
-STORY = Path(__file__).parent / "data" / "story.evcap"
+DATA = Path(__file__).parent / "data"
+# Captures recorded from real Kamailio and SIPp: `evapi-worker demo --capture`
+# (two late iPhones) and tests/record_capture.py (four calls, two in time).
+DEMO, STORY = DATA / "demo.evcap", DATA / "story.evcap"
 # The series colours of the report (report._COLORS).
 IN_TIME, ANSWERED, MISSED, TOO_LATE = (76, 120, 168), (84, 162, 75), (245, 133, 24), (178, 121, 162)
 
@@ -46,14 +49,20 @@ def test_console_errors_are_seen(tmp_path: Path) -> None:
 
 
 @needs_chromium
-def test_the_report_renders_its_charts_in_headless_chromium(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("capture", "bars", "painted_colours"),
+    [(DEMO, 4, (ANSWERED, MISSED, TOO_LATE)), (STORY, 6, (IN_TIME, ANSWERED, MISSED, TOO_LATE))],
+)
+def test_the_report_renders_its_charts_in_headless_chromium(
+    tmp_path: Path, capture: Path, bars: int, painted_colours: tuple[tuple[int, int, int], ...]
+) -> None:
     report = tmp_path / "report.html"
-    assert main(["replay", str(STORY), "--report", str(report)]) == 0
+    assert main(["replay", str(capture), "--report", str(report)]) == 0
     dom = chromium(tmp_path, report, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert console_messages(dom.stderr) == []
     assert len(re.findall(r"<svg class=\"chart\"", dom.stdout)) == 3
-    assert len(re.findall(r"<rect class=\"bar\"", dom.stdout)) >= 5  # four delays, two late devices in time
+    assert len(re.findall(r"<rect class=\"bar\"", dom.stdout)) == bars
     assert len(re.findall(r"<polyline class=\"line\"", dom.stdout)) == 2
     shot = tmp_path / "report.png"
     run = chromium(tmp_path, report, f"--screenshot={shot}")
@@ -61,5 +70,5 @@ def test_the_report_renders_its_charts_in_headless_chromium(tmp_path: Path) -> N
     painted = colours(shot)
     # The charts were painted: bars in each series colour the story has, and
     # the coverage lines.
-    for colour in (IN_TIME, ANSWERED, MISSED, TOO_LATE):
+    for colour in painted_colours:
         assert painted[colour] > 50, (colour, painted.most_common(8))
