@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="listen on TLS too (default 127.0.0.1:5061), with a throw-away self-signed certificate",
     )
+    demo.add_argument(
+        "--sip6", metavar="ADDRESS", help="an IPv6 address to listen on too, on the same ports (e.g. ::1)"
+    )
     demo.add_argument("--domain", default=DEMO_DOMAIN, help=f"the SIP domain served (default {DEMO_DOMAIN})")
     demo.add_argument("--auth", action="store_true", help="digest authentication; the demo's accounts are printed")
     demo.add_argument("--evapi", default="127.0.0.1:8448", metavar="HOST:PORT", help="Kamailio's evapi socket")
@@ -282,6 +285,7 @@ def _demo(args: argparse.Namespace) -> int:
         sip=parse_hostport(args.sip, "--sip"),
         evapi=parse_hostport(args.evapi, "--evapi"),
         tls=parse_hostport(args.tls, "--tls") if args.tls else None,
+        sip6=parse_hostport(f"[{args.sip6.strip('[]')}]", "--sip6", 0)[0] if args.sip6 else None,
         domain=args.domain,
         auth=args.auth,
         play=not args.no_scenario,

@@ -83,7 +83,8 @@ class Subscriber:
 class KamailioProcess:
     """A Kamailio running the bundled config in its own folder.
 
-    ``domain`` is the SIP domain it serves besides its address; ``tls_port``
+    ``domain`` is the SIP domain it serves besides its address; ``sip6_host``
+    an IPv6 address it listens on too, on the same ports; ``tls_port``
     adds a TLS listener with a throw-away self-signed certificate made in
     ``folder``; ``subscribers`` turns digest authentication on, with a
     SQLite subscriber table in ``folder``. ``defines`` are more ``-A``
@@ -101,6 +102,7 @@ class KamailioProcess:
     tls_port: int | None = None
     subscribers: tuple[Subscriber, ...] | None = None
     defines: tuple[str, ...] = ()
+    sip6_host: str | None = None
     process: trio.Process | None = None
 
     @property
@@ -125,12 +127,14 @@ class KamailioProcess:
         cmd = [
             binary, "-f", str(bundled_kamailio_cfg()), "-DD", "-E",
             "-Y", str(self.folder), "-P", str(self.folder / "kamailio.pid"), "-w", str(self.folder),
-            "-A", f"EVW_SIP_IP={self.sip_host}", "-A", f"EVW_SIP_PORT={self.sip_port}",
+            "-A", f"EVW_SIP_IP={bracketed(self.sip_host)}", "-A", f"EVW_SIP_PORT={self.sip_port}",
             "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
             "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_IP="{self.worker_ip}"',
             "-A", f'EVW_DB_URL="sqlite:///{self.database}"', "-A", f'EVW_SQL_CON="evw=>sqlite:///{self.database}"',
             "-A", f'EVW_CTL="{self.control}"',
         ]  # fmt: skip
+        if self.sip6_host is not None:
+            cmd += ["-A", f"EVW_SIP_IP6={bracketed(self.sip6_host)}"]
         if self.domain:
             cmd += ["-A", f"EVW_DOMAIN={self.domain}"]
         if self.tls_port is not None:
@@ -165,8 +169,17 @@ class KamailioProcess:
             (self.sip_host, self.sip_port, socket.SOCK_STREAM, "SIP (TCP)"),
             (self.evapi_host, self.evapi_port, socket.SOCK_STREAM, "evapi"),
         ]
+        if self.sip6_host is not None:
+            ports += [
+                (self.sip6_host, self.sip_port, socket.SOCK_DGRAM, "SIP (UDP, IPv6)"),
+                (self.sip6_host, self.sip_port, socket.SOCK_STREAM, "SIP (TCP, IPv6)"),
+            ]
         if self.tls_port is not None:
-            ports.append((self.sip_host, self.tls_port, socket.SOCK_STREAM, "SIP (TLS)"))
+            ports += [
+                (host, self.tls_port, socket.SOCK_STREAM, "SIP (TLS)")
+                for host in (self.sip_host, self.sip6_host)
+                if host is not None
+            ]
         for host, port, kind, what in ports:
             if bind_error(host, port, kind) is not None:
                 raise DemoError(
@@ -298,6 +311,11 @@ async def wait_registered(control: str, aor: str, count: int = 1, timeout: float
             await trio.sleep(0.05)
 
 
+def bracketed(host: str) -> str:
+    """``host`` as SIP and SIPp write it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 class Phones:
     """SIPp phones and callers for the stories; every run is bounded in time.
 
@@ -318,7 +336,7 @@ class Phones:
         passwords: dict[str, str] | None = None,
     ) -> None:
         self.sip_host = sip_host
-        self.target = f"{sip_host}:{sip_port}"
+        self.target = f"{bracketed(sip_host)}:{sip_port}"
         self.folder = folder
         self.domain = domain or sip_host
         self.caller_domain = caller_domain
@@ -363,7 +381,8 @@ class Phones:
                 "-sf", str(register or _scenario("phone_register.xml")), "-oocsf", str(calls), "-t", transport,
                 "-p", str(port or free_port(self.sip_host)), "-d", str(stay_ms), *auth,
                 "-key", "user", user, "-key", "domain", self.domain, "-key", "ua", ua, "-key", "instance", instance,
-                "-key", "contact_user", f"dev-{instance}", "-key", "contact_host", contact_host or self.sip_host,
+                "-key", "contact_user", f"dev-{instance}",
+                "-key", "contact_host", contact_host or bracketed(self.sip_host),
                 "-cid_str", f"reg-{instance}-%u-{secrets.token_hex(3)}", "-trace_logs", "-log_file", str(log),
             ],
             timeout=stay_ms / 1000 + 10,
@@ -469,6 +488,7 @@ class DemoOptions:
     sip: tuple[str, int] = ("127.0.0.1", 5060)
     evapi: tuple[str, int] = ("127.0.0.1", 8448)
     tls: tuple[str, int] | None = None  # TLS listener; its host must be the SIP host
+    sip6: str | None = None  # an IPv6 address to listen on too (same ports)
     domain: str = DEMO_DOMAIN
     auth: bool = False  # digest authentication, with the DEMO_USERS accounts
     play: bool = True  # play the scripted stories first
@@ -482,6 +502,9 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
     sip, evapi = options.sip, options.evapi
     node = NodeAddress("demo", evapi[0], evapi[1], sip[0], sip[1])
     config = msgspec.structs.replace(config, nodes=(node,))
+    if ":" in sip[0] and ":" not in config.sipp.local_ip:
+        # Kamailio listens on IPv6 alone: the fake calls leave from there too.
+        config = msgspec.structs.replace(config, sipp=msgspec.structs.replace(config.sipp, local_ip=sip[0]))
     subscribers = tuple(Subscriber(user, secrets.token_urlsafe(9)) for user in DEMO_USERS) if options.auth else None
 
     def say(text: str) -> None:
@@ -492,12 +515,15 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
         kam = KamailioProcess(
             sip[0], sip[1], evapi[0], evapi[1], "demo", config.sipp.local_ip, folder,
             domain=options.domain, tls_port=options.tls[1] if options.tls else None, subscribers=subscribers,
+            sip6_host=options.sip6,
         )  # fmt: skip
         async with kam.running(), trio.open_nursery() as nursery:
             service, watch = await start_watched_worker(nursery, config)
-            transports = f"UDP and TCP on {sip[0]}:{sip[1]}"
+            hosts = [bracketed(sip[0])] + ([bracketed(options.sip6)] if options.sip6 else [])
+            transports = " and ".join(f"UDP and TCP on {host}:{sip[1]}" for host in hosts)
             if options.tls:
-                transports += f", TLS on {sip[0]}:{options.tls[1]} (a throw-away self-signed certificate)"
+                tls_on = " and ".join(f"{host}:{options.tls[1]}" for host in hosts)
+                transports += f", TLS on {tls_on} (a throw-away self-signed certificate)"
             say(f"Kamailio serves the SIP domain {options.domain}: {transports}.")
             say(f"The worker connects to its evapi socket on {evapi[0]}:{evapi[1]}.")
             if subscribers:
@@ -524,7 +550,8 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
                     title="A missed call",
                 )  # fmt: skip
             say(
-                f"\nReady. Register phones as USER@{options.domain} through {sip[0]}:{sip[1]} and call each other; "
+                f"\nReady. Register phones as USER@{options.domain} through {bracketed(sip[0])}:{sip[1]} "
+                "and call each other; "
                 f"a User-Agent matching {', '.join(config.engine.user_agents)} or a pn-provider=apns Contact "
                 f"counts as an iPhone. Kamailio's log: {kam.log}. Ctrl-C stops."
             )
@@ -532,9 +559,11 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
 
 
 def check_demo_addresses(options: DemoOptions) -> None:
-    for host, what in ((options.sip[0], "--sip"), (options.evapi[0], "--evapi")):
-        if ":" in host:
-            raise ConfigError(what, "the bundled config listens on IPv4 only")
+    if ":" in options.evapi[0]:
+        # evapi's bind_addr is split at its first colon (Kamailio 5.6).
+        raise ConfigError("--evapi", "Kamailio's evapi module cannot listen on an IPv6 address: use an IPv4 one")
+    if options.sip6 is not None and (":" not in options.sip6 or ":" in options.sip[0]):
+        raise ConfigError("--sip6", "must be an IPv6 address, beside an IPv4 --sip")
     if options.tls is not None and options.tls[0] != options.sip[0]:
         raise ConfigError("--tls", f"must be on the SIP address {options.sip[0]} (the bundled config listens on one)")
     if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.\-]{0,252})", options.domain):

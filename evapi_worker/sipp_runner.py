@@ -173,9 +173,11 @@ class SippRunner:
 
     def command(self, job: SippJob, folder: Path, port: int) -> list[str]:
         s = self.settings
+        # An IPv6 address in brackets, as SIPp reads it.
+        remote = f"[{job.remote_host}]" if ":" in job.remote_host else job.remote_host
         args = [
             s.binary,
-            f"{job.remote_host}:{job.remote_port}",
+            f"{remote}:{job.remote_port}",
             "-sf", str(self.scenario),
             "-inf", str(folder / "call.csv"),
             "-cid_str", job.call_id_format,

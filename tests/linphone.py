@@ -51,7 +51,7 @@ class CallLog:
 @dataclass
 class Linphone:
     """One linphonec process registered as ``user@domain`` through ``proxy``
-    (``host:port``) over ``transport`` (udp, tcp or tls)."""
+    (``host:port``, ``[v6]:port`` for IPv6) over ``transport`` (udp, tcp or tls)."""
 
     folder: Path
     user: str
@@ -74,6 +74,7 @@ sip_port={ports[0]}
 sip_tcp_port={ports[1]}
 sip_tls_port={ports[2]}
 default_proxy=0
+use_ipv6={1 if self.proxy.startswith("[") else 0}
 verify_server_certs=0
 verify_server_cn=0
 [proxy_0]

@@ -28,7 +28,7 @@ from evapi_worker.demo import (
 from evapi_worker.engine import Act, EngineSettings, Strategy
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.service import Service
-from evapi_worker.sipp_runner import Outcome
+from evapi_worker.sipp_runner import Outcome, SippSettings
 
 from .helpers import FAST_RECONNECT
 from .sipp_device import SCENARIOS, free_port, free_sip_port
@@ -74,23 +74,28 @@ async def platform(
     tls: bool = False,
     subscribers: tuple[Subscriber, ...] | None = None,
     defines: tuple[str, ...] = (),
+    sip6: str | None = None,
+    worker_sip: str = HOST,
     **engine: Any,
 ) -> AsyncIterator[Platform]:
-    """The bundled Kamailio (serving ``domain``, with TLS, authentication
-    and more ``-A`` defines when asked) and a worker connected to it."""
+    """The bundled Kamailio (serving ``domain``, with TLS, authentication,
+    an IPv6 address besides 127.0.0.1 (``sip6``) and more ``-A`` defines
+    when asked) and a worker connected to it, whose fake calls go out from
+    ``worker_sip`` (127.0.0.1, or the IPv6 address)."""
     sip_port = free_sip_port()
     evapi_port = free_port(socket.SOCK_STREAM)
     tls_port = free_port(socket.SOCK_STREAM) if tls else None
     kam = KamailioProcess(
-        HOST, sip_port, HOST, evapi_port, "e2e", HOST, tmp_path,
-        domain=domain, tls_port=tls_port, subscribers=subscribers, defines=defines,
+        HOST, sip_port, HOST, evapi_port, "e2e", worker_sip, tmp_path,
+        domain=domain, tls_port=tls_port, subscribers=subscribers, defines=defines, sip6_host=sip6,
     )  # fmt: skip
-    node = NodeAddress("e2e", HOST, evapi_port, HOST, sip_port)
+    node = NodeAddress("e2e", HOST, evapi_port, worker_sip, sip_port)
     passwords = {s.user: s.password for s in subscribers or ()}
     async with kam.running(), trio.open_nursery() as nursery:
         config = Config(
             nodes=(node,),
             engine=EngineSettings(**engine),
+            sipp=SippSettings(local_ip=worker_sip),
             evapi=FAST_RECONNECT,
         )
         service, watch = await start_watched_worker(nursery, config)

@@ -187,3 +187,12 @@ def test_folders_of_killed_workers_are_removed_and_live_ones_kept(tmp_path: Path
         (folder / "call.csv").write_text("SEQUENTIAL\nsecret-pin;\n")
     assert remove_stale_folders(tmp_path) == 1
     assert not stale.exists() and mine.exists() and other.exists()
+
+
+def test_sipp_gets_ipv6_addresses_in_brackets(tmp_path: Path) -> None:
+    runner = SippRunner(SippSettings(local_ip="::1"))
+    args = runner.command(SippJob("c%%1", "a;b;\n", "::1", 5060), tmp_path, 40000)
+    assert args[1] == "[::1]:5060"
+    assert args[args.index("-i") + 1] == "::1"
+    v4 = SippRunner(SippSettings()).command(SippJob("c%%1", "a;b;\n", "127.0.0.1", 5060), tmp_path, 40000)
+    assert v4[1] == "127.0.0.1:5060"
