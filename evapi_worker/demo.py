@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Final, TextIO
+from typing import IO, Final, TextIO
 
 import msgspec
 import trio
@@ -103,7 +103,7 @@ class KamailioProcess:
     subscribers: tuple[Subscriber, ...] | None = None
     defines: tuple[str, ...] = ()
     sip6_host: str | None = None
-    process: trio.Process | None = None
+    process: ChildProcess | None = None
 
     @property
     def log(self) -> Path:
@@ -188,9 +188,7 @@ class KamailioProcess:
                 )
         await self._prepare()
         with self.log.open("wb") as log:
-            self.process = await trio.lowlevel.open_process(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-            )
+            self.process = ChildProcess.start(self.command(), log)
         try:
             with trio.move_on_after(15) as waiting:
                 while True:
@@ -221,6 +219,40 @@ class KamailioProcess:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+class ChildProcess:
+    """A child process started from this process's main thread.
+
+    ``setpriv --pdeathsig`` ties a child's life to the *thread* that started
+    it. Trio starts processes from a worker thread, which ends after some
+    seconds idle and would take Kamailio with it in the middle of a demo;
+    the main thread lasts as long as the process.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+
+    @classmethod
+    def start(cls, command: list[str], log: IO[bytes]) -> ChildProcess:
+        """Start ``command`` in a session of its own, output to ``log``."""
+        popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        return cls(popen)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()
+
+    async def wait(self) -> int:
+        """Wait until it has exited (and reap it)."""
+        fd = os.pidfd_open(self.pid)
+        try:
+            while (code := self._popen.poll()) is None:
+                await trio.lowlevel.wait_readable(fd)
+        finally:
+            os.close(fd)
+        return code
 
 
 async def make_certificate(cert: Path, key: Path, name: str) -> None:

@@ -276,3 +276,16 @@ async def test_killing_the_demo_takes_its_kamailio_with_it(tmp_path: Path) -> No
                 os.killpg(kamailio_pid, signal.SIGKILL)
     finally:
         await stop_group(demo)
+
+
+async def test_kamailio_outlives_the_thread_that_started_it(tmp_path: Path) -> None:
+    # Kamailio's life is tied to the demo with a parent-death signal; had a
+    # worker thread started it, Kamailio would end when that thread did
+    # (trio ends idle worker threads after 10 s), in the middle of a demo.
+    sip, evapi = free_sip_port(), free_port(socket.SOCK_STREAM)
+    kam = KamailioProcess(HOST, sip, HOST, evapi, "outlives", HOST, tmp_path)
+    async with kam.running():
+        await trio.sleep(13)
+        assert kam.process is not None and kam.process.returncode is None, kam.tail()
+        stream = await trio.open_tcp_stream(HOST, evapi)
+        await stream.aclose()

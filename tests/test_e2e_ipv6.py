@@ -8,6 +8,8 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -35,14 +37,24 @@ def linphone6(p: Platform, user: str, transport: str) -> Linphone:
     return Linphone(p.folder / f"linphone6-{user}-{transport}", user, DOMAIN, f"[{V6}]:{port}", transport)
 
 
+@asynccontextmanager
+async def after_desk_call(
+    p: Platform, user: str, desk: str, call_id: str, stay_ms: int = 4000
+) -> AsyncIterator[trio.Nursery]:
+    """The user's IPv4 desk phone registers and handles alice's call
+    (``desk``: answers or rings until she gives up); then the block runs."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.phones.phone, user, DESK_UA, "desk", desk, stay_ms, p.folder / f"desk-{user}.log")
+        await p.registered(user)
+        await p.phones.call("alice", "Alice", user, call_id)
+        yield nursery
+
+
 async def test_iphone_on_ipv6_gets_the_call_its_ipv4_desk_phone_answered(tmp_path: Path) -> None:
     async with platform(tmp_path, sip6=V6) as p:
         call_id = "v6-answered@caller.example.net"
         log = tmp_path / "iphone6.log"
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.phones.phone, "bob", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
-            await p.registered("bob")
-            await p.phones.call("alice", "Alice", "bob", call_id)
+        async with after_desk_call(p, "bob", "phone_answers", call_id) as nursery:
             nursery.start_soon(v6_phones(p).phone, "bob", IPHONE_UA, "iphone6", "phone_rings", 2500, log)
             assert await p.watch.outcome(call_id, timeout=10) is Outcome.COMPLETED
         assert received(log) == (call_id, ANSWERED)
@@ -56,13 +68,12 @@ async def test_linphone_on_ipv6_tcp_and_an_ipv4_iphone_both_get_the_missed_call(
     async with platform(tmp_path, sip6=V6) as p:
         call_id = "v6-missed@caller.example.net"
         ipv4_log = tmp_path / "iphone4.log"
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.phones.phone, "carol", DESK_UA, "desk", "phone_rings", 6000, tmp_path / "desk.log")
-            await p.registered("carol")
-            await p.phones.call("alice", "Alice", "carol", call_id)  # rings, then the caller gives up
-            async with linphone6(p, "carol", "tcp").running() as phone:
-                nursery.start_soon(p.phones.phone, "carol", IPHONE_UA, "iphone4", "phone_rings", 3000, ipv4_log)
-                (log,) = await phone.wait_call_logs(timeout=15)
+        async with (
+            after_desk_call(p, "carol", "phone_rings", call_id, 6000) as nursery,
+            linphone6(p, "carol", "tcp").running() as phone,
+        ):
+            nursery.start_soon(p.phones.phone, "carol", IPHONE_UA, "iphone4", "phone_rings", 3000, ipv4_log)
+            (log,) = await phone.wait_call_logs(timeout=15)
         assert (log.call_id, log.status) == (call_id, "missed")
         assert received(ipv4_log) == (call_id, None)
         sources = sorted(d.register.src_ip for d in p.watch.decisions if isinstance(d, Act))
@@ -75,13 +86,12 @@ async def test_a_worker_on_ipv6_serves_a_tls_phone_on_ipv6(tmp_path: Path) -> No
     # connection stays on 127.0.0.1: see the README).
     async with platform(tmp_path, sip6=V6, worker_sip=V6, tls=True) as p:
         call_id = "v6-tls@caller.example.net"
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.phones.phone, "dave", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
-            await p.registered("dave")
-            await p.phones.call("alice", "Alice", "dave", call_id)
-            async with linphone6(p, "dave", "tls").running() as phone:
-                assert await p.watch.outcome(call_id, timeout=15) is Outcome.COMPLETED
-                (log,) = await phone.wait_call_logs()
+        async with (
+            after_desk_call(p, "dave", "phone_answers", call_id),
+            linphone6(p, "dave", "tls").running() as phone,
+        ):
+            assert await p.watch.outcome(call_id, timeout=15) is Outcome.COMPLETED
+            (log,) = await phone.wait_call_logs()
         assert (log.call_id, log.status) == (call_id, "accepted elsewhere")
         assert "fake call" in p.kamailio.log.read_text()
 
@@ -90,10 +100,7 @@ async def test_a_message_reaches_a_phone_on_ipv6(tmp_path: Path) -> None:
     async with platform(tmp_path, sip6=V6, strategy=Strategy.MESSAGE) as p:
         call_id = "v6-message@caller.example.net"
         log = tmp_path / "iphone6.log"
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(p.phones.phone, "erin", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
-            await p.registered("erin")
-            await p.phones.call("alice", "Alice", "erin", call_id)
+        async with after_desk_call(p, "erin", "phone_answers", call_id) as nursery:
             nursery.start_soon(
                 v6_phones(p).phone, "erin", IPHONE_UA, "iphone6", SCENARIOS / "phone_message.xml", 2500, log
             )
