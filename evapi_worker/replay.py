@@ -23,9 +23,17 @@ from typing import Final, TextIO
 from .capture import CaptureError, Record, read_capture
 from .config import ConfigError, with_changes
 from .engine import Act, Decision, Engine, EngineSettings, Reason
-from .events import EventError, decode_event, event_type_name
+from .events import Event, EventError, decode_event, event_type_name
 
-__all__ = ["ReplayResult", "apply_what_if", "decision_json", "load_records", "replay"]
+__all__ = [
+    "ReplayResult",
+    "apply_what_if",
+    "decision_json",
+    "decode_records",
+    "load_records",
+    "replay",
+    "replay_decoded",
+]
 
 _PROGRESS_EVERY = 100_000
 
@@ -107,35 +115,55 @@ def _percentile(values: list[float], q: int) -> float | None:
 
 def replay(records: Iterable[Record], settings: EngineSettings, progress: TextIO | None = None) -> ReplayResult:
     """Feed the records through a fresh engine under virtual time."""
+    return replay_decoded(decode_records(records, progress), settings)
+
+
+Decoded = tuple[float, "Event | str"]
+"""A record's receive time and its event, or the reason it is not one."""
+
+
+def decode_records(records: Iterable[Record], progress: TextIO | None = None) -> Iterator[Decoded]:
+    """Each record's receive time and event (or why it has none), in order."""
+    decode = decode_event
+    count = 0
+    for _node, _seq, received, payload in records:
+        count += 1
+        try:
+            yield received, decode(payload)
+        except EventError as exc:
+            yield received, exc.reason
+        if progress is not None and count % _PROGRESS_EVERY == 0:
+            print(f"\rreplayed {count:,} records", end="", file=progress, flush=True)
+    if progress is not None and count >= _PROGRESS_EVERY:
+        print(file=progress)
+
+
+def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> ReplayResult:
+    """:func:`replay` for records already decoded (the report replays one
+    capture once per window)."""
     engine = Engine(settings)
     result = ReplayResult()
     out = result.decisions
     by_type: dict[type, int] = {}
     # The loop runs for every record: names are bound locally, and the engine
     # is ticked only when it has something due.
-    handle, tick, next_deadline, decode = engine.handle, engine.tick, engine.next_deadline, decode_event
+    handle, tick, next_deadline = engine.handle, engine.tick, engine.next_deadline
     count = 0
     now = 0.0  # the receive time of the record being replayed
-    for _node, _seq, now, payload in records:
+    for now, event in decoded:
         count += 1
         due = next_deadline()
         if due is not None and due <= now:
             out += tick(now)
-        try:
-            event = decode(payload)
-        except EventError as exc:
-            result.errors[exc.reason] += 1
+        if isinstance(event, str):
+            result.errors[event] += 1
             continue
         kind = type(event)
         by_type[kind] = by_type.get(kind, 0) + 1
         decided = handle(event, now)
         if decided:
             out += decided
-        if progress is not None and count % _PROGRESS_EVERY == 0:
-            print(f"\rreplayed {count:,} records", end="", file=progress, flush=True)
     out += tick(now + 86_400)  # let pending decisions settle
-    if progress is not None and count >= _PROGRESS_EVERY:
-        print(file=progress)
     result.records = count
     for kind, n in by_type.items():
         result.events[event_type_name(kind)] += n

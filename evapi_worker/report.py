@@ -25,7 +25,7 @@ import msgspec
 
 from .capture import Record
 from .engine import Act, Decision, EndKind, EngineSettings, Reason
-from .replay import ReplayResult, replay
+from .replay import ReplayResult, decode_records, replay_decoded
 
 __all__ = ["figures", "render_html"]
 
@@ -117,8 +117,9 @@ def _coverage(
     windows = list(range(1, MAX_SECONDS + 1))
     served: list[int] = []
     too_late: list[int] = []
+    decoded = list(decode_records(records))  # once, not once per window
     for window in windows:
-        run = replay(records, msgspec.structs.replace(settings, window=float(window)))
+        run = replay_decoded(decoded, msgspec.structs.replace(settings, window=float(window)))
         served.append(sum(1 for d in run.decisions if isinstance(d, Act)))
         too_late.append(sum(1 for d in run.decisions if d.reason is Reason.TOO_LATE))
         if progress is not None:
