@@ -194,7 +194,7 @@ def _dec_hook(kind: type, obj: object) -> object:
 
 
 def _enc_hook(obj: object) -> object:
-    if isinstance(obj, Path | NodeAddress):
+    if isinstance(obj, Path):
         return str(obj)
     raise NotImplementedError
 

@@ -33,6 +33,7 @@ from .config import Config, ConfigError
 from .engine import Act, Decision
 from .evapi_client import NodeAddress
 from .service import Service
+from .sip_values import bracketed
 from .sipp_runner import Outcome, bind_error, bundled_scenario, free_port
 
 __all__ = [
@@ -341,11 +342,6 @@ async def wait_registered(control: str, aor: str, count: int = 1, timeout: float
     with trio.fail_after(timeout):
         while await registered_contacts(control, aor) < count:  # noqa: ASYNC110 (polls Kamailio, which tells no one)
             await trio.sleep(0.05)
-
-
-def bracketed(host: str) -> str:
-    """``host`` as SIP and SIPp write it: an IPv6 address in brackets."""
-    return f"[{host}]" if ":" in host else host
 
 
 class Phones:

@@ -23,7 +23,7 @@ import secrets
 import socket
 import struct
 import termios
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -38,9 +38,13 @@ __all__ = [
     "ConnectionState",
     "EvapiConnection",
     "NodeAddress",
+    "SendCommand",
 ]
 
 log = logging.getLogger("evapi_worker.evapi")
+
+SendCommand = Callable[[str, Command], Awaitable[CommandResult]]
+"""Send a command to the named node and wait for its acknowledgement."""
 
 _FRAMES_PER_CHECKPOINT = 32
 _READ_SIZE = 1 << 16
@@ -274,7 +278,7 @@ class EvapiConnection:
                         # on its own, and with Nagle on its side a delayed ACK
                         # from us (the kernel's default once the connection
                         # also carries our commands) holds events back.
-                        stream.socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
                     decoder.receive_data(data)
                     if self._shed_above:
                         self._check_overload(stream)

@@ -13,15 +13,15 @@ import ipaddress
 import itertools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import trio
 
 from . import sip_values
-from .commands import Command, Message, Pin
+from .commands import Message, Pin
 from .engine import Act, Action, CallInfo
-from .evapi_client import CommandFailed, NodeAddress
+from .evapi_client import CommandFailed, NodeAddress, SendCommand
 from .events import CommandResult, Register
 from .logs import kv
 from .metrics import Metrics
@@ -31,9 +31,6 @@ from .sipp_runner import Outcome, RunResult, SippJob, SippRunner
 __all__ = ["ActionRunner", "Parties", "PreparedCall", "build_job", "claim_key", "device_route", "parties"]
 
 log = logging.getLogger("evapi_worker.actions")
-
-SendCommand = Callable[[str, Command], Awaitable[CommandResult]]
-"""Send a command to the named node and wait for its acknowledgement."""
 
 _GOOD = frozenset((Outcome.COMPLETED, Outcome.ANSWERED, Outcome.REJECTED, Outcome.TAKEN, Outcome.DEFERRED))
 
@@ -99,7 +96,7 @@ def device_route(reg: Register) -> str:
         ip = ipaddress.ip_address(reg.src_ip)
     except ValueError:
         raise UnsafeValue("src_ip", "is not an IP address") from None
-    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    host = sip_values.bracketed(str(ip))
     proto = reg.proto.lower()
     if proto not in ("udp", "tcp", "tls", "ws", "wss", "sctp"):
         raise UnsafeValue("proto", "is not a SIP transport")

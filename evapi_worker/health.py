@@ -10,21 +10,18 @@ found down has its connection dropped and made again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
 import trio
 
-from .commands import Command, Ping
-from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
-from .events import CommandResult
+from .commands import Ping
+from .evapi_client import CommandFailed, ConnectionState, EvapiConnection, SendCommand
 from .logs import kv
 from .metrics import Metrics
 
 __all__ = ["Liveness"]
 
 log = logging.getLogger("evapi_worker.health")
-
-SendCommand = Callable[[str, Command], Awaitable[CommandResult]]
 
 
 class Liveness:

@@ -88,6 +88,11 @@ def sip_user(field: str, value: str) -> str:
     return "".join(out)
 
 
+def bracketed(host: str) -> str:
+    """An address as SIP and SIPp write it with a port: IPv6 in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def sip_host(field: str, value: str) -> str:
     """A SIP URI host: a hostname, IPv4 address or bracketed IPv6 address."""
     _check_common(field, value)

@@ -26,6 +26,8 @@ from typing import Annotated, Final, Literal
 import msgspec
 import trio
 
+from .sip_values import bracketed
+
 __all__ = [
     "Outcome",
     "RunResult",
@@ -173,11 +175,9 @@ class SippRunner:
 
     def command(self, job: SippJob, folder: Path, port: int) -> list[str]:
         s = self.settings
-        # An IPv6 address in brackets, as SIPp reads it.
-        remote = f"[{job.remote_host}]" if ":" in job.remote_host else job.remote_host
         args = [
             s.binary,
-            f"{remote}:{job.remote_port}",
+            f"{bracketed(job.remote_host)}:{job.remote_port}",
             "-sf", str(self.scenario),
             "-inf", str(folder / "call.csv"),
             "-cid_str", job.call_id_format,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from evapi_worker.config import ConfigError
-from evapi_worker.demo import DemoOptions, KamailioProcess, bracketed, check_demo_addresses
+from evapi_worker.demo import DemoOptions, KamailioProcess, check_demo_addresses
+from evapi_worker.sip_values import bracketed
 
 
 def test_ipv6_sip_is_accepted_and_ipv6_evapi_is_refused_with_the_reason() -> None:
