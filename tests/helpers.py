@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -84,3 +88,26 @@ async def stop_group(proc: trio.Process, sig: signal.Signals = signal.SIGTERM) -
     if proc.returncode is None:
         os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
+
+
+@asynccontextmanager
+async def running_demo(out: Path, *args: str, ready_within: float = 20) -> AsyncIterator[trio.Process]:
+    """The installed ``evapi-worker demo ARGS``, its output in ``out``: yields
+    once it printed "Ready.", then stops it as Ctrl-C does (SIGINT to its
+    group; SIGKILL if it does not end)."""
+    command = [str(Path(sys.executable).with_name("evapi-worker")), "demo", *args]
+    with out.open("wb") as sink:
+        demo = await trio.lowlevel.open_process(command, stdout=sink, stderr=sink, start_new_session=True)
+    try:
+        with trio.fail_after(ready_within):
+            while b"Ready." not in out.read_bytes():
+                assert demo.returncode is None, out.read_text()
+                await trio.sleep(0.1)
+        yield demo
+    finally:
+        await stop_group(demo, signal.SIGINT)
+
+
+def demo_folder(out: Path) -> Path:
+    """The demo's Kamailio folder, from the log path it printed."""
+    return Path(out.read_text().split("Kamailio's log: ")[1].split()[0].rstrip(".")).parent

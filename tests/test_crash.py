@@ -21,8 +21,9 @@ CALLS = 6
 
 @asynccontextmanager
 async def worker(tmp_path: Path, server: EvapiServer, *extra: str) -> AsyncIterator[trio.Process]:
-    """The installed command against the in-test node; killed with SIGKILL
-    (never stopped gracefully) when the block ends."""
+    """The real ``run`` command (``python -m evapi_worker.cli``) against the
+    in-test node; killed with SIGKILL (never stopped gracefully) when the
+    block ends."""
     fake = fake_sipp(tmp_path, NOTES_RUNS)
     args = [
         sys.executable, "-m", "evapi_worker.cli", "run", "--kamailio", f"127.0.0.1:{server.port}",

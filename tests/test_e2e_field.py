@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import trio
@@ -29,7 +28,7 @@ from evapi_worker.engine import Act
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.sipp_runner import Outcome
 
-from .helpers import FAST_RECONNECT, stop_group
+from .helpers import FAST_RECONNECT, demo_folder, running_demo
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
@@ -196,20 +195,13 @@ async def test_demo_command_serves_udp_tcp_and_tls_phones(tmp_path: Path) -> Non
     desk phone on UDP answers; late phones on TCP and TLS both see the call
     as answered elsewhere in their own call history."""
     sip, evapi, tls = free_sip_port(), free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
-    command = [
-        str(Path(sys.executable).with_name("evapi-worker")), "demo", "--no-scenario", "--metrics", "off",
-        "--sip", f"{HOST}:{sip}", "--evapi", f"{HOST}:{evapi}", "--tls", f"{HOST}:{tls}",
-    ]  # fmt: skip
-    with (tmp_path / "demo.out").open("wb") as out:
-        demo = await trio.lowlevel.open_process(command, stdout=out, stderr=out, start_new_session=True)
-    try:
-        with trio.fail_after(20):
-            while b"Ready." not in (tmp_path / "demo.out").read_bytes():
-                assert demo.returncode is None, (tmp_path / "demo.out").read_text()
-                await trio.sleep(0.1)
+    out = tmp_path / "demo.out"
+    async with running_demo(
+        out, "--no-scenario", "--metrics", "off", "--sip", f"{HOST}:{sip}", "--evapi", f"{HOST}:{evapi}",
+        "--tls", f"{HOST}:{tls}",
+    ) as demo:  # fmt: skip
         phones = Phones(HOST, sip, tmp_path, DOMAIN)
-        printed = (tmp_path / "demo.out").read_text()
-        control = "unix:" + str(Path(printed.split("Kamailio's log: ")[1].split()[0]).parent / "kamailio_ctl")
+        control = f"unix:{demo_folder(out) / 'kamailio_ctl'}"
         call_id = "field-demo@caller.example.net"
         late = [
             Linphone(tmp_path / f"late-{t}", "bob", DOMAIN, f"{HOST}:{port}", t, push_token=f"TOKEN{t.upper()}")
@@ -223,9 +215,7 @@ async def test_demo_command_serves_udp_tcp_and_tls_phones(tmp_path: Path) -> Non
                 logs = {"tcp": await tcp.wait_call_logs(timeout=15), "tls": await tls_phone.wait_call_logs(timeout=15)}
         for entries in logs.values():
             assert [(e.call_id, e.status) for e in entries] == [(call_id, "accepted elsewhere")]
-    finally:
-        await stop_group(demo, signal.SIGINT)
-    assert demo.returncode == 0, (tmp_path / "demo.out").read_text()
+    assert demo.returncode == 0, out.read_text()
 
 
 async def test_known_push_accounts_survive_a_kamailio_restart(tmp_path: Path) -> None:
@@ -251,20 +241,11 @@ async def test_known_push_accounts_survive_a_kamailio_restart(tmp_path: Path) ->
 
 async def test_killing_the_demo_takes_its_kamailio_with_it(tmp_path: Path) -> None:
     sip, evapi = free_sip_port(), free_port(socket.SOCK_STREAM)
-    command = [
-        str(Path(sys.executable).with_name("evapi-worker")), "demo", "--no-scenario", "--metrics", "off",
-        "--sip", f"{HOST}:{sip}", "--evapi", f"{HOST}:{evapi}",
-    ]  # fmt: skip
     out = tmp_path / "demo.out"
-    with out.open("wb") as sink:
-        demo = await trio.lowlevel.open_process(command, stdout=sink, stderr=sink, start_new_session=True)
-    try:
-        with trio.fail_after(20):
-            while b"Ready." not in out.read_bytes():
-                assert demo.returncode is None, out.read_text()
-                await trio.sleep(0.1)
-        folder = Path(out.read_text().split("Kamailio's log: ")[1].split()[0].rstrip(".")).parent
-        kamailio_pid = int((folder / "kamailio.pid").read_text())
+    async with running_demo(
+        out, "--no-scenario", "--metrics", "off", "--sip", f"{HOST}:{sip}", "--evapi", f"{HOST}:{evapi}"
+    ) as demo:
+        kamailio_pid = int((demo_folder(out) / "kamailio.pid").read_text())
         os.kill(demo.pid, signal.SIGKILL)  # the demo alone, not its group
         await demo.wait()
         try:
@@ -274,8 +255,6 @@ async def test_killing_the_demo_takes_its_kamailio_with_it(tmp_path: Path) -> No
         finally:
             if Path(f"/proc/{kamailio_pid}").exists():  # left behind: this test started it, so it stops it
                 os.killpg(kamailio_pid, signal.SIGKILL)
-    finally:
-        await stop_group(demo)
 
 
 async def test_kamailio_outlives_the_thread_that_started_it(tmp_path: Path) -> None:

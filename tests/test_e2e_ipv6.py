@@ -5,9 +5,7 @@ account, whether the worker's fake calls leave from IPv4 or from IPv6."""
 
 from __future__ import annotations
 
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +16,7 @@ from evapi_worker.demo import DESK_UA, IPHONE_UA, Phones, received
 from evapi_worker.engine import Act, Strategy
 from evapi_worker.sipp_runner import Outcome
 
-from .helpers import stop_group
+from .helpers import running_demo
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS, free_port
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, platform, pytestmark  # noqa: F401
@@ -111,20 +109,12 @@ async def test_a_message_reaches_a_phone_on_ipv6(tmp_path: Path) -> None:
 async def test_the_demo_on_ipv6(tmp_path: Path) -> None:
     sip = free_port()
     evapi = free_port(socket.SOCK_STREAM)
-    command = [
-        sys.executable, "-m", "evapi_worker.cli", "demo", "--sip", f"[{V6}]:{sip}", "--evapi", f"{HOST}:{evapi}",
-        "--metrics", "off",
-    ]  # fmt: skip
-    with (tmp_path / "demo.out").open("wb") as out:
-        demo = await trio.lowlevel.open_process(command, stdout=out, stderr=out, start_new_session=True)
-    try:
-        with trio.fail_after(60):
-            while b"Ready." not in (tmp_path / "demo.out").read_bytes():
-                assert demo.returncode is None, (tmp_path / "demo.out").read_text()
-                await trio.sleep(0.2)
-    finally:
-        await stop_group(demo, signal.SIGINT)
-    printed = (tmp_path / "demo.out").read_text()
+    out = tmp_path / "demo.out"
+    async with running_demo(
+        out, "--sip", f"[{V6}]:{sip}", "--evapi", f"{HOST}:{evapi}", "--metrics", "off", ready_within=60
+    ) as demo:
+        pass
+    printed = out.read_text()
     assert demo.returncode == 0, printed
     assert printed.count("(the original call's)") == 2, printed
     assert "fake call outcome: completed" in printed

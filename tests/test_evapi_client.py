@@ -12,7 +12,7 @@ import trio
 from evapi_worker.commands import Ping
 from evapi_worker.evapi_client import Backoff, CommandFailed, ConnectionState, EvapiConnection, NodeAddress
 from evapi_worker.events import CommandResult, parse_event
-from evapi_worker.netstring import encode
+from evapi_worker.netstring import DEFAULT_MAX_FRAME, encode
 
 from .evapi_server import EvapiServer
 from .sipp_device import free_port
@@ -51,6 +51,17 @@ class Recorder:
                 await self.changed.wait()
 
 
+async def served(
+    nursery: trio.Nursery, max_frame: int = DEFAULT_MAX_FRAME
+) -> tuple[EvapiServer, Recorder, EvapiConnection]:
+    """An in-test node and a connection to it, both running in ``nursery``."""
+    server, rec = EvapiServer(), Recorder()
+    await server.start(nursery)
+    conn = connection(server.port, rec, max_frame=max_frame)
+    await nursery.start(conn.run)
+    return server, rec, conn
+
+
 def connection(port: int, rec: Recorder, backoff: Backoff = FAST, **kw: object) -> EvapiConnection:
     node = NodeAddress("kam1", "127.0.0.1", port, "127.0.0.1", 5060)
     conn = EvapiConnection(
@@ -78,11 +89,8 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
 
 
 async def test_frames_split_at_every_byte_arrive_whole_and_in_order() -> None:
-    server, rec = EvapiServer(), Recorder()
     async with trio.open_nursery() as nursery:
-        await server.start(nursery)
-        conn = connection(server.port, rec)
-        await nursery.start(conn.run)
+        server, rec, _ = await served(nursery)
         await server.wait_for(lambda: server.streams)
         data = b"".join(server.event("call_answered", 1.0 + i, call_id=f"c{i}") for i in range(3))
         for i in range(len(data)):
@@ -93,11 +101,8 @@ async def test_frames_split_at_every_byte_arrive_whole_and_in_order() -> None:
 
 
 async def test_reconnects_after_the_server_closes_and_keeps_reading() -> None:
-    server, rec = EvapiServer(), Recorder()
     async with trio.open_nursery() as nursery:
-        await server.start(nursery)
-        conn = connection(server.port, rec)
-        await nursery.start(conn.run)
+        server, rec, conn = await served(nursery)
         await server.wait_for(lambda: server.accepted == 1)
         await server.drop()
         await server.wait_for(lambda: server.accepted == 2 and server.streams)
@@ -123,11 +128,8 @@ async def test_kamailio_not_up_at_start_is_retried_until_it_is() -> None:
 
 
 async def test_broken_framing_reconnects_and_oversized_frames_are_skipped() -> None:
-    server, rec = EvapiServer(), Recorder()
     async with trio.open_nursery() as nursery:
-        await server.start(nursery)
-        conn = connection(server.port, rec, max_frame=100)
-        await nursery.start(conn.run)
+        server, rec, _ = await served(nursery, max_frame=100)
         await server.wait_for(lambda: server.streams)
         await server.send(encode(b"x" * 500) + server.event("call_answered", 1.0, call_id="ok1"))
         await rec.wait_for(lambda: len(rec.frames) == 1)
@@ -141,11 +143,8 @@ async def test_broken_framing_reconnects_and_oversized_frames_are_skipped() -> N
 
 
 async def test_command_is_one_write_and_waits_for_its_ack() -> None:
-    server, rec = EvapiServer(), Recorder()
     async with trio.open_nursery() as nursery:
-        await server.start(nursery)
-        conn = connection(server.port, rec)
-        await nursery.start(conn.run)
+        server, rec, conn = await served(nursery)
         await rec.wait_for(lambda: conn.connected)
         result = await conn.send_command(Ping(conn.next_id()), timeout=2)
         assert result.ok
@@ -180,11 +179,8 @@ async def test_command_refused_unanswered_or_disconnected() -> None:
 
 
 async def test_a_command_too_large_for_evapi_is_a_failed_command() -> None:
-    server, rec = EvapiServer(), Recorder()
     async with trio.open_nursery() as nursery:
-        await server.start(nursery)
-        conn = connection(server.port, rec)
-        await nursery.start(conn.run)
+        server, rec, conn = await served(nursery)
         await rec.wait_for(lambda: conn.connected)
         with pytest.raises(CommandFailed, match="too_large") as failed:
             await conn.send_command(Ping("x" * 9000), timeout=1)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from evapi_worker.netstring import encode
 
@@ -44,13 +45,11 @@ def metrics_text(port: int) -> str:
 
 
 def sample(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{") or line.startswith(f"{name} "):
-            series, _, value = line.rpartition(" ")
-            got = series[len(name) :].strip("{}")
-            if ",".join(sorted(got.split(","))) == want:
-                return float(value)
+    """One sample of a scraped /metrics page (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
     return 0.0
 
 
