@@ -130,7 +130,7 @@ class KamailioProcess:
             "-Y", str(self.folder), "-P", str(self.folder / "kamailio.pid"), "-w", str(self.folder),
             "-A", f"EVW_SIP_IP={bracketed(self.sip_host)}", "-A", f"EVW_SIP_PORT={self.sip_port}",
             "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
-            "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_IP="{self.worker_ip}"',
+            "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_ADDRS="{address_pattern(self.worker_ip)}"',
             "-A", f'EVW_DB_URL="sqlite:///{self.database}"', "-A", f'EVW_SQL_CON="evw=>sqlite:///{self.database}"',
             "-A", f'EVW_CTL="{self.control}"',
         ]  # fmt: skip
@@ -220,6 +220,14 @@ class KamailioProcess:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+def address_pattern(address: str) -> str:
+    """A POSIX regular expression (as Kamailio's ``=~`` takes it) that
+    matches exactly ``address``, an IPv4 or IPv6 address."""
+    if not re.fullmatch(r"[0-9A-Fa-f.:]+", address):
+        raise ValueError(f"not an IP address: {address!r}")
+    return "^" + address.replace(".", "[.]") + "$"
 
 
 class ChildProcess:
@@ -370,10 +378,12 @@ class Phones:
         self.caller_domain = caller_domain
         self.passwords = passwords or {}
 
-    async def _sipp(self, args: list[str], timeout: float) -> None:
+    async def _sipp(self, args: list[str], timeout: float) -> int | None:
+        """Run SIPp; its exit code (0: every call went as scripted), None
+        when it ran out of time."""
         binary = shutil.which("sipp") or "sipp"
         with trio.move_on_after(timeout):
-            await trio.run_process(
+            result = await trio.run_process(
                 [binary, self.target, "-i", self.sip_host, "-m", "1", "-nostdin", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -382,6 +392,8 @@ class Phones:
                 cwd=str(self.folder),
                 start_new_session=True,
             )
+            return result.returncode
+        return None
 
     async def phone(
         self,
@@ -417,18 +429,31 @@ class Phones:
         )  # fmt: skip
 
     async def call(
-        self, caller: str, caller_name: str, callee: str, call_id: str, scenario: Path | None = None
-    ) -> None:
+        self,
+        caller: str,
+        caller_name: str,
+        callee: str,
+        call_id: str,
+        scenario: Path | None = None,
+        *,
+        transport: str = "u1",
+        log: Path | None = None,
+        timeout: float = 15,
+    ) -> int | None:
         """``caller`` calls ``callee``: answered calls last a second, ringing
-        ones are given up after 2.5 s (or what ``scenario`` does)."""
-        await self._sipp(
+        ones are given up after 2.5 s (or what ``scenario`` does). Returns
+        SIPp's exit code (0: the call went as scripted; None: out of time);
+        ``log`` keeps what the scenario logged."""
+        logging = ["-trace_logs", "-log_file", str(log)] if log is not None else []
+        return await self._sipp(
             [
-                "-sf", str(scenario or _scenario("caller.xml")), "-p", str(free_port(self.sip_host)),
+                "-sf", str(scenario or _scenario("caller.xml")), "-t", transport,
+                "-p", str(free_port(self.sip_host)),
                 "-key", "caller", caller, "-key", "caller_name", caller_name,
                 "-key", "caller_domain", self.caller_domain, "-key", "callee", callee,
-                "-key", "domain", self.domain, "-cid_str", call_id,
+                "-key", "domain", self.domain, "-cid_str", call_id, *logging,
             ],
-            timeout=15,
+            timeout=timeout,
         )  # fmt: skip
 
 

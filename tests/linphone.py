@@ -60,6 +60,7 @@ class Linphone:
     transport: str = "udp"
     password: str | None = None
     push_token: str = "0A1B2C3D4E5F"
+    auto_answer: bool = False  # answers every incoming call at once (linphonec -a)
     process: trio.Process | None = field(default=None, init=False)
     output: bytearray = field(default_factory=bytearray, init=False)
 
@@ -109,7 +110,8 @@ domain={self.domain}
         binary = shutil.which("linphonec") or "linphonec"
         env = {**os.environ, "HOME": str(home)}
         self.process = await trio.lowlevel.open_process(
-            [binary, "-c", str(rc), "-d", "6", "-l", str(self.folder / "linphone.log")],
+            [binary, "-c", str(rc), "-d", "6", "-l", str(self.folder / "linphone.log")]
+            + (["-a"] if self.auto_answer else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -153,6 +155,12 @@ domain={self.domain}
                 if self.calls_db.exists() and len(logs := await self.call_logs()) >= count:
                     return logs
                 await trio.sleep(0.1)
+
+    def call_duration(self, call_id: str) -> int | None:
+        """The duration (s) liblinphone recorded for the call ``call_id``."""
+        with contextlib.closing(sqlite3.connect(self.calls_db)) as db:
+            row = db.execute("SELECT duration FROM call_history WHERE call_id = ?", (call_id,)).fetchone()
+        return None if row is None else int(row[0])
 
     async def call_logs(self) -> list[CallLog]:
         """The phone's call history: Call-ID and status from its database,
