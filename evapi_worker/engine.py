@@ -38,6 +38,7 @@ from .events import (
     ClaimUnused,
     CommandResult,
     Event,
+    Refused,
     Register,
 )
 
@@ -291,6 +292,10 @@ class Engine:
         self._expiry_heap: list[int] = []
         self.evicted_calls = 0
         self.evicted_devices = 0
+        # Ends with no transaction ("lost") from a node whose current run
+        # saw the call start: that node still has the call, so the end is
+        # not believed (anyone can send a CANCEL that matches nothing).
+        self.lost_ends_ignored = 0
 
     # -- introspection -------------------------------------------------
 
@@ -369,6 +374,13 @@ class Engine:
             return self._on_register(event, now)
         if isinstance(event, CallStarted):
             return self._on_start(event, now)
+        if (
+            isinstance(event, CallAnswered | CallCancelled | CallFailed)
+            and event.lost
+            and not self._lost_end_believed(event)
+        ):
+            self.lost_ends_ignored += 1
+            return _NOTHING
         if isinstance(event, CallAnswered):
             return self._on_end(event.call_id, event.ts, EndKind.ANSWERED, None, now)
         if isinstance(event, CallCancelled):
@@ -378,7 +390,7 @@ class Engine:
             return self._on_end(event.call_id, event.ts, kind, event.code, now)
         if isinstance(event, BranchReply):
             return self._on_branch_reply(event, now)
-        if isinstance(event, CommandResult | ClaimUnused):
+        if isinstance(event, CommandResult | ClaimUnused | Refused):
             return _NOTHING
         raise TypeError(f"not an event: {event!r}")
 
@@ -434,6 +446,14 @@ class Engine:
         if ev.aor not in self._devices:
             return _NOTHING
         return self._reevaluate(call, now)
+
+    def _lost_end_believed(self, event: CallAnswered | CallCancelled | CallFailed) -> bool:
+        """A lost end tells of a call started on another node, or on an
+        earlier run of this one (whose transactions a restart took)."""
+        call = self._calls.get(event.call_id)
+        if call is None or call.started is None:
+            return False  # no call to end: nothing a lost end could be about
+        return call.started.node != event.node or call.started.boot != event.boot
 
     def _on_end(self, call_id: str, ts: float, kind: EndKind, code: int | None, now: float) -> list[Decision]:
         call = self._calls.get(call_id)

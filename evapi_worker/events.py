@@ -41,6 +41,7 @@ __all__ = [
     "Event",
     "EventError",
     "Parsed",
+    "Refused",
     "Register",
     "UnknownEventError",
     "decode_event",
@@ -163,15 +164,23 @@ class _CallEvent(_Base, frozen=True):
             _required(self, "call_id")
 
 
-class CallAnswered(_CallEvent, frozen=True, tag="call_answered"):
+class _EndEvent(_CallEvent, frozen=True):
+    """How a call ended. ``lost``: the node had no transaction for it (it
+    restarted during the call, or the message is forged), so only the
+    Call-ID ties it to a call."""
+
+    lost: bool = False
+
+
+class CallAnswered(_EndEvent, frozen=True, tag="call_answered"):
     """A 2xx final response to the call's INVITE (answered by some device)."""
 
 
-class CallCancelled(_CallEvent, frozen=True, tag="call_cancelled"):
+class CallCancelled(_EndEvent, frozen=True, tag="call_cancelled"):
     """The caller sent CANCEL before any answer."""
 
 
-class CallFailed(_CallEvent, frozen=True, tag="call_failed"):
+class CallFailed(_EndEvent, frozen=True, kw_only=True, tag="call_failed"):
     """A final failure response (3xx-6xx) ended the call; 6xx means declined."""
 
     code: Annotated[int, Meta(ge=300, le=699)]
@@ -260,9 +269,33 @@ class ClaimUnused(_Base, frozen=True, tag="claim_unused"):
             _required(self, "claim")
 
 
+class Refused(_Base, frozen=True, tag="refused"):
+    """A SIP request Kamailio refused before anything else saw it (a Call-ID
+    with a NUL byte, a forged call-ended MESSAGE); counted by ``reason``."""
+
+    reason: Short
+    src_ip: Short | None = None
+
+    def __post_init__(self) -> None:
+        if self.node in _NULLS or self.v != PROTOCOL_VERSION:
+            self._check_header()
+        if self.reason in _NULLS:
+            _required(self, "reason")
+        if self.src_ip in _NULLS:
+            _optional(self, "src_ip")
+
+
 CallEnded: TypeAlias = CallAnswered | CallCancelled | CallFailed
 Event: TypeAlias = (
-    CallStarted | CallAnswered | CallCancelled | CallFailed | BranchReply | Register | CommandResult | ClaimUnused
+    CallStarted
+    | CallAnswered
+    | CallCancelled
+    | CallFailed
+    | BranchReply
+    | Register
+    | CommandResult
+    | ClaimUnused
+    | Refused
 )
 
 _CLASSES: Final[tuple[type[_Base], ...]] = (
@@ -274,6 +307,7 @@ _CLASSES: Final[tuple[type[_Base], ...]] = (
     Register,
     CommandResult,
     ClaimUnused,
+    Refused,
 )
 _TYPE_NAMES: Final[dict[type[_Base], str]] = {cls: str(cls.__struct_config__.tag) for cls in _CLASSES}
 _KNOWN_FIELDS: Final[dict[str, frozenset[str]]] = {

@@ -126,6 +126,18 @@ class Metrics:
             p + "kamailio_up", "1 while the evapi connection to a node is up.", ["node"], registry=r
         )
         self.reconnects = Counter(p + "reconnects", "evapi connections made after the first.", ["node"], registry=r)
+        self.sip_refused = Counter(
+            p + "sip_refused",
+            "SIP requests Kamailio refused before routing them (forged or not carried intact), by reason.",
+            ["node", "reason"],
+            registry=r,
+        )
+        self.lost_ends_ignored = Counter(
+            p + "lost_ends_ignored",
+            "Call ends with no transaction on a node that still had the call (forged), ignored.",
+            ["node"],
+            registry=r,
+        )
         self.events_lost = Counter(p + "events_lost", "Events missing from a node's sequence.", ["node"], registry=r)
         self.events_shed = Counter(
             p + "events_shed", "Events dropped unread because the worker fell behind (overload).", ["node"], registry=r

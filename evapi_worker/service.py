@@ -31,6 +31,7 @@ from .events import (
     CommandResult,
     Event,
     EventError,
+    Refused,
     Register,
     UnknownEventError,
     event_type,
@@ -337,6 +338,10 @@ class Service:
             m.claims_unused.labels(node).inc()
             log.warning("claim unused %s", kv(node=node, claim=event.claim))
             return
+        if isinstance(event, Refused):
+            m.sip_refused.labels(node, event.reason).inc()
+            log.warning("sip request refused %s", kv(node=node, reason=event.reason, src=event.src_ip))
+            return
         decisions = self._feed(node, event, now)
         if self.store is not None:
             self.store.note_event(node, now, payload)
@@ -351,7 +356,14 @@ class Service:
             # Route by the connection the REGISTER came in on: that node has
             # the device's connection and will take the fake call.
             event = msgspec.structs.replace(event, node=node)
-        return self.engine.handle(event, now)
+        ignored = self.engine.lost_ends_ignored
+        decisions = self.engine.handle(event, now)
+        if self.engine.lost_ends_ignored > ignored:
+            self.metrics.lost_ends_ignored.labels(node).inc()
+            log.warning(
+                "lost call end ignored %s", kv(node=node, type=event_type(event), call_id=getattr(event, "call_id", ""))
+            )
+        return decisions
 
     def _capture(self, node: str, seq: int | None, payload: bytes, now: float) -> None:
         if self.capture is not None:

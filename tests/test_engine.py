@@ -403,3 +403,39 @@ def test_branch_replies_kept_per_call_are_bounded() -> None:
         e.handle(w.branch_reply(T0 + 0.1, f"sip:dev{i}@10.0.0.1:5060;pn-prid=TOKEN{i}"), 0.1)
     (call,) = e.export_state().calls
     assert 16 <= len(call.rang) < 20  # the last reply may add a contact, its token and its device
+
+
+def test_lost_cancel_after_the_node_restarted_ends_the_call_and_the_late_phone_gets_a_missed_call() -> None:
+    before, after = Wire(boot=1700000000), Wire(boot=1700000050)
+    e = Engine()
+    out = run(
+        e,
+        (0.0, before.start(T0)),
+        # The node restarted; the caller's CANCEL found no transaction there.
+        (2.0, after.event("call_cancelled", T0 + 2, call_id="call-1", lost=True)),
+        (3.0, after.register(T0 + 3)),
+    )
+    assert [(d.action, d.reason) for d in out] == [(Action.FAKE_CALL, "missed")]
+    assert e.lost_ends_ignored == 0
+
+
+def test_lost_end_from_the_run_that_still_has_the_call_is_not_believed() -> None:
+    # A CANCEL that matches no transaction on the node that has the call is
+    # a stranger's (a real CANCEL would have matched): the call still rings.
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0)),
+        (1.0, w.event("call_cancelled", T0 + 1, call_id="call-1", lost=True)),
+        (1.5, w.event("call_answered", T0 + 1.5, call_id="call-1", lost=True)),
+        (2.0, w.register(T0 + 2)),
+    )
+    out += e.tick(10.0)
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "ringing")]
+    assert e.lost_ends_ignored == 2
+
+
+def test_lost_end_of_an_unknown_call_starts_nothing() -> None:
+    w, e = Wire(), Engine()
+    assert e.handle(w.event("call_failed", T0, call_id="nobody", code=486, lost=True), 0.0) == []
+    assert e.lost_ends_ignored == 1

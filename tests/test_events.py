@@ -16,6 +16,7 @@ from evapi_worker.events import (
     CallStarted,
     CommandResult,
     EventError,
+    Refused,
     Register,
     UnknownEventError,
     decode_event,
@@ -256,3 +257,14 @@ def test_over_long_register_fields_are_refused() -> None:
         w.register(1.0, user_agent="LinphoneiOS " + "x" * 300)
     with pytest.raises(EventError):
         w.register(1.0, contact="sip:bob@192.0.2.1;" + "p" * 600)
+
+
+def test_refused_request_and_lost_ends_parse() -> None:
+    w = Wire()
+    refused = w.event("refused", 1.0, reason="call_id_nul", src_ip="192.0.2.7")
+    assert isinstance(refused, Refused) and (refused.reason, refused.src_ip) == ("call_id_nul", "192.0.2.7")
+    assert w.cancelled(2.0).lost is False
+    lost = w.event("call_failed", 3.0, call_id="c", code=486, lost=True)
+    assert isinstance(lost, CallFailed) and lost.lost
+    with pytest.raises(EventError):
+        parse_event(w.raw("refused", 4.0, reason=""))

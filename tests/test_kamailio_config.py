@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="needs 
     [
         [],
         ["EVW_SIP_IP=127.0.0.2", "EVW_SIP_PORT=5070", 'EVW_NODE="edge-1"', 'EVW_EVAPI_ADDR="127.0.0.1:9448"'],
-        ['EVW_WORKER_IP="127.0.0.3"', 'EVW_PUSH_UA="MyApp.*iOS"'],
+        ['EVW_WORKER_ADDRS="^127[.]0[.]0[.]3$"', 'EVW_PUSH_UA="MyApp.*iOS"'],
         ["EVW_DOMAIN=voip.example.org", "EVW_WITH_TLS", "EVW_TLS_PORT=5071", "EVW_PUSH_HOLD=45"],
         ['EVW_EVAPI_CLIENTS="^(127[.]0[.]0[.]1|192[.]0[.]2[.]5)$"', "EVW_QUEUE_SIZE=1000", 'EVW_CTL="unix:/tmp/c"'],
         ["EVW_WITH_AUTH", 'EVW_DB_URL="sqlite:////tmp/evw-check.sqlite"', "EVW_USE_DOMAIN=0"],
