@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from evapi_worker.events import (
     BranchReply,
+    CallCancelled,
     CallFailed,
     CallStarted,
     CommandResult,
@@ -263,7 +264,8 @@ def test_refused_request_and_lost_ends_parse() -> None:
     w = Wire()
     refused = w.event("refused", 1.0, reason="call_id_nul", src_ip="192.0.2.7")
     assert isinstance(refused, Refused) and (refused.reason, refused.src_ip) == ("call_id_nul", "192.0.2.7")
-    assert w.cancelled(2.0).lost is False
+    cancelled = w.cancelled(2.0)
+    assert isinstance(cancelled, CallCancelled) and cancelled.lost is False
     lost = w.event("call_failed", 3.0, call_id="c", code=486, lost=True)
     assert isinstance(lost, CallFailed) and lost.lost
     with pytest.raises(EventError):
