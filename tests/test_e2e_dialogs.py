@@ -54,6 +54,21 @@ class Dialog:
     desk: list[str]
 
 
+async def call_in_progress(
+    p: Platform, nursery: trio.Nursery, user: str, call_id: str, scenario: Path, log: Path
+) -> list[int | None]:
+    """alice calls ``user`` with ``scenario`` in ``nursery``; returns once the
+    worker heard the call start. The list gets SIPp's exit code at the end."""
+    code: list[int | None] = []
+
+    async def call() -> None:
+        code.append(await p.phones.call("alice", "Alice", user, call_id, scenario, log=log, timeout=30))
+
+    nursery.start_soon(call)
+    await p.events("call_start")
+    return code
+
+
 async def woken_in_time(
     p: Platform,
     user: str,
@@ -73,17 +88,11 @@ async def woken_in_time(
     caller_log = p.folder / f"caller-{user}.log"
     phone_side = SCENARIOS / ("phone_hangs_up.xml" if phone_hangs_up else "phone_dialog.xml")
     caller_side = SCENARIOS / ("caller_phone_hangs_up.xml" if phone_hangs_up else "caller_dialog.xml")
-    code: list[int | None] = []
-
-    async def call() -> None:
-        code.append(await p.phones.call("alice", "Alice", user, call_id, caller_side, log=caller_log, timeout=30))
-
     async with trio.open_nursery() as nursery:
         if forked:
             nursery.start_soon(p.phones.phone, user, DESK_UA, "desk", "phone_rings", 8000, desk)
             await p.registered(user)
-        nursery.start_soon(call)
-        await p.events("call_start")
+        code = await call_in_progress(p, nursery, user, call_id, caller_side, caller_log)
         await trio.sleep(0.8)  # the push wakes the phone
         nursery.start_soon(
             lambda: phones.phone(
@@ -128,16 +137,10 @@ async def test_held_call_woken_after_the_wait_timer_still_rings(tmp_path: Path) 
     # call outlives that, up to EVW_PUSH_HOLD (30 s by default).
     async with platform(tmp_path) as p:
         call_id = "dlg-held-slow@caller.example.net"
-        code: list[int | None] = []
         caller_log, iphone = tmp_path / "caller.log", tmp_path / "iphone.log"
-
-        async def call() -> None:
-            scenario = SCENARIOS / "caller_dialog.xml"
-            code.append(await p.phones.call("alice", "Alice", "lena", call_id, scenario, log=caller_log, timeout=30))
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(call)
-            await p.events("call_start")
+            scenario = SCENARIOS / "caller_dialog.xml"
+            code = await call_in_progress(p, nursery, "lena", call_id, scenario, caller_log)
             await trio.sleep(7)
             nursery.start_soon(
                 p.phones.phone, "lena", IPHONE_UA, "iphone", SCENARIOS / "phone_dialog.xml", 5000, iphone
@@ -210,15 +213,9 @@ async def test_linphone_on_tls_woken_in_time_answers_and_keeps_a_completed_call(
         phone: Linphone = linphone(p, "quinn", "tls")
         phone.auto_answer = True
         caller_log = tmp_path / "caller.log"
-        code: list[int | None] = []
-
-        async def call() -> None:
-            scenario = SCENARIOS / "caller_dialog.xml"
-            code.append(await p.phones.call("alice", "Alice", "quinn", call_id, scenario, log=caller_log, timeout=30))
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(call)
-            await p.events("call_start")
+            scenario = SCENARIOS / "caller_dialog.xml"
+            code = await call_in_progress(p, nursery, "quinn", call_id, scenario, caller_log)
             await trio.sleep(0.8)
             async with phone.running():
                 (log,) = await phone.wait_call_logs(timeout=20)
