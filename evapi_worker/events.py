@@ -270,8 +270,9 @@ class ClaimUnused(_Base, frozen=True, tag="claim_unused"):
 
 
 class Refused(_Base, frozen=True, tag="refused"):
-    """A SIP request Kamailio refused before anything else saw it (a Call-ID
-    with a NUL byte, a forged call-ended MESSAGE); counted by ``reason``."""
+    """SIP data Kamailio would not pass on (a Call-ID with a NUL byte, a
+    forged call-ended MESSAGE, a contact an event cannot carry intact);
+    counted by ``reason``."""
 
     reason: Short
     src_ip: Short | None = None

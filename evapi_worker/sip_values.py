@@ -142,11 +142,15 @@ def csv_line(fields: list[str]) -> str:
     return ";".join(fields) + ";\n"
 
 
-_URI_RE: Final = re.compile(r"sips?:[^\s<>\"]{1,500}", re.IGNORECASE)
+# Quotes pass: apps send quoted URI parameters (pn-prid="ab:cd"), Kamailio's
+# registrar stores them, and the URI only travels in JSON to a node that
+# compares it with its location table.
+_URI_RE: Final = re.compile(r"sips?:[^\s<>]{1,500}", re.IGNORECASE)
 
 
 def sip_uri(field: str, value: str) -> str:
-    """A SIP URI to hand to Kamailio (no spaces, quotes or angle brackets)."""
+    """A SIP URI to hand to Kamailio in a command (no spaces, angle brackets
+    or control characters)."""
     if _CONTROL_RE.search(value) or _URI_RE.fullmatch(value) is None:
-        raise UnsafeValue(field, "is not a sip: or sips: URI without spaces, quotes or control characters")
+        raise UnsafeValue(field, "is not a sip: or sips: URI without spaces, angle brackets or control characters")
     return value

@@ -14,6 +14,7 @@ from evapi_worker.config import Config
 from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, received, start_watched_worker
 from evapi_worker.engine import EngineSettings
 from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.sipp_runner import Outcome
 
 from .helpers import FAST_RECONNECT
 from .sipp_device import SCENARIOS, free_port, free_sip_port
@@ -110,6 +111,44 @@ async def test_a_call_id_naming_another_call_does_not_end_it(tmp_path: Path) -> 
         assert ended[f"x|{victim}"] > 1.8, ended
         assert ended[victim] > 1.8, ended  # its own 2 s hold, not the other call's
         assert p.metric("evapi_worker_events_total", node="e2e", type="call_failed") == 1
+
+
+async def test_a_contact_kamailio_s_parsers_read_differently_is_still_a_registered_device(tmp_path: Path) -> None:
+    # A quoted pn-prid URI parameter and a quoted display name with angle
+    # brackets: Kamailio's To-style parser refuses such a Contact, its
+    # registrar takes it. The device (no Linphone User-Agent, known by its
+    # pn-provider alone) registers late and gets its fake call.
+    async with platform(tmp_path) as p:
+        call_id = "odd-contact@caller.example.net"
+        register = SCENARIOS / "phone_register_odd_contact.xml"
+        outcome, iphone = await late_iphone(p, "bob", "phone_answers", call_id, ua="Acme/1.0", register=register)
+        assert outcome is Outcome.COMPLETED
+        assert received(iphone) == (call_id, 'SIP;cause=200;text="Call completed elsewhere"')
+        assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "answered")]
+        assert p.metric("evapi_worker_event_errors_total", node="e2e", reason="bad_value") == 0
+        await trio.sleep(1)  # the unregistration's event
+    noisy = [line for line in p.kamailio.log.read_text(errors="replace").splitlines() if "ERROR" in line]
+    assert noisy == []
+
+
+async def test_a_contact_no_event_can_carry_is_counted_not_described(tmp_path: Path) -> None:
+    async with platform(tmp_path) as p:
+        contacts = (("bob", b"sip:bob-\xe9@127.0.0.1:PORT;pn-provider=apns"), ("carl", b"sip:carl@127.0.0.1:PORT"))
+        for user, contact in contacts:
+            message = (
+                f"REGISTER sip:{DOMAIN} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {HOST}:PORT;branch=z9hG4bK-reg-{user}\r\n"
+                f"From: <sip:{user}@{DOMAIN}>;tag=r1\r\nTo: <sip:{user}@{DOMAIN}>\r\n"
+                f"CSeq: 1 REGISTER\r\nCall-ID: reg-{user}\r\nMax-Forwards: 70\r\n"
+                f"User-Agent: {IPHONE_UA}\r\nExpires: 600\r\n"
+            ).encode()
+            message += b"Contact: <" + contact + b">\r\nContent-Length: 0\r\n\r\n"
+            assert await sip_request(p, message) == "SIP/2.0 200 OK"
+        await p.events("register")  # carl's
+        with trio.fail_after(3):
+            while p.metric("evapi_worker_sip_refused_total", node="e2e", reason="contact_unreadable") < 1:
+                await trio.sleep(0.05)
+        assert p.metric("evapi_worker_events_total", node="e2e", type="register") == 1
 
 
 async def test_a_node_restarted_during_the_call_still_gives_the_late_phone_its_missed_call(tmp_path: Path) -> None:

@@ -81,7 +81,9 @@ def test_tokens_and_uris() -> None:
         with pytest.raises(UnsafeValue):
             sv.token("pin", bad)
     assert sv.sip_uri("contact", "sip:bob@10.0.0.1:5060;transport=tcp") == "sip:bob@10.0.0.1:5060;transport=tcp"
-    for bad in ["http://x", "sip:a b", "sip:a\r\n", 'sip:a"b', "sip:<a>"]:
+    quoted = 'sip:a@b;pn-prid="ab:cd"'  # as apps send it and the registrar keeps it
+    assert sv.sip_uri("contact", quoted) == quoted
+    for bad in ["http://x", "sip:a b", "sip:a\r\n", "sip:a\x00", "sip:<a>"]:
         with pytest.raises(UnsafeValue):
             sv.sip_uri("contact", bad)
 
