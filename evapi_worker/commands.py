@@ -35,7 +35,10 @@ class Pin:
     this node wins (``cmd_result`` says ``claim: won``); the others are told
     ``taken`` and send nothing. The node handles every worker's commands one
     at a time in its evapi dispatcher, so the check-and-set is atomic there.
-    A claim lives ``claim_ttl`` seconds.
+    A claim lives ``claim_ttl`` seconds. ``retry``: this worker restarted
+    after a crash and may have pinned this call before; if that pin is
+    still unused (its INVITE never came), the node hands the claim over
+    (``won``) and removes the old pin, else the claim stays ``taken``.
 
     The fake INVITE carries ``key`` in an ``X-Evapi-Pin`` header; Kamailio
     sends it to ``ruri`` through ``dst`` (the address the REGISTER came from,
@@ -51,6 +54,7 @@ class Pin:
     claim: str = ""
     claim_ttl: int = 0
     aor: str = ""  # the device's account: ruri must be one of its registered contacts
+    retry: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,8 @@ def encode_command(command: Command) -> bytes:
             body["aor"] = command.aor
         if command.claim:
             body.update(claim=command.claim, claim_ttl=command.claim_ttl)
+            if command.retry:
+                body["retry"] = 1
     else:
         body.update(
             id=command.id,

@@ -4,14 +4,15 @@ listeners, and, for an :class:`~.engine.Act`, started as a task.
 Actions start as tasks straight from :meth:`Dispatcher.dispatch` (no queue
 hop: that would add a scheduling round to every decision's latency); at
 most ``limit`` of them exist at once, the rest are dropped and counted.
-Before an action starts, the journal records it (see persistence.py), so a
-restored worker never begins it again.
+An action is journaled when it truly begins, by the action runner (see
+persistence.py): one that was still waiting when the worker died is
+decided again after the restore and begins then.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
@@ -20,7 +21,6 @@ from .evapi_client import EvapiConnection
 from .fake_calls import ActionRunner
 from .logs import kv
 from .metrics import Metrics
-from .persistence import StateStore
 from .sipp_runner import Outcome
 
 __all__ = ["Dispatcher"]
@@ -41,7 +41,6 @@ class Dispatcher:
         self.connections = connections
         self.metrics = metrics
         self.limit = limit
-        self.store: StateStore | None = None  # journal of begun actions, once running
         # Observers of every decision (replay output, tests); called synchronously.
         self.listeners: list[Callable[[Decision], None]] = []
         self._nursery: trio.Nursery | None = None
@@ -93,30 +92,30 @@ class Dispatcher:
                 m.fake_calls.labels(Outcome.OVERDUE.value).inc()
                 log.warning("action dropped %s", kv(call_id=d.call_id, device=d.device, reason="action queue full"))
 
-    def resume(self, saved: list[Act]) -> None:
-        """Begin the actions a stopped worker saved, those still in time."""
+    def resume(self, saved: Sequence[Act], in_doubt: Sequence[Act] = ()) -> None:
+        """Begin the actions a stopped or crashed worker decided and never
+        began, and retry those it began and could not finish, those still
+        in time."""
         now = trio.current_time()
-        for act in saved:
+        for act, retry in [*((a, False) for a in saved), *((a, True) for a in in_doubt)]:
             if act.deadline > now:
-                self.start(act, now, resumed=True)
-            else:
+                self.start(act, now, resumed=True, retry=retry)
+            elif not retry:
                 self.metrics.fake_calls.labels(Outcome.OVERDUE.value).inc()
                 log.warning("saved action overdue %s", kv(call_id=act.call_id, device=act.device))
 
-    def start(self, act: Act, received: float, *, resumed: bool = False) -> None:
+    def start(self, act: Act, received: float, *, resumed: bool = False, retry: bool = False) -> None:
         assert self._nursery is not None
-        if self.store is not None:
-            self.store.note_action(act.call_id, act.device)
         self._open += 1
-        self._nursery.start_soon(self._run, act, received, resumed)
+        self._nursery.start_soon(self._run, act, received, resumed, retry)
 
-    async def _run(self, act: Act, received: float, resumed: bool) -> None:
+    async def _run(self, act: Act, received: float, resumed: bool, retry: bool) -> None:
         try:
             conn = self.connections.get(act.node)
             if resumed and conn is not None:
                 # Saved by a stopped worker: its node is being connected to.
                 with trio.move_on_at(act.deadline):
                     await conn.wait_connected()
-            await self.actions.run(act, received)
+            await self.actions.run(act, received, retry=retry)
         finally:
             self._open -= 1

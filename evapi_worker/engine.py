@@ -11,7 +11,10 @@ Two clocks are involved and never mixed:
   events from different SIP worker processes arrive out of order, so the
   engine compares timestamps, never arrival order.
 * ``now``, the worker's monotonic clock passed in by the caller, drives
-  expiry, the settle delay and fake-call deadlines.
+  expiry, the settle delay and fake-call deadlines. A REGISTER's deadline
+  and settle delay count from when it happened, its timestamp on the same
+  clock (``happened``, mapped by the caller, see intake.py), not from when
+  it was read: a worker that was frozen or behind never acts late.
 
 Nothing here does I/O or reads a clock, so the same engine serves the live
 service and replay under a virtual clock.
@@ -368,10 +371,12 @@ class Engine:
 
     # -- input ---------------------------------------------------------
 
-    def handle(self, event: Event, now: float) -> list[Decision]:
-        """Apply one event received at monotonic time ``now``."""
+    def handle(self, event: Event, now: float, happened: float | None = None) -> list[Decision]:
+        """Apply one event received at monotonic time ``now``; ``happened``
+        is when it happened on that clock (its ``ts``, mapped), ``now`` when
+        unknown, never later than ``now``."""
         if isinstance(event, Register):
-            return self._on_register(event, now)
+            return self._on_register(event, now, now if happened is None or happened > now else happened)
         if isinstance(event, CallStarted):
             return self._on_start(event, now)
         if (
@@ -540,13 +545,13 @@ class Engine:
 
     # -- devices -------------------------------------------------------
 
-    def _on_register(self, reg: Register, now: float) -> list[Decision]:
+    def _on_register(self, reg: Register, now: float, happened: float) -> list[Decision]:
         if reg.expires == 0:
             return _NOTHING  # an unregistration wakes no one
         if not self._push.is_push(reg):
             return _NOTHING  # desk phones and Android apps get their INVITEs
         dev_key = device_id(reg)
-        dev = _Device(reg, dev_key, now, now + self.settings.deadline)
+        dev = _Device(reg, dev_key, happened, happened + self.settings.deadline)
         self._store_device(dev)
         self._remember_contact(reg.contact, dev_key)
         call_ids = self._calls_by_aor.get(reg.aor)

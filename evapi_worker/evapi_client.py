@@ -289,7 +289,7 @@ class EvapiConnection:
                         if isinstance(frame, NeedData):
                             break
                         if isinstance(frame, OversizedFrame):
-                            log.warning("evapi frame skipped node=%s reason=oversized length=%d", name, frame.length)
+                            # Logged by the owner, which rate-limits it.
                             if self._on_oversized is not None:
                                 self._on_oversized(name, frame.length)
                             continue

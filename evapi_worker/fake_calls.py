@@ -151,6 +151,9 @@ class ActionRunner:
         self.claim_ttl = claim_ttl
         # Told how every action ended (the demo's narration, tests).
         self.outcome_listeners: list[Callable[[Act, Outcome], None]] = []
+        # Told (call_id, device) as an action begins, before anything of it
+        # reaches Kamailio: the journal's record that it must not begin again.
+        self.on_begin: Callable[[str, str], None] | None = None
         # Actions that have not begun (no pin, no MESSAGE sent yet): what a
         # stopping worker saves to begin after its restart.
         self._not_begun: dict[int, Act] = {}
@@ -161,17 +164,25 @@ class ActionRunner:
         """Begin no more actions; returns those that had not begun (each
         ends as ``deferred`` once cancelled, or when it would begin)."""
         self._closed = True
+        return self.waiting()
+
+    def waiting(self) -> list[Act]:
+        """The actions decided and not begun (waiting for a SIPp slot, say)."""
         return list(self._not_begun.values())
 
     def _begin(self, key: int) -> bool:
         """The point of no return of an action; False once closed."""
         if self._closed:
             return False
-        del self._not_begun[key]
+        act = self._not_begun.pop(key)
+        if self.on_begin is not None:
+            self.on_begin(act.call_id, act.device)
         return True
 
-    async def run(self, decision: Act, received: float) -> Outcome:
-        """Carry out one decision; ``received`` is when its event arrived.
+    async def run(self, decision: Act, received: float, *, retry: bool = False) -> Outcome:
+        """Carry out one decision; ``received`` is when its event arrived;
+        ``retry``: begun by this worker before a crash, end unknown (the
+        node says whether it may go out, see :class:`~.commands.Pin`).
         Whatever goes wrong is this action's outcome (``failed``, logged
         with the error), never the service's end."""
         duration: float | None = None
@@ -180,10 +191,14 @@ class ActionRunner:
         self._not_begun[key] = decision
         outcome: Outcome | None = None
         try:
-            if decision.action is Action.MESSAGE:
+            if trio.current_time() > decision.deadline:
+                # Decided from a REGISTER read late (a frozen or restarted
+                # worker): the phone has stopped ringing.
+                outcome, detail = Outcome.OVERDUE, "deadline passed before it began"
+            elif decision.action is Action.MESSAGE:
                 outcome, detail = await self._message(decision, received, key)
             else:
-                outcome, result, detail = await self._fake_call(decision, received, key)
+                outcome, result, detail = await self._fake_call(decision, received, key, retry)
                 duration = result.duration if result else None
         except Exception as exc:  # the error boundary of one action
             log.exception("action failed %s", kv(call_id=decision.call_id, device=decision.device, error=repr(exc)))
@@ -214,7 +229,9 @@ class ActionRunner:
         for listener in self.outcome_listeners:
             listener(decision, outcome)
 
-    async def _fake_call(self, decision: Act, received: float, key: int) -> tuple[Outcome, RunResult | None, str]:
+    async def _fake_call(
+        self, decision: Act, received: float, key: int, retry: bool
+    ) -> tuple[Outcome, RunResult | None, str]:
         node = self.nodes.get(decision.node)
         if node is None:
             return Outcome.FAILED, None, f"node {decision.node!r} is not configured"
@@ -237,26 +254,31 @@ class ActionRunner:
             limiter.release()
             return Outcome.DEFERRED, None, "the worker stops; saved for its restart"
         try:
-            return await self._pin_and_run(decision, node, prepared, received)
+            return await self._pin_and_run(decision, node, prepared, received, retry)
         finally:
             limiter.release()
 
     async def _pin_and_run(
-        self, decision: Act, node: NodeAddress, prepared: PreparedCall, received: float
+        self, decision: Act, node: NodeAddress, prepared: PreparedCall, received: float, retry: bool
     ) -> tuple[Outcome, RunResult | None, str]:
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
         pin = Pin(
             secrets.token_hex(6), prepared.pin_key, prepared.ruri, prepared.dst, self.pin_ttl,
-            claim_key(decision.call_id, decision.device), self.claim_ttl, prepared.aor,
+            claim_key(decision.call_id, decision.device), self.claim_ttl, prepared.aor, retry,
         )  # fmt: skip
         try:
             ack = await self.send_command(node.name, pin)
         except CommandFailed as exc:
             return Outcome.FAILED, None, f"pin not acknowledged: {exc}"
+        if retry and ack.claim is None:
+            # A node whose routes predate claims cannot tell whether the
+            # first attempt went out: rather none than two.
+            return Outcome.TAKEN, None, "retry after a crash; the node keeps no claims"
         if not self._won(node.name, ack):
             return Outcome.TAKEN, None, "another worker claimed this fake call"
-        # Once the pin is in place the call goes out even if the deadline
-        # passes meanwhile: the slot and the ack were the only waits.
+        if trio.current_time() > decision.deadline:
+            # The pin expires unused (the node reports the claim unused).
+            return Outcome.OVERDUE, None, "pin acknowledged after the deadline"
         self.metrics.fake_calls_sent.inc()
         result = await self.runner.run(prepared.job)
         self.metrics.sipp_duration.observe(result.duration)

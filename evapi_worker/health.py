@@ -4,7 +4,8 @@ A TCP connection alone proves nothing: a frozen Kamailio (SIGSTOP, a VM
 pause) or a half-open connection still accepts it. A node is up once it
 answered a ping on its current connection, and down when a ping goes
 unanswered, when the connection drops, or before the first answer; a node
-found down has its connection dropped and made again.
+found down has its connection dropped and made again. Each answer also
+measures the node's clock (see intake.NodeClocks).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import trio
 
 from .commands import Ping
 from .evapi_client import CommandFailed, ConnectionState, EvapiConnection, SendCommand
+from .intake import NodeClocks
 from .logs import kv
 from .metrics import Metrics
 
@@ -34,8 +36,10 @@ class Liveness:
         send_command: SendCommand,
         metrics: Metrics,
         ping_interval: float,
+        clocks: NodeClocks | None = None,
     ) -> None:
         self.connections = connections
+        self.clocks = clocks
         self.send_command = send_command
         self.metrics = metrics
         self.ping_interval = ping_interval  # 0: no pings, up follows the connection
@@ -54,7 +58,7 @@ class Liveness:
             generation = conn.connects
             sent = trio.current_time()
             try:
-                await self.send_command(name, Ping(conn.next_id()))
+                answer = await self.send_command(name, Ping(conn.next_id()))
             except CommandFailed as exc:
                 if exc.reason == "refused":
                     self.set_alive(name, True)  # it answered, if only "no"
@@ -68,6 +72,8 @@ class Liveness:
                     continue
             else:
                 self.set_alive(name, True)
+                if self.clocks is not None:
+                    self.clocks.ping(name, sent, trio.current_time(), answer.ts)
             with trio.move_on_after(self.ping_interval):
                 await conn.wait_disconnected()
 

@@ -11,6 +11,7 @@ import errno
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -27,8 +28,8 @@ _MAX_HEAD = 8192
 # are all plain, so the body is the same in newer format versions).
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TIMEOUT = 5.0  # a whole exchange, request and answer
-# Connections served at once; more wait to be accepted, so idle or slow
-# clients cannot take the descriptors SIPp and evapi need.
+# Connections served at once: idle or slow clients cannot take the
+# descriptors SIPp and evapi need (see _Clients for who gives way).
 _MAX_CONNECTIONS = 32
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
@@ -64,19 +65,49 @@ def respond(method: str, path: str, registry: CollectorRegistry, health: Health)
     return reply
 
 
+@dataclass(eq=False)
+class _Client:
+    scope: trio.CancelScope
+    idle: bool = True  # no whole request yet
+
+
+class _Clients:
+    """The connections being served, oldest first. When all places are
+    taken, a new connection takes the place of the oldest idle one (it has
+    sent no request), else of the oldest: a scraper sends its request at
+    once and is answered in milliseconds, so clients that connect and send
+    nothing, however many, cannot keep it waiting."""
+
+    def __init__(self, places: int) -> None:
+        self.places = places
+        self._clients: dict[_Client, None] = {}
+
+    def admit(self, client: _Client) -> None:
+        if len(self._clients) >= self.places:
+            victim = next((c for c in self._clients if c.idle), next(iter(self._clients)))
+            victim.scope.cancel()
+            self.leave(victim)
+        self._clients[client] = None
+
+    def leave(self, client: _Client) -> None:
+        self._clients.pop(client, None)
+
+
 async def _handle(
     registry: CollectorRegistry,
     health: Health,
-    slots: trio.Semaphore,
+    clients: _Clients,
     timeout: float,
     stream: trio.SocketStream,
 ) -> None:
+    client = _Client(trio.CancelScope(deadline=trio.current_time() + timeout))
+    clients.admit(client)
     try:
         async with stream:
-            with trio.move_on_after(timeout), _quietly():
-                await _exchange(registry, health, stream)
+            with client.scope, _quietly():
+                await _exchange(registry, health, stream, client)
     finally:
-        slots.release()
+        clients.leave(client)
 
 
 class _quietly:
@@ -89,13 +120,14 @@ class _quietly:
         return kind is not None and issubclass(kind, trio.BrokenResourceError | trio.ClosedResourceError)
 
 
-async def _exchange(registry: CollectorRegistry, health: Health, stream: trio.SocketStream) -> None:
+async def _exchange(registry: CollectorRegistry, health: Health, stream: trio.SocketStream, client: _Client) -> None:
     head = b""
     while b"\r\n\r\n" not in head and len(head) < _MAX_HEAD:
         data = await stream.receive_some(4096)
         if not data:
             break
         head += data
+    client.idle = False
     parts = head.split(b"\r\n", 1)[0].split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
         reply = _response("400 Bad Request", "text/plain", b"bad request\n")
@@ -119,12 +151,11 @@ async def serve_http(
     bound: int = listeners[0].socket.getsockname()[1]
     log.info("http listening %s", kv(addr=f"{host}:{bound}", paths="/metrics,/healthz"))
     task_status.started(bound)
-    slots = trio.Semaphore(max_connections)
-    handle = partial(_handle, registry, health, slots, timeout)
+    handle = partial(_handle, registry, health, _Clients(max_connections), timeout)
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept, listener, slots, handle)
+                nursery.start_soon(_accept, listener, handle)
     finally:
         with trio.CancelScope(shield=True):
             for listener in listeners:
@@ -133,20 +164,17 @@ async def serve_http(
 
 async def _accept(
     listener: trio.abc.Listener[trio.SocketStream],
-    slots: trio.Semaphore,
     handle: Callable[[trio.SocketStream], Awaitable[None]],
 ) -> None:
-    """Accept only while a slot is free: the connections beyond it wait in
-    the kernel's backlog, where they take none of this process's
-    descriptors (SIPp and evapi need them)."""
+    """Accept every connection (each takes a place from an older one when
+    all are taken: at most ``max_connections`` descriptors stay open, which
+    SIPp and evapi need)."""
     warned = -math.inf
     async with trio.open_nursery() as nursery:
         while True:
-            await slots.acquire()
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                slots.release()
                 if exc.errno not in _OUT_OF_RESOURCES:
                     raise
                 # Out of descriptors or memory: an outcome, not an end. Wait

@@ -7,11 +7,13 @@ LF in a User-Agent can never forge a second log line.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
-from typing import Final
+from collections.abc import Hashable
+from typing import Final, Generic, TypeVar
 
-__all__ = ["LogfmtFormatter", "kv", "setup_logging"]
+__all__ = ["LogfmtFormatter", "Throttle", "kv", "setup_logging"]
 
 _BARE_OK: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:/@+%*~()[]<>,;!?")
 
@@ -33,6 +35,40 @@ def _value(value: object) -> str:
 def kv(**fields: object) -> str:
     """``a=1 b="two words"`` with every value escaped."""
     return " ".join(f"{key}={_value(value)}" for key, value in fields.items())
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Throttle(Generic[K]):
+    """At most one log line per key (node and reason, say) and ``every``
+    seconds, however many times it happens: a flood of bad input costs a
+    counter, not the disk. Each line says how many occurrences it stands
+    for; what a quiet spell leaves unsaid comes out of :meth:`due`."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._last: dict[K, float] = {}
+        self._unsaid: dict[K, int] = {}
+
+    def note(self, key: K, now: float) -> int:
+        """One occurrence at ``now``: the count to log with it, or 0 (say
+        nothing now: it is counted into a later line)."""
+        if now - self._last.get(key, -math.inf) >= self.every:
+            self._last[key] = now
+            return self._unsaid.pop(key, 0) + 1
+        self._unsaid[key] = self._unsaid.get(key, 0) + 1
+        return 0
+
+    def due(self, now: float) -> list[tuple[K, int]]:
+        """Keys whose unsaid occurrences may be logged now, with their counts."""
+        out = [(k, n) for k, n in self._unsaid.items() if now - self._last[k] >= self.every]
+        for key, _ in out:
+            del self._unsaid[key]
+            self._last[key] = now
+        if len(self._last) > 4096:  # keys come from the network: stay bounded
+            self._last = {k: t for k, t in self._last.items() if now - t < self.every or k in self._unsaid}
+        return out
 
 
 class LogfmtFormatter(logging.Formatter):

@@ -92,6 +92,12 @@ class Metrics:
         self.state_errors = Counter(
             p + "state_errors", "State writes that failed, by file (snapshot, journal).", ["file"], registry=r
         )
+        self.state_skipped = Counter(
+            p + "state_skipped",
+            "State found damaged at start and skipped: a snapshot set aside, journal records or values.",
+            ["file"],
+            registry=r,
+        )
         self.fake_calls_sent = Counter(
             p + "fake_calls_sent", "Fake calls whose SIPp run started (the pin was acknowledged).", registry=r
         )
@@ -128,7 +134,7 @@ class Metrics:
         self.reconnects = Counter(p + "reconnects", "evapi connections made after the first.", ["node"], registry=r)
         self.sip_refused = Counter(
             p + "sip_refused",
-            "SIP requests Kamailio refused before routing them (forged or not carried intact), by reason.",
+            "SIP data Kamailio refused or would not pass on (forged, or not carried intact), by reason.",
             ["node", "reason"],
             registry=r,
         )
@@ -209,6 +215,7 @@ class Metrics:
             self.evictions.labels(table)
         for file in ("snapshot", "journal"):
             self.state_errors.labels(file)
+            self.state_skipped.labels(file)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value, 0.0 when it was never set (for tests and summaries)."""

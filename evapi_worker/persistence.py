@@ -5,18 +5,29 @@ A write-ahead journal and snapshots that compact it, side by side:
 
 * journals (``<state_file>.journal.N``): every event the engine took, with
   its receive time, written in batches at least every ``state_interval``;
-  and one record per action, written before the action begins. A
-  ``kill -9`` loses the events of the last interval at most, and a restored
-  engine knows every action already begun and never begins it again;
-* the snapshot (``state_file``): the whole state, written when the journal
-  has grown past the last snapshot's size, and at shutdown (with the
-  actions that had not begun). It names the first journal it does not
+  and one record per action, written when the action begins (just before
+  its pin or MESSAGE goes to Kamailio). A ``kill -9`` loses the events of
+  the last interval at most; a restored engine knows every action already
+  begun and never begins it again;
+* the snapshot (``state_file``): the whole state and the actions decided
+  but not begun, written when the journal has grown past the last
+  snapshot's size, and at shutdown. It names the first journal it does not
   contain; older journals are removed once it is on disk.
 
 Restoring reads the snapshot, then feeds the journals' events to the engine
-again: the engine is deterministic, so it ends where the old one was. Times
-are re-based through the wall clock: an engine's clock is monotonic and
-starts anew with each process.
+again: the engine is deterministic, so it ends where the old one was, and
+makes again the decisions the old one made. Those actions, and the
+snapshot's, that the journals do not say began are handed back to begin
+(or to be counted overdue): a fake call waiting for a SIPp slot when the
+worker died is still made. Those that began are handed back too, to be
+tried again as retries: the node's claim lets one through only if the
+first attempt's pin was never used, so none is lost and none repeated. Times are re-based through the wall clock: an
+engine's clock is monotonic and starts anew with each process.
+
+Journal records are framed (a mark, the length, a CRC-32): a damaged or
+torn record is skipped and counted, and reading goes on at the next mark.
+Every value read is checked before it reaches the engine (a time is finite
+and near the present): nothing on disk can stop the worker from starting.
 
 Journal writes land in the page cache (a crashed process cannot lose them);
 snapshots are synced before they replace the old one, so a power cut leaves
@@ -25,18 +36,22 @@ the previous one.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import math
 import os
 import re
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeGuard
 
 import msgpack
 import msgspec
 
-from .engine import Act, Engine
+from .engine import Act, Decision, Engine
 from .state import STATE_VERSION, Snapshot, StateError, decode_snapshot, encode_snapshot
 
 __all__ = ["Restored", "StateStore"]
@@ -44,8 +59,9 @@ __all__ = ["Restored", "StateStore"]
 OnError = Callable[[str, OSError], None]
 """Told of a write that failed: ``("journal" | "snapshot", error)``."""
 
-Replay = Callable[[str, bytes, float], None]
-"""Feeds one journaled event (node, payload, engine time) to the engine."""
+Replay = Callable[[str, bytes, float], list[Decision]]
+"""Feeds one journaled event (node, payload, engine time) to the engine;
+returns what the engine decided."""
 
 # Journal records, each a msgpack array whose first item says what it is.
 _CLOCK: Final = "w"  # ["w", wall clock minus engine clock]: first in every journal
@@ -55,13 +71,35 @@ _ACTION: Final = "a"  # ["a", call_id, device]: an action begins
 # Compact once the journals since the last snapshot outgrow it, or this.
 _MIN_COMPACT: Final = 1 << 20
 
+# A journal starts with this; each record is framed: _MARK, the payload's
+# length and CRC-32 (big-endian u32 each), the msgpack payload.
+_MAGIC: Final = b"evapi-worker journal 2\n"
+_MARK: Final = b"\xe5EVJ"
+_HEAD: Final = struct.Struct(">4sII")
+_MAX_RECORD: Final = 1 << 28
+# No journaled time is further from the moment of restoring than this
+# (about four months): anything else is damage, not a time.
+_SPAN: Final = 1e7
+
+
+@dataclass(slots=True)
+class _Tally:
+    waiting: dict[tuple[str, str], Act]  # decided, by (call, device)
+    begun: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    events: int = 0
+    skipped: int = 0
+
 
 @dataclass(frozen=True, slots=True)
 class Restored:
     calls: int  # from the snapshot
     events: int  # journaled events fed to the engine again
     actions_begun: int  # journaled actions
-    deferred: list[Act]  # decided, not begun when the worker stopped
+    deferred: list[Act]  # decided, never begun: to begin now (or be overdue)
+    skipped: int = 0  # damaged journal records and values, skipped
+    # Begun, their end unknown (the worker died meanwhile): to try again,
+    # as a retry the node refuses if the first attempt's INVITE came.
+    in_doubt: list[Act] = dataclasses.field(default_factory=list)
 
 
 class StateStore:
@@ -87,7 +125,8 @@ class StateStore:
         journals = self._journals()
         # Never append to a journal an earlier run wrote: start after them all.
         self._journal = max((n for n, _ in journals), default=0) + 1
-        first, calls, deferred = 0, 0, []
+        first, calls = 0, 0
+        waiting: dict[tuple[str, str], Act] = {}
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -99,14 +138,16 @@ class StateStore:
             snapshot = snapshot.rebased(snapshot.saved_at - snapshot.clock - self._wall_offset)
             self._journal = max(self._journal, snapshot.journal + 1)
             engine.import_state(snapshot.engine)
-            first, calls, deferred = snapshot.journal, len(snapshot.engine.calls), snapshot.actions
+            first, calls = snapshot.journal, len(snapshot.engine.calls)
+            waiting = {(a.call_id, a.device): a for a in snapshot.actions}
             self._snapshot_bytes = len(data)
-        events = begun = 0
+        tally = _Tally(waiting)
         for number, path in journals:
             if number >= first:
-                e, b = self._replay(path, engine, replay)
-                events, begun = events + e, begun + b
-        return Restored(calls, events, begun, deferred)
+                self._replay(path, engine, replay, now, tally)
+        deferred = [act for key, act in tally.waiting.items() if key not in tally.begun]
+        in_doubt = [act for key, act in tally.waiting.items() if key in tally.begun]
+        return Restored(calls, tally.events, len(tally.begun), deferred, tally.skipped, in_doubt)
 
     def set_aside(self) -> Path:
         """Move an unusable snapshot out of the way (it would fail again at
@@ -115,24 +156,31 @@ class StateStore:
         os.replace(self.path, aside)
         return aside
 
-    def _replay(self, path: Path, engine: Engine, replay: Replay) -> tuple[int, int]:
+    def _replay(self, path: Path, engine: Engine, replay: Replay, now: float, tally: _Tally) -> None:
         offset: float | None = None
-        events = begun = 0
         for record in _read_records(path):
+            if record is None:
+                tally.skipped += 1
+                continue
             kind = record[0] if record else None
-            if kind == _CLOCK and len(record) == 2 and isinstance(record[1], float):
+            if kind == _CLOCK and len(record) == 2 and _finite(record[1]):
                 offset = record[1] - self._wall_offset
-            elif offset is None:
-                break  # no clock: nothing after can be placed in time
             elif kind == _EVENTS and len(record) == 2 and isinstance(record[1], list):
                 for item in record[1]:
-                    if _is_event(item):
-                        replay(item[0], item[2], item[1] + offset)
-                        events += 1
+                    when = _event_time(item, offset, now)
+                    if when is None:
+                        tally.skipped += 1  # damaged, or no clock to place it in time
+                        continue
+                    assert isinstance(item, list)
+                    for decision in replay(item[0], item[2], when):
+                        if isinstance(decision, Act):
+                            tally.waiting[(decision.call_id, decision.device)] = decision
+                    tally.events += 1
             elif kind == _ACTION and len(record) == 3 and isinstance(record[1], str) and isinstance(record[2], str):
                 engine.mark_decided(record[1], record[2])
-                begun += 1
-        return events, begun
+                tally.begun.add((record[1], record[2]))
+            else:
+                tally.skipped += 1
 
     # -- while running -----------------------------------------------------
 
@@ -141,9 +189,9 @@ class StateStore:
         self._events.append((node, now, payload))
 
     def note_action(self, call_id: str, device: str) -> None:
-        """Record, before it begins, that an action for (call, device) begins
-        (with every event before it)."""
-        self._write(self._pending() + _encode([_ACTION, call_id, device]))
+        """Record that the action for (call, device) begins now (with every
+        event before it), before anything of it reaches Kamailio."""
+        self._write(self._pending() + _frame([_ACTION, call_id, device]))
 
     def flush(self) -> None:
         """Write the events noted since the last flush."""
@@ -209,14 +257,14 @@ class StateStore:
         if not self._events:
             return b""
         events, self._events = self._events, []
-        return _encode([_EVENTS, events])
+        return _frame([_EVENTS, events])
 
     def _write(self, data: bytes) -> None:
         try:
             if self._fd is None:
                 path = self._journal_path(self._journal)
                 self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                data = _encode([_CLOCK, self._wall_offset]) + data
+                data = _MAGIC + _frame([_CLOCK, self._wall_offset]) + data
             _write_all(self._fd, data)
             self._journal_bytes += len(data)
         except OSError as exc:
@@ -245,37 +293,91 @@ class StateStore:
 _encode = msgspec.msgpack.Encoder().encode
 
 
+def _frame(record: list[object]) -> bytes:
+    payload = _encode(record)
+    return _HEAD.pack(_MARK, len(payload), zlib.crc32(payload)) + payload
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
 
 
-def _is_event(item: object) -> bool:
-    return (
-        isinstance(item, list)
+def _finite(value: object) -> TypeGuard[float]:
+    return isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _event_time(item: object, offset: float | None, now: float) -> float | None:
+    """A journaled event's time on the new clock; None when the item is
+    not a well-formed event record or its time cannot be one."""
+    if not (
+        offset is not None
+        and isinstance(item, list)
         and len(item) == 3
         and isinstance(item[0], str)
-        and isinstance(item[1], float)
+        and _finite(item[1])
         and isinstance(item[2], bytes)
-    )
+    ):
+        return None
+    when = float(item[1]) + offset
+    return when if abs(when - now) < _SPAN else None
 
 
-def _read_records(path: Path) -> list[list[object]]:
-    """The records of one journal; a torn last record (a crash in the middle
-    of a write) and anything malformed end the reading."""
+def _read_records(path: Path) -> list[list[object] | None]:
+    """The records of one journal, None for each damaged stretch (a torn
+    last record, bytes that are no record, a record that is not a list)."""
     try:
         data = path.read_bytes()
     except OSError:
         return []
-    out: list[list[object]] = []
+    if not data.startswith(_MAGIC):
+        return _read_unframed(data)
+    out: list[list[object] | None] = []
+    pos, end = len(_MAGIC), len(data)
+    while pos < end:
+        record = _record_at(data, pos)
+        if record is None:
+            out.append(None)
+            pos = data.find(_MARK, pos + 1)
+            if pos < 0:
+                break
+            continue
+        value, pos = record
+        out.append(value if isinstance(value, list) else None)
+    return out
+
+
+def _record_at(data: bytes, pos: int) -> tuple[object, int] | None:
+    """The record framed at ``pos`` and where the next one starts; None
+    when there is no whole, intact record there."""
+    if pos + _HEAD.size > len(data):
+        return None
+    mark, length, crc = _HEAD.unpack_from(data, pos)
+    start = pos + _HEAD.size
+    if mark != _MARK or length > _MAX_RECORD or start + length > len(data):
+        return None
+    payload = data[start : start + length]
+    if zlib.crc32(payload) != crc:
+        return None
+    try:
+        value = msgpack.unpackb(payload, raw=False)
+    except ValueError:  # msgpack's format errors (FormatError, StackError, ExtraData)
+        return None
+    return value, start + length
+
+
+def _read_unframed(data: bytes) -> list[list[object] | None]:
+    """A journal from before framing: msgpack records back to back, read
+    up to the first that is damaged."""
+    out: list[list[object] | None] = []
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1)
     unpacker.feed(data)
     try:
         for record in unpacker:
-            if not isinstance(record, list):
+            out.append(record if isinstance(record, list) else None)
+            if out[-1] is None:
                 break
-            out.append(record)
-    except ValueError:  # msgpack's format errors (FormatError, StackError, ExtraData)
-        pass
+    except ValueError:
+        out.append(None)
     return out

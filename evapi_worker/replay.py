@@ -5,7 +5,9 @@ line (see docs/protocol.md), optionally with ``"recv"``, the time the worker
 received it (the event's ``ts`` otherwise). Records from several files are
 merged by receive time. Time is virtual: the engine is fed each event at its
 original receive time, and ticked in between, so settle delays and expiry
-happen as they did, without waiting. Nothing is sent anywhere.
+happen as they did, without waiting. Events take the live worker's path
+(intake.py): a REGISTER belongs to the node whose connection brought it,
+and its deadline counts from its timestamp. Nothing is sent anywhere.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .capture import CaptureError, Record, read_capture
 from .config import ConfigError, with_changes
 from .engine import Act, Decision, Engine, EngineSettings, Reason
 from .events import Event, EventError, decode_event, event_type_name
+from .intake import Intake, NodeClocks
 
 __all__ = [
     "ReplayResult",
@@ -118,20 +121,21 @@ def replay(records: Iterable[Record], settings: EngineSettings, progress: TextIO
     return replay_decoded(decode_records(records, progress), settings)
 
 
-Decoded = tuple[float, "Event | str"]
-"""A record's receive time and its event, or the reason it is not one."""
+Decoded = tuple[float, str, "Event | str"]
+"""A record's receive time, the node that sent it, and its event or the
+reason it is not one."""
 
 
 def decode_records(records: Iterable[Record], progress: TextIO | None = None) -> Iterator[Decoded]:
-    """Each record's receive time and event (or why it has none), in order."""
+    """Each record's receive time, node and event (or why it has none), in order."""
     decode = decode_event
     count = 0
-    for _node, _seq, received, payload in records:
+    for node, _seq, received, payload in records:
         count += 1
         try:
-            yield received, decode(payload)
+            yield received, node, decode(payload)
         except EventError as exc:
-            yield received, exc.reason
+            yield received, node, exc.reason
         if progress is not None and count % _PROGRESS_EVERY == 0:
             print(f"\rreplayed {count:,} records", end="", file=progress, flush=True)
     if progress is not None and count >= _PROGRESS_EVERY:
@@ -145,12 +149,15 @@ def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> Repl
     result = ReplayResult()
     out = result.decisions
     by_type: dict[type, int] = {}
+    # Virtual time is the wall clock of the receive times: a node's clock
+    # is the wall clock, as it is for a live worker until a ping measures it.
+    feed = Intake(engine, NodeClocks(wall_offset=0.0)).feed
     # The loop runs for every record: names are bound locally, and the engine
     # is ticked only when it has something due.
-    handle, tick, next_deadline = engine.handle, engine.tick, engine.next_deadline
+    tick, next_deadline = engine.tick, engine.next_deadline
     count = 0
     now = 0.0  # the receive time of the record being replayed
-    for now, event in decoded:
+    for now, node, event in decoded:
         count += 1
         due = next_deadline()
         if due is not None and due <= now:
@@ -160,7 +167,7 @@ def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> Repl
             continue
         kind = type(event)
         by_type[kind] = by_type.get(kind, 0) + 1
-        decided = handle(event, now)
+        decided = feed(node, event, now)
         if decided:
             out += decided
     out += tick(now + 86_400)  # let pending decisions settle

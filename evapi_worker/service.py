@@ -17,7 +17,6 @@ import os
 import shutil
 import time
 
-import msgspec
 import trio
 
 from .capture import CaptureWriter
@@ -41,7 +40,8 @@ from .events import (
 from .fake_calls import ActionRunner
 from .health import Liveness
 from .http_server import serve_http
-from .logs import kv
+from .intake import Intake, NodeClocks
+from .logs import Throttle, kv
 from .metrics import Metrics
 from .netstring import FramingError
 from .persistence import StateStore
@@ -139,19 +139,24 @@ class Service:
             ),
         )
         self.dispatcher = Dispatcher(self.actions, self.connections, self.metrics, config.action_queue)
-        self.liveness = Liveness(self.connections, self.send_command, self.metrics, config.evapi.ping_interval)
+        self.clocks = NodeClocks(wall_offset=0.0)  # set when running
+        self.intake = Intake(self.engine, self.clocks)
+        self.liveness = Liveness(
+            self.connections, self.send_command, self.metrics, config.evapi.ping_interval, self.clocks
+        )
         self._wake = trio.Event()
         self._timer_at = math.inf
         self._evicted = (0, 0)
         self._lost_unlogged: dict[str, tuple[int, int]] = {}  # node -> (events, gaps) not yet logged
         self._lost_logged_at = -math.inf
+        self._throttle: Throttle[tuple[int, str, str, str]] = Throttle()
         self.metrics_port: int | None = None  # bound port of /metrics, once listening
         self.capture = (
             CaptureWriter(config.capture, on_error=self._on_capture_error) if config.capture is not None else None
         )
         self.store: StateStore | None = None  # made when running (it needs the clock)
         self._state_lock = trio.Lock()
-        self._restored_actions: list[Act] = []
+        self._restored_actions: tuple[list[Act], list[Act]] = ([], [])  # to begin, to retry
         self._intake = trio.CancelScope()
         # Captures store wall-clock receive times; the service runs on trio's clock.
         self._wall_offset = 0.0  # set when running
@@ -168,9 +173,10 @@ class Service:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._wall_offset = time.time() - trio.current_time()
+        self.clocks.wall_offset = self._wall_offset
         if self.config.state_file is not None:
             self.store = StateStore(self.config.state_file, self._wall_offset, self._on_state_error)
-            self.dispatcher.store = self.store
+            self.actions.on_begin = self.store.note_action
         stale = remove_stale_folders()
         if stale:
             log.info("stale SIPp folders removed %s", kv(count=stale))
@@ -185,8 +191,8 @@ class Service:
                         serve_http, host, port, self.metrics.registry, self.liveness.healthy
                     )
                 self.dispatcher.open(nursery)
-                self.dispatcher.resume(self._restored_actions)
-                self._restored_actions = []
+                self.dispatcher.resume(*self._restored_actions)
+                self._restored_actions = ([], [])
                 await nursery.start(self._run_intake)
                 if self.store is not None:
                     nursery.start_soon(self._persist)
@@ -243,23 +249,29 @@ class Service:
                 kept = str(store.path)
                 log.warning("state file not moved aside %s", kv(path=kept, error=str(move)))
             log.warning("state not restored %s", kv(error=str(exc), kept=kept))
+            self.metrics.state_skipped.labels("snapshot").inc()
             return
-        self._restored_actions = restored.deferred
+        self._restored_actions = (restored.deferred, restored.in_doubt)
+        if restored.skipped:
+            self.metrics.state_skipped.labels("journal").inc(restored.skipped)
+            log.warning("journal damaged %s", kv(path=str(store.path), skipped=restored.skipped))
         log.info(
             "state restored %s",
             kv(path=str(store.path), calls=self.engine.call_count, devices=self.engine.device_count,
                snapshot_calls=restored.calls, journal_events=restored.events,
-               actions_begun=restored.actions_begun, deferred=len(restored.deferred)),
+               actions_begun=restored.actions_begun, to_begin=len(restored.deferred),
+               to_retry=len(restored.in_doubt),
+               skipped=restored.skipped),
         )  # fmt: skip
 
-    def _replay_frame(self, node: str, payload: bytes, now: float) -> None:
-        """A journaled event, fed to the engine again; what it decides was
-        acted upon (or lost) before."""
+    def _replay_frame(self, node: str, payload: bytes, now: float) -> list[Decision]:
+        """A journaled event, fed to the engine again; what it decides the
+        store keeps, to begin what never began."""
         try:
             event = parse_event(payload).event
         except EventError:
-            return
-        self._feed(node, event, now)
+            return []
+        return self.intake.feed(node, event, now)
 
     async def _persist(self) -> None:
         """Journal the events at least every ``state_interval``; compact the
@@ -270,7 +282,7 @@ class Service:
             await trio.sleep(self.config.state_interval)
             store.flush()
             if store.wants_snapshot:
-                await self._save_state()
+                await self._save_state(self.actions.waiting())
 
     async def _save_state(self, deferred: list[Act] | None = None) -> bool:
         store = self.store
@@ -297,6 +309,7 @@ class Service:
             for node, lost in self.sequences.expire(now):
                 self._count_lost(node, lost)
             self._log_lost(now)
+            self._say_unsaid(now)
             self._count_evictions()
 
     # -- input ---------------------------------------------------------
@@ -308,15 +321,15 @@ class Service:
             parsed = parse_event(payload)
         except UnknownEventError as exc:
             m.event_errors.labels(node, exc.reason).inc()
-            log.info("event skipped %s", kv(node=node, reason=exc.reason, detail=exc.detail))
+            self._say(logging.INFO, "event skipped", node, exc.reason, now, detail=exc.detail)
             self._capture(node, None, payload, now)
             return
         except EventError as exc:
             m.event_errors.labels(node, exc.reason).inc()
-            log.warning(
-                "event rejected %s",
-                kv(node=node, reason=exc.reason, detail=exc.detail, payload=payload[:200].decode("utf-8", "replace")),
-            )
+            self._say(
+                logging.WARNING, "event rejected", node, exc.reason, now,
+                detail=exc.detail, payload=payload[:200].decode("utf-8", "replace"),
+            )  # fmt: skip
             self._capture(node, None, payload, now)
             return
         event = parsed.event
@@ -340,11 +353,16 @@ class Service:
             return
         if isinstance(event, Refused):
             m.sip_refused.labels(node, event.reason).inc()
-            log.warning("sip request refused %s", kv(node=node, reason=event.reason, src=event.src_ip))
+            self._say(logging.WARNING, "sip request refused", node, event.reason, now, src=event.src_ip)
             return
         decisions = self._feed(node, event, now)
         if self.store is not None:
             self.store.note_event(node, now, payload)
+            if isinstance(event, Register):
+                # On disk before anything is decided on it: a crash, even
+                # within the journal's interval, loses no late REGISTER
+                # (a write to the page cache; a kill -9 cannot undo it).
+                self.store.flush()
         if decisions:
             self.dispatcher.dispatch(decisions, now)
         deadline = self.engine.next_deadline()
@@ -352,17 +370,14 @@ class Service:
             self._wake.set()
 
     def _feed(self, node: str, event: Event, now: float) -> list[Decision]:
-        if isinstance(event, Register) and event.node != node:
-            # Route by the connection the REGISTER came in on: that node has
-            # the device's connection and will take the fake call.
-            event = msgspec.structs.replace(event, node=node)
         ignored = self.engine.lost_ends_ignored
-        decisions = self.engine.handle(event, now)
+        decisions = self.intake.feed(node, event, now)
         if self.engine.lost_ends_ignored > ignored:
             self.metrics.lost_ends_ignored.labels(node).inc()
-            log.warning(
-                "lost call end ignored %s", kv(node=node, type=event_type(event), call_id=getattr(event, "call_id", ""))
-            )
+            self._say(
+                logging.WARNING, "lost call end ignored", node, event_type(event), now,
+                call_id=getattr(event, "call_id", ""),
+            )  # fmt: skip
         return decisions
 
     def _capture(self, node: str, seq: int | None, payload: bytes, now: float) -> None:
@@ -406,6 +421,19 @@ class Service:
 
     def _on_oversized(self, node: str, length: int) -> None:
         self.metrics.event_errors.labels(node, "oversized").inc()
+        self._say(logging.WARNING, "evapi frame skipped", node, "oversized", trio.current_time(), length=length)
+
+    def _say(self, level: int, what: str, node: str, reason: str, now: float, **detail: object) -> None:
+        """Log rejected input at most once per (what, node, reason) and
+        second; the line counts what it stands for (the rest comes from
+        :meth:`_say_unsaid`)."""
+        count = self._throttle.note((level, what, node, reason), now)
+        if count:
+            log.log(level, "%s %s", what, kv(node=node, reason=reason, count=count, **detail))
+
+    def _say_unsaid(self, now: float) -> None:
+        for (level, what, node, reason), count in self._throttle.due(now):
+            log.log(level, "%s %s", what, kv(node=node, reason=reason, count=count))
 
     def _on_framing_error(self, node: str, exc: FramingError) -> None:
         self.metrics.event_errors.labels(node, exc.reason).inc()

@@ -83,3 +83,4 @@ async def test_kill_9_loses_at_most_a_second_and_never_repeats_a_fake_call(tmp_p
     assert len(fake_runs(tmp_path)) == CALLS
     log = (tmp_path / "worker.log").read_text()
     assert "actions_begun=6" in log, log
+

@@ -16,6 +16,7 @@ from .evapi_server import EvapiServer
 from .sipp_device import LOGS_COMPLETED, fake_sipp
 
 T0 = 1_700_000_000.0
+STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
 FLOOD = 2000
 
 

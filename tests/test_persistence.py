@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .helpers import Wire
 from .sipp_device import LOGS_COMPLETED, fake_sipp
 
 T0 = 1_700_000_000.0
+STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
 
 
 class Errors(list[tuple[str, OSError]]):
@@ -35,9 +37,9 @@ def ended_call(engine: Engine, wire: Wire) -> None:
     engine.handle(wire.cancelled(T0 + 1), 1.0)
 
 
-def feed(engine: Engine) -> Callable[[str, bytes, float], None]:
-    def replay(node: str, payload: bytes, now: float) -> None:
-        engine.handle(parse_event(payload).event, now)
+def feed(engine: Engine) -> Callable[[str, bytes, float], list[Decision]]:
+    def replay(node: str, payload: bytes, now: float) -> list[Decision]:
+        return engine.handle(parse_event(payload).event, now)
 
     return replay
 
@@ -165,7 +167,8 @@ async def test_a_running_worker_keeps_its_state_on_disk_within_the_interval(tmp_
         service.on_frame("kam1", frame("call_start", T0, 1, call_id="c1", aor="bob@x", from_user="a"), now)
         service.on_frame("kam1", frame("call_cancelled", T0 + 1, 2, call_id="c1"), now)
         await trio.sleep(0.5)
-        engine, result = restored(state, 0.0)  # what a worker killed now would find
+        # What a worker killed now would find.
+        engine, result = restored(state, trio.current_time(), time.time() - trio.current_time())
         nursery.cancel_scope.cancel()
     assert [c.call_id for c in engine.export_state().calls] == ["c1"]
     assert result.events == 2

@@ -23,6 +23,7 @@ from .evapi_server import EvapiServer
 from .sipp_device import device, free_port, needs_sipp
 
 T0 = 1_700_000_000.0
+STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
 IPHONE = "LinphoneiOS/5.2.5 (iPhone) LinphoneSDK/5.3.0"
 
 

@@ -22,6 +22,7 @@ from evapi_worker.service import Service
 from .sipp_device import free_port
 
 T0 = 1_700_000_000.0
+STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
 
 
 def frame(event: str, ts: float, seq: int, **fields: Any) -> bytes:

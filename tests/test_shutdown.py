@@ -21,6 +21,7 @@ from .evapi_server import EvapiServer
 from .sipp_device import fake_sipp
 
 T0 = 1_700_000_000.0
+STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
 
 
 def frame(event: str, ts: float, seq: int, **fields: Any) -> bytes:
