@@ -25,7 +25,7 @@ from pathlib import Path
 import trio
 
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.engine import Decision
+from evapi_worker.engine import Act
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.service import Service, tune_gc
 from evapi_worker.sipp_runner import Outcome
@@ -66,7 +66,7 @@ async def _worker(port: int, events: int, state: Path | None) -> tuple[float, in
             last = time.perf_counter()
             done.set()
 
-    async def count_action(decision: Decision, received: float) -> Outcome:
+    async def count_action(decision: Act, received: float, *, retry: bool = False) -> Outcome:
         nonlocal actions
         actions += 1
         return Outcome.COMPLETED

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.engine import Decision
+from evapi_worker.engine import Act
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.service import Service, tune_gc
 from evapi_worker.sipp_runner import Outcome
@@ -55,7 +55,7 @@ async def _worker(port: int, seconds: float) -> tuple[list[float], list[tuple[fl
     latencies: list[float] = []
     started: list[tuple[float, float]] = []  # (the deciding event's ts, perf_counter when its action started)
 
-    async def record(decision: Decision, received: float) -> Outcome:
+    async def record(decision: Act, received: float, *, retry: bool = False) -> Outcome:
         latencies.append(trio.current_time() - received)
         started.append((decision.ts, time.perf_counter()))
         return Outcome.COMPLETED

@@ -100,6 +100,8 @@ class Restored:
     # Begun, their end unknown (the worker died meanwhile): to try again,
     # as a retry the node refuses if the first attempt's INVITE came.
     in_doubt: list[Act] = dataclasses.field(default_factory=list)
+    snapshot_error: str | None = None  # the snapshot could not be used at all
+    dropped: int = 0  # snapshot records with impossible values, skipped
 
 
 class StateStore:
@@ -120,21 +122,25 @@ class StateStore:
     def restore(self, engine: Engine, now: float, replay: Replay) -> Restored:
         """Load the snapshot and the journals after it into ``engine``
         (empty) whose clock reads ``now``; journaled events go through
-        ``replay``. :class:`StateError` when the snapshot cannot be used (the
-        engine is left empty)."""
+        ``replay``. A snapshot that cannot be used at all is reported in
+        :attr:`Restored.snapshot_error` (set it aside); the journals are
+        read all the same."""
         journals = self._journals()
         # Never append to a journal an earlier run wrote: start after them all.
         self._journal = max((n for n, _ in journals), default=0) + 1
-        first, calls = 0, 0
+        first, calls, dropped, error = 0, 0, 0, None
         waiting: dict[tuple[str, str], Act] = {}
+        snapshot: Snapshot | None = None
         try:
             data = self.path.read_bytes()
+            snapshot, dropped = decode_snapshot(data, str(self.path))
         except FileNotFoundError:
-            data = None
+            pass
         except OSError as exc:
-            raise StateError(f"{self.path}: {exc.strerror or exc}") from None
-        if data is not None:
-            snapshot = decode_snapshot(data, str(self.path))
+            error = f"{self.path}: {exc.strerror or exc}"
+        except StateError as exc:
+            error = str(exc)
+        if snapshot is not None:
             snapshot = snapshot.rebased(snapshot.saved_at - snapshot.clock - self._wall_offset)
             self._journal = max(self._journal, snapshot.journal + 1)
             engine.import_state(snapshot.engine)
@@ -147,7 +153,7 @@ class StateStore:
                 self._replay(path, engine, replay, now, tally)
         deferred = [act for key, act in tally.waiting.items() if key not in tally.begun]
         in_doubt = [act for key, act in tally.waiting.items() if key in tally.begun]
-        return Restored(calls, tally.events, len(tally.begun), deferred, tally.skipped, in_doubt)
+        return Restored(calls, tally.events, len(tally.begun), deferred, tally.skipped, in_doubt, error, dropped)
 
     def set_aside(self) -> Path:
         """Move an unusable snapshot out of the way (it would fail again at

@@ -47,7 +47,6 @@ from .netstring import FramingError
 from .persistence import StateStore
 from .sequence import SequenceTracker
 from .sipp_runner import SippRunner, bind_error, remove_stale_folders
-from .state import StateError
 
 __all__ = ["Service", "check_runtime"]
 
@@ -238,23 +237,25 @@ class Service:
         store = self.store
         if store is None:
             return
-        try:
-            restored = store.restore(self.engine, trio.current_time(), self._replay_frame)
-        except StateError as exc:
-            # Start empty, and keep the file aside for a look (it would fail
-            # again at every start).
+        restored = store.restore(self.engine, trio.current_time(), self._replay_frame)
+        if restored.snapshot_error is not None:
+            # Keep the file aside for a look (it would fail again at every
+            # start); what the journals hold is restored all the same.
             try:
                 kept = str(store.set_aside())
             except OSError as move:
                 kept = str(store.path)
                 log.warning("state file not moved aside %s", kv(path=kept, error=str(move)))
-            log.warning("state not restored %s", kv(error=str(exc), kept=kept))
+            log.warning("snapshot not restored %s", kv(error=restored.snapshot_error, kept=kept))
             self.metrics.state_skipped.labels("snapshot").inc()
-            return
         self._restored_actions = (restored.deferred, restored.in_doubt)
-        if restored.skipped:
+        if restored.skipped or restored.dropped:
             self.metrics.state_skipped.labels("journal").inc(restored.skipped)
-            log.warning("journal damaged %s", kv(path=str(store.path), skipped=restored.skipped))
+            self.metrics.state_skipped.labels("snapshot").inc(restored.dropped)
+            log.warning(
+                "state damaged %s",
+                kv(path=str(store.path), journal_skipped=restored.skipped, snapshot_dropped=restored.dropped),
+            )
         log.info(
             "state restored %s",
             kv(path=str(store.path), calls=self.engine.call_count, devices=self.engine.device_count,

@@ -56,42 +56,38 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
     return _encoder.encode(snapshot)
 
 
-def decode_snapshot(data: bytes, where: str) -> Snapshot:
-    """Decode and check a snapshot; :class:`StateError` says what is wrong."""
+def decode_snapshot(data: bytes, where: str) -> tuple[Snapshot, int]:
+    """Decode and check a snapshot: the snapshot without its unsound
+    records, and how many were dropped. :class:`StateError` says what is
+    wrong with a file that cannot be used at all."""
     try:
         snapshot = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise StateError(f"{where}: {exc}") from None
     if snapshot.version != STATE_VERSION:
         raise StateError(f"{where}: state version {snapshot.version}, expected {STATE_VERSION}")
-    _check_values(snapshot, where)
-    return snapshot
+    return _keep_sound(snapshot, where)
 
 
-def _check_values(snapshot: Snapshot, where: str) -> None:
+def _keep_sound(snapshot: Snapshot, where: str) -> tuple[Snapshot, int]:
     """Values of the right types may still be wrong (a hand-edited or
-    damaged file); the worker must start, not crash at every start."""
-
-    def bad(what: str) -> StateError:
-        return StateError(f"{where}: {what}")
+    damaged file): every time must be finite and near the moment of saving.
+    A record with one that is not is dropped; the worker must start, not
+    crash at every start."""
 
     def near(value: float) -> bool:
         return math.isfinite(value) and abs(value - snapshot.clock) < _SPAN
 
     if not math.isfinite(snapshot.saved_at):
-        raise bad("saved_at is not a time")
+        raise StateError(f"{where}: saved_at is not a time")
     if not math.isfinite(snapshot.clock):
-        raise bad("clock is not a time")
-    for c in snapshot.engine.calls:
-        if not near(c.expires_at):
-            raise bad(f"call {c.call_id!r} expires_at {c.expires_at!r}")
-        if c.end_ts is not None and not math.isfinite(c.end_ts):
-            raise bad(f"call {c.call_id!r} end_ts {c.end_ts!r}")
-    for d in snapshot.engine.devices:
-        for name in ("arrived_at", "expires_at"):
-            value = getattr(d, name)
-            if not near(value):
-                raise bad(f"device {d.device!r} {name} {value!r}")
-    for a in snapshot.actions:
-        if not near(a.deadline):
-            raise bad(f"action for {a.call_id!r} deadline {a.deadline!r}")
+        raise StateError(f"{where}: clock is not a time")
+    engine = snapshot.engine
+    calls = [c for c in engine.calls if near(c.expires_at) and (c.end_ts is None or math.isfinite(c.end_ts))]
+    devices = [d for d in engine.devices if near(d.arrived_at) and near(d.expires_at)]
+    actions = [a for a in snapshot.actions if near(a.deadline)]
+    dropped = len(engine.calls) - len(calls) + len(engine.devices) - len(devices) + len(snapshot.actions) - len(actions)
+    if not dropped:
+        return snapshot, 0
+    sound = msgspec.structs.replace(snapshot, engine=EngineState(calls, devices), actions=actions)
+    return sound, dropped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from functools import partial
 from typing import Any
 
@@ -92,7 +93,8 @@ class EvapiServer:
 
     async def ack(self, cmd_id: str, ok: bool = True, stream: trio.SocketStream | None = None) -> None:
         extra = {} if ok else {"error": "no such route"}
-        await self.send(self.event("cmd_result", 0.0, id=cmd_id, ok=ok, **extra), stream)
+        # Stamped as Kamailio stamps it: the worker measures the node's clock by it.
+        await self.send(self.event("cmd_result", time.time(), id=cmd_id, ok=ok, **extra), stream)
 
     async def drop(self) -> None:
         await self.stream.aclose()

@@ -3,14 +3,18 @@ lost, and never a fake call twice."""
 
 from __future__ import annotations
 
+import math
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgpack
 import trio
 
 from .evapi_server import EvapiServer
@@ -84,3 +88,48 @@ async def test_kill_9_loses_at_most_a_second_and_never_repeats_a_fake_call(tmp_p
     log = (tmp_path / "worker.log").read_text()
     assert "actions_begun=6" in log, log
 
+
+def framed(record: list[object]) -> bytes:
+    """One journal record as the worker frames it (a mark, length, CRC-32)."""
+    payload: bytes = msgpack.packb(record)
+    return b"\xe5EVJ" + struct.pack(">II", len(payload), zlib.crc32(payload)) + payload
+
+
+async def test_damage_in_the_middle_of_the_journal_costs_only_the_damaged_records(tmp_path: Path) -> None:
+    server = EvapiServer()
+    t0 = time.time()
+
+    def calls(numbers: range) -> bytes:
+        return b"".join(
+            server.event("call_start", t0, call_id=f"c{i}", aor=f"bob{i}@x", from_user="alice")
+            + server.event("call_cancelled", t0 + 0.5, call_id=f"c{i}")
+            for i in numbers
+        )
+
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        async with worker(tmp_path, server):
+            await server.send(calls(range(3)))
+            await trio.sleep(1.3)  # journaled
+            (journal,) = tmp_path.glob("state.msgpack.journal.*")
+            with journal.open("ab") as f:
+                # Between the worker's records: bytes that are no record, a
+                # record cut short, an event at a NaN time, a clock at infinity.
+                f.write(b"\x00\xffgarbage" * 50)
+                f.write(framed(["e", []])[:-3] + b"\xe5EV")
+                f.write(framed(["e", [["kam1", math.nan, calls(range(9, 10))]]]))
+                f.write(framed(["w", math.inf]))
+            await server.send(calls(range(3, 6)))
+            await trio.sleep(1.3)
+        # Restarted: every sound record is restored, the damage counted.
+        async with worker(tmp_path, server):
+            await server.send(b"".join(register(server, t0 + 2, i) for i in range(CALLS)))
+            with trio.fail_after(10):
+                while len(fake_runs(tmp_path)) < CALLS:
+                    await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert sorted(fake_runs(tmp_path)) == [f"c{i}" for i in range(CALLS)]
+    log = (tmp_path / "worker.log").read_text()
+    restored = [line for line in log.splitlines() if "state restored" in line][-1]
+    assert "journal_events=12" in restored, restored
+    assert "journal_skipped=4" in log, log

@@ -147,3 +147,34 @@ async def test_evapi_clients_outside_the_allow_list_are_closed_at_once(tmp_path:
             with trio.fail_after(5):
                 assert await sock.recv(65536) == b""  # closed by Kamailio, nothing sent
         assert p.service.healthy() == (True, [])  # the worker itself stays connected
+
+
+async def test_a_retry_takes_over_only_a_pin_whose_invite_never_came(tmp_path: Path) -> None:
+    # A worker pinned two fake calls and died; restarted, it retries both.
+    # The one whose INVITE never came is handed over (its old pin refused
+    # from then on); the one that went out stays taken: none lost, none twice.
+    async with platform(tmp_path) as p, trio.open_nursery() as nursery:
+        contact, dst = await iphone(p, nursery, "bob")
+        conn = p.service.connections["e2e"]
+
+        async def pin_claimed(claim: str, retry: bool = False) -> tuple[str, str | None]:
+            key = secrets.token_urlsafe(12)
+            pin = Pin(conn.next_id(), key, contact, dst, 30, claim, 30, f"bob@{DOMAIN}", retry)
+            return key, (await p.service.send_command("e2e", pin)).claim
+
+        unused, sent = "a1" * 16, "b2" * 16
+        old_unused, claimed = await pin_claimed(unused)
+        assert claimed == "won"
+        old_sent, claimed = await pin_claimed(sent)
+        assert claimed == "won"
+        assert await sip_request(target(p), invite("went-out@x", old_sent)) == 180
+        # Another worker, not retrying, is told taken for both.
+        assert (await pin_claimed(unused))[1] == "taken"
+        # The retries.
+        new_key, claimed = await pin_claimed(unused, retry=True)
+        assert claimed == "won"
+        assert (await pin_claimed(sent, retry=True))[1] == "taken"
+        assert await sip_request(target(p), invite("late-invite@x", old_unused)) == 404  # the old pin is gone
+        assert await sip_request(target(p), invite("retried@x", new_key)) == 180
+        assert (await pin_claimed(unused, retry=True))[1] == "taken"  # used now: stays taken
+        nursery.cancel_scope.cancel()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -218,3 +220,101 @@ async def test_a_full_disk_under_the_capture_is_counted_and_the_worker_goes_on(t
     log = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in log, log
     assert "No space left on device" in log
+
+
+def timed_get(port: int, path: str) -> tuple[int, float]:
+    """Status and seconds of one GET (1 s at most, as a scraper may wait)."""
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
+            status = int(response.status)
+    except urllib.error.HTTPError as exc:
+        status = int(exc.code)
+    return status, time.monotonic() - started
+
+
+async def test_silent_clients_never_keep_a_scrape_or_a_health_check_waiting(tmp_path: Path) -> None:
+    server = EvapiServer()
+    idle: list[socket.socket] = []
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        async with running_worker(tmp_path, server) as (_proc, port):
+            await trio.sleep(0.5)  # connected and answering pings
+            for _ in range(200):
+                s = socket.socket()
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    s.connect(("127.0.0.1", port))
+                idle.append(s)
+            await trio.sleep(0.3)
+            # The 200 still connected, silent: each answer within 1 s.
+            for path in ("/healthz", "/metrics", "/healthz"):
+                status, took = await trio.to_thread.run_sync(timed_get, port, path)
+                assert (status, path) == (200, path) and took < 1, took
+            for s in idle:
+                s.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_of_bad_frames_is_counted_exactly_and_logged_in_a_few_lines(tmp_path: Path) -> None:
+    flood = 100_000
+    server = EvapiServer()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        async with running_worker(tmp_path, server) as (_proc, port):
+            node = f"127.0.0.1:{server.port}"
+            batch = encode(b"{not json") * 1000
+            for _ in range(flood // 1000):
+                await server.send(batch)
+            with trio.fail_after(60):
+                while True:
+                    text = await trio.to_thread.run_sync(metrics_text, port)
+                    if sample(text, "evapi_worker_event_errors_total", node=node, reason="invalid_json") >= flood:
+                        break
+                    await trio.sleep(0.2)
+            await trio.sleep(1.5)  # the last second's count comes out too
+            assert sample(text, "evapi_worker_event_errors_total", node=node, reason="invalid_json") == flood
+            # Still serving.
+            await late_iphone_gets_its_fake_call(tmp_path, server, "after-the-flood")
+        nursery.cancel_scope.cancel()
+    lines = [line for line in (tmp_path / "worker.log").read_text().splitlines() if "event rejected" in line]
+    assert 0 < len(lines) < 100, len(lines)
+    # Each line says how many rejections it stands for; together, all of them.
+    counts = [re.search(r" count=(\d+)", line) for line in lines]
+    assert sum(int(m.group(1)) for m in counts if m) == flood
+
+
+async def test_a_worker_frozen_past_the_deadline_sends_no_fake_call_late(tmp_path: Path) -> None:
+    # The worker is stopped (SIGSTOP: a VM pause, a debugger) while a call
+    # ends and its iPhone registers; 20 s later it runs again and reads
+    # both. The REGISTER is 20 s old: its fake call is overdue, not sent.
+    server = EvapiServer()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        async with running_worker(tmp_path, server) as (proc, port):
+            await trio.sleep(0.5)  # a ping has measured the node's clock
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                t0 = time.time()
+                await server.send(
+                    server.event("call_start", t0, call_id="frozen", aor="zoe@x", from_user="alice")
+                    + server.event("call_cancelled", t0 + 0.5, call_id="frozen")
+                    + server.event(
+                        "register", t0 + 1, aor="zoe@x", contact="sip:zoe@127.0.0.1:7000", src_port=7000,
+                        instance="<urn:uuid:frozen>", **IPHONE,
+                    )
+                )  # fmt: skip
+                await trio.sleep(20)
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            with trio.fail_after(10):
+                while True:
+                    text = await trio.to_thread.run_sync(metrics_text, port)
+                    if sample(text, "evapi_worker_fake_calls_total", outcome="overdue") == 1:
+                        break
+                    await trio.sleep(0.1)
+            assert "frozen" not in fake_runs(tmp_path)
+            assert not [c for c in server.actions if c["cmd"] == "pin"]
+            # Awake again, it serves the next late iPhone in time.
+            await late_iphone_gets_its_fake_call(tmp_path, server, "after-the-freeze")
+        nursery.cancel_scope.cancel()

@@ -140,7 +140,7 @@ def test_a_written_snapshot_removes_the_journals_it_contains(tmp_path: Path) -> 
     assert j.store.write(snapshot)
     (left,) = tmp_path.glob("state.journal.*")
     assert left.name == f"state.journal.{snapshot.journal}"
-    assert decode_snapshot((tmp_path / "state").read_bytes(), "state").journal == snapshot.journal
+    assert decode_snapshot((tmp_path / "state").read_bytes(), "state")[0].journal == snapshot.journal
 
 
 def test_a_failed_snapshot_is_reported_and_keeps_the_previous_file(tmp_path: Path) -> None:
@@ -220,7 +220,7 @@ async def test_actions_waiting_at_stop_are_saved_and_begin_after_the_restart(tmp
         m = first.metrics
         assert m.value("evapi_worker_fake_calls_total", {"outcome": "killed"}) == 1  # SIPp was running
         assert m.value("evapi_worker_fake_calls_total", {"outcome": "deferred"}) == 2
-        assert len(decode_snapshot(state.read_bytes(), str(state)).actions) == 2
+        assert len(decode_snapshot(state.read_bytes(), str(state))[0].actions) == 2
 
         done: list[str] = []
         second = Service(config(fake_sipp(quick, LOGS_COMPLETED)))

@@ -12,7 +12,7 @@ import trio
 from evapi_worker.capture import CaptureError, CaptureSettings, CaptureWriter, read_capture
 from evapi_worker.cli import main
 from evapi_worker.config import Config
-from evapi_worker.engine import EngineSettings
+from evapi_worker.engine import EngineSettings, Strategy
 from evapi_worker.replay import decision_json, load_records, replay
 from evapi_worker.service import Service
 
@@ -178,3 +178,39 @@ async def test_a_full_disk_pauses_the_capture_and_costs_the_worker_nothing(
     assert writer.lost == 1 and errors == [1]
     (file,) = (tmp_path / "cap").iterdir()
     assert [r.seq for r in read_capture(file)] == [2]
+
+
+async def test_replay_decides_per_node_as_the_live_worker_did(tmp_path: Path) -> None:
+    # Two nodes whose routes name themselves otherwise than the worker
+    # does (EVW_NODE "edge-a" on the connection the worker calls "kam1").
+    # Live, a REGISTER belongs to the connection it came in on; replayed
+    # from the capture, too.
+    config = Config(capture=CaptureSettings(tmp_path / "cap"), engine=EngineSettings(strategy=Strategy.MESSAGE))
+    service = Service(config)
+    live: list[str] = []
+    service.decision_listeners.append(lambda d: live.append(decision_json(d)))
+    t0 = time.time()
+
+    def frame(node: str, event: str, ts: float, seq: int, **fields: object) -> bytes:
+        return json.dumps({"event": event, "node": node, "ts": ts, "seq": seq, "boot": 1, **fields}).encode()
+
+    register = {"contact": "sip:d@127.0.0.1:7000", "src_ip": "127.0.0.1", "src_port": 7000, "proto": "udp",
+                "expires": 600, "user_agent": "LinphoneiOS/5"}  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        for n, (conn, named) in enumerate((("kam1", "edge-a"), ("kam2", "edge-b"))):
+            call = f"c{n}"
+            events: list[tuple[str, float, dict[str, object]]] = [
+                ("call_start", t0, {"call_id": call, "aor": f"u{n}@x", "from_user": "alice"}),
+                ("call_cancelled", t0 + 0.5, {"call_id": call}),
+                ("register", t0 + 1, {"aor": f"u{n}@x", "instance": f"<i{n}>", **register}),
+            ]
+            for seq, (event, ts, fields) in enumerate(events, 1):
+                service.on_frame(conn, frame(named, event, ts, seq, **fields), trio.current_time())
+        await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+    assert [json.loads(line)["node"] for line in live] == ["kam1", "kam2"]
+    problems: list[str] = []
+    replayed = replay(load_records(sorted((tmp_path / "cap").iterdir()), problems), config.engine)
+    assert problems == []
+    assert [decision_json(d) for d in replayed.decisions] == live

@@ -151,14 +151,15 @@ async def test_sigterm_to_the_command_stops_gracefully_and_writes_the_state(tmp_
 
 
 def state_file_with(tmp_path: Path, **damage: object) -> Path:
+    """A snapshot of two calls, the second with ``damage``."""
     state = tmp_path / "state.msgpack"
-    call = {
+    sound: dict[str, object] = {
         "call_id": "c@x", "aor": "bob@example.com", "started": None, "end_ts": 1.0, "end": "answered",
-        "end_code": None, "expires_at": 10.0, "decided": {}, "rang": [], **damage,
+        "end_code": None, "expires_at": 10.0, "decided": {}, "rang": [],
     }  # fmt: skip
     snapshot = {
         "version": 2, "saved_at": time.time(), "clock": 0.0, "journal": 1,
-        "engine": {"calls": [call], "devices": []}, "actions": [],
+        "engine": {"calls": [sound, {**sound, "call_id": "d@x", **damage}], "devices": []}, "actions": [],
     }  # fmt: skip
     state.write_bytes(msgpack.packb(snapshot))
     return state
@@ -168,26 +169,28 @@ async def test_a_sound_state_file_is_restored(tmp_path: Path) -> None:
     service = Service(Config(state_file=state_file_with(tmp_path)))
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        assert service.engine.call_count == 1
+        assert service.engine.call_count == 2
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize(
-    "damage",
-    [
-        {"end": "bogus"},
-        {"expires_at": float("inf")},
-        {"expires_at": 1e308},
-        {"end_ts": float("nan")},
-    ],
-)
-async def test_a_state_file_with_impossible_values_is_set_aside_and_the_worker_starts_empty(
+@pytest.mark.parametrize("damage", [{"expires_at": float("inf")}, {"expires_at": 1e308}, {"end_ts": float("nan")}])
+async def test_a_record_with_an_impossible_time_is_dropped_and_the_rest_restored(
     tmp_path: Path, damage: dict[str, object]
 ) -> None:
     state = state_file_with(tmp_path, **damage)
     service = Service(Config(state_file=state))
     async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)  # would raise before
+        await nursery.start(service.run)  # once crashed at every start
+        assert service.engine.call_count == 1
+        nursery.cancel_scope.cancel()
+    assert service.metrics.value("evapi_worker_state_skipped_total", {"file": "snapshot"}) == 1
+
+
+async def test_a_state_file_that_cannot_be_read_is_set_aside_and_the_worker_starts(tmp_path: Path) -> None:
+    state = state_file_with(tmp_path, end="bogus")
+    service = Service(Config(state_file=state))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
         assert service.engine.call_count == 0
         nursery.cancel_scope.cancel()
     assert not state.exists() and (tmp_path / "state.msgpack.bad").is_file()
