@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 from evapi_worker.netstring import encode
 
@@ -11,18 +12,20 @@ UA_IPHONE = "LinphoneiOS/5.2.5 (iPhone; iOS 17.4) LinphoneSDK/5.3.0"
 UA_DESK = "Yealink SIP-T46U 108.86.0.45"
 
 
-def stream(calls: int, node: str = "kam1", seed: int = 1) -> list[bytes]:
+def stream(calls: int, node: str = "kam1", seed: int = 1, start: float | None = None) -> list[bytes]:
     """Netstring frames for ``calls`` calls, about five events each.
 
     Each call: start, a desk phone re-registering, the call's end (answered,
     cancelled or declined), and an iPhone registering late for one in four.
-    Timestamps advance 1 ms per event; sizes match what a jansson-built
-    Kamailio event is (160 to 330 bytes).
+    Timestamps start at ``start`` (now, by default: a worker counts a fake
+    call's deadline from the REGISTER's stamp, as Kamailio's are) and
+    advance 1 ms per event; sizes match what a jansson-built Kamailio event
+    is (160 to 330 bytes).
     """
     rng = random.Random(seed)
     frames: list[bytes] = []
     seq = 0
-    ts = 1_700_000_000.0
+    ts = time.time() if start is None else start
 
     def emit(event: str, **fields: object) -> None:
         nonlocal seq, ts

@@ -14,7 +14,7 @@ from typing import Final, TypeAlias
 
 from .netstring import encode
 
-__all__ = ["MAX_COMMAND_BYTES", "Command", "CommandTooLarge", "Message", "Pin", "Ping", "encode_command"]
+__all__ = ["MAX_COMMAND_BYTES", "Claim", "Command", "CommandTooLarge", "Message", "Pin", "Ping", "encode_command"]
 
 # Well under evapi's 32,760-byte receive buffer, so a command is never cut.
 MAX_COMMAND_BYTES: Final = 8192
@@ -72,7 +72,17 @@ class Message:
     claim_ttl: int = 0
 
 
-Command: TypeAlias = Ping | Pin | Message
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Claim a push (or any other one-worker task) on this node: the first
+    worker wins (``claim: won``), the others are told ``taken``."""
+
+    id: str
+    claim: str
+    claim_ttl: int
+
+
+Command: TypeAlias = Ping | Pin | Message | Claim
 
 
 class CommandTooLarge(ValueError):
@@ -84,7 +94,7 @@ def command_name(command: Command) -> str:
     return _NAMES[type(command)]
 
 
-_NAMES: Final[dict[type, str]] = {Ping: "ping", Pin: "pin", Message: "message"}
+_NAMES: Final[dict[type, str]] = {Ping: "ping", Pin: "pin", Message: "message", Claim: "claim"}
 
 
 def encode_command(command: Command) -> bytes:
@@ -92,6 +102,8 @@ def encode_command(command: Command) -> bytes:
     body: dict[str, object] = {"cmd": command_name(command)}
     if isinstance(command, Ping):
         body["id"] = command.id
+    elif isinstance(command, Claim):
+        body.update(id=command.id, claim=command.claim, claim_ttl=command.claim_ttl)
     elif isinstance(command, Pin):
         body.update(id=command.id, key=command.key, ruri=command.ruri, dst=command.dst, ttl=command.ttl)
         if command.aor:

@@ -3,7 +3,8 @@
 Each table of the file is a settings class (``[engine]`` is
 :class:`~.engine.EngineSettings`, ``[sipp]`` :class:`~.sipp_runner.SippSettings`,
 ``[capture]`` :class:`~.capture.CaptureSettings`, ``[evapi]``
-:class:`EvapiSettings`, the top level :class:`Config`): its defaults and its
+:class:`EvapiSettings`, ``[push]`` :class:`PushSettings` with
+``[push.apns]`` and ``[push.fcm]``, the top level :class:`Config`): its defaults and its
 constraints are in one place, and the file and the flags are checked by the
 same rules (flags are written into the file's data before it is checked).
 Every problem is a :class:`ConfigError` naming the key (``engine.window``,
@@ -23,9 +24,11 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
+from .apns import ApnsSettings
 from .capture import CaptureSettings
 from .engine import EngineSettings
 from .evapi_client import Backoff, NodeAddress
+from .fcm import FcmSettings
 from .netstring import DEFAULT_MAX_FRAME
 from .sipp_runner import SippSettings
 
@@ -33,6 +36,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EvapiSettings",
+    "PushSettings",
     "load_config",
     "parse_hostport",
     "parse_metrics",
@@ -88,6 +92,18 @@ class EvapiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         return Backoff(self.reconnect_initial, self.reconnect_max)
 
 
+class PushSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[push.apns]`` and ``[push.fcm]``: the worker sends the VoIP push of
+    every call to the account's push devices (off unless configured)."""
+
+    apns: ApnsSettings | None = None
+    fcm: FcmSettings | None = None
+    # Seconds a push is still worth sending (retries stop then, and at the
+    # call's end whichever comes first).
+    give_up_after: Annotated[float, msgspec.Meta(ge=1, le=600)] = 60.0
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 1000  # pushes at once; more are dropped (counted)
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything a worker needs; the top level of the settings file.
 
@@ -106,6 +122,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     state_interval: Annotated[float, msgspec.Meta(ge=0.05, le=60)] = 1.0  # at most this long between journal writes
     shutdown_grace: Seconds = 10.0  # how long running fake calls may finish at shutdown
     action_queue: Annotated[int, msgspec.Meta(ge=1)] = 10_000  # actions at once; more are dropped (counted)
+    push: PushSettings = msgspec.field(default_factory=PushSettings)
 
 
 def parse_hostport(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:

@@ -310,6 +310,11 @@ class Engine:
     def device_count(self) -> int:
         return self._device_count
 
+    def ringing(self, call_id: str) -> bool:
+        """Whether the call has started and no end of it is known."""
+        call = self._calls.get(call_id)
+        return call is not None and call.started is not None and call.end_ts is None
+
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work (may be early, never late)."""
         timer = self._timers[0][0] if self._timers else None

@@ -6,19 +6,23 @@ Two things happen on the way: a REGISTER is routed by the node it came in
 from (that node holds the device's connection and takes its fake call),
 and its timestamp, on the node's clock, is mapped onto the clock the
 engine runs on, so the fake call's deadline counts from the REGISTER and
-not from when the worker read it.
+not from when the worker read it. The push book hears REGISTERs and call
+starts too: a call start gives the pushes it needs to ``on_push`` (unset
+while a restore replays the journal: those calls are long gone).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
 from .engine import Decision, Engine
-from .events import Event, Register
+from .events import CallStarted, Event, Register
+from .push_book import PushBook, PushJob
 
 __all__ = ["Intake", "NodeClocks"]
 
@@ -76,15 +80,24 @@ class NodeClocks:
 class Intake:
     """Feeds events to the engine: :meth:`feed` is all there is."""
 
-    def __init__(self, engine: Engine, clocks: NodeClocks) -> None:
+    def __init__(self, engine: Engine, clocks: NodeClocks, book: PushBook | None = None) -> None:
         self.engine = engine
         self.clocks = clocks
+        self.book = book
+        self.on_push: Callable[[list[PushJob]], None] | None = None
 
     def feed(self, node: str, event: Event, now: float) -> list[Decision]:
         """The decisions ``event``, received from ``node`` at ``now``, leads to."""
+        if isinstance(event, CallStarted) and self.book is not None:
+            jobs = self.book.call_started(event, now)
+            if jobs and self.on_push is not None:
+                self.on_push(jobs)
         if not isinstance(event, Register):
             return self.engine.handle(event, now)
         if event.node != node:
             # Route by the connection the REGISTER came in on.
             event = msgspec.structs.replace(event, node=node)
-        return self.engine.handle(event, now, self.clocks.local(node, event.ts))
+        happened = self.clocks.local(node, event.ts)
+        if self.book is not None:
+            self.book.register(event, now if happened is None else min(happened, now))
+        return self.engine.handle(event, now, happened)

@@ -23,7 +23,11 @@ EVENT_ERROR_REASONS = (
     "invalid_json", "not_object", "missing_field", "bad_type", "bad_value", "bad_version", "unknown_type",
     "oversized", "bad_length", "missing_comma",
 )  # fmt: skip
-COMMANDS = ("ping", "pin", "message")
+COMMANDS = ("ping", "pin", "message", "claim")
+PUSH_PROVIDERS = ("apns", "apns.dev", "fcm")
+PUSH_RESULTS = (
+    "sent", "unregistered", "bad_token", "auth", "failed", "gave_up", "ended", "taken", "dropped", "not_configured",
+)  # fmt: skip
 COMMAND_FAILURES = ("not_connected", "timeout", "refused", "disconnected", "stopped", "too_large")
 DECISIONS = (
     ("fake_call", "answered"), ("fake_call", "declined"), ("fake_call", "missed"),
@@ -105,6 +109,28 @@ class Metrics:
         self.sipp_duration = Histogram(
             p + "sipp_duration_seconds", "Wall time of one SIPp run.", buckets=_SIPP_BUCKETS, registry=r
         )
+        self.pushes = Counter(
+            p + "pushes",
+            "Pushes by provider and result: sent, unregistered, bad_token, auth, failed, gave_up, "
+            "ended (the call ended first), taken (another worker sent it), dropped, not_configured.",
+            ["provider", "result"],
+            registry=r,
+        )
+        self.push_retries = Counter(p + "push_retries", "Pushes tried again.", ["provider"], registry=r)
+        self.push_latency = Histogram(
+            p + "push_latency_seconds",
+            "From the call_start event read to the provider's acceptance of its push.",
+            ["provider"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.push_wakeup = Histogram(
+            p + "push_wakeup_seconds",
+            "From a push accepted to its device's REGISTER: how long phones take to wake.",
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.push_devices = Gauge(p + "push_devices", "Push devices known, to push when a call starts.", registry=r)
         self.wakeup_delay = Histogram(
             p + "wakeup_delay_seconds",
             "From call start (the push) to the late REGISTER.",
@@ -216,6 +242,10 @@ class Metrics:
         for file in ("snapshot", "journal"):
             self.state_errors.labels(file)
             self.state_skipped.labels(file)
+        for provider in PUSH_PROVIDERS:
+            self.push_retries.labels(provider)
+            for result in PUSH_RESULTS:
+                self.pushes.labels(provider, result)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value, 0.0 when it was never set (for tests and summaries)."""

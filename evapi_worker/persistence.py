@@ -52,6 +52,7 @@ import msgpack
 import msgspec
 
 from .engine import Act, Decision, Engine
+from .push_book import PushBook
 from .state import STATE_VERSION, Snapshot, StateError, decode_snapshot, encode_snapshot
 
 __all__ = ["Restored", "StateStore"]
@@ -119,7 +120,7 @@ class StateStore:
 
     # -- start ----------------------------------------------------------
 
-    def restore(self, engine: Engine, now: float, replay: Replay) -> Restored:
+    def restore(self, engine: Engine, now: float, replay: Replay, book: PushBook | None = None) -> Restored:
         """Load the snapshot and the journals after it into ``engine``
         (empty) whose clock reads ``now``; journaled events go through
         ``replay``. A snapshot that cannot be used at all is reported in
@@ -144,6 +145,8 @@ class StateStore:
             snapshot = snapshot.rebased(snapshot.saved_at - snapshot.clock - self._wall_offset)
             self._journal = max(self._journal, snapshot.journal + 1)
             engine.import_state(snapshot.engine)
+            if book is not None:
+                book.load(snapshot.push_devices)
             first, calls = snapshot.journal, len(snapshot.engine.calls)
             waiting = {(a.call_id, a.device): a for a in snapshot.actions}
             self._snapshot_bytes = len(data)
@@ -209,7 +212,9 @@ class StateStore:
         """Whether the journals outgrew the last snapshot."""
         return self._journal_bytes > max(_MIN_COMPACT, self._snapshot_bytes)
 
-    def snapshot(self, engine: Engine, now: float, actions: list[Act] | None = None) -> Snapshot:
+    def snapshot(
+        self, engine: Engine, now: float, actions: list[Act] | None = None, book: PushBook | None = None
+    ) -> Snapshot:
         """Take a snapshot now (write it with :meth:`write`, in a thread if
         need be) and start a new journal for what follows."""
         self.flush()
@@ -225,7 +230,8 @@ class StateStore:
         finally:
             if enabled:
                 gc.enable()
-        return Snapshot(STATE_VERSION, now + self._wall_offset, now, self._journal, state, actions or [])
+        pushes = book.export() if book is not None else []
+        return Snapshot(STATE_VERSION, now + self._wall_offset, now, self._journal, state, actions or [], pushes)
 
     def write(self, snapshot: Snapshot) -> bool:
         """Encode ``snapshot`` and replace the file atomically, then remove

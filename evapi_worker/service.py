@@ -20,8 +20,9 @@ import time
 import trio
 
 from .capture import CaptureWriter
-from .commands import Command, command_name
+from .commands import Claim, Command, command_name
 from .config import Config, ConfigError
+from .devices import device_id
 from .dispatch import Dispatcher
 from .engine import Act, Decision, Engine
 from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
@@ -45,6 +46,8 @@ from .logs import Throttle, kv
 from .metrics import Metrics
 from .netstring import FramingError
 from .persistence import StateStore
+from .push_book import PushBook
+from .pusher import Pusher, push_clients
 from .sequence import SequenceTracker
 from .sipp_runner import SippRunner, bind_error, remove_stale_folders
 
@@ -139,7 +142,17 @@ class Service:
         )
         self.dispatcher = Dispatcher(self.actions, self.connections, self.metrics, config.action_queue)
         self.clocks = NodeClocks(wall_offset=0.0)  # set when running
-        self.intake = Intake(self.engine, self.clocks)
+        self.push_book = PushBook(config.engine.max_devices)
+        self.intake = Intake(self.engine, self.clocks, self.push_book)
+        clients = push_clients(config.push)
+        self.pusher = (
+            Pusher(
+                clients, self.push_book, self.metrics, self.engine.ringing, self._claim_push,
+                limit=config.push.max_in_flight, give_up_after=config.push.give_up_after,
+            )
+            if clients
+            else None
+        )  # fmt: skip
         self.liveness = Liveness(
             self.connections, self.send_command, self.metrics, config.evapi.ping_interval, self.clocks
         )
@@ -166,6 +179,7 @@ class Service:
         m.sipp_waiting.set_function(lambda: self.runner.waiting)
         m.tracked_calls.set_function(lambda: self.engine.call_count)
         m.tracked_devices.set_function(lambda: self.engine.device_count)
+        m.push_devices.set_function(lambda: self.push_book.device_count)
         m.init_series([node.name for node in config.nodes])
 
     # -- running -------------------------------------------------------
@@ -190,6 +204,10 @@ class Service:
                         serve_http, host, port, self.metrics.registry, self.liveness.healthy
                     )
                 self.dispatcher.open(nursery)
+                if self.pusher is not None:
+                    await nursery.start(self.pusher.run)
+                    # From now on, not while the journal was replayed.
+                    self.intake.on_push = self.pusher.submit
                 self.dispatcher.resume(*self._restored_actions)
                 self._restored_actions = ([], [])
                 await nursery.start(self._run_intake)
@@ -237,7 +255,7 @@ class Service:
         store = self.store
         if store is None:
             return
-        restored = store.restore(self.engine, trio.current_time(), self._replay_frame)
+        restored = store.restore(self.engine, trio.current_time(), self._replay_frame, self.push_book)
         if restored.snapshot_error is not None:
             # Keep the file aside for a look (it would fail again at every
             # start); what the journals hold is restored all the same.
@@ -289,7 +307,7 @@ class Service:
         store = self.store
         assert store is not None
         async with self._state_lock:
-            snapshot = store.snapshot(self.engine, trio.current_time(), deferred)
+            snapshot = store.snapshot(self.engine, trio.current_time(), deferred, self.push_book)
             # Encoding and writing in a thread: the records are immutable.
             return await trio.to_thread.run_sync(store.write, snapshot)
 
@@ -373,6 +391,10 @@ class Service:
     def _feed(self, node: str, event: Event, now: float) -> list[Decision]:
         ignored = self.engine.lost_ends_ignored
         decisions = self.intake.feed(node, event, now)
+        if self.pusher is not None and isinstance(event, Register) and event.expires:
+            woke = self.pusher.woke(event.aor, device_id(event), now)
+            if woke is not None:
+                self.metrics.push_wakeup.observe(woke)
         if self.engine.lost_ends_ignored > ignored:
             self.metrics.lost_ends_ignored.labels(node).inc()
             self._say(
@@ -389,6 +411,21 @@ class Service:
                 self.metrics.capture_dropped.inc()
 
     # -- commands and connection state ----------------------------------
+
+    async def _claim_push(self, node: str, claim: str) -> bool:
+        """Whether this worker sends a push: the node's claim (every worker
+        asks the node the call is on; the first wins)."""
+        conn = self.connections.get(node)
+        if conn is None:
+            return True  # a node this worker does not know: no one to ask
+        try:
+            result = await self.send_command(node, Claim(conn.next_id(), claim, self.config.evapi.pin_ttl * 4))
+        except CommandFailed as exc:
+            if exc.reason == "refused" and "unknown command" in str(exc):
+                return True  # routes older than push claims: every worker pushes
+            log.warning("push not claimed %s", kv(node=node, reason=exc.reason, detail=str(exc)))
+            return False
+        return result.claim != "taken"
 
     async def send_command(self, node: str, command: Command) -> CommandResult:
         """Send a command to a node and wait for its acknowledgement."""

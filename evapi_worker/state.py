@@ -17,6 +17,7 @@ from typing import Final
 import msgspec
 
 from .engine import Act, EngineState
+from .push_book import PushDevice
 
 __all__ = ["STATE_VERSION", "Snapshot", "StateError", "decode_snapshot", "encode_snapshot"]
 
@@ -33,15 +34,18 @@ class Snapshot(msgspec.Struct, frozen=True):
     clock: float  # the engine's clock when saved
     journal: int  # journal files numbered from this one hold what came after
     engine: EngineState
-    actions: list[Act] = []  # decided, not started when the worker stopped
+    actions: list[Act] = []  # decided, not begun when the snapshot was taken
+    push_devices: list[PushDevice] = []  # whom to push when a call starts
 
     def rebased(self, offset: float) -> Snapshot:
         """This snapshot with every engine time moved by ``offset`` (onto
         another process's clock)."""
         actions = [dataclasses.replace(a, deadline=a.deadline + offset) for a in self.actions]
+        pushes = [msgspec.structs.replace(d, expires_at=d.expires_at + offset) for d in self.push_devices]
         return msgspec.structs.replace(
-            self, clock=self.clock + offset, engine=self.engine.shifted(offset), actions=actions
-        )
+            self, clock=self.clock + offset, engine=self.engine.shifted(offset), actions=actions,
+            push_devices=pushes,
+        )  # fmt: skip
 
 
 class StateError(Exception):
@@ -86,8 +90,12 @@ def _keep_sound(snapshot: Snapshot, where: str) -> tuple[Snapshot, int]:
     calls = [c for c in engine.calls if near(c.expires_at) and (c.end_ts is None or math.isfinite(c.end_ts))]
     devices = [d for d in engine.devices if near(d.arrived_at) and near(d.expires_at)]
     actions = [a for a in snapshot.actions if near(a.deadline)]
-    dropped = len(engine.calls) - len(calls) + len(engine.devices) - len(devices) + len(snapshot.actions) - len(actions)
+    pushes = [d for d in snapshot.push_devices if near(d.expires_at)]
+    dropped = (
+        len(engine.calls) - len(calls) + len(engine.devices) - len(devices) + len(snapshot.actions) - len(actions)
+        + len(snapshot.push_devices) - len(pushes)
+    )  # fmt: skip
     if not dropped:
         return snapshot, 0
-    sound = msgspec.structs.replace(snapshot, engine=EngineState(calls, devices), actions=actions)
+    sound = msgspec.structs.replace(snapshot, engine=EngineState(calls, devices), actions=actions, push_devices=pushes)
     return sound, dropped

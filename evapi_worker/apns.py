@@ -1,0 +1,170 @@
+"""Apple Push Notification service: VoIP pushes over HTTP/2, token
+authentication.
+
+One long-lived HTTP/2 connection per environment (``api.push.apple.com``
+for ``pn-provider=apns``, ``api.sandbox.push.apple.com`` for ``apns.dev``;
+``url`` replaces both, for a stand-in), every push multiplexed on it. The
+provider token is an ES256 JWT (header ``kid``, claims ``iss`` = the team
+and ``iat``), made again every 40 minutes: Apple refuses one older than an
+hour and one renewed more often than every 20 minutes.
+
+The payload is the one Linphone-based apps read (liblinphone's iOS core
+takes ``aps["call-id"]`` to match the INVITE to its CallKit call), as
+Flexisip sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import httpx
+import jwt
+import msgspec
+
+from .push_answers import PushAnswer, PushResult
+from .push_book import PushJob
+
+__all__ = ["ApnsClient", "ApnsSettings", "apns_payload"]
+
+PRODUCTION: Final = "https://api.push.apple.com"
+SANDBOX: Final = "https://api.sandbox.push.apple.com"
+_TOKEN_LIFE: Final = 40 * 60.0
+MAX_PAYLOAD: Final = 5120  # bytes, for VoIP pushes
+
+
+class ApnsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[push.apns]``: the token key from the Apple Developer account."""
+
+    key_file: Path  # the .p8 key (never world-readable)
+    key_id: str  # its 10-character Key ID
+    team_id: str  # the 10-character Team ID
+    url: str | None = None  # replaces both Apple hosts (a stand-in)
+    ca_file: Path | None = None  # an extra CA to trust (a stand-in's)
+    expiration: int = 30  # seconds Apple keeps trying to deliver a push
+    timeout: float = 5.0  # seconds one push may take
+
+
+def apns_payload(job: PushJob, push_id: str, now: float) -> bytes:
+    """The VoIP payload for ``job``: at most :data:`MAX_PAYLOAD` bytes."""
+    caller = f"sip:{job.from_user}@{job.from_domain}" if job.from_domain else f"sip:{job.from_user}"
+    name = job.from_name or job.from_user
+    body = {
+        "aps": {
+            "sound": "",
+            "loc-key": "IC_MSG",
+            "loc-args": [name],
+            "call-id": job.call_id,
+            "uuid": push_id,
+            "send-time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)),
+        },
+        "from-uri": caller,
+        "display-name": name,
+        "pn_ttl": 30,
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The system's CAs, and ``ca_file`` besides when given; HTTP/2 by ALPN."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    return context
+
+
+class ApnsClient:
+    """Sends VoIP pushes; :meth:`aclose` closes its connections."""
+
+    def __init__(self, settings: ApnsSettings, key: bytes, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self._key = key
+        self._clock = clock
+        self._token: tuple[str, float] | None = None  # (JWT, made at)
+        self._tls = tls_context(settings.ca_file)
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    @classmethod
+    def from_settings(cls, settings: ApnsSettings) -> ApnsClient:
+        return cls(settings, settings.key_file.read_bytes())
+
+    def provider_token(self) -> str:
+        """The current provider token, made again when 40 minutes old."""
+        now = self._clock()
+        if self._token is None or now - self._token[1] >= _TOKEN_LIFE:
+            claims = {"iss": self.settings.team_id, "iat": int(now)}
+            token = jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.settings.key_id})
+            self._token = (token, now)
+        return self._token[0]
+
+    def renew_token(self) -> None:
+        """Apple said the token expired: the next push makes a new one."""
+        self._token = None
+
+    def _client(self, provider: str) -> httpx.AsyncClient:
+        base = self.settings.url or (SANDBOX if provider == "apns.dev" else PRODUCTION)
+        client = self._clients.get(base)
+        if client is None:
+            client = httpx.AsyncClient(
+                base_url=base, http2=True, verify=self._tls, timeout=self.settings.timeout, trust_env=False
+            )
+            self._clients[base] = client
+        return client
+
+    async def send(self, job: PushJob) -> PushAnswer:
+        """Send one VoIP push; the answer as the pusher acts on it."""
+        push_id = str(uuid.uuid4())
+        now = self._clock()
+        payload = apns_payload(job, push_id, now)
+        if len(payload) > MAX_PAYLOAD:
+            return PushAnswer(PushResult.FAILED, 0, "payload too large")
+        headers = {
+            "authorization": f"bearer {self.provider_token()}",
+            "apns-push-type": "voip",
+            "apns-topic": job.topic,
+            "apns-priority": "10",
+            "apns-expiration": str(int(now) + self.settings.expiration),
+            "apns-id": push_id,
+            "content-type": "application/json",
+        }
+        try:
+            response = await self._client(job.provider).post(f"/3/device/{job.token}", content=payload, headers=headers)
+        except httpx.HTTPError as exc:
+            return PushAnswer(PushResult.RETRY, 0, f"{type(exc).__name__}: {exc}")
+        return classify(response.status_code, _reason(response))
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        value = response.json().get("reason", "")
+    except (ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def classify(status: int, reason: str) -> PushAnswer:
+    """Apple's answer, as the pusher acts on it."""
+    if status == 200:
+        result = PushResult.SENT
+    elif status == 410 or reason == "Unregistered":
+        result = PushResult.UNREGISTERED
+    elif status == 400 and reason in ("BadDeviceToken", "DeviceTokenNotForTopic", "TopicDisallowed"):
+        result = PushResult.BAD_TOKEN
+    elif status == 403 and reason in ("ExpiredProviderToken", "InvalidProviderToken"):
+        result = PushResult.AUTH
+    elif status == 429 or status >= 500:
+        result = PushResult.RETRY
+    else:
+        result = PushResult.FAILED
+    return PushAnswer(result, status, reason)

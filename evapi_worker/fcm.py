@@ -1,0 +1,159 @@
+"""Firebase Cloud Messaging, HTTP v1: high-priority data messages to
+Android devices (Linphone's Android app, ``pn-provider=fcm``).
+
+Authorization is an OAuth2 access token for the service account: a JWT
+assertion signed with the account's private key (RS256) is exchanged at
+the token endpoint; the token is kept until a minute before it expires.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import httpx
+import jwt
+import msgspec
+import trio
+
+from .apns import tls_context
+from .push_answers import PushAnswer, PushResult
+from .push_book import PushJob
+
+__all__ = ["FcmClient", "FcmSettings", "ServiceAccount", "fcm_message"]
+
+_SCOPE: Final = "https://www.googleapis.com/auth/firebase.messaging"
+_DEFAULT_URL: Final = "https://fcm.googleapis.com"
+
+
+class FcmSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[push.fcm]``: the service account key from the Firebase console."""
+
+    service_account_file: Path  # the JSON key (never world-readable)
+    url: str | None = None  # replaces https://fcm.googleapis.com (a stand-in)
+    token_url: str | None = None  # replaces the key's token_uri (a stand-in)
+    ca_file: Path | None = None  # an extra CA to trust (a stand-in's)
+    ttl: int = 30  # seconds FCM keeps trying to deliver a message
+    timeout: float = 5.0  # seconds one request may take
+
+
+class ServiceAccount(msgspec.Struct, frozen=True):
+    """The fields of a service account key this client uses."""
+
+    project_id: str
+    client_email: str
+    private_key: str
+    token_uri: str = "https://oauth2.googleapis.com/token"
+
+
+def fcm_message(job: PushJob, ttl: int) -> bytes:
+    """The send request's body: a high-priority data message."""
+    caller = f"sip:{job.from_user}@{job.from_domain}" if job.from_domain else f"sip:{job.from_user}"
+    body = {
+        "message": {
+            "token": job.token,
+            "android": {"priority": "high", "ttl": f"{ttl}s"},
+            "data": {"call-id": job.call_id, "from-uri": caller, "display-name": job.from_name or job.from_user},
+        }
+    }
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class FcmClient:
+    """Sends data messages; :meth:`aclose` closes its connection."""
+
+    def __init__(self, settings: FcmSettings, account: ServiceAccount, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.account = account
+        self._clock = clock
+        self._access: tuple[str, float] | None = None  # (token, good until)
+        self._lock = trio.Lock()  # one token request at a time
+        self._http = httpx.AsyncClient(
+            http2=True, verify=tls_context(settings.ca_file), timeout=settings.timeout, trust_env=False
+        )
+
+    @classmethod
+    def from_settings(cls, settings: FcmSettings) -> FcmClient:
+        account = msgspec.json.decode(settings.service_account_file.read_bytes(), type=ServiceAccount)
+        return cls(settings, account)
+
+    def renew_token(self) -> None:
+        """The token was refused: the next message asks for a new one."""
+        self._access = None
+
+    async def access_token(self) -> str | PushAnswer:
+        """The current access token, or why none could be had."""
+        async with self._lock:
+            now = self._clock()
+            if self._access is not None and now < self._access[1]:
+                return self._access[0]
+            audience = self.settings.token_url or self.account.token_uri
+            claims = {"iss": self.account.client_email, "scope": _SCOPE, "aud": audience, "iat": int(now),
+                      "exp": int(now) + 3600}  # fmt: skip
+            assertion = jwt.encode(claims, self.account.private_key, algorithm="RS256")
+            form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+            try:
+                response = await self._http.post(audience, data=form)
+            except httpx.HTTPError as exc:
+                return PushAnswer(PushResult.RETRY, 0, f"token: {type(exc).__name__}: {exc}")
+            if response.status_code != 200:
+                result = PushResult.RETRY if response.status_code >= 500 else PushResult.FAILED
+                return PushAnswer(result, response.status_code, f"token: {response.text[:200]}")
+            try:
+                granted = response.json()
+                token, expires_in = str(granted["access_token"]), float(granted.get("expires_in", 3600))
+            except (ValueError, KeyError, TypeError):
+                return PushAnswer(PushResult.FAILED, 200, "token: not an access token")
+            self._access = (token, now + max(0.0, expires_in - 60))
+            return token
+
+    async def send(self, job: PushJob) -> PushAnswer:
+        """Send one data message; the answer as the pusher acts on it."""
+        token = await self.access_token()
+        if isinstance(token, PushAnswer):
+            return token
+        base = self.settings.url or _DEFAULT_URL
+        url = f"{base}/v1/projects/{self.account.project_id}/messages:send"
+        headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+        try:
+            response = await self._http.post(url, content=fcm_message(job, self.settings.ttl), headers=headers)
+        except httpx.HTTPError as exc:
+            return PushAnswer(PushResult.RETRY, 0, f"{type(exc).__name__}: {exc}")
+        return classify(response.status_code, _error_status(response))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _error_status(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error", {})
+        details = error.get("details") or []
+        for detail in details:
+            code = detail.get("errorCode")
+            if isinstance(code, str):
+                return code  # FCM's own: UNREGISTERED, INVALID_ARGUMENT, ...
+        status = error.get("status", "")
+    except (ValueError, AttributeError):
+        return ""
+    return status if isinstance(status, str) else ""
+
+
+def classify(status: int, reason: str) -> PushAnswer:
+    """FCM's answer, as the pusher acts on it."""
+    if status == 200:
+        result = PushResult.SENT
+    elif status == 404 or reason == "UNREGISTERED":
+        result = PushResult.UNREGISTERED
+    elif status == 400 and reason in ("INVALID_ARGUMENT", "SENDER_ID_MISMATCH"):
+        result = PushResult.BAD_TOKEN
+    elif status == 401:
+        result = PushResult.AUTH
+    elif status == 429 or status >= 500:
+        result = PushResult.RETRY
+    else:
+        result = PushResult.FAILED
+    return PushAnswer(result, status, reason)

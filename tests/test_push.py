@@ -1,0 +1,288 @@
+"""The push: whom to push (RFC 8599 parameters as Linphone writes them),
+and the production APNs and FCM clients against stand-ins that are real
+HTTP/2 servers over TLS, checking what Apple and Google check."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import trio
+
+from evapi_worker.apns import ApnsSettings
+from evapi_worker.config import ConfigError, PushSettings
+from evapi_worker.engine import Engine
+from evapi_worker.events import CallStarted, Register
+from evapi_worker.fcm import FcmSettings
+from evapi_worker.metrics import Metrics
+from evapi_worker.persistence import StateStore
+from evapi_worker.push_book import PushBook, PushJob
+from evapi_worker.push_standin import (
+    ApnsStandIn,
+    FcmStandIn,
+    make_apns_key,
+    make_service_account,
+    make_tls,
+    serve_standin,
+)
+from evapi_worker.pusher import Pusher, push_clients
+
+from .helpers import Wire
+
+T0 = 1_700_000_000.0
+TOKEN = "a1" * 32  # an APNs VoIP token: 64 hex digits
+TEAM, KEY_ID = "TEAM123456", "ABC123DEFG"
+
+
+def register(wire: Wire, ts: float, **kw: Any) -> Register:
+    event = wire.register(ts, **kw)
+    assert isinstance(event, Register)
+    return event
+
+
+def linphone_ios(wire: Wire, ts: float, token: str = TOKEN, **kw: Any) -> Register:
+    """A REGISTER as Linphone's iOS app writes it."""
+    fields = {
+        "pn_provider": "apns",
+        "pn_prid": f"{'f0' * 32}:remote&{token}:voip",
+        "pn_param": f"{TEAM}.org.linphone.phone.remote&voip",
+        **kw,
+    }
+    return register(wire, ts, **fields)
+
+
+def test_the_book_reads_linphone_s_parameters_and_pushes_each_live_device() -> None:
+    wire, book = Wire(), PushBook()
+    book.register(linphone_ios(wire, T0), 0.0)
+    book.register(register(wire, T0, instance="<urn:uuid:android>", pn_provider="fcm", pn_prid="fcm-tok_1:x"), 0.0)
+    book.register(register(wire, T0, instance="<urn:uuid:desk>"), 0.0)  # no push parameters
+    start = wire.start(T0 + 1)
+    assert isinstance(start, CallStarted)
+    jobs = {j.device: j for j in book.call_started(start, 1.0)}
+    assert set(jobs) == {"urn:uuid:iphone-1", "urn:uuid:android"}
+    ios = jobs["urn:uuid:iphone-1"]
+    assert (ios.provider, ios.token, ios.topic) == ("apns", TOKEN, "org.linphone.phone.voip")
+    assert (jobs["urn:uuid:android"].provider, jobs["urn:uuid:android"].token) == ("fcm", "fcm-tok_1:x")
+    # Expired (600 s), unregistered, or forgotten: no more pushes.
+    assert book.call_started(start, 601.0) == []
+    book.register(linphone_ios(wire, T0), 0.0)
+    book.register(linphone_ios(wire, T0, expires=0), 1.0)
+    assert book.call_started(start, 2.0) == []
+
+
+@pytest.mark.parametrize(
+    ("prid", "param"),
+    [
+        ("not-hex:voip", f"{TEAM}.org.linphone.phone.voip"),  # a token that would go into a URL
+        (f"{TOKEN}:voip", "no-dot"),  # no topic
+        (f"{TOKEN}:voip", f"{TEAM}.bad topic.voip"),
+        (f"{TOKEN}:remote&{TOKEN}:remote", f"{TEAM}.org.x.remote&voip"),  # no VoIP token
+    ],
+)
+def test_push_parameters_that_cannot_be_used_are_counted_not_kept(prid: str, param: str) -> None:
+    wire, book = Wire(), PushBook()
+    book.register(register(wire, T0, pn_provider="apns", pn_prid=prid, pn_param=param), 0.0)
+    assert (book.device_count, book.refused) == (0, 1)
+
+
+@dataclass
+class Stage:
+    apns: ApnsStandIn
+    fcm: FcmStandIn
+    pusher: Pusher
+    metrics: Metrics
+    book: PushBook
+    ended: set[str]
+    claims: set[str]
+    folder: Path
+
+
+@asynccontextmanager
+async def stage(tmp_path: Path, *, give_up_after: float = 10.0) -> AsyncIterator[Stage]:
+    """Both stand-ins on loopback, and a Pusher whose production clients
+    point at them (url, ca_file)."""
+    ca, cert, key = make_tls(tmp_path / "tls")
+    apns_key = tmp_path / "AuthKey.p8"
+    apns = ApnsStandIn(make_apns_key(apns_key), KEY_ID, TEAM)
+    account = tmp_path / "fcm.json"
+    async with trio.open_nursery() as nursery:
+        apns_port = await nursery.start(partial(serve_standin, apns.handle, cert, key))
+        fcm_holder: list[FcmStandIn] = []
+        fcm_port = await nursery.start(partial(serve_standin, lambda *a: fcm_holder[0].handle(*a), cert, key))
+        token_url = f"https://127.0.0.1:{fcm_port}/token"
+        fcm = FcmStandIn(make_service_account(account, "evw-test", token_url), "", "evw-test")
+        fcm.client_email = json.loads(account.read_text())["client_email"]
+        fcm.audience = token_url
+        fcm_holder.append(fcm)
+        settings = PushSettings(
+            apns=ApnsSettings(key_file=apns_key, key_id=KEY_ID, team_id=TEAM,
+                              url=f"https://127.0.0.1:{apns_port}", ca_file=ca),
+            fcm=FcmSettings(service_account_file=account, url=f"https://127.0.0.1:{fcm_port}", ca_file=ca),
+        )  # fmt: skip
+        metrics, book, ended, claims = Metrics(), PushBook(), set[str](), set[str]()
+
+        async def claim(node: str, key: str) -> bool:
+            await trio.lowlevel.checkpoint()
+            won = key not in claims
+            claims.add(key)
+            return won
+
+        pusher = Pusher(
+            push_clients(settings), book, metrics, lambda call_id: call_id not in ended, claim,
+            give_up_after=give_up_after,
+        )  # fmt: skip
+        await nursery.start(pusher.run)
+        yield Stage(apns, fcm, pusher, metrics, book, ended, claims, tmp_path)
+        nursery.cancel_scope.cancel()
+
+
+def job(call_id: str = "call-1@caller", provider: str = "apns", token: str = TOKEN, device: str = "dev-1") -> PushJob:
+    topic = "" if provider == "fcm" else "org.linphone.phone.voip"
+    return PushJob(call_id, "kam1", "bob@example.com", device, provider, token, topic,
+                   "alice", 'Alice "A" Smith', "example.com", time.time(), trio.current_time())  # fmt: skip
+
+
+async def settled(s: Stage, provider: str, result: str, count: int = 1) -> None:
+    with trio.fail_after(10):
+        while s.metrics.value("evapi_worker_pushes_total", {"provider": provider, "result": result}) < count:
+            await trio.sleep(0.01)
+
+
+async def test_an_apns_push_is_what_apple_and_linphone_expect(tmp_path: Path) -> None:
+    async with stage(tmp_path) as s:
+        s.pusher.submit([job()])
+        await settled(s, "apns", "sent")
+    (push,) = s.apns.received
+    assert push.token == TOKEN and push.call_id == "call-1@caller"
+    assert push.headers["apns-push-type"] == "voip" and push.headers["apns-topic"] == "org.linphone.phone.voip"
+    assert push.headers["apns-priority"] == "10" and int(push.headers["apns-expiration"]) > time.time()
+    token = push.headers["authorization"].removeprefix("bearer ")
+    assert jwt.get_unverified_header(token)["kid"] == KEY_ID
+    assert push.payload["aps"]["call-id"] == "call-1@caller" and push.payload["from-uri"] == "sip:alice@example.com"
+    assert push.payload["display-name"] == 'Alice "A" Smith'
+    assert s.metrics.value("evapi_worker_push_latency_seconds_count", {"provider": "apns"}) == 1
+
+
+async def test_410_forgets_the_token_until_the_device_registers_again(tmp_path: Path) -> None:
+    async with stage(tmp_path) as s:
+        wire = Wire()
+        s.book.register(linphone_ios(wire, T0), 0.0)
+        s.apns.answer(TOKEN, 410, "Unregistered")
+        start = wire.start(T0 + 1)
+        assert isinstance(start, CallStarted)
+        s.pusher.submit(s.book.call_started(start, 1.0))
+        await settled(s, "apns", "unregistered")
+        assert s.book.call_started(start, 2.0) == []  # forgotten
+        s.book.register(linphone_ios(wire, T0 + 3), 3.0)
+        assert len(s.book.call_started(start, 4.0)) == 1  # registered again
+
+
+async def test_an_expired_provider_token_is_renewed_once(tmp_path: Path) -> None:
+    async with stage(tmp_path) as s:
+        s.apns.answer(TOKEN, 403, "ExpiredProviderToken")
+        s.pusher.submit([job()])
+        await settled(s, "apns", "sent")
+        # Twice refused: renewed once, then given up (no loop).
+        s.apns.answer(TOKEN, 403, "ExpiredProviderToken")
+        s.apns.answer(TOKEN, 403, "ExpiredProviderToken")
+        s.pusher.submit([job("call-2@caller")])
+        await settled(s, "apns", "auth")
+    assert [p.status for p in s.apns.received] == [403, 200, 403, 403]
+
+
+async def test_throttled_pushes_are_retried_while_the_call_rings_never_after(tmp_path: Path) -> None:
+    async with stage(tmp_path) as s:
+        s.apns.answer(TOKEN, 429, "TooManyRequests")
+        s.apns.answer(TOKEN, 503, "ServiceUnavailable")
+        s.pusher.submit([job()])
+        await settled(s, "apns", "sent")
+        assert [p.status for p in s.apns.received] == [429, 503, 200]
+        # Throttled, and the call ends during the wait: not sent again.
+        for _ in range(3):
+            s.apns.answer(TOKEN, 429, "TooManyRequests")
+        s.pusher.submit([job("call-2@caller")])
+        with trio.fail_after(5):
+            while len(s.apns.received) < 4:
+                await trio.sleep(0.01)
+        s.ended.add("call-2@caller")
+        await settled(s, "apns", "ended")
+        await trio.sleep(0.5)
+        assert len(s.apns.received) == 4
+        assert s.metrics.value("evapi_worker_push_retries_total", {"provider": "apns"}) == 3
+
+
+async def test_a_call_that_ended_first_sends_no_push_and_a_claimed_one_none_twice(tmp_path: Path) -> None:
+    async with stage(tmp_path) as s:
+        s.ended.add("gone@caller")
+        s.pusher.submit([job("gone@caller")])
+        await settled(s, "apns", "ended")
+        # Two workers (one claims store): one push per device per call.
+        s.pusher.submit([job("twice@caller"), job("twice@caller")])
+        await settled(s, "apns", "taken")
+        await settled(s, "apns", "sent")
+    assert [p.call_id for p in s.apns.received] == ["twice@caller"]
+
+
+async def test_fcm_messages_with_oauth_tokens_renewed_when_refused(tmp_path: Path) -> None:
+    async with stage(tmp_path) as s:
+        s.pusher.submit([job(provider="fcm", token="android-token-1")])
+        await settled(s, "fcm", "sent")
+        (msg,) = s.fcm.received
+        assert msg.payload["android"]["priority"] == "high" and msg.payload["data"]["call-id"] == "call-1@caller"
+        # The access token is kept: the second message asks for none.
+        s.pusher.submit([job("call-2@caller", provider="fcm", token="android-token-1")])
+        await settled(s, "fcm", "sent", 2)
+        assert s.fcm.tokens_issued == 1
+        # Revoked: 401, a new access token, sent.
+        s.fcm.revoke_tokens()
+        s.pusher.submit([job("call-3@caller", provider="fcm", token="android-token-1")])
+        await settled(s, "fcm", "sent", 3)
+        assert s.fcm.tokens_issued == 2
+        # An app removed: 404 UNREGISTERED, the token forgotten.
+        s.fcm.answer("android-token-2", 404, "UNREGISTERED")
+        s.pusher.submit([job("call-4@caller", provider="fcm", token="android-token-2", device="dev-2")])
+        await settled(s, "fcm", "unregistered")
+
+
+def test_key_files_that_cannot_serve_are_a_one_line_start_up_error(tmp_path: Path) -> None:
+    key = tmp_path / "AuthKey.p8"
+    make_apns_key(key)
+
+    def apns(**kw: Any) -> PushSettings:
+        return PushSettings(apns=ApnsSettings(**{"key_file": key, "key_id": KEY_ID, "team_id": TEAM, **kw}))
+
+    assert set(push_clients(apns())) == {"apns", "apns.dev"}
+    with pytest.raises(ConfigError, match=r"push\.apns\.key_id"):
+        push_clients(apns(key_id="short"))
+    with pytest.raises(ConfigError, match=r"push\.apns\.key_file: .* cannot be read"):
+        push_clients(apns(key_file=tmp_path / "missing.p8"))
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by every user"):
+        push_clients(apns())
+    other = tmp_path / "other.p8"
+    other.write_text("not a key")
+    other.chmod(0o600)
+    with pytest.raises(ConfigError, match="not an APNs token key"):
+        push_clients(apns(key_file=other))
+
+
+def test_push_devices_are_kept_across_restarts_with_the_state(tmp_path: Path) -> None:
+    wire, engine, book = Wire(), Engine(), PushBook()
+    store = StateStore(tmp_path / "state", 1000.0, lambda file, exc: None)
+    book.register(linphone_ios(wire, T0), 0.0)  # registered for 600 s
+    assert store.write(store.snapshot(engine, 10.0, book=book))
+    restored = PushBook()
+    # Restarted 100 s later (wall clock), on a clock that starts at 0.
+    StateStore(tmp_path / "state", 1110.0, lambda file, exc: None).restore(Engine(), 0.0, lambda *a: [], restored)
+    start = wire.start(T0 + 1)
+    assert isinstance(start, CallStarted)
+    assert [j.token for j in restored.call_started(start, 480.0)] == [TOKEN]  # 600 - 110 s left
+    assert restored.call_started(start, 495.0) == []
