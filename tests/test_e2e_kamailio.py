@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from evapi_worker.config import Config
+from evapi_worker.config import Config, PushSettings
 from evapi_worker.demo import (
     DESK_UA,
     IPHONE_UA,
@@ -76,6 +76,7 @@ async def platform(
     defines: tuple[str, ...] = (),
     sip6: str | None = None,
     worker_sip: str = HOST,
+    push: PushSettings | None = None,
     **engine: Any,
 ) -> AsyncIterator[Platform]:
     """The bundled Kamailio (serving ``domain``, with TLS, authentication,
@@ -97,6 +98,7 @@ async def platform(
             engine=EngineSettings(**engine),
             sipp=SippSettings(local_ip=worker_sip),
             evapi=FAST_RECONNECT,
+            push=push or PushSettings(),
         )
         service, watch = await start_watched_worker(nursery, config)
         phones = Phones(HOST, sip_port, tmp_path, domain, passwords=passwords)

@@ -1,0 +1,123 @@
+"""The worker sends the push, end to end: real Kamailio (the bundled
+config), real SIPp phones and callers, and the APNs stand-in (a real HTTP/2
+server over TLS that checks what Apple checks) that the production client
+reaches by ``url`` and ``ca_file``. The stand-in wakes the phone as iOS
+does: the phone registers once it was pushed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from evapi_worker.apns import ApnsSettings
+from evapi_worker.config import PushSettings
+from evapi_worker.demo import IPHONE_UA, received
+from evapi_worker.push_standin import ApnsStandIn, ReceivedPush, make_apns_key, make_tls, serve_standin
+from evapi_worker.sipp_runner import Outcome
+
+from .sipp_device import SCENARIOS
+from .test_e2e_dialogs import CALLER_SAW, PHONE_SAW, lines
+from .test_e2e_kamailio import Platform, platform, pytestmark  # noqa: F401
+
+TOKEN = "c0ffee" * 10 + "abcd"  # the iPhone's VoIP token (64 hex digits), also its +sip.instance
+TEAM, KEY_ID = "TEAM123456", "ABC123DEFG"
+
+
+@dataclass
+class Pushed:
+    p: Platform
+    apns: ApnsStandIn
+
+
+@asynccontextmanager
+async def pushed_platform(tmp_path: Path) -> AsyncIterator[Pushed]:
+    """The platform, its worker pushing through the APNs stand-in."""
+    ca, cert, key = make_tls(tmp_path / "tls")
+    apns_key = tmp_path / "AuthKey_ABC123DEFG.p8"
+    apns = ApnsStandIn(make_apns_key(apns_key), KEY_ID, TEAM)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_standin, apns.handle, cert, key))
+        settings = ApnsSettings(
+            key_file=apns_key, key_id=KEY_ID, team_id=TEAM, url=f"https://127.0.0.1:{port}", ca_file=ca
+        )
+        async with platform(tmp_path, push=PushSettings(apns=settings)) as p:
+            yield Pushed(p, apns)
+        nursery.cancel_scope.cancel()
+
+
+async def iphone_goes_to_sleep(p: Platform, user: str) -> None:
+    """The iPhone registers with its push parameters, then its app is
+    suspended: the registration stays, nothing answers at its address."""
+    log = p.folder / f"asleep-{user}.log"
+    await p.phones.phone(user, IPHONE_UA, TOKEN, "phone_rings", 300, log, register=SCENARIOS / "iphone_push_sleeps.xml")
+    with trio.fail_after(5):
+        while p.metric("evapi_worker_push_devices") < 1:
+            await trio.sleep(0.05)
+
+
+def wakes_when_pushed(
+    s: Pushed, nursery: trio.Nursery, user: str, after: float, scenario: Path | str, log: Path
+) -> list[ReceivedPush]:
+    """Like iOS: a push reaches the phone, and ``after`` seconds later its
+    app has registered again (from a new address) and handles calls."""
+    pushes: list[ReceivedPush] = []
+
+    async def wake() -> None:
+        await trio.sleep(after)
+        await s.p.phones.phone(
+            user, IPHONE_UA, TOKEN, scenario, 6000, log, register=SCENARIOS / "iphone_push_register.xml"
+        )
+
+    def on_push(push: ReceivedPush) -> None:
+        pushes.append(push)
+        nursery.start_soon(wake)
+
+    s.apns.on_push = on_push
+    return pushes
+
+
+async def test_a_pushed_iphone_wakes_in_time_answers_and_completes_its_dialog(tmp_path: Path) -> None:
+    call_id = "pushed-in-time@caller.example.net"
+    async with pushed_platform(tmp_path) as s:
+        p = s.p
+        await iphone_goes_to_sleep(p, "bob")
+        iphone, caller = tmp_path / "iphone.log", tmp_path / "caller.log"
+        async with trio.open_nursery() as nursery:
+            pushes = wakes_when_pushed(s, nursery, "bob", 0.5, SCENARIOS / "phone_dialog.xml", iphone)
+            code = await p.phones.call("alice", "Alice", "bob", call_id, SCENARIOS / "caller_dialog.xml", log=caller,
+                                       timeout=30)  # fmt: skip
+        latency = p.metric("evapi_worker_push_latency_seconds_sum", provider="apns")
+    # One push, valid (the stand-in checked the JWT, headers and payload),
+    # with the call's Call-ID, a few milliseconds after Kamailio's INVITE.
+    assert [(x.token, x.call_id, x.status) for x in pushes] == [(TOKEN, call_id, 200)]
+    assert pushes[0].payload["from-uri"].startswith("sip:alice@")
+    assert 0 < latency < 0.25, latency
+    # The woken phone got the real call, answered, and the dialog completed.
+    assert code == 0, (lines(caller), lines(iphone))
+    phone = lines(iphone)
+    assert phone[0] == f"invite call_id= {call_id}" and phone[1:] == PHONE_SAW, phone
+    assert lines(caller)[1:] == CALLER_SAW
+    assert p.metric("evapi_worker_fake_calls_total", outcome="completed") == 0
+    assert p.metric("evapi_worker_push_wakeup_seconds_count") == 1
+
+
+async def test_a_pushed_iphone_that_wakes_after_the_caller_gave_up_gets_the_fake_call(tmp_path: Path) -> None:
+    call_id = "pushed-too-late@caller.example.net"
+    async with pushed_platform(tmp_path) as s:
+        p = s.p
+        await iphone_goes_to_sleep(p, "carol")
+        iphone = tmp_path / "iphone.log"
+        async with trio.open_nursery() as nursery:
+            pushes = wakes_when_pushed(s, nursery, "carol", 2.5, "phone_rings", iphone)
+            # alice gives up after 1.5 s of ringing (the sleeping contact never answers).
+            await p.phones.call("alice", "Alice", "carol", call_id, SCENARIOS / "caller_cancels_soon.xml", timeout=20)
+            outcome = await p.watch.outcome(call_id, timeout=15)
+        assert [x.call_id for x in pushes] == [call_id]
+        assert outcome is Outcome.COMPLETED
+        assert received(iphone) == (call_id, None)  # missed: the CANCEL says nothing more
+        assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "missed")]
