@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--auth", action="store_true", help="digest authentication; the demo's accounts are printed")
     demo.add_argument("--evapi", default="127.0.0.1:8448", metavar="HOST:PORT", help="Kamailio's evapi socket")
     demo.add_argument("--no-scenario", action="store_true", help="skip the scripted story; just run")
+    demo.add_argument(
+        "--push",
+        action="store_true",
+        help="the worker sends VoIP pushes through a local APNs stand-in; two more stories show iPhones it wakes",
+    )
     add_run_options(demo)
     rep = sub.add_parser(
         "replay",
@@ -289,6 +294,7 @@ def _demo(args: argparse.Namespace) -> int:
         domain=args.domain,
         auth=args.auth,
         play=not args.no_scenario,
+        push=args.push,
     )
     check_demo_addresses(options)
     config = build_config(args)

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import IO, Final, TextIO
@@ -29,9 +30,11 @@ from typing import IO, Final, TextIO
 import msgspec
 import trio
 
+from .apns import ApnsSettings
 from .config import Config, ConfigError
 from .engine import Act, Decision
 from .evapi_client import NodeAddress
+from .push_standin import ApnsStandIn, ReceivedPush, make_apns_key, make_tls, serve_standin
 from .service import Service
 from .sip_values import bracketed
 from .sipp_runner import Outcome, bind_error, bundled_scenario, free_port
@@ -520,6 +523,84 @@ async def _story(
         out("   and a CANCEL without Reason  -> its call log shows a missed call")
 
 
+async def _push_story(
+    out: Callable[[str], None],
+    phones: Phones,
+    watch: Watch,
+    apns: ApnsStandIn,
+    nursery: trio.Nursery,
+    *,
+    number: int,
+    callee: str,
+    wakes_after: float,
+    in_time: bool,
+) -> None:
+    """A call to a sleeping iPhone that the worker pushes; the stand-in
+    wakes it ``wakes_after`` seconds after the push, as iOS would."""
+    call_id = f"demo-{number}-{secrets.token_hex(4)}@{phones.sip_host}"
+    token = secrets.token_hex(32)
+    iphone_log = phones.folder / f"iphone-{callee}.log"
+    out(
+        f"\n{number}. "
+        + (
+            "A sleeping iPhone, woken by the worker's push in time"
+            if in_time
+            else "A sleeping iPhone, woken by the worker's push too late"
+        )
+    )
+    await phones.phone(
+        callee,
+        IPHONE_UA,
+        token,
+        "phone_rings",
+        300,
+        phones.folder / f"asleep-{callee}.log",
+        register=_scenario("iphone_push_sleeps.xml"),
+    )
+    out(f"   {callee}'s iPhone registered with its push token, then iOS suspended the app")
+    woken = trio.Event()
+
+    async def wake() -> None:
+        await trio.sleep(wakes_after)
+        out(f"   {callee}'s iPhone woke up {wakes_after:g} s after the push and registers")
+        woken.set()
+        await phones.phone(
+            callee,
+            IPHONE_UA,
+            token,
+            "phone_answers" if in_time else "phone_rings",
+            6000,
+            iphone_log,
+            register=_scenario("iphone_push_register.xml"),
+        )
+
+    def on_push(push: ReceivedPush) -> None:
+        if push.call_id == call_id:
+            out(f"   APNs (stand-in) got a VoIP push for Call-ID {push.call_id}, signed by the worker's key")
+            nursery.start_soon(wake)
+
+    apns.on_push = on_push
+    if in_time:
+        out(f"   alice calls {callee}; the worker pushes the iPhone at once")
+        code = await phones.call("alice", "Alice Liddell", callee, call_id)
+        got, _ = received(iphone_log)
+        out(
+            "   the iPhone rang with the real call (Call-ID " + (got or "none") + "), answered, and alice hung up"
+            if code == 0 and got == call_id
+            else f"   the call did not complete (SIPp exit {code})"
+        )
+        return
+    out(f"   alice calls {callee}; the worker pushes the iPhone; alice gives up after 1.5 s of silence")
+    await phones.call("alice", "Alice Liddell", callee, call_id, _scenario("caller_gives_up.xml"))
+    outcome = await watch.outcome(call_id, timeout=15)
+    out(f"   worker: late registration -> fake call (missed); outcome: {outcome.value if outcome else 'none in 15 s'}")
+    got, reason = received(iphone_log)
+    out(
+        f"   the iPhone received an INVITE with Call-ID {got} and a CANCEL"
+        + (f" with Reason {reason}" if reason else " without Reason -> its call log shows a missed call")
+    )
+
+
 async def start_watched_worker(nursery: trio.Nursery, config: Config) -> tuple[Service, Watch]:
     """Start a worker for ``config``'s single node; return once it is connected."""
     service = Service(config)
@@ -545,6 +626,7 @@ class DemoOptions:
     domain: str = DEMO_DOMAIN
     auth: bool = False  # digest authentication, with the DEMO_USERS accounts
     play: bool = True  # play the scripted stories first
+    push: bool = False  # the worker pushes through a local APNs stand-in, with two stories of its own
 
 
 async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
@@ -571,6 +653,9 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
             sip6_host=options.sip6,
         )  # fmt: skip
         async with kam.running(), trio.open_nursery() as nursery:
+            apns: ApnsStandIn | None = None
+            if options.push:
+                apns, config = await _start_apns_standin(nursery, folder, config)
             service, watch = await start_watched_worker(nursery, config)
             hosts = [bracketed(sip[0])] + ([bracketed(options.sip6)] if options.sip6 else [])
             transports = " and ".join(f"UDP and TCP on {host}:{sip[1]}" for host in hosts)
@@ -602,6 +687,13 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
                     say, kam, phones, watch, number=2, callee="carol", desk="phone_rings",
                     title="A missed call",
                 )  # fmt: skip
+                if apns is not None:
+                    await _push_story(
+                        say, phones, watch, apns, nursery, number=3, callee="dave", wakes_after=0.5, in_time=True
+                    )
+                    await _push_story(
+                        say, phones, watch, apns, nursery, number=4, callee="erin", wakes_after=2.5, in_time=False
+                    )
             say(
                 f"\nReady. Register phones as USER@{options.domain} through {bracketed(sip[0])}:{sip[1]} "
                 "and call each other; "
@@ -609,6 +701,20 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
                 f"counts as an iPhone. Kamailio's log: {kam.log}. Ctrl-C stops."
             )
             await trio.sleep_forever()
+
+
+async def _start_apns_standin(nursery: trio.Nursery, folder: Path, config: Config) -> tuple[ApnsStandIn, Config]:
+    """A local APNs stand-in (HTTP/2 over TLS, a throw-away CA and key) and
+    the config that makes the worker push through it."""
+    ca, cert, key = make_tls(folder / "apns")
+    key_file = folder / "apns" / "AuthKey_DEMO000001.p8"
+    apns = ApnsStandIn(make_apns_key(key_file), "DEMO000001", "DEMOTEAM01")
+    port = await nursery.start(partial(serve_standin, apns.handle, cert, key))
+    settings = ApnsSettings(
+        key_file=key_file, key_id="DEMO000001", team_id="DEMOTEAM01", url=f"https://127.0.0.1:{port}", ca_file=ca
+    )
+    push = msgspec.structs.replace(config.push, apns=settings)
+    return apns, msgspec.structs.replace(config, push=push)
 
 
 def check_demo_addresses(options: DemoOptions) -> None:

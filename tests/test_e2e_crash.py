@@ -16,10 +16,10 @@ import trio
 
 from evapi_worker.demo import KamailioProcess
 
-from .sipp_device import SCENARIOS, free_port, free_sip_port
+from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
 from .test_e2e_kamailio import DOMAIN, HOST, pytestmark  # noqa: F401
 
-PHONE_RINGS = Path(__file__).parent.parent / "evapi_worker" / "sipp" / "phone_rings.xml"
+PHONE_RINGS = PHONES / "phone_rings.xml"
 
 
 async def sipp(folder: Path, name: str, sip_port: int, *args: str) -> trio.Process:

@@ -6,6 +6,8 @@ does: the phone registers once it was pushed."""
 
 from __future__ import annotations
 
+import re
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,9 +22,10 @@ from evapi_worker.demo import IPHONE_UA, received
 from evapi_worker.push_standin import ApnsStandIn, ReceivedPush, make_apns_key, make_tls, serve_standin
 from evapi_worker.sipp_runner import Outcome
 
-from .sipp_device import SCENARIOS
+from .helpers import running_demo
+from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
 from .test_e2e_dialogs import CALLER_SAW, PHONE_SAW, lines
-from .test_e2e_kamailio import Platform, platform, pytestmark  # noqa: F401
+from .test_e2e_kamailio import HOST, Platform, platform, pytestmark  # noqa: F401
 
 TOKEN = "c0ffee" * 10 + "abcd"  # the iPhone's VoIP token (64 hex digits), also its +sip.instance
 TEAM, KEY_ID = "TEAM123456", "ABC123DEFG"
@@ -54,7 +57,7 @@ async def iphone_goes_to_sleep(p: Platform, user: str) -> None:
     """The iPhone registers with its push parameters, then its app is
     suspended: the registration stays, nothing answers at its address."""
     log = p.folder / f"asleep-{user}.log"
-    await p.phones.phone(user, IPHONE_UA, TOKEN, "phone_rings", 300, log, register=SCENARIOS / "iphone_push_sleeps.xml")
+    await p.phones.phone(user, IPHONE_UA, TOKEN, "phone_rings", 300, log, register=PHONES / "iphone_push_sleeps.xml")
     with trio.fail_after(5):
         while p.metric("evapi_worker_push_devices") < 1:
             await trio.sleep(0.05)
@@ -70,7 +73,7 @@ def wakes_when_pushed(
     async def wake() -> None:
         await trio.sleep(after)
         await s.p.phones.phone(
-            user, IPHONE_UA, TOKEN, scenario, 6000, log, register=SCENARIOS / "iphone_push_register.xml"
+            user, IPHONE_UA, TOKEN, scenario, 6000, log, register=PHONES / "iphone_push_register.xml"
         )
 
     def on_push(push: ReceivedPush) -> None:
@@ -115,9 +118,26 @@ async def test_a_pushed_iphone_that_wakes_after_the_caller_gave_up_gets_the_fake
         async with trio.open_nursery() as nursery:
             pushes = wakes_when_pushed(s, nursery, "carol", 2.5, "phone_rings", iphone)
             # alice gives up after 1.5 s of ringing (the sleeping contact never answers).
-            await p.phones.call("alice", "Alice", "carol", call_id, SCENARIOS / "caller_cancels_soon.xml", timeout=20)
+            await p.phones.call("alice", "Alice", "carol", call_id, PHONES / "caller_gives_up.xml", timeout=20)
             outcome = await p.watch.outcome(call_id, timeout=15)
         assert [x.call_id for x in pushes] == [call_id]
         assert outcome is Outcome.COMPLETED
         assert received(iphone) == (call_id, None)  # missed: the CANCEL says nothing more
         assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "missed")]
+
+
+async def test_the_demo_with_push_wakes_its_iphones_through_the_apns_stand_in(tmp_path: Path) -> None:
+    """The installed ``evapi-worker demo --push``: its stories 3 and 4 are a
+    sleeping iPhone pushed by the worker and woken in time (the real call,
+    answered) and one woken too late (the fake call, missed)."""
+    sip, evapi = free_sip_port(), free_port(socket.SOCK_STREAM)
+    out = tmp_path / "demo.out"
+    async with running_demo(
+        out, "--push", "--metrics", "off", "--sip", f"{HOST}:{sip}", "--evapi", f"{HOST}:{evapi}", ready_within=60
+    ):
+        text = out.read_text()
+    pushed = re.findall(r"APNs \(stand-in\) got a VoIP push for Call-ID (\S+), signed", text)
+    assert len(pushed) == 2, text
+    assert f"the iPhone rang with the real call (Call-ID {pushed[0]}), answered" in text, text
+    assert f"the iPhone received an INVITE with Call-ID {pushed[1]} and a CANCEL without Reason" in text, text
+    assert "fake call (missed); outcome: completed" in text, text
