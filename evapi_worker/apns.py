@@ -26,6 +26,7 @@ from typing import Final
 import httpx
 import jwt
 import msgspec
+import trio
 
 from .push_answers import PushAnswer, PushResult
 from .push_book import PushJob
@@ -35,6 +36,7 @@ __all__ = ["ApnsClient", "ApnsSettings", "apns_payload"]
 PRODUCTION: Final = "https://api.push.apple.com"
 SANDBOX: Final = "https://api.sandbox.push.apple.com"
 _TOKEN_LIFE: Final = 40 * 60.0
+_IN_FLIGHT: Final = 32
 MAX_PAYLOAD: Final = 5120  # bytes, for VoIP pushes
 
 
@@ -89,6 +91,10 @@ class ApnsClient:
         self._token: tuple[str, float] | None = None  # (JWT, made at)
         self._tls = tls_context(settings.ca_file)
         self._clients: dict[str, httpx.AsyncClient] = {}
+        # Requests in flight at once: httpcore's pool rescans every queued
+        # request for each one it assigns (quadratic in a burst); a small
+        # queue of our own keeps a burst of thousands linear.
+        self._in_flight = trio.CapacityLimiter(_IN_FLIGHT)
 
     @classmethod
     def from_settings(cls, settings: ApnsSettings) -> ApnsClient:
@@ -134,7 +140,10 @@ class ApnsClient:
             "content-type": "application/json",
         }
         try:
-            response = await self._client(job.provider).post(f"/3/device/{job.token}", content=payload, headers=headers)
+            async with self._in_flight:
+                response = await self._client(job.provider).post(
+                    f"/3/device/{job.token}", content=payload, headers=headers
+                )
         except httpx.HTTPError as exc:
             return PushAnswer(PushResult.RETRY, 0, f"{type(exc).__name__}: {exc}")
         return classify(response.status_code, _reason(response))
