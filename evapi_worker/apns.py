@@ -28,7 +28,7 @@ import jwt
 import msgspec
 import trio
 
-from .push_answers import PushAnswer, PushResult
+from .push_answers import AnswerRules, PushAnswer, PushResult
 from .push_book import PushJob
 
 __all__ = ["ApnsClient", "ApnsSettings", "apns_payload"]
@@ -146,7 +146,7 @@ class ApnsClient:
                 )
         except httpx.HTTPError as exc:
             return PushAnswer(PushResult.RETRY, 0, f"{type(exc).__name__}: {exc}")
-        return classify(response.status_code, _reason(response))
+        return RULES.classify(response.status_code, _reason(response))
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -162,18 +162,9 @@ def _reason(response: httpx.Response) -> str:
     return value if isinstance(value, str) else ""
 
 
-def classify(status: int, reason: str) -> PushAnswer:
-    """Apple's answer, as the pusher acts on it."""
-    if status == 200:
-        result = PushResult.SENT
-    elif status == 410 or reason == "Unregistered":
-        result = PushResult.UNREGISTERED
-    elif status == 400 and reason in ("BadDeviceToken", "DeviceTokenNotForTopic", "TopicDisallowed"):
-        result = PushResult.BAD_TOKEN
-    elif status == 403 and reason in ("ExpiredProviderToken", "InvalidProviderToken"):
-        result = PushResult.AUTH
-    elif status == 429 or status >= 500:
-        result = PushResult.RETRY
-    else:
-        result = PushResult.FAILED
-    return PushAnswer(result, status, reason)
+# Apple's words (developer.apple.com, "Handling notification responses from APNs").
+RULES: Final = AnswerRules(
+    unregistered=(410, "Unregistered"),
+    bad_token=(400, frozenset(("BadDeviceToken", "DeviceTokenNotForTopic", "TopicDisallowed"))),
+    auth=(403, frozenset(("ExpiredProviderToken", "InvalidProviderToken"))),
+)

@@ -20,7 +20,7 @@ import msgspec
 import trio
 
 from .apns import tls_context
-from .push_answers import PushAnswer, PushResult
+from .push_answers import AnswerRules, PushAnswer, PushResult
 from .push_book import PushJob
 
 __all__ = ["FcmClient", "FcmSettings", "ServiceAccount", "fcm_message"]
@@ -122,7 +122,7 @@ class FcmClient:
             response = await self._http.post(url, content=fcm_message(job, self.settings.ttl), headers=headers)
         except httpx.HTTPError as exc:
             return PushAnswer(PushResult.RETRY, 0, f"{type(exc).__name__}: {exc}")
-        return classify(response.status_code, _error_status(response))
+        return RULES.classify(response.status_code, _error_status(response))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -142,18 +142,10 @@ def _error_status(response: httpx.Response) -> str:
     return status if isinstance(status, str) else ""
 
 
-def classify(status: int, reason: str) -> PushAnswer:
-    """FCM's answer, as the pusher acts on it."""
-    if status == 200:
-        result = PushResult.SENT
-    elif status == 404 or reason == "UNREGISTERED":
-        result = PushResult.UNREGISTERED
-    elif status == 400 and reason in ("INVALID_ARGUMENT", "SENDER_ID_MISMATCH"):
-        result = PushResult.BAD_TOKEN
-    elif status == 401:
-        result = PushResult.AUTH
-    elif status == 429 or status >= 500:
-        result = PushResult.RETRY
-    else:
-        result = PushResult.FAILED
-    return PushAnswer(result, status, reason)
+# FCM's words (firebase.google.com, "FCM error codes"): a 401 is an access
+# token that expired or was revoked, whatever the reason says.
+RULES: Final = AnswerRules(
+    unregistered=(404, "UNREGISTERED"),
+    bad_token=(400, frozenset(("INVALID_ARGUMENT", "SENDER_ID_MISMATCH"))),
+    auth=(401, None),
+)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["PushAnswer", "PushResult"]
+__all__ = ["AnswerRules", "PushAnswer", "PushResult"]
 
 
 class PushResult(enum.Enum):
@@ -24,3 +24,28 @@ class PushAnswer:
     result: PushResult
     status: int  # the HTTP status, 0 when no answer came
     reason: str  # the service's reason (APNs' "reason", FCM's error status), or the error
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRules:
+    """How one service words the answers the pusher acts on."""
+
+    unregistered: tuple[int, str]  # the status, or the reason, of a token that is gone
+    bad_token: tuple[int, frozenset[str]]  # the status and reasons of a wrong token
+    auth: tuple[int, frozenset[str] | None]  # the status (and reasons; None: any) of refused credentials
+
+    def classify(self, status: int, reason: str) -> PushAnswer:
+        """The service's answer, as the pusher acts on it."""
+        if status == 200:
+            result = PushResult.SENT
+        elif status == self.unregistered[0] or reason == self.unregistered[1]:
+            result = PushResult.UNREGISTERED
+        elif status == self.bad_token[0] and reason in self.bad_token[1]:
+            result = PushResult.BAD_TOKEN
+        elif status == self.auth[0] and (self.auth[1] is None or reason in self.auth[1]):
+            result = PushResult.AUTH
+        elif status == 429 or status >= 500:
+            result = PushResult.RETRY  # throttled, or the service failed
+        else:
+            result = PushResult.FAILED
+        return PushAnswer(result, status, reason)

@@ -160,12 +160,7 @@ async def test_hostile_input_and_faults_leave_the_real_worker_serving(tmp_path: 
             for data in hostile:
                 await server.send(data)
             # 300 idle connections to /metrics, under a 96-descriptor limit.
-            for _ in range(300):
-                s = socket.socket()
-                s.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    s.connect(("127.0.0.1", port))
-                idle.append(s)
+            idle += silent_clients(port, 300)
             await trio.sleep(0.5)
             # Still deciding and still calling: a late iPhone gets its fake call.
             await late_iphone_gets_its_fake_call(tmp_path, server, "after-the-storm")
@@ -222,6 +217,18 @@ async def test_a_full_disk_under_the_capture_is_counted_and_the_worker_goes_on(t
     assert "No space left on device" in log
 
 
+def silent_clients(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections to the metrics port that will send nothing."""
+    clients = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        clients.append(s)
+    return clients
+
+
 def timed_get(port: int, path: str) -> tuple[int, float]:
     """Status and seconds of one GET (1 s at most, as a scraper may wait)."""
     started = time.monotonic()
@@ -240,12 +247,7 @@ async def test_silent_clients_never_keep_a_scrape_or_a_health_check_waiting(tmp_
         await server.start(nursery)
         async with running_worker(tmp_path, server) as (_proc, port):
             await trio.sleep(0.5)  # connected and answering pings
-            for _ in range(200):
-                s = socket.socket()
-                s.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    s.connect(("127.0.0.1", port))
-                idle.append(s)
+            idle += silent_clients(port, 200)
             await trio.sleep(0.3)
             # The 200 still connected, silent: each answer within 1 s.
             for path in ("/healthz", "/metrics", "/healthz"):
