@@ -11,24 +11,24 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import trio
 
-from evapi_worker.apns import ApnsSettings
-from evapi_worker.config import PushSettings
-from evapi_worker.demo import IPHONE_UA, received
-from evapi_worker.push_standin import ApnsStandIn, ReceivedPush, make_apns_key, make_tls, serve_standin
+from evapi_worker.config import Config
+from evapi_worker.demo import IPHONE_UA, Phones, received
+from evapi_worker.push_standin import ApnsStandIn, ReceivedPush
+from evapi_worker.service import Service
 from evapi_worker.sipp_runner import Outcome
 
-from .helpers import running_demo
+from .helpers import FAST_RECONNECT, running_demo
+from .push_services import start_standins
 from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
 from .test_e2e_dialogs import CALLER_SAW, PHONE_SAW, lines
-from .test_e2e_kamailio import HOST, Platform, platform, pytestmark  # noqa: F401
+from .test_e2e_kamailio import DOMAIN, HOST, Platform, platform, pytestmark  # noqa: F401
+from .test_e2e_workers import address, kamailio, total
 
 TOKEN = "c0ffee" * 10 + "abcd"  # the iPhone's VoIP token (64 hex digits), also its +sip.instance
-TEAM, KEY_ID = "TEAM123456", "ABC123DEFG"
 
 
 @dataclass
@@ -39,17 +39,11 @@ class Pushed:
 
 @asynccontextmanager
 async def pushed_platform(tmp_path: Path) -> AsyncIterator[Pushed]:
-    """The platform, its worker pushing through the APNs stand-in."""
-    ca, cert, key = make_tls(tmp_path / "tls")
-    apns_key = tmp_path / "AuthKey_ABC123DEFG.p8"
-    apns = ApnsStandIn(make_apns_key(apns_key), KEY_ID, TEAM)
+    """The platform, its worker pushing through the stand-ins."""
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(serve_standin, apns.handle, cert, key))
-        settings = ApnsSettings(
-            key_file=apns_key, key_id=KEY_ID, team_id=TEAM, url=f"https://127.0.0.1:{port}", ca_file=ca
-        )
-        async with platform(tmp_path, push=PushSettings(apns=settings)) as p:
-            yield Pushed(p, apns)
+        standins = await start_standins(nursery, tmp_path / "push")
+        async with platform(tmp_path, push=standins.settings) as p:
+            yield Pushed(p, standins.apns)
         nursery.cancel_scope.cancel()
 
 
@@ -141,3 +135,47 @@ async def test_the_demo_with_push_wakes_its_iphones_through_the_apns_stand_in(tm
     assert f"the iPhone rang with the real call (Call-ID {pushed[0]}), answered" in text, text
     assert f"the iPhone received an INVITE with Call-ID {pushed[1]} and a CANCEL without Reason" in text, text
     assert "fake call (missed); outcome: completed" in text, text
+
+
+async def test_two_workers_push_each_device_once_and_an_android_phone_gets_its_push_only(tmp_path: Path) -> None:
+    # An iPhone and an Android phone of one account, both asleep; two
+    # workers hear the call. The node's claims let one worker push each
+    # device; the caller gives up and nobody wakes: no fake call either
+    # (Android apps get their calls, this worker calls only iPhones late).
+    call_id = "two-workers@caller.example.net"
+    kam = kamailio(tmp_path / "k", "pushnode")
+    async with trio.open_nursery() as outer:
+        standins = await start_standins(outer, tmp_path / "push")
+        async with kam.running(), trio.open_nursery() as nursery:
+            workers = []
+            for _ in range(2):
+                config = Config(nodes=(address(kam),), evapi=FAST_RECONNECT, push=standins.settings)
+                worker = Service(config)
+                await nursery.start(worker.run)
+                workers.append(worker)
+            with trio.fail_after(10):
+                while not all(c.connected for w in workers for c in w.connections.values()):
+                    await trio.sleep(0.02)
+            phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+            asleep = tmp_path / "asleep.log"
+            await phones.phone(
+                "dana", IPHONE_UA, TOKEN, "phone_rings", 300, asleep, register=PHONES / "iphone_push_sleeps.xml"
+            )
+            await phones.phone("dana", "LinphoneAndroid/5.2", "androidtoken1", "phone_rings", 300, asleep,
+                               register=SCENARIOS / "android_push_sleeps.xml")  # fmt: skip
+            with trio.fail_after(5):
+                while total(workers, "evapi_worker_push_devices") < 4:
+                    await trio.sleep(0.05)
+            await phones.call("alice", "Alice", "dana", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+            with trio.fail_after(10):
+                while total(workers, "evapi_worker_pushes_total", provider="fcm", result="sent") < 1:
+                    await trio.sleep(0.05)
+            await trio.sleep(1)  # and nothing more
+            nursery.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+    assert [(x.token, x.call_id) for x in standins.apns.received] == [(TOKEN, call_id)]
+    assert [(x.token, x.call_id) for x in standins.fcm.received] == [("androidtoken1", call_id)]
+    for provider in ("apns", "fcm"):
+        assert total(workers, "evapi_worker_pushes_total", provider=provider, result="sent") == 1
+        assert total(workers, "evapi_worker_pushes_total", provider=provider, result="taken") == 1
+    assert total(workers, "evapi_worker_fake_calls_sent_total") == 0

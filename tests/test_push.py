@@ -4,12 +4,10 @@ HTTP/2 servers over TLS, checking what Apple and Google check."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ from evapi_worker.apns import ApnsSettings
 from evapi_worker.config import ConfigError, PushSettings
 from evapi_worker.engine import Engine
 from evapi_worker.events import CallStarted, Register
-from evapi_worker.fcm import FcmSettings
 from evapi_worker.metrics import Metrics
 from evapi_worker.persistence import StateStore
 from evapi_worker.push_book import PushBook, PushJob
@@ -29,17 +26,14 @@ from evapi_worker.push_standin import (
     ApnsStandIn,
     FcmStandIn,
     make_apns_key,
-    make_service_account,
-    make_tls,
-    serve_standin,
 )
 from evapi_worker.pusher import Pusher, push_clients
 
 from .helpers import Wire
+from .push_services import KEY_ID, TEAM, start_standins
 
 T0 = 1_700_000_000.0
 TOKEN = "a1" * 32  # an APNs VoIP token: 64 hex digits
-TEAM, KEY_ID = "TEAM123456", "ABC123DEFG"
 
 
 def register(wire: Wire, ts: float, **kw: Any) -> Register:
@@ -108,25 +102,9 @@ class Stage:
 @asynccontextmanager
 async def stage(tmp_path: Path, *, give_up_after: float = 10.0) -> AsyncIterator[Stage]:
     """Both stand-ins on loopback, and a Pusher whose production clients
-    point at them (url, ca_file)."""
-    ca, cert, key = make_tls(tmp_path / "tls")
-    apns_key = tmp_path / "AuthKey.p8"
-    apns = ApnsStandIn(make_apns_key(apns_key), KEY_ID, TEAM)
-    account = tmp_path / "fcm.json"
+    point at them."""
     async with trio.open_nursery() as nursery:
-        apns_port = await nursery.start(partial(serve_standin, apns.handle, cert, key))
-        fcm_holder: list[FcmStandIn] = []
-        fcm_port = await nursery.start(partial(serve_standin, lambda *a: fcm_holder[0].handle(*a), cert, key))
-        token_url = f"https://127.0.0.1:{fcm_port}/token"
-        fcm = FcmStandIn(make_service_account(account, "evw-test", token_url), "", "evw-test")
-        fcm.client_email = json.loads(account.read_text())["client_email"]
-        fcm.audience = token_url
-        fcm_holder.append(fcm)
-        settings = PushSettings(
-            apns=ApnsSettings(key_file=apns_key, key_id=KEY_ID, team_id=TEAM,
-                              url=f"https://127.0.0.1:{apns_port}", ca_file=ca),
-            fcm=FcmSettings(service_account_file=account, url=f"https://127.0.0.1:{fcm_port}", ca_file=ca),
-        )  # fmt: skip
+        standins = await start_standins(nursery, tmp_path)
         metrics, book, ended, claims = Metrics(), PushBook(), set[str](), set[str]()
 
         async def claim(node: str, key: str) -> bool:
@@ -136,11 +114,11 @@ async def stage(tmp_path: Path, *, give_up_after: float = 10.0) -> AsyncIterator
             return won
 
         pusher = Pusher(
-            push_clients(settings), book, metrics, lambda call_id: call_id not in ended, claim,
+            push_clients(standins.settings), book, metrics, lambda call_id: call_id not in ended, claim,
             give_up_after=give_up_after,
         )  # fmt: skip
         await nursery.start(pusher.run)
-        yield Stage(apns, fcm, pusher, metrics, book, ended, claims, tmp_path)
+        yield Stage(standins.apns, standins.fcm, pusher, metrics, book, ended, claims, tmp_path)
         nursery.cancel_scope.cancel()
 
 
