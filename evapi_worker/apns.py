@@ -1,7 +1,9 @@
 """Apple Push Notification service: VoIP pushes over HTTP/2, token
 authentication.
 
-One long-lived HTTP/2 connection per environment (``api.push.apple.com``
+One long-lived HTTP/2 connection per environment (our own small client,
+http2_client.py: a general-purpose one spent most of a push's time in its
+layers) (``api.push.apple.com``
 for ``pn-provider=apns``, ``api.sandbox.push.apple.com`` for ``apns.dev``;
 ``url`` replaces both, for a stand-in), every push multiplexed on it. The
 provider token is an ES256 JWT (header ``kid``, claims ``iss`` = the team
@@ -23,11 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-import httpx
 import jwt
 import msgspec
-import trio
 
+from .http2_client import H2Client, H2Error
 from .push_answers import AnswerRules, PushAnswer, PushResult
 from .push_book import PushJob
 
@@ -36,7 +37,6 @@ __all__ = ["ApnsClient", "ApnsSettings", "apns_payload"]
 PRODUCTION: Final = "https://api.push.apple.com"
 SANDBOX: Final = "https://api.sandbox.push.apple.com"
 _TOKEN_LIFE: Final = 40 * 60.0
-_IN_FLIGHT: Final = 32
 MAX_PAYLOAD: Final = 5120  # bytes, for VoIP pushes
 
 
@@ -72,12 +72,12 @@ def apns_payload(job: PushJob, push_id: str, now: float) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+def tls_context(ca_file: Path | None, *, http2_only: bool = False) -> ssl.SSLContext:
     """The system's CAs, and ``ca_file`` besides when given; HTTP/2 by ALPN."""
     context = ssl.create_default_context()
     if ca_file is not None:
         context.load_verify_locations(cafile=str(ca_file))
-    context.set_alpn_protocols(["h2", "http/1.1"])
+    context.set_alpn_protocols(["h2"] if http2_only else ["h2", "http/1.1"])
     return context
 
 
@@ -89,12 +89,8 @@ class ApnsClient:
         self._key = key
         self._clock = clock
         self._token: tuple[str, float] | None = None  # (JWT, made at)
-        self._tls = tls_context(settings.ca_file)
-        self._clients: dict[str, httpx.AsyncClient] = {}
-        # Requests in flight at once: httpcore's pool rescans every queued
-        # request for each one it assigns (quadratic in a burst); a small
-        # queue of our own keeps a burst of thousands linear.
-        self._in_flight = trio.CapacityLimiter(_IN_FLIGHT)
+        self._tls = tls_context(settings.ca_file, http2_only=True)
+        self._clients: dict[str, H2Client] = {}
 
     @classmethod
     def from_settings(cls, settings: ApnsSettings) -> ApnsClient:
@@ -113,13 +109,11 @@ class ApnsClient:
         """Apple said the token expired: the next push makes a new one."""
         self._token = None
 
-    def _client(self, provider: str) -> httpx.AsyncClient:
+    def _client(self, provider: str) -> H2Client:
         base = self.settings.url or (SANDBOX if provider == "apns.dev" else PRODUCTION)
         client = self._clients.get(base)
         if client is None:
-            client = httpx.AsyncClient(
-                base_url=base, http2=True, verify=self._tls, timeout=self.settings.timeout, trust_env=False
-            )
+            client = H2Client(base, self._tls, self.settings.timeout)
             self._clients[base] = client
         return client
 
@@ -140,13 +134,10 @@ class ApnsClient:
             "content-type": "application/json",
         }
         try:
-            async with self._in_flight:
-                response = await self._client(job.provider).post(
-                    f"/3/device/{job.token}", content=payload, headers=headers
-                )
-        except httpx.HTTPError as exc:
-            return PushAnswer(PushResult.RETRY, 0, f"{type(exc).__name__}: {exc}")
-        return RULES.classify(response.status_code, _reason(response))
+            status, body = await self._client(job.provider).request("POST", f"/3/device/{job.token}", headers, payload)
+        except H2Error as exc:
+            return PushAnswer(PushResult.RETRY, 0, str(exc))
+        return RULES.classify(status, _reason(body))
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -154,9 +145,9 @@ class ApnsClient:
         self._clients.clear()
 
 
-def _reason(response: httpx.Response) -> str:
+def _reason(body: bytes) -> str:
     try:
-        value = response.json().get("reason", "")
+        value = json.loads(body).get("reason", "") if body else ""
     except (ValueError, AttributeError):
         return ""
     return value if isinstance(value, str) else ""
