@@ -22,9 +22,11 @@ from evapi_worker.service import Service
 from evapi_worker.sipp_runner import Outcome
 
 from .helpers import FAST_RECONNECT, running_demo
+from .linphone import Linphone, needs_linphonec
 from .push_services import start_standins
 from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
-from .test_e2e_dialogs import CALLER_SAW, PHONE_SAW, lines
+from .test_e2e_dialogs import CALLER_SAW, PHONE_SAW, call_in_progress, lines
+from .test_e2e_field import linphone
 from .test_e2e_kamailio import DOMAIN, HOST, Platform, platform, pytestmark  # noqa: F401
 from .test_e2e_workers import address, kamailio, total
 
@@ -38,11 +40,11 @@ class Pushed:
 
 
 @asynccontextmanager
-async def pushed_platform(tmp_path: Path) -> AsyncIterator[Pushed]:
+async def pushed_platform(tmp_path: Path, *, tls: bool = False) -> AsyncIterator[Pushed]:
     """The platform, its worker pushing through the stand-ins."""
     async with trio.open_nursery() as nursery:
         standins = await start_standins(nursery, tmp_path / "push")
-        async with platform(tmp_path, push=standins.settings) as p:
+        async with platform(tmp_path, push=standins.settings, tls=tls) as p:
             yield Pushed(p, standins.apns)
         nursery.cancel_scope.cancel()
 
@@ -179,3 +181,30 @@ async def test_two_workers_push_each_device_once_and_an_android_phone_gets_its_p
         assert total(workers, "evapi_worker_pushes_total", provider=provider, result="sent") == 1
         assert total(workers, "evapi_worker_pushes_total", provider=provider, result="taken") == 1
     assert total(workers, "evapi_worker_fake_calls_sent_total") == 0
+
+
+@needs_linphonec
+async def test_linphone_woken_by_the_push_answers_over_tls_and_keeps_a_completed_call(tmp_path: Path) -> None:
+    """The woken phone is liblinphone over TLS, registering with the same
+    push parameters as the suspended app: the push brings it up, it gets the
+    real call and answers; its own call history has a successful call."""
+    call_id = "pushed-linphone@caller.example.net"
+    async with pushed_platform(tmp_path, tls=True) as s:
+        p = s.p
+        await iphone_goes_to_sleep(p, "quinn")
+        phone: Linphone = linphone(p, "quinn", "tls")
+        phone.auto_answer, phone.push_token = True, f"{TOKEN}:voip"
+        pushed = trio.Event()
+        s.apns.on_push = lambda push: pushed.set()
+        caller_log = tmp_path / "caller.log"
+        async with trio.open_nursery() as nursery:
+            code = await call_in_progress(p, nursery, "quinn", call_id, SCENARIOS / "caller_dialog.xml", caller_log)
+            with trio.fail_after(5):
+                await pushed.wait()
+            async with phone.running():  # the app, woken by the push
+                (log,) = await phone.wait_call_logs(timeout=20)
+                duration = phone.call_duration(call_id)
+        assert [x.call_id for x in s.apns.received] == [call_id]
+        assert code == [0], lines(caller_log)
+        assert (log.call_id, log.status) == (call_id, "success")
+        assert duration is not None and duration >= 1
