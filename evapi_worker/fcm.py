@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-import httpx
 import jwt
 import msgspec
 import trio
 
 from .apns import tls_context
+from .http2_client import H2Client, H2Error
 from .push_answers import AnswerRules, PushAnswer, PushResult
 from .push_book import PushJob
 
@@ -71,9 +72,10 @@ class FcmClient:
         self._clock = clock
         self._access: tuple[str, float] | None = None  # (token, good until)
         self._lock = trio.Lock()  # one token request at a time
-        self._http = httpx.AsyncClient(
-            http2=True, verify=tls_context(settings.ca_file), timeout=settings.timeout, trust_env=False
-        )
+        tls = tls_context(settings.ca_file, http2_only=True)
+        self._token_url = urllib.parse.urlsplit(settings.token_url or account.token_uri)
+        self._token_http = H2Client(f"https://{self._token_url.netloc}", tls, settings.timeout)
+        self._http = H2Client(settings.url or _DEFAULT_URL, tls, settings.timeout)
 
     @classmethod
     def from_settings(cls, settings: FcmSettings) -> FcmClient:
@@ -90,20 +92,23 @@ class FcmClient:
             now = self._clock()
             if self._access is not None and now < self._access[1]:
                 return self._access[0]
-            audience = self.settings.token_url or self.account.token_uri
+            audience = urllib.parse.urlunsplit(self._token_url)
             claims = {"iss": self.account.client_email, "scope": _SCOPE, "aud": audience, "iat": int(now),
                       "exp": int(now) + 3600}  # fmt: skip
             assertion = jwt.encode(claims, self.account.private_key, algorithm="RS256")
-            form = {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+            form = urllib.parse.urlencode(
+                {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": assertion}
+            ).encode()
+            headers = {"content-type": "application/x-www-form-urlencoded"}
             try:
-                response = await self._http.post(audience, data=form)
-            except httpx.HTTPError as exc:
-                return PushAnswer(PushResult.RETRY, 0, f"token: {type(exc).__name__}: {exc}")
-            if response.status_code != 200:
-                result = PushResult.RETRY if response.status_code >= 500 else PushResult.FAILED
-                return PushAnswer(result, response.status_code, f"token: {response.text[:200]}")
+                status, body = await self._token_http.request("POST", self._token_url.path or "/", headers, form)
+            except H2Error as exc:
+                return PushAnswer(PushResult.RETRY, 0, f"token: {exc}")
+            if status != 200:
+                result = PushResult.RETRY if status >= 500 else PushResult.FAILED
+                return PushAnswer(result, status, f"token: {body[:200].decode(errors='replace')}")
             try:
-                granted = response.json()
+                granted = json.loads(body)
                 token, expires_in = str(granted["access_token"]), float(granted.get("expires_in", 3600))
             except (ValueError, KeyError, TypeError):
                 return PushAnswer(PushResult.FAILED, 200, "token: not an access token")
@@ -115,22 +120,22 @@ class FcmClient:
         token = await self.access_token()
         if isinstance(token, PushAnswer):
             return token
-        base = self.settings.url or _DEFAULT_URL
-        url = f"{base}/v1/projects/{self.account.project_id}/messages:send"
+        path = f"/v1/projects/{self.account.project_id}/messages:send"
         headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
         try:
-            response = await self._http.post(url, content=fcm_message(job, self.settings.ttl), headers=headers)
-        except httpx.HTTPError as exc:
-            return PushAnswer(PushResult.RETRY, 0, f"{type(exc).__name__}: {exc}")
-        return RULES.classify(response.status_code, _error_status(response))
+            status, body = await self._http.request("POST", path, headers, fcm_message(job, self.settings.ttl))
+        except H2Error as exc:
+            return PushAnswer(PushResult.RETRY, 0, str(exc))
+        return RULES.classify(status, _error_status(body))
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._token_http.aclose()
 
 
-def _error_status(response: httpx.Response) -> str:
+def _error_status(body: bytes) -> str:
     try:
-        error = response.json().get("error", {})
+        error = json.loads(body).get("error", {}) if body else {}
         details = error.get("details") or []
         for detail in details:
             code = detail.get("errorCode")
