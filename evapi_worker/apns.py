@@ -54,8 +54,7 @@ class ApnsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 def apns_payload(job: PushJob, push_id: str, now: float) -> bytes:
     """The VoIP payload for ``job``: at most :data:`MAX_PAYLOAD` bytes."""
-    caller = f"sip:{job.from_user}@{job.from_domain}" if job.from_domain else f"sip:{job.from_user}"
-    name = job.from_name or job.from_user
+    name = job.caller_name
     body = {
         "aps": {
             "sound": "",
@@ -65,7 +64,7 @@ def apns_payload(job: PushJob, push_id: str, now: float) -> bytes:
             "uuid": push_id,
             "send-time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)),
         },
-        "from-uri": caller,
+        "from-uri": job.caller_uri,
         "display-name": name,
         "pn_ttl": 30,
     }

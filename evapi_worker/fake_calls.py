@@ -304,8 +304,6 @@ class ActionRunner:
             )
         except UnsafeValue as exc:
             return Outcome.UNSAFE, str(exc)
-        if trio.current_time() > decision.deadline:
-            return Outcome.OVERDUE, "deadline passed"
         if not self._begin(key):
             return Outcome.DEFERRED, "the worker stops; saved for its restart"
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))

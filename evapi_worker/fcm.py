@@ -52,12 +52,11 @@ class ServiceAccount(msgspec.Struct, frozen=True):
 
 def fcm_message(job: PushJob, ttl: int) -> bytes:
     """The send request's body: a high-priority data message."""
-    caller = f"sip:{job.from_user}@{job.from_domain}" if job.from_domain else f"sip:{job.from_user}"
     body = {
         "message": {
             "token": job.token,
             "android": {"priority": "high", "ttl": f"{ttl}s"},
-            "data": {"call-id": job.call_id, "from-uri": caller, "display-name": job.from_name or job.from_user},
+            "data": {"call-id": job.call_id, "from-uri": job.caller_uri, "display-name": job.caller_name},
         }
     }
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

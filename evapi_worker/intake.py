@@ -97,7 +97,9 @@ class Intake:
         if event.node != node:
             # Route by the connection the REGISTER came in on.
             event = msgspec.structs.replace(event, node=node)
-        happened = self.clocks.local(node, event.ts)
+        mapped = self.clocks.local(node, event.ts)
+        # Never later than it was read (a node's clock a little ahead).
+        happened = now if mapped is None else min(mapped, now)
         if self.book is not None:
-            self.book.register(event, now if happened is None else min(happened, now))
+            self.book.register(event, happened)
         return self.engine.handle(event, now, happened)

@@ -60,6 +60,15 @@ class PushJob:
     ts: float  # the call's start, Kamailio's clock
     received: float  # when the worker read it, the engine's clock
 
+    @property
+    def caller_uri(self) -> str:
+        """Who calls, as a SIP URI, for the app's call screen."""
+        return f"sip:{self.from_user}@{self.from_domain}" if self.from_domain else f"sip:{self.from_user}"
+
+    @property
+    def caller_name(self) -> str:
+        return self.from_name or self.from_user
+
 
 def push_target(reg: Register) -> tuple[str, str, str] | None:
     """(provider, token, topic) of a REGISTER's RFC 8599 parameters, or

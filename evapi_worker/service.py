@@ -378,7 +378,7 @@ class Service:
         if self.store is not None:
             self.store.note_event(node, now, payload)
             if isinstance(event, Register):
-                # On disk before anything is decided on it: a crash, even
+                # On disk before any action it led to begins: a crash, even
                 # within the journal's interval, loses no late REGISTER
                 # (a write to the page cache; a kill -9 cannot undo it).
                 self.store.flush()
