@@ -24,12 +24,13 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.apns import ApnsClient, ApnsSettings
+from evapi_worker.apns import ApnsSettings
+from evapi_worker.config import PushSettings
 from evapi_worker.metrics import Metrics
 from evapi_worker.push_answers import PushAnswer
 from evapi_worker.push_book import PushBook, PushJob
 from evapi_worker.push_standin import ApnsStandIn, make_apns_key, make_tls, serve_standin
-from evapi_worker.pusher import Pusher
+from evapi_worker.pusher import PushClient, Pusher, push_clients
 
 TEAM, KEY_ID = "TEAM123456", "ABC123DEFG"
 
@@ -57,7 +58,7 @@ class _Discard(list[object]):
 class _Timed:
     """The production client, each answer's latency noted."""
 
-    def __init__(self, client: ApnsClient) -> None:
+    def __init__(self, client: PushClient) -> None:
         self.client = client
         self.latencies: list[float] = []
         self.wanted = 1
@@ -92,7 +93,7 @@ async def _run(ca: str, port: int, key: Path, pushes: int, rate: float) -> tuple
     settings = ApnsSettings(
         key_file=key, key_id=KEY_ID, team_id=TEAM, url=f"https://127.0.0.1:{port}", ca_file=Path(ca)
     )
-    timed = _Timed(ApnsClient.from_settings(settings))
+    timed = _Timed(push_clients(PushSettings(apns=settings))["apns"])
 
     async def claim(node: str, key: str) -> bool:
         return True

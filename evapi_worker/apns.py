@@ -91,10 +91,6 @@ class ApnsClient:
         self._tls = tls_context(settings.ca_file, http2_only=True)
         self._clients: dict[str, H2Client] = {}
 
-    @classmethod
-    def from_settings(cls, settings: ApnsSettings) -> ApnsClient:
-        return cls(settings, settings.key_file.read_bytes())
-
     def provider_token(self) -> str:
         """The current provider token, made again when 40 minutes old."""
         now = self._clock()

@@ -76,11 +76,6 @@ class FcmClient:
         self._token_http = H2Client(f"https://{self._token_url.netloc}", tls, settings.timeout)
         self._http = H2Client(settings.url or _DEFAULT_URL, tls, settings.timeout)
 
-    @classmethod
-    def from_settings(cls, settings: FcmSettings) -> FcmClient:
-        account = msgspec.json.decode(settings.service_account_file.read_bytes(), type=ServiceAccount)
-        return cls(settings, account)
-
     def renew_token(self) -> None:
         """The token was refused: the next message asks for a new one."""
         self._access = None
