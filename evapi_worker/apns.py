@@ -17,7 +17,6 @@ Flexisip sends it.
 
 from __future__ import annotations
 
-import json
 import ssl
 import time
 import uuid
@@ -68,7 +67,7 @@ def apns_payload(job: PushJob, push_id: str, now: float) -> bytes:
         "display-name": name,
         "pn_ttl": 30,
     }
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return msgspec.json.encode(body)
 
 
 def tls_context(ca_file: Path | None, *, http2_only: bool = False) -> ssl.SSLContext:
@@ -142,8 +141,8 @@ class ApnsClient:
 
 def _reason(body: bytes) -> str:
     try:
-        value = json.loads(body).get("reason", "") if body else ""
-    except (ValueError, AttributeError):
+        value = msgspec.json.decode(body).get("reason", "") if body else ""
+    except (msgspec.DecodeError, AttributeError):
         return ""
     return value if isinstance(value, str) else ""
 

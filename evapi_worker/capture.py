@@ -1,11 +1,16 @@
 """Capture files: every frame Kamailio sent, as msgpack records.
 
 A capture file starts with a header map and continues with one record per
-frame received::
+frame received, and one note per push the worker had accepted::
 
-    {"format": "evapi-worker-capture", "version": 1, "created": <unix time>}
+    {"format": "evapi-worker-capture", "version": 2, "created": <unix time>}
     [node, seq or None, received (unix time), payload bytes]
+    {"push": [sent (unix time), call_id, device, provider]}
     ...
+
+The push notes let a replay measure how long each phone took to wake after
+its push, not only after the call started. Version 1 files (frames only)
+are read too.
 
 Records are appended and flushed in batches, so a file can be read while it
 is written, and after a crash; a torn last record is reported and skipped.
@@ -31,12 +36,21 @@ import trio
 
 from .logs import kv
 
-__all__ = ["CAPTURE_FORMAT", "CaptureError", "CaptureSettings", "CaptureWriter", "Record", "read_capture"]
+__all__ = [
+    "CAPTURE_FORMAT",
+    "CaptureError",
+    "CaptureSettings",
+    "CaptureWriter",
+    "PushNote",
+    "Record",
+    "read_capture",
+]
 
 log = logging.getLogger("evapi_worker.capture")
 
 CAPTURE_FORMAT: Final = "evapi-worker-capture"
-CAPTURE_VERSION: Final = 1
+CAPTURE_VERSION: Final = 2
+_READABLE: Final = (1, 2)
 SUFFIX: Final = ".evcap"
 
 
@@ -47,6 +61,18 @@ class Record(NamedTuple):
     seq: int | None
     received: float  # unix time the worker read the frame
     payload: bytes
+
+
+class PushNote(NamedTuple):
+    """A push the provider accepted: when, for which call and device."""
+
+    sent: float  # unix time of the provider's answer
+    call_id: str
+    device: str
+    provider: str
+
+
+_Item = tuple[str, int | None, float, bytes] | PushNote
 
 
 class CaptureSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -76,7 +102,7 @@ class CaptureWriter:
         self.lost = 0  # records a write error cost (disk full, folder gone...)
         self._on_error = on_error
         self._retry = retry
-        self._tx, self._rx = trio.open_memory_channel[tuple[str, int | None, float, bytes]](settings.queue)
+        self._tx, self._rx = trio.open_memory_channel[_Item](settings.queue)
         self._file: Any = None
         self._path: Path | None = None
         self._opened = 0.0
@@ -84,8 +110,15 @@ class CaptureWriter:
 
     def record(self, node: str, seq: int | None, received: float, payload: bytes) -> bool:
         """Queue one frame; False (and counted) when the disk is behind."""
+        return self._queue((node, seq, received, payload))
+
+    def note_push(self, note: PushNote) -> bool:
+        """Queue a push note; False (and counted) when the disk is behind."""
+        return self._queue(note)
+
+    def _queue(self, item: _Item) -> bool:
         try:
-            self._tx.send_nowait((node, seq, received, payload))
+            self._tx.send_nowait(item)
         except trio.WouldBlock:
             self.dropped += 1
             return False
@@ -119,7 +152,7 @@ class CaptureWriter:
                 await self._write_safely(rest)
                 await trio.to_thread.run_sync(self._close_quietly)
 
-    async def _write_safely(self, batch: list[tuple[str, int | None, float, bytes]]) -> bool:
+    async def _write_safely(self, batch: list[_Item]) -> bool:
         try:
             await trio.to_thread.run_sync(self._write, batch)
         except OSError as exc:
@@ -137,10 +170,13 @@ class CaptureWriter:
         except OSError:
             self._file = None
 
-    def _write(self, batch: list[tuple[str, int | None, float, bytes]]) -> None:
+    def _write(self, batch: list[_Item]) -> None:
         if not batch:
             return
-        data = b"".join(msgpack.packb(list(item), use_bin_type=True) for item in batch)
+        data = b"".join(
+            msgpack.packb({"push": list(item)} if type(item) is PushNote else list(item), use_bin_type=True)
+            for item in batch
+        )
         now = time.time()
         if self._file is None or self._size >= self.settings.max_bytes or now - self._opened >= self.settings.max_age:
             self._rotate(now)
@@ -170,9 +206,12 @@ class CaptureWriter:
             self._file = None
 
 
-def read_capture(path: Path, problems: list[str] | None = None) -> Iterator[Record]:
+def read_capture(
+    path: Path, problems: list[str] | None = None, pushes: list[PushNote] | None = None
+) -> Iterator[Record]:
     """Records of one capture file, in order. A malformed record is reported
-    in ``problems`` (when given) and skipped; a torn last record too."""
+    in ``problems`` (when given) and skipped; a torn last record too. Push
+    notes are added to ``pushes`` (when given) as they are read."""
     size = path.stat().st_size
     with path.open("rb") as f:
         unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024)
@@ -182,10 +221,17 @@ def read_capture(path: Path, problems: list[str] | None = None) -> Iterator[Reco
             raise CaptureError(f"{path}: not an evapi-worker capture") from None
         if not isinstance(header, dict) or header.get("format") != CAPTURE_FORMAT:
             raise CaptureError(f"{path}: not an evapi-worker capture")
-        if header.get("version") != CAPTURE_VERSION:
+        if header.get("version") not in _READABLE:
             raise CaptureError(f"{path}: capture format version {header.get('version')!r}, expected {CAPTURE_VERSION}")
         try:
             for item in unpacker:
+                if type(item) is dict:
+                    note = _push_note(item.get("push"))
+                    if note is None and problems is not None:
+                        problems.append(f"{path}: malformed push note ending at byte {unpacker.tell()}, skipped")
+                    elif note is not None and pushes is not None:
+                        pushes.append(note)
+                    continue
                 if (
                     type(item) is not list
                     or len(item) != 4
@@ -204,6 +250,15 @@ def read_capture(path: Path, problems: list[str] | None = None) -> Iterator[Reco
             return
         if unpacker.tell() < size and problems is not None:
             problems.append(f"{path}: torn last record ({size - unpacker.tell()} bytes) skipped")
+
+
+def _push_note(value: object) -> PushNote | None:
+    if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, str) for v in value[1:])):
+        return None
+    sent = value[0]
+    if not isinstance(sent, int | float) or isinstance(sent, bool):
+        return None
+    return PushNote(float(sent), value[1], value[2], value[3])
 
 
 def _record_like(item: object) -> bool:

@@ -15,7 +15,7 @@ from typing import TextIO
 import trio
 
 from . import __version__
-from .capture import Record
+from .capture import PushNote, Record
 from .config import DEFAULT_EVAPI, Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
 from .demo import DEMO_DOMAIN, DemoError, DemoOptions, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
@@ -192,10 +192,11 @@ def _replay(args: argparse.Namespace) -> int:
     # The report and the JSON figures replay the capture once per window:
     # read it once.
     wants_figures = args.json or args.report is not None
-    records: Iterable[Record] = load_records(args.files, problems)
+    pushes: list[PushNote] = []
+    records: Iterable[Record] = load_records(args.files, problems, pushes)
     if wants_figures:
         records = list(records)
-    base = replay(records, settings, progress_stream())
+    base = replay(records, settings, progress_stream(), pushes)
     other = replay(load_records(args.files, []), what_if) if what_if is not None else None
     for problem in problems:
         print(f"evapi-worker replay: {problem}", file=sys.stderr)

@@ -59,7 +59,7 @@ def fcm_message(job: PushJob, ttl: int) -> bytes:
             "data": {"call-id": job.call_id, "from-uri": job.caller_uri, "display-name": job.caller_name},
         }
     }
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return msgspec.json.encode(body)
 
 
 class FcmClient:

@@ -14,17 +14,19 @@ from __future__ import annotations
 import ssl
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import trio
+from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 
 __all__ = ["H2Client", "H2Error"]
 
 _STREAMS: Final = 64  # requests in flight per connection at most
+_SEEN: Final = 4096  # header values remembered per connection, to index those that repeat
 
 
 class H2Error(Exception):
@@ -45,7 +47,35 @@ class _Connection:
     h2: h2.connection.H2Connection
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     waiting: dict[int, _Waiting] = field(default_factory=dict)
+    seen: set[tuple[str, str]] = field(default_factory=set)
     dead: bool = False
+
+    def header(self, name: str, value: str) -> HeaderTuple:
+        """``name: value``, indexed in HPACK's table from its second use.
+
+        Per-request values (a device token in the path, a push id) would only
+        push the repeating ones (the provider token, the topic) out of the
+        table; a value seen before is worth an entry. The table lives on
+        this one TLS connection to the push service and HPACK matches whole
+        values, so indexing the provider token gives nothing away (h2 would
+        send it literally, Huffman-coded in Python, on every request).
+        """
+        if not (value.isascii() and value.isprintable()):
+            raise H2Error(f"header {name} is not printable ASCII")
+        if (name, value) in self.seen:
+            return HeaderTuple(name, value)
+        if len(self.seen) >= _SEEN:
+            self.seen.clear()
+        self.seen.add((name, value))
+        return NeverIndexedHeaderTuple(name, value)
+
+
+class _PlainEncoder(Encoder):
+    """HPACK without Huffman coding: done in Python it costs a push more
+    time than the few bytes it saves take on the wire."""
+
+    def encode(self, headers: Any, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=huffman)
 
 
 class H2Client:
@@ -90,7 +120,13 @@ class H2Client:
             if stream.selected_alpn_protocol() != "h2":
                 await stream.aclose()
                 raise H2Error(f"{self.authority} does not speak HTTP/2")
-            conn = _Connection(stream, h2.connection.H2Connection(h2.config.H2Configuration(client_side=True)))
+            # Outbound headers are built here from validated values (see
+            # _Connection.header); h2's own checks of them cost a fifth of a push.
+            config = h2.config.H2Configuration(
+                client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
+            )
+            conn = _Connection(stream, h2.connection.H2Connection(config))
+            conn.h2.encoder = _PlainEncoder()
             conn.h2.initiate_connection()
             await self._flush(conn)
             # The reader outlives the request that opened the connection.
@@ -100,11 +136,12 @@ class H2Client:
 
     async def _send(self, conn: _Connection, method: str, path: str, headers: dict[str, str], body: bytes) -> _Waiting:
         waiting = _Waiting()
-        request = [(":method", method), (":scheme", "https"), (":authority", self.authority), (":path", path)]
-        request += [(name.lower(), value) for name, value in headers.items()]
-        if body:
-            request.append(("content-length", str(len(body))))
         try:
+            request = [conn.header(":method", method), conn.header(":scheme", "https")]
+            request += [conn.header(":authority", self.authority), conn.header(":path", path)]
+            request += [conn.header(name.lower(), value) for name, value in headers.items()]
+            if body:
+                request.append(conn.header("content-length", str(len(body))))
             stream_id = conn.h2.get_next_available_stream_id()
             conn.h2.send_headers(stream_id, request, end_stream=not body)
             if body:

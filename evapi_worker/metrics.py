@@ -186,7 +186,9 @@ class Metrics:
         )
         self.sipp_running = Gauge(p + "sipp_running", "SIPp processes running.", registry=r)
         self.sipp_waiting = Gauge(p + "sipp_waiting", "Fake calls waiting for a SIPp slot.", registry=r)
-        self.capture_records = Counter(p + "capture_records", "Frames queued for the capture file.", registry=r)
+        self.capture_records = Counter(
+            p + "capture_records", "Frames (and push notes) queued for the capture file.", registry=r
+        )
         self.capture_dropped = Counter(
             p + "capture_dropped", "Frames not captured because the disk was behind.", registry=r
         )

@@ -90,6 +90,7 @@ class ApnsStandIn(_Scripted):
         self.team_id = team_id
         self.received: list[ReceivedPush] = []
         self.on_push: Callable[[ReceivedPush], None] | None = None
+        self._verified: tuple[str, dict[str, Any], dict[str, Any]] | None = None  # (JWT, header, claims)
 
     def answer(self, token: str, status: int, reason: str) -> None:
         """Answer the next push to ``token`` with ``status`` and Apple's ``reason``."""
@@ -121,11 +122,16 @@ class ApnsStandIn(_Scripted):
         if not auth.startswith("bearer "):
             return 403, {"reason": "MissingProviderToken"}
         token = auth.removeprefix("bearer ")
-        try:
-            header = jwt.get_unverified_header(token)
-            claims = jwt.decode(token, self.public_key, algorithms=["ES256"], options={"require": ["iat", "iss"]})
-        except jwt.PyJWTError:
-            return 403, {"reason": "InvalidProviderToken"}
+        if self._verified is not None and self._verified[0] == token:
+            # A signature checked once holds for the same bytes; its age is checked each time.
+            header, claims = self._verified[1], self._verified[2]
+        else:
+            try:
+                header = jwt.get_unverified_header(token)
+                claims = jwt.decode(token, self.public_key, algorithms=["ES256"], options={"require": ["iat", "iss"]})
+            except jwt.PyJWTError:
+                return 403, {"reason": "InvalidProviderToken"}
+            self._verified = (token, header, claims)
         if header.get("kid") != self.key_id or claims.get("iss") != self.team_id:
             return 403, {"reason": "InvalidProviderToken"}
         if time.time() - float(claims["iat"]) > 3600:

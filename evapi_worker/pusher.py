@@ -115,6 +115,7 @@ class Pusher:
         *,
         limit: int = 1000,
         give_up_after: float = 60.0,
+        on_sent: Callable[[PushJob, float], None] | None = None,
     ) -> None:
         self.clients = clients  # by provider: "apns", "apns.dev", "fcm"
         self.book = book
@@ -123,6 +124,7 @@ class Pusher:
         self.claim = claim
         self.limit = limit
         self.give_up_after = give_up_after  # seconds after the call started
+        self.on_sent = on_sent  # told each push the provider accepted, and when (Trio's clock)
         self._nursery: trio.Nursery | None = None
         self._open = 0
         self._sent: dict[tuple[str, str], float] = {}  # (aor, device) -> when its last push was accepted
@@ -208,6 +210,8 @@ class Pusher:
         if len(self._sent) >= _MAX_WAITING_WAKE:
             del self._sent[next(iter(self._sent))]
         self._sent[(job.aor, job.device)] = now
+        if self.on_sent is not None:
+            self.on_sent(job, now)
 
     def _count(self, job: PushJob, result: str) -> None:
         self.metrics.pushes.labels(job.provider, result).inc()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
-from .capture import CaptureError, Record, read_capture
+from .capture import CaptureError, PushNote, Record, read_capture
 from .config import ConfigError, with_changes
 from .engine import Act, Decision, Engine, EngineSettings, Reason
 from .events import Event, EventError, decode_event, event_type_name
@@ -30,6 +30,7 @@ from .intake import Intake, NodeClocks
 
 __all__ = [
     "ReplayResult",
+    "after_push",
     "apply_what_if",
     "decision_json",
     "decode_records",
@@ -66,20 +67,22 @@ def _read_jsonl(path: Path, problems: list[str]) -> Iterator[Record]:
             yield Record(str(node), seq, received, json.dumps(obj).encode())
 
 
-def _open(path: Path, problems: list[str]) -> Iterator[Record]:
+def _open(path: Path, problems: list[str], pushes: list[PushNote] | None) -> Iterator[Record]:
     with path.open("rb") as f:
         first = f.read(1)
     if first in (b"{", b"\n", b" ", b"\r"):
         return _read_jsonl(path, problems)
-    return read_capture(path, problems)
+    return read_capture(path, problems, pushes)
 
 
-def load_records(paths: Iterable[Path], problems: list[str]) -> Iterator[Record]:
-    """All records of the files, merged by receive time (each file is in order)."""
+def load_records(paths: Iterable[Path], problems: list[str], pushes: list[PushNote] | None = None) -> Iterator[Record]:
+    """All records of the files, merged by receive time (each file is in
+    order). The captures' push notes are added to ``pushes`` as the records
+    are read: the list is complete once they all have been."""
     streams = []
     for path in paths:
         try:
-            streams.append(_open(path, problems))
+            streams.append(_open(path, problems, pushes))
         except (OSError, CaptureError) as exc:
             problems.append(f"{path}: {exc}")
     if len(streams) == 1:
@@ -93,10 +96,17 @@ class ReplayResult:
     events: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     records: int = 0
+    pushes: list[PushNote] = field(default_factory=list)  # the pushes the captures noted
 
     def summary(self) -> dict[str, object]:
         actions = [d for d in self.decisions if isinstance(d, Act)]
         delays = sorted(d.since_start for d in self.decisions if d.reason is not Reason.DUPLICATE)
+        woke = sorted(delay for _, delay in after_push(self.decisions, self.pushes))
+        push_figures = {
+            "pushes": len(self.pushes),
+            "registered_after_push": len(woke),
+            **{f"p{q}": _percentile(woke, q) for q in (50, 90, 99)},
+        }
         return {
             "records": self.records,
             "events": dict(sorted(self.events.items())),
@@ -106,7 +116,21 @@ class ReplayResult:
             "actions": dict(sorted(Counter(d.action.value for d in actions).items())),
             "decisions": dict(sorted(Counter(f"{d.action.value}:{d.reason}" for d in self.decisions).items())),
             "wakeup_delay_seconds": {f"p{q}": _percentile(delays, q) for q in (50, 90, 99)},
+            **({"push_wakeup_seconds": push_figures} if self.pushes else {}),
         }
+
+
+def after_push(decisions: Iterable[Decision], pushes: Iterable[PushNote]) -> list[tuple[Decision, float]]:
+    """Each decision on a device the worker had pushed for that call, with
+    the seconds from the push to its REGISTER (the node's clock against the
+    worker's: both on NTP)."""
+    sent = {(p.call_id, p.device): p.sent for p in pushes}
+    found = []
+    for d in decisions:
+        at = sent.get((d.call_id, d.device))
+        if at is not None and d.reason is not Reason.DUPLICATE:
+            found.append((d, d.ts - at))
+    return found
 
 
 def _percentile(values: list[float], q: int) -> float | None:
@@ -116,9 +140,17 @@ def _percentile(values: list[float], q: int) -> float | None:
     return round(values[index], 3)
 
 
-def replay(records: Iterable[Record], settings: EngineSettings, progress: TextIO | None = None) -> ReplayResult:
-    """Feed the records through a fresh engine under virtual time."""
-    return replay_decoded(decode_records(records, progress), settings)
+def replay(
+    records: Iterable[Record],
+    settings: EngineSettings,
+    progress: TextIO | None = None,
+    pushes: list[PushNote] | None = None,
+) -> ReplayResult:
+    """Feed the records through a fresh engine under virtual time.
+    ``pushes`` is the list :func:`load_records` fills with the records."""
+    result = replay_decoded(decode_records(records, progress), settings)
+    result.pushes = pushes if pushes is not None else []
+    return result
 
 
 Decoded = tuple[float, str, "Event | str"]

@@ -25,13 +25,16 @@ import msgspec
 
 from .capture import Record
 from .engine import Act, Decision, EndKind, EngineSettings, Reason
-from .replay import ReplayResult, decode_records, replay_decoded
+from .replay import ReplayResult, after_push, decode_records, replay_decoded
 
 __all__ = ["figures", "render_html"]
 
 # Wake-up delays are drawn in one-second bins up to this; later ones share a
 # last bin. The coverage curve covers the windows 1..MAX_SECONDS.
 MAX_SECONDS: Final = 60
+# Wake-up after the push: half-second bins up to this.
+PUSH_BIN: Final = 0.5
+PUSH_MAX_SECONDS: Final = 20
 _IN_TIME: Final = frozenset((Reason.RINGING, Reason.RANG))
 # How a call ended, as the charts name it.
 _ENDED: Final = {
@@ -72,6 +75,7 @@ def figures(
         "settings": msgspec.to_builtins(settings),
         "capture": _span(records, result),
         "wakeup_delay": _wakeup(result.decisions),
+        "push_wakeup": _push_wakeup(result),
         "coverage": _coverage(records, settings, progress),
         "timeline": _timeline(result.decisions),
     }
@@ -107,6 +111,22 @@ def _wakeup(decisions: Sequence[Decision]) -> dict[str, object]:
         if category is not None:
             counts[category][min(MAX_SECONDS, max(0, math.floor(d.since_start)))] += 1
     return {"bin_seconds": 1, "last_bin_and_later": MAX_SECONDS, "series": counts}
+
+
+def _push_wakeup(result: ReplayResult) -> dict[str, object]:
+    """Devices the worker pushed for the call: REGISTER time minus the push."""
+    last = int(PUSH_MAX_SECONDS / PUSH_BIN)
+    counts = {name: [0] * (last + 1) for name in _SERIES}
+    for d, delay in after_push(result.decisions, result.pushes):
+        category = _category(d)
+        if category is not None:
+            counts[category][min(last, max(0, math.floor(delay / PUSH_BIN)))] += 1
+    return {
+        "pushes": len(result.pushes),
+        "bin_seconds": PUSH_BIN,
+        "last_bin_and_later": PUSH_MAX_SECONDS,
+        "series": counts,
+    }
 
 
 def _coverage(
@@ -349,6 +369,7 @@ def render_html(fig: dict[str, object], title: str = "evapi-worker replay report
             5,
             wake_marker,
         ),
+        *_push_section(fig.get("push_wakeup")),
         "<h2>What would each window serve?</h2>",
         f'<p class="note">The capture replayed with windows of 1 to {MAX_SECONDS} s (from the call\'s {_e(anchor)}): '
         "late devices that would get a fake call, and those that would come too late for one. "
@@ -399,6 +420,23 @@ def render_html(fig: dict[str, object], title: str = "evapi-worker replay report
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n"
     )
+
+
+def _push_section(push: object) -> list[str]:
+    """The wake-up after the push, when the capture noted pushes."""
+    if not isinstance(push, dict) or not push.get("pushes"):
+        return []
+    counts = push["series"]
+    step = float(push["bin_seconds"])
+    n = len(counts["in_time"])
+    bins = [f"{i * step:g}" if i < n - 1 else f"{i * step:g}+" for i in range(n)]
+    woke = sum(sum(values) for values in counts.values())
+    return [
+        "<h2>How long after the push?</h2>",
+        f'<p class="note">{_e(push["pushes"])} pushes accepted by Apple or Google; {woke} of the devices '
+        "registered afterwards (REGISTER time at the node minus the worker's time of the push).</p>",
+        _stacked_bars([_Series(k, counts[k]) for k in _SERIES], bins, "seconds from push to REGISTER", "devices", 4),
+    ]
 
 
 def _fmt_seconds(seconds: float) -> str:

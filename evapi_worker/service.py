@@ -19,7 +19,7 @@ import time
 
 import trio
 
-from .capture import CaptureWriter
+from .capture import CaptureWriter, PushNote
 from .commands import Claim, Command, command_name
 from .config import Config, ConfigError
 from .devices import device_id
@@ -46,7 +46,7 @@ from .logs import Throttle, kv
 from .metrics import Metrics
 from .netstring import FramingError
 from .persistence import StateStore
-from .push_book import PushBook
+from .push_book import PushBook, PushJob
 from .pusher import Pusher, push_clients
 from .sequence import SequenceTracker
 from .sipp_runner import SippRunner, bind_error, remove_stale_folders
@@ -149,6 +149,7 @@ class Service:
             Pusher(
                 clients, self.push_book, self.metrics, self.engine.ringing, self._claim_push,
                 limit=config.push.max_in_flight, give_up_after=config.push.give_up_after,
+                on_sent=self._note_push,
             )
             if clients
             else None
@@ -405,10 +406,15 @@ class Service:
 
     def _capture(self, node: str, seq: int | None, payload: bytes, now: float) -> None:
         if self.capture is not None:
-            if self.capture.record(node, seq, now + self._wall_offset, payload):
-                self.metrics.capture_records.inc()
-            else:
-                self.metrics.capture_dropped.inc()
+            self._captured(self.capture.record(node, seq, now + self._wall_offset, payload))
+
+    def _note_push(self, job: PushJob, now: float) -> None:
+        if self.capture is not None:
+            note = PushNote(now + self._wall_offset, job.call_id, job.device, job.provider)
+            self._captured(self.capture.note_push(note))
+
+    def _captured(self, queued: bool) -> None:
+        (self.metrics.capture_records if queued else self.metrics.capture_dropped).inc()
 
     # -- commands and connection state ----------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import trio
 
+from evapi_worker.capture import CaptureSettings
 from evapi_worker.config import Config, PushSettings
 from evapi_worker.demo import (
     DESK_UA,
@@ -77,6 +78,7 @@ async def platform(
     sip6: str | None = None,
     worker_sip: str = HOST,
     push: PushSettings | None = None,
+    capture: CaptureSettings | None = None,
     **engine: Any,
 ) -> AsyncIterator[Platform]:
     """The bundled Kamailio (serving ``domain``, with TLS, authentication,
@@ -99,6 +101,7 @@ async def platform(
             sipp=SippSettings(local_ip=worker_sip),
             evapi=FAST_RECONNECT,
             push=push or PushSettings(),
+            capture=capture,
         )
         service, watch = await start_watched_worker(nursery, config)
         phones = Phones(HOST, sip_port, tmp_path, domain, passwords=passwords)

@@ -6,6 +6,7 @@ does: the phone registers once it was pushed."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -13,8 +14,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import trio
 
+from evapi_worker.capture import CaptureSettings
+from evapi_worker.cli import main
 from evapi_worker.config import Config
 from evapi_worker.demo import IPHONE_UA, Phones, received
 from evapi_worker.push_standin import ApnsStandIn, ReceivedPush
@@ -40,11 +44,13 @@ class Pushed:
 
 
 @asynccontextmanager
-async def pushed_platform(tmp_path: Path, *, tls: bool = False) -> AsyncIterator[Pushed]:
+async def pushed_platform(
+    tmp_path: Path, *, tls: bool = False, capture: CaptureSettings | None = None
+) -> AsyncIterator[Pushed]:
     """The platform, its worker pushing through the stand-ins."""
     async with trio.open_nursery() as nursery:
         standins = await start_standins(nursery, tmp_path / "push")
-        async with platform(tmp_path, push=standins.settings, tls=tls) as p:
+        async with platform(tmp_path, push=standins.settings, tls=tls, capture=capture) as p:
             yield Pushed(p, standins.apns)
         nursery.cancel_scope.cancel()
 
@@ -105,9 +111,12 @@ async def test_a_pushed_iphone_wakes_in_time_answers_and_completes_its_dialog(tm
     assert p.metric("evapi_worker_push_wakeup_seconds_count") == 1
 
 
-async def test_a_pushed_iphone_that_wakes_after_the_caller_gave_up_gets_the_fake_call(tmp_path: Path) -> None:
+async def test_a_pushed_iphone_that_wakes_after_the_caller_gave_up_gets_the_fake_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     call_id = "pushed-too-late@caller.example.net"
-    async with pushed_platform(tmp_path) as s:
+    capture = CaptureSettings(tmp_path / "capture")
+    async with pushed_platform(tmp_path, capture=capture) as s:
         p = s.p
         await iphone_goes_to_sleep(p, "carol")
         iphone = tmp_path / "iphone.log"
@@ -120,6 +129,15 @@ async def test_a_pushed_iphone_that_wakes_after_the_caller_gave_up_gets_the_fake
         assert outcome is Outcome.COMPLETED
         assert received(iphone) == (call_id, None)  # missed: the CANCEL says nothing more
         assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "missed")]
+    # The capture noted the push: its replay measures the wake-up from it
+    # (the phone registered 2.5 s after the push reached the stand-in).
+    capsys.readouterr()
+    assert main(["replay", "--json", *map(str, sorted(capture.folder.iterdir()))]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])["summary"]
+    woke = summary["push_wakeup_seconds"]
+    assert woke["pushes"] == 1 and woke["registered_after_push"] == 1, summary
+    assert 2.5 <= woke["p50"] < 3.5, woke
+    assert summary["late_registrations"] == {"cancelled": 1}, summary
 
 
 async def test_the_demo_with_push_wakes_its_iphones_through_the_apns_stand_in(tmp_path: Path) -> None:

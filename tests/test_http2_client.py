@@ -43,6 +43,31 @@ async def test_many_requests_share_one_connection_and_each_gets_its_own_answer(t
         nursery.cancel_scope.cancel()
 
 
+async def test_headers_arrive_as_sent_whether_indexed_or_not_and_unprintable_values_are_refused(tmp_path: Path) -> None:
+    ca, cert, key = make_tls(tmp_path)
+    seen: list[dict[str, str]] = []
+
+    def record(method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any] | None]:
+        seen.append(headers)
+        return 200, None
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_standin, record, cert, key))
+        client = H2Client(f"https://127.0.0.1:{port}", tls_context(ca, http2_only=True), timeout=5)
+        for n in range(300):  # the same token each time (indexed from its second use), a new id each time
+            headers = {"authorization": "bearer same-token", "X-Id": f"id-{n}"}
+            assert (await client.request("POST", f"/ok/{n}", headers, b"x"))[0] == 200
+        for bad in ("a\r\nb", "caf\u00e9", "tab\there"):
+            with pytest.raises(H2Error, match="not printable ASCII"):
+                await client.request("POST", "/ok", {"x-bad": bad}, b"")
+        assert (await client.request("POST", "/ok/after", {}, b""))[0] == 200  # the connection unharmed
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert [h["authorization"] for h in seen[:300]] == ["bearer same-token"] * 300
+    assert [(h[":path"], h["x-id"]) for h in seen[:300]] == [(f"/ok/{n}", f"id-{n}") for n in range(300)]
+    assert len(seen) == 301 and "x-bad" not in seen[-1]
+
+
 async def test_a_lost_connection_fails_its_requests_and_the_next_one_reconnects(tmp_path: Path) -> None:
     ca, cert, key = make_tls(tmp_path)
     port = free_port(socket.SOCK_STREAM)

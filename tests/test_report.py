@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgpack
 import msgspec
 import pytest
+import trio
 
-from evapi_worker.capture import Record
+from evapi_worker.capture import CaptureSettings, CaptureWriter, PushNote, Record
 from evapi_worker.cli import main
 from evapi_worker.engine import Act, EngineSettings, Reason
 from evapi_worker.replay import load_records, replay
@@ -87,3 +89,41 @@ def test_json_carries_the_same_figures(capsys: pytest.CaptureFixture[str]) -> No
     records = story()
     expected = figures(records, EngineSettings(), replay(records, EngineSettings()))
     assert summary["figures"] == json.loads(json.dumps(expected))
+
+
+async def test_a_capture_with_push_notes_measures_the_wake_up_from_the_push(tmp_path: Path) -> None:
+    records = story()
+    decided = [d for d in replay(records, EngineSettings()).decisions if d.reason is not Reason.DUPLICATE]
+    writer = CaptureWriter(CaptureSettings(tmp_path / "cap"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for record in records:
+            assert writer.record(*record)
+        for d in decided:  # each device registered 1.25 s after its push
+            assert writer.note_push(PushNote(d.ts - 1.25, d.call_id, d.device, "apns"))
+        assert writer.note_push(PushNote(records[0].received, "never-registered", "dev", "fcm"))
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    files = sorted((tmp_path / "cap").iterdir())
+    with files[-1].open("ab") as f:  # a note another writer got wrong
+        f.write(msgpack.packb({"push": ["not a time", "c", "d", "apns"]}))
+    problems: list[str] = []
+    pushes: list[PushNote] = []
+    loaded = list(load_records(files, problems, pushes))
+    assert loaded == records
+    assert len(problems) == 1 and "malformed push note" in problems[0]
+    result = replay(loaded, EngineSettings(), pushes=pushes)
+    assert result.summary()["push_wakeup_seconds"] == {
+        "pushes": len(decided) + 1, "registered_after_push": len(decided), "p50": 1.25, "p90": 1.25, "p99": 1.25,
+    }  # fmt: skip
+    push = figures(loaded, EngineSettings(), result)["push_wakeup"]
+    assert isinstance(push, dict)
+    assert {k: sum(v) for k, v in push["series"].items()} == {"in_time": 2, "answered": 1, "declined": 0, "missed": 1}
+    assert all(v[2] == sum(v) for v in push["series"].values())  # the 1.0-1.5 s bin
+    page = render_html(figures(loaded, EngineSettings(), result))
+    assert "How long after the push?" in page and page.count("<svg") == 4
+    # A capture without push notes (this one predates them) shows no such figure.
+    assert "push_wakeup_seconds" not in replay(story(), EngineSettings()).summary()
+    assert "How long after the push?" not in render_html(
+        figures(records, EngineSettings(), replay(records, EngineSettings()))
+    )
