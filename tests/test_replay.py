@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from evapi_worker.capture import CaptureError, CaptureSettings, CaptureWriter, read_capture
+from evapi_worker.capture import CaptureError, CaptureSettings, CaptureWriter, PushNote, read_capture
 from evapi_worker.cli import main
 from evapi_worker.config import Config
 from evapi_worker.engine import EngineSettings, Strategy
@@ -157,7 +157,7 @@ async def test_a_full_disk_pauses_the_capture_and_costs_the_worker_nothing(
     real_write = writer._write
     full = True
 
-    def write(batch: list[tuple[str, int | None, float, bytes]]) -> None:
+    def write(batch: list[tuple[str, int | None, float, bytes] | PushNote]) -> None:
         if full:
             raise OSError(28, "No space left on device")
         real_write(batch)
