@@ -110,18 +110,18 @@ def build_job(decision: Act, node: NodeAddress, pin_key: str) -> PreparedCall:
     """
     call, reg = decision.call, decision.register
     who = parties(call, node.sip_host)
-    fields = [
+    fields = (
         who.callee_user,
         who.callee_domain,
         who.caller_user,
         who.caller_domain,
-        who.caller_name,
         sip_values.token("pin", pin_key),
         sip_values.token("reason", decision.reason),
-    ]
+    )
     job = SippJob(
-        call_id_format=sip_values.call_id_format(call.call_id),
-        csv_line=sip_values.csv_line(fields),
+        call_id=sip_values.call_id(call.call_id),
+        fields=fields,
+        name=who.caller_name,
         remote_host=node.sip_host,
         remote_port=node.sip_port,
     )
@@ -242,21 +242,26 @@ class ActionRunner:
         for warning in prepared.warnings:
             log.warning("fake_call_data %s", kv(call_id=decision.call_id, dropped="display name", problem=warning))
         # Only the wait for a slot is bounded by the deadline; a call that
-        # got its slot in time runs to its end.
-        limiter = self.runner.limiter
+        # got its slot in time runs to its end. Slots are shared fairly
+        # between accounts (a ring group's devices wait their account's turn).
+        slots, account = self.runner.slots, decision.call.aor
+        if slots.held(account) >= slots.per_key:
+            self.metrics.account_share_waits.inc()
+            log.info("fake_call_waits %s", kv(call_id=decision.call_id, device=decision.device, account=account,
+                                              reason="the account holds its share of the slots"))  # fmt: skip
         got_slot = False
         with trio.move_on_at(decision.deadline):
-            await limiter.acquire()
+            await slots.acquire(account)
             got_slot = True
         if not got_slot:
             return Outcome.OVERDUE, None, "no SIPp slot before the deadline"
         if not self._begin(key):
-            limiter.release()
+            slots.release(account)
             return Outcome.DEFERRED, None, "the worker stops; saved for its restart"
         try:
             return await self._pin_and_run(decision, node, prepared, received, retry)
         finally:
-            limiter.release()
+            slots.release(account)
 
     async def _pin_and_run(
         self, decision: Act, node: NodeAddress, prepared: PreparedCall, received: float, retry: bool

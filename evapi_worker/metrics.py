@@ -184,8 +184,16 @@ class Metrics:
             ["node", "command", "reason"],
             registry=r,
         )
-        self.sipp_running = Gauge(p + "sipp_running", "SIPp processes running.", registry=r)
-        self.sipp_waiting = Gauge(p + "sipp_waiting", "Fake calls waiting for a SIPp slot.", registry=r)
+        self.sipp_running = Gauge(p + "sipp_running", "Fake calls holding a slot (pinning or in SIPp).", registry=r)
+        self.sipp_waiting = Gauge(p + "sipp_waiting", "Fake calls waiting for a slot.", registry=r)
+        self.sipp_processes = Gauge(
+            p + "sipp_processes", "SIPp processes running (each carries many fake calls).", registry=r
+        )
+        self.account_share_waits = Counter(
+            p + "account_share_waits",
+            "Fake calls that waited because their account held its share of the slots.",
+            registry=r,
+        )
         self.capture_records = Counter(
             p + "capture_records", "Frames (and push notes) queued for the capture file.", registry=r
         )

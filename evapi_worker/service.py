@@ -178,6 +178,7 @@ class Service:
         m = self.metrics
         m.sipp_running.set_function(lambda: self.runner.running)
         m.sipp_waiting.set_function(lambda: self.runner.waiting)
+        m.sipp_processes.set_function(lambda: self.runner.processes)
         m.tracked_calls.set_function(lambda: self.engine.call_count)
         m.tracked_devices.set_function(lambda: self.engine.device_count)
         m.push_devices.set_function(lambda: self.push_book.device_count)
@@ -204,6 +205,7 @@ class Service:
                     self.metrics_port = await nursery.start(
                         serve_http, host, port, self.metrics.registry, self.liveness.healthy
                     )
+                await nursery.start(self.runner.serve)
                 self.dispatcher.open(nursery)
                 if self.pusher is not None:
                     await nursery.start(self.pusher.run)

@@ -1,15 +1,15 @@
-"""Make event data safe for SIP headers and SIPp's injection (CSV) files.
+"""Make event data safe for SIP headers and SIPp's twin messages.
 
 Everything here comes from the network (a caller picks their own display
-name), so nothing reaches a SIPp argument, a CSV line or a SIP header without
-passing one of these functions. A value that can be made safe without
+name), so nothing reaches SIPp or a SIP header without passing one of these
+functions. A value that can be made safe without
 changing its meaning is (a ``;`` in a user part becomes ``%3B``, which SIP
 compares as equal); anything else raises :class:`UnsafeValue`, which names
 the field and the problem.
 
-SIPp reads injection files line by line, splits fields on ``;`` with no
-escape, treats a line starting with ``#`` as a comment and stops at an empty
-line; ``-cid_str`` is a printf-like format where ``%`` is special.
+A twin message (sipp_twin.py) separates a fake call's fields by spaces and
+ends lines with CR LF: no value here holds a control character, and only
+the display name a space.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Final
 
 __all__ = [
     "UnsafeValue",
-    "call_id_format",
-    "csv_line",
+    "call_id",
     "display_name",
     "sip_host",
     "sip_uri",
@@ -61,12 +60,12 @@ def _check_common(field: str, value: str) -> None:
         raise UnsafeValue(field, "contains a control character (CR, LF, NUL...)")
 
 
-def call_id_format(call_id: str) -> str:
-    """The Call-ID as SIPp's ``-cid_str`` format, which rewrites ``%``."""
-    _check_common("call_id", call_id)
-    if _CALL_ID_RE.fullmatch(call_id) is None:
+def call_id(value: str) -> str:
+    """A Call-ID as SIP allows it (word ["@" word]), unchanged."""
+    _check_common("call_id", value)
+    if _CALL_ID_RE.fullmatch(value) is None:
         raise UnsafeValue("call_id", "has characters a SIP Call-ID may not contain")
-    return call_id.replace("%", "%%")
+    return value
 
 
 def sip_user(field: str, value: str) -> str:
@@ -106,12 +105,9 @@ def display_name(value: str) -> str:
 
     The value is the quoted-string's content as Kamailio saw it, so its
     quoted-pairs (``\\"``, ``\\\\``) are kept as they are; a bare ``"`` or a
-    lone trailing ``\\`` is escaped. A ``;`` cannot be carried through
-    SIPp's CSV, so such a name is refused (the call goes without it).
+    lone trailing ``\\`` is escaped.
     """
     _check_common("from_name", value)
-    if ";" in value:
-        raise UnsafeValue("from_name", "contains ';', which SIPp's CSV cannot carry")
     out: list[str] = []
     i = 0
     while i < len(value):
@@ -130,16 +126,6 @@ def token(field: str, value: str) -> str:
     if _TOKEN_RE.fullmatch(value) is None:
         raise UnsafeValue(field, "is not a SIP token of 1 to 128 characters")
     return value
-
-
-def csv_line(fields: list[str]) -> str:
-    """One SIPp injection line; every field must already be safe."""
-    for index, value in enumerate(fields):
-        if ";" in value or _CONTROL_RE.search(value):
-            raise UnsafeValue(f"csv field {index}", "contains ';' or a control character")
-    if fields and fields[0].startswith("#"):
-        raise UnsafeValue("csv field 0", "would make SIPp read the line as a comment")
-    return ";".join(fields) + ";\n"
 
 
 # Quotes pass: apps send quoted URI parameters (pn-prid="ab:cd"), Kamailio's

@@ -1,16 +1,25 @@
-"""Run one SIPp process per fake call, and always reap it.
+"""Run fake calls on long-lived SIPp processes, and always reap them.
+
+A process per fake call costs a process start per late phone and caps a
+burst at the processes the machine can run. Here each SIPp runs the
+scenario as a 3PCC controller B and carries many calls at once: the worker
+starts each call with one message on SIPp's twin socket and reads its
+outcome back the same way (sipp_twin.py). SIPp keeps one call per Call-ID,
+so several devices of one call go to different processes; a node gets
+more processes only for that.
 
 SIPp is started with an argument list (never a shell), in its own session
-so that a timeout or shutdown kills it and anything it started with one
-``killpg``. Its injection CSV lives in a private temporary folder that is
-removed after the run. The scenario logs one ``outcome=NAME`` line to its
-``-log_file``; the exit code is the fallback when it could not.
+so that a shutdown kills it and anything it started with one ``killpg``;
+it also exits by itself when the worker's end of the twin socket closes
+(the worker died). Its error log lives in a private temporary folder,
+removed when it ends. No pin key touches the disk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import logging
 import os
 import shutil
@@ -18,7 +27,7 @@ import signal
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Final, Literal
@@ -26,7 +35,10 @@ from typing import Annotated, Final, Literal
 import msgspec
 import trio
 
+from . import sipp_twin as twin
+from .logs import kv
 from .sip_values import bracketed
+from .slots import FairSlots
 
 __all__ = [
     "Outcome",
@@ -40,8 +52,7 @@ __all__ = [
     "remove_stale_folders",
 ]
 
-# A run's private folder (its CSV holds the pin key) is named after the
-# worker's process id, so that folders a killed worker left behind can be
+# A process's private folder is named after the worker's process id, so that folders a killed worker left behind can be
 # told from those of workers still running on the same host.
 _FOLDER_PREFIX: Final = "evapi-worker-sipp-"
 
@@ -100,23 +111,26 @@ class SippSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     binary: Annotated[str, msgspec.Meta(min_length=1)] = "sipp"
     scenario: Path | None = None  # None: the bundled late_call.xml
-    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 8
-    timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000  # fake calls at once
+    max_per_account: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100  # of them for one account
+    processes: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16  # SIPp processes per node at most
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0  # one fake call at most
     local_ip: Annotated[str, msgspec.Meta(min_length=1)] = "127.0.0.1"
-    port_base: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0: a free port the system picks for each run
+    port_base: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0: a free port the system picks for each process
     transport: Literal["udp", "tcp"] = "udp"  # from SIPp to Kamailio
 
     def __post_init__(self) -> None:
-        if self.port_base and self.port_base + self.max_concurrent > 65536:
-            raise ValueError("port_base: leaves no room for max_concurrent ports")
+        if self.port_base and self.port_base + self.processes > 65536:
+            raise ValueError("port_base: leaves no room for a port per SIPp process")
 
 
 @dataclass(frozen=True, slots=True)
 class SippJob:
-    """Everything one run needs; all values already checked by sip_values."""
+    """Everything one fake call needs; all values already checked by sip_values."""
 
-    call_id_format: str  # the Call-ID, '%' escaped for -cid_str
-    csv_line: str
+    call_id: str  # the original Call-ID
+    fields: tuple[str, ...]  # callee user, callee domain, caller user, caller domain, pin, reason
+    name: str  # the caller's display name, quoted with a trailing space, or ""
     remote_host: str
     remote_port: int
 
@@ -129,62 +143,302 @@ class RunResult:
     detail: str = ""
 
 
+@dataclass(eq=False)
+class _Call:
+    job: str
+    done: trio.Event = field(default_factory=trio.Event)
+    outcome: Outcome = Outcome.FAILED
+    detail: str = ""
+
+
+_IDLE_STOP: Final = 60.0  # seconds an idle process (not a node's first) is kept
+_START_TIMEOUT: Final = 5.0  # seconds for a new SIPp to open its twin socket
+_START_ATTEMPTS: Final = 3  # a port taken between our check and SIPp's bind
+
+
+class _Sipp:
+    """One long-lived SIPp process for one node, and its twin socket."""
+
+    def __init__(self, remote: tuple[str, int]) -> None:
+        self.remote = remote
+        self.calls: dict[str, _Call] = {}  # by Call-ID: one call per Call-ID in a process
+        self.ready = trio.Event()
+        self.error: str | None = None  # set when it cannot take calls: start failed or exited
+        self.stream: trio.SocketStream | None = None
+        self.send_lock = trio.Lock()
+        self.port = 0
+        self.idle_since = trio.current_time()
+
+    def fail_all(self, why: str) -> None:
+        self.error = self.error or why
+        for call in self.calls.values():
+            if not call.done.is_set():
+                call.outcome, call.detail = Outcome.FAILED, why
+                call.done.set()
+        self.ready.set()
+
+    async def send(self, data: bytes) -> None:
+        if self.stream is None:
+            raise trio.BrokenResourceError("not connected")
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+
 class SippRunner:
-    """Runs :class:`SippJob` s with at most ``max_concurrent`` at once."""
+    """Runs fake calls on long-lived SIPp processes, each carrying many
+    calls at once (see sipp_twin.py): at most ``processes`` per node, more
+    only when a burst holds several devices of one call (one Call-ID per
+    process). :meth:`serve` runs the processes; :attr:`slots` bounds the
+    fake calls at once, fairly between accounts."""
 
     def __init__(self, settings: SippSettings) -> None:
         self.settings = settings
         self.scenario = settings.scenario or bundled_scenario()
-        self.limiter = trio.CapacityLimiter(settings.max_concurrent)
-        self._free_ports = (
-            [settings.port_base + i for i in range(settings.max_concurrent)] if settings.port_base else []
-        )
+        self.slots = FairSlots(settings.max_concurrent, min(settings.max_per_account, settings.max_concurrent))
+        self._pools: dict[tuple[str, int], list[_Sipp]] = {}
+        self._changed = trio.Event()  # a process took or freed a Call-ID, started or ended
+        self._nursery: trio.Nursery | None = None
+        self._jobs = itertools.count(1)
+        self._ports_used: set[int] = set()
 
     @property
     def running(self) -> int:
-        return self.limiter.borrowed_tokens
+        """Fake calls holding a slot (pinning, or in SIPp)."""
+        return self.slots.borrowed
 
     @property
     def waiting(self) -> int:
-        return self.limiter.statistics().tasks_waiting
+        """Fake calls waiting for a slot."""
+        return self.slots.waiting
+
+    @property
+    def processes(self) -> int:
+        return sum(len(pool) for pool in self._pools.values())
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run SIPp processes as calls need them, until cancelled (they are
+        stopped then: closing the twin socket ends SIPp, a kill follows)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
 
     async def run(self, job: SippJob) -> RunResult:
-        """Run one job; the caller holds a token of :attr:`limiter`."""
+        """Run one fake call; the caller holds a slot of :attr:`slots`."""
         started = trio.current_time()
-        pooled = bool(self._free_ports)
-        port = self._free_ports.pop() if pooled else self._ephemeral_port()
+        if self._nursery is None:
+            return RunResult(Outcome.FAILED, None, 0.0, "the SIPp runner is not serving")
+        sipp: _Sipp | None = None
+        call: _Call | None = None
+        try:
+            with trio.move_on_after(self.settings.timeout) as scope:
+                sipp = await self._process_for(job)
+                call = sipp.calls[job.call_id]
+                await sipp.ready.wait()
+                if sipp.error is None:
+                    try:
+                        await sipp.send(twin.call_message(job.call_id, call.job, job.fields, job.name))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        sipp.fail_all(f"SIPp's twin socket failed: {exc!r}")
+                    except twin.TwinError as exc:
+                        return RunResult(Outcome.UNSAFE, None, trio.current_time() - started, str(exc))
+                await call.done.wait()
+            duration = trio.current_time() - started
+            if scope.cancelled_caught:
+                if sipp is None:
+                    return RunResult(Outcome.KILLED, None, duration, "no SIPp process free for this Call-ID")
+                with (
+                    trio.move_on_after(1) as abort,
+                    contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+                ):
+                    abort.shield = True
+                    await sipp.send(twin.abort_message(job.call_id))
+                return RunResult(Outcome.KILLED, None, duration, f"aborted after {self.settings.timeout:g}s")
+            assert call is not None
+            return RunResult(call.outcome, None, duration, call.detail)
+        finally:
+            if sipp is not None and call is not None and sipp.calls.get(job.call_id) is call:
+                del sipp.calls[job.call_id]
+                if not sipp.calls:
+                    sipp.idle_since = trio.current_time()
+                self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _process_for(self, job: SippJob) -> _Sipp:
+        """A process that holds no call with this Call-ID (the least busy),
+        or a new one; the Call-ID is reserved in it at once."""
+        assert self._nursery is not None
+        remote = (job.remote_host, job.remote_port)
+        while True:
+            pool = self._pools.setdefault(remote, [])
+            free = [s for s in pool if s.error is None and job.call_id not in s.calls]
+            if free:
+                sipp = min(free, key=lambda s: len(s.calls))
+            elif len(pool) < self.settings.processes:
+                sipp = _Sipp(remote)
+                pool.append(sipp)
+                self._nursery.start_soon(self._keep, sipp)
+            else:
+                await self._changed.wait()  # every process holds a device of this call
+                continue
+            sipp.calls[job.call_id] = _Call(f"{next(self._jobs):x}")
+            return sipp
+
+    async def _keep(self, sipp: _Sipp) -> None:
+        """Start ``sipp``, read its replies, and remove it once it ends."""
+        pool = self._pools[sipp.remote]
         try:
             with tempfile.TemporaryDirectory(prefix=f"{_FOLDER_PREFIX}{os.getpid()}-") as tmp:
-                return await self._run_in(Path(tmp), job, port, started)
+                await self._start_and_read(sipp, Path(tmp))
         except OSError as exc:
-            # No folder, no descriptors, a full disk: this run's outcome,
-            # never the service's end.
-            return RunResult(Outcome.FAILED, None, trio.current_time() - started, f"cannot prepare SIPp: {exc}")
+            sipp.fail_all(f"cannot prepare SIPp: {exc}")
+        except Exception as exc:  # the error boundary of one process: its calls fail, the worker goes on
+            log.exception("sipp process failed %s", kv(error=repr(exc)))
+            sipp.fail_all(f"SIPp process failed: {exc!r}")
         finally:
-            if pooled:
-                self._free_ports.append(port)
+            sipp.fail_all("SIPp stopped")
+            if sipp in pool:
+                pool.remove(sipp)
+            self._ports_used.discard(sipp.port)
+            self._wake()
 
-    def _ephemeral_port(self) -> int:
-        """A free port for the next run. Left to itself SIPp tries 5060,
-        5061 and up, next to Kamailio's own ports."""
-        kind = socket.SOCK_DGRAM if self.settings.transport == "udp" else socket.SOCK_STREAM
+    async def _start_and_read(self, sipp: _Sipp, folder: Path) -> None:
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            sipp.port = self._sip_port()
+            twin_port = free_port("127.0.0.1", socket.SOCK_STREAM)
+            args = self.command(sipp.remote, folder, sipp.port, twin_port)
+            try:
+                with (folder / "stderr.log").open("ab") as stderr:
+                    process = await trio.lowlevel.open_process(
+                        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                        cwd=str(folder), start_new_session=True,
+                    )  # fmt: skip
+            except OSError as exc:
+                sipp.fail_all(f"cannot start SIPp: {exc}")
+                return
+            try:
+                stream = await self._connect(process, twin_port)
+                if stream is None:
+                    rc = await process.wait()
+                    why = _exit_text(rc, folder)
+                    if rc in (254, 255) and attempt < _START_ATTEMPTS and "bind" in why.lower():
+                        log.warning("sipp start retried %s", kv(attempt=attempt, error=why))
+                        continue
+                    sipp.fail_all(f"SIPp did not start: {why}")
+                    return
+                sipp.stream = stream
+                sipp.ready.set()
+                log.info(
+                    "sipp started %s", kv(pid=process.pid, remote=f"{sipp.remote[0]}:{sipp.remote[1]}", port=sipp.port)
+                )
+                await self._read(sipp, stream, process)
+                code = process.poll()
+                sipp.fail_all(
+                    f"SIPp exited: {_exit_text(code, folder)}" if code is not None else "SIPp's twin socket closed"
+                )
+                return
+            finally:
+                await self._stop(process, sipp)
+
+    def _sip_port(self) -> int:
+        if not self.settings.port_base:
+            kind = socket.SOCK_DGRAM if self.settings.transport == "udp" else socket.SOCK_STREAM
+            try:
+                return free_port(self.settings.local_ip, kind)
+            except OSError:
+                return 0  # let SIPp pick; it says if it cannot bind
+        port = self.settings.port_base
+        while port in self._ports_used:
+            port += 1
+        self._ports_used.add(port)
+        return port
+
+    async def _connect(self, process: trio.Process, port: int) -> trio.SocketStream | None:
+        """The twin socket, once SIPp listens on it; None if SIPp exited first."""
+        with trio.move_on_after(_START_TIMEOUT):
+            while process.poll() is None:
+                try:
+                    return await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    await trio.sleep(0.01)
+        if process.poll() is None:
+            _kill_group(process)
+        return None
+
+    async def _read(self, sipp: _Sipp, stream: trio.SocketStream, process: trio.Process) -> None:
+        reader = twin.TwinReader()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stop_when_idle, sipp, stream, nursery.cancel_scope)
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not data:
+                    break
+                try:
+                    messages = reader.feed(data)
+                except twin.TwinError as exc:
+                    log.warning("sipp twin error %s", kv(pid=process.pid, error=str(exc)))
+                    break
+                for message in messages:
+                    self._on_reply(sipp, message)
+            nursery.cancel_scope.cancel()
+
+    def _on_reply(self, sipp: _Sipp, message: bytes) -> None:
         try:
-            return free_port(self.settings.local_ip, kind)
-        except OSError:
-            return 0  # let SIPp pick; the run will say if it cannot bind
+            reply = twin.parse_reply(message)
+        except twin.TwinError as exc:
+            log.warning("sipp twin error %s", kv(error=str(exc)))
+            return
+        call = sipp.calls.get(reply.call_id)
+        if call is None or call.done.is_set():
+            return  # a call aborted past its time, or one SIPp made for a stray message
+        if reply.job is None:
+            call.outcome, call.detail = Outcome.FAILED, "SIPp aborted the call"
+        elif reply.job != call.job:
+            return
+        else:
+            call.outcome = _LOGGED.get(reply.outcome or "", Outcome.FAILED)
+            if call.outcome is Outcome.FAILED:
+                call.detail = f"unknown outcome {reply.outcome!r} from the scenario"
+        call.done.set()
 
-    def command(self, job: SippJob, folder: Path, port: int) -> list[str]:
+    async def _stop_when_idle(self, sipp: _Sipp, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        """A node's first process stays; the others end after a minute idle."""
+        pool = self._pools[sipp.remote]
+        while True:
+            await trio.sleep(_IDLE_STOP / 4)
+            idle = not sipp.calls and trio.current_time() - sipp.idle_since >= _IDLE_STOP
+            if idle and pool and pool[0] is not sipp:
+                sipp.error = "stopped when idle"  # takes no new call from here
+                scope.cancel()
+                return
+
+    async def _stop(self, process: trio.Process, sipp: _Sipp) -> None:
+        """End SIPp: closing its twin socket makes it exit; kill if it lingers."""
+        with trio.CancelScope(shield=True):
+            if sipp.stream is not None:
+                await trio.aclose_forcefully(sipp.stream)
+            with trio.move_on_after(1):
+                await process.wait()
+            if process.poll() is None:
+                _kill_group(process)
+                await process.wait()
+
+    def command(self, remote: tuple[str, int], folder: Path, port: int, twin_port: int) -> list[str]:
         s = self.settings
         args = [
             s.binary,
-            f"{bracketed(job.remote_host)}:{job.remote_port}",
+            f"{bracketed(remote[0])}:{remote[1]}",
             "-sf", str(self.scenario),
-            "-inf", str(folder / "call.csv"),
-            "-cid_str", job.call_id_format,
-            "-m", "1",
-            # SIPp paces calls by rate; at its default 10/s the one INVITE
-            # would wait 100 ms before leaving.
-            "-r", "1000",
+            "-3pcc", f"127.0.0.1:{twin_port}",
             "-i", s.local_ip,
             "-t", "u1" if s.transport == "udp" else "t1",
             "-nostdin",
@@ -192,44 +446,20 @@ class SippRunner:
             # a stray response) is ignored instead of aborting the call: the
             # scenario's own timeouts still end every path.
             "-default_behaviors", "all,-abortunexp",
-            "-trace_logs", "-log_file", str(folder / "outcome.log"),
-            "-trace_err", "-error_file", str(folder / "errors.log"),
+            # The scenario's reply for a device that never answers waits for
+            # the INVITE's retransmissions to end: three (0.5, 1, 2 s).
+            "-max_invite_retrans", "3",
+            "-trace_err", "-error_file", str(folder / "errors.log"), "-max_log_size", "1048576",
         ]  # fmt: skip
         if port:
             args += ["-p", str(port)]
         return args
 
-    async def _run_in(self, folder: Path, job: SippJob, port: int, started: float) -> RunResult:
-        csv = folder / "call.csv"
-        fd = os.open(csv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("SEQUENTIAL\n" + job.csv_line)
-        args = self.command(job, folder, port)
-        proc: subprocess.CompletedProcess[bytes] | None = None
-        try:
-            with trio.move_on_after(self.settings.timeout):
-                proc = await trio.run_process(
-                    args,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    capture_stderr=True,
-                    check=False,
-                    cwd=str(folder),
-                    start_new_session=True,
-                    deliver_cancel=_kill_group,
-                )
-        except OSError as exc:
-            return RunResult(Outcome.FAILED, None, trio.current_time() - started, f"cannot start SIPp: {exc}")
-        duration = trio.current_time() - started
-        if proc is None:
-            return RunResult(Outcome.KILLED, None, duration, f"killed after {self.settings.timeout:g}s")
-        logged = _read_outcome(folder / "outcome.log")
-        if logged is not None:
-            return RunResult(logged, proc.returncode, duration)
-        rc = proc.returncode
-        meaning = _EXIT_MEANING.get(rc, f"exit code {rc}")
-        errors = _tail(folder / "errors.log") or proc.stderr.decode(errors="replace").strip()[-300:]
-        return RunResult(Outcome.FAILED, rc, duration, f"{meaning}: {errors}" if errors else meaning)
+
+def _exit_text(rc: int | None, folder: Path) -> str:
+    meaning = _EXIT_MEANING.get(rc, f"exit code {rc}") if rc is not None else "still running"
+    errors = _tail(folder / "errors.log") or _tail(folder / "stderr.log")
+    return f"{meaning}: {errors}" if errors else meaning
 
 
 def remove_stale_folders(parent: Path | None = None) -> int:
@@ -281,22 +511,10 @@ def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:
         return port
 
 
-async def _kill_group(proc: trio.Process) -> None:
-    """Kill SIPp and anything it started; trio then reaps it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _read_outcome(path: Path) -> Outcome | None:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return None
-    for line in reversed(text.splitlines()):
-        name = line.strip().removeprefix("outcome=")
-        if line.strip().startswith("outcome=") and name in _LOGGED:
-            return _LOGGED[name]
-    return None
+def _kill_group(process: trio.Process) -> None:
+    """Kill SIPp and anything it started."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _tail(path: Path, limit: int = 300) -> str:

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,39 +33,45 @@ needs_sipp = pytest.mark.skipif(
 )
 
 
-# For a stand-in SIPp: log the outcome the bundled scenario logs when the
-# phone rang and took the CANCEL.
-LOGS_COMPLETED = """while [ $# -gt 0 ]; do
-  if [ "$1" = -log_file ]; then echo outcome=completed > "$2"; fi
-  shift
-done"""
+FAKE_SIPP = Path(__file__).parent / "fake_sipp.py"
 
 
-# A stand-in SIPp that also notes each run's Call-ID in runs.txt beside it
-# (see :func:`fake_runs`).
-NOTES_RUNS = """runs="$(dirname "$0")/runs.txt"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -cid_str) echo "$2" >> "$runs" ;;
-    -log_file) echo outcome=completed > "$2" ;;
-  esac
-  shift
-done"""
+def fake_sipp(folder: Path, *options: str) -> Path:
+    """A stand-in for the sipp binary (tests/fake_sipp.py with ``options``:
+    ``--delay S``, ``--outcome NAME``, ``--silent``, ``--die-after N``,
+    ``--exit CODE --say TEXT``) that notes what it is told in ``runs.txt``
+    beside it: for the runner's own behaviour, where no SIP is needed."""
+    path = folder / "sipp"
+    record = folder / "runs.txt"
+    path.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_SIPP} {" ".join(options)} --record {record} -- "$@"\n')
+    path.chmod(0o755)
+    return path
 
 
 def fake_runs(folder: Path) -> list[str]:
-    """The Call-IDs a ``NOTES_RUNS`` stand-in in ``folder`` was run for."""
+    """The Call-IDs of the fake calls a :func:`fake_sipp` in ``folder`` was given."""
     path = folder / "runs.txt"
-    return path.read_text().split() if path.exists() else []
+    if not path.exists():
+        return []
+    return [line.split("Call-ID: ")[1].split(" |")[0] for line in path.read_text().splitlines() if "X-Evw-Call" in line]
 
 
-def fake_sipp(folder: Path, script: str) -> Path:
-    """A stand-in for the sipp binary: a shell script running ``script``
-    (for the runner's own behaviour: timeouts, exit codes, arguments)."""
-    path = folder / "sipp"
-    path.write_text(f"#!/bin/sh\n{script}\n")
-    path.chmod(0o755)
-    return path
+def fake_starts(folder: Path) -> list[tuple[int, str]]:
+    """(pid, arguments) of each :func:`fake_sipp` process started in ``folder``."""
+    path = folder / "runs.txt"
+    if not path.exists():
+        return []
+    starts = [line.split(" ", 2)[1:] for line in path.read_text().splitlines() if line.startswith("start ")]
+    return [(int(pid.removeprefix("pid=")), args.removeprefix("args=")) for pid, args in starts]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:

@@ -18,7 +18,7 @@ import msgpack
 import trio
 
 from .evapi_server import EvapiServer
-from .sipp_device import NOTES_RUNS, fake_runs, fake_sipp
+from .sipp_device import fake_runs, fake_sipp
 
 CALLS = 6
 
@@ -28,7 +28,7 @@ async def worker(tmp_path: Path, server: EvapiServer, *extra: str) -> AsyncItera
     """The real ``run`` command (``python -m evapi_worker.cli``) against the
     in-test node; killed with SIGKILL (never stopped gracefully) when the
     block ends."""
-    fake = fake_sipp(tmp_path, NOTES_RUNS)
+    fake = fake_sipp(tmp_path)
     args = [
         sys.executable, "-m", "evapi_worker.cli", "run", "--kamailio", f"127.0.0.1:{server.port}",
         "--metrics", "off", "--state", str(tmp_path / "state.msgpack"), "--sipp", str(fake), *extra,

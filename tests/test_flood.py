@@ -13,7 +13,7 @@ from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 
 from .evapi_server import EvapiServer
-from .sipp_device import LOGS_COMPLETED, fake_sipp
+from .sipp_device import fake_sipp
 
 T0 = 1_700_000_000.0
 STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
@@ -23,7 +23,7 @@ FLOOD = 2000
 async def test_two_thousand_late_registrations_in_a_second(tmp_path: Path) -> None:
     # Every fake call takes 200 ms and logs its outcome the way the bundled
     # scenario does, so a run that went wrong is not counted as sent and done.
-    fake = fake_sipp(tmp_path, "sleep 0.2\n" + LOGS_COMPLETED)
+    fake = fake_sipp(tmp_path, "--delay", "0.2")
     server = EvapiServer()
     async with trio.open_nursery() as outer:
         await server.start(outer)

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from evapi_worker.netstring import encode
 
 from .evapi_server import EvapiServer
-from .sipp_device import NOTES_RUNS, fake_runs, fake_sipp, free_port
+from .sipp_device import fake_runs, fake_sipp, free_port
 
 CONFIG = """
 [engine]
@@ -65,7 +65,7 @@ def healthz(port: int) -> int:
 
 @contextlib.asynccontextmanager
 async def running_worker(tmp_path: Path, server: EvapiServer, *extra: str) -> AsyncIterator[tuple[trio.Process, int]]:
-    fake = fake_sipp(tmp_path, NOTES_RUNS)
+    fake = fake_sipp(tmp_path)
     (tmp_path / "worker.toml").write_text(CONFIG)
     port = free_port(socket.SOCK_STREAM)
     args = [

@@ -21,7 +21,7 @@ from evapi_worker.state import decode_snapshot
 
 from .evapi_server import EvapiServer
 from .helpers import Wire
-from .sipp_device import LOGS_COMPLETED, fake_sipp
+from .sipp_device import fake_sipp
 
 T0 = 1_700_000_000.0
 STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
@@ -196,7 +196,7 @@ async def test_actions_waiting_at_stop_are_saved_and_begin_after_the_restart(tmp
                 sipp=SippSettings(binary=str(sipp), max_concurrent=1),
             )  # fmt: skip
 
-        first = Service(config(fake_sipp(slow, "sleep 30")))
+        first = Service(config(fake_sipp(slow, "--silent")))
         deferred: list[str] = []
         first.actions.outcome_listeners.append(
             lambda act, outcome: deferred.append(act.device) if outcome is Outcome.DEFERRED else None
@@ -223,7 +223,7 @@ async def test_actions_waiting_at_stop_are_saved_and_begin_after_the_restart(tmp
         assert len(decode_snapshot(state.read_bytes(), str(state))[0].actions) == 2
 
         done: list[str] = []
-        second = Service(config(fake_sipp(quick, LOGS_COMPLETED)))
+        second = Service(config(fake_sipp(quick)))
         second.actions.outcome_listeners.append(
             lambda act, outcome: done.append(act.device) if outcome is Outcome.COMPLETED else None
         )

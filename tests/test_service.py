@@ -170,7 +170,7 @@ async def test_fake_calls_past_their_deadline_are_dropped_not_sent_late(tmp_path
     # One SIPp slot, held by a call to a silent device for six seconds; the
     # other late devices' deadlines (1 s) pass while they wait.
     async with device("device_silent", tmp_path) as dev, world({"kam1": dev.port}, deadline=1.0, settle=0.1) as w:
-        w.service.runner.limiter.total_tokens = 1
+        w.service.runner.slots.total = 1
         kam1 = w.servers["kam1"]
         await kam1.send(start(kam1, T0) + kam1.event("call_cancelled", T0 + 1, call_id="orig-call-1@10.0.0.5"))
         regs = b"".join(register(kam1, T0 + 2 + i / 10, instance=f"<urn:uuid:{i}>") for i in range(3))

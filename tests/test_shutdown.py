@@ -18,7 +18,7 @@ from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 
 from .evapi_server import EvapiServer
-from .sipp_device import fake_sipp
+from .sipp_device import alive, fake_runs, fake_sipp, fake_starts
 
 T0 = 1_700_000_000.0
 STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
@@ -76,7 +76,7 @@ async def test_a_broken_state_file_is_reported_and_the_worker_starts_empty(tmp_p
 
 
 async def test_stop_closes_intake_and_waits_for_running_fake_calls_within_the_grace(tmp_path: Path) -> None:
-    fake = fake_sipp(tmp_path, "sleep 0.5")
+    fake = fake_sipp(tmp_path, "--delay", "0.5")
     server = EvapiServer()
     async with trio.open_nursery() as outer:
         await server.start(outer)
@@ -103,7 +103,7 @@ async def test_stop_closes_intake_and_waits_for_running_fake_calls_within_the_gr
 
 
 async def test_stop_gives_up_at_the_grace_and_the_cancel_kills_sipp(tmp_path: Path) -> None:
-    fake = fake_sipp(tmp_path, "sleep 30")
+    fake = fake_sipp(tmp_path, "--silent")
     service = Service(Config(nodes=(), sipp=SippSettings(binary=str(fake)), shutdown_grace=0.3))
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
@@ -112,20 +112,25 @@ async def test_stop_gives_up_at_the_grace_and_the_cancel_kills_sipp(tmp_path: Pa
         async def one_run() -> None:
             from evapi_worker.sipp_runner import SippJob
 
-            async with service.runner.limiter:
-                await service.runner.run(SippJob("c%%1", "a;b;c;d;;k;missed;\n", "127.0.0.1", 5099))
+            await service.runner.slots.acquire("bob@x")
+            job = SippJob("c1", ("bob", "x", "alice", "x", "k", "missed"), "", "127.0.0.1", 5099)
+            await service.runner.run(job)
             job_done.set()
 
         nursery.start_soon(one_run)
         with trio.fail_after(5):
-            while service.runner.running == 0:
+            while service.runner.processes == 0 or not fake_runs(tmp_path):
                 await trio.sleep(0.01)
         started = trio.current_time()
         await service.stop()
         assert 0.3 <= trio.current_time() - started < 2
         assert service.runner.running == 1
+        [(pid, _)] = fake_starts(tmp_path)
         nursery.cancel_scope.cancel()
-    assert not job_done.is_set()  # cancelled: killed with its process group
+    assert not job_done.is_set()  # cancelled
+    with trio.fail_after(5):  # its SIPp ended with it
+        while alive(pid):
+            await trio.sleep(0.02)
 
 
 async def test_sigterm_to_the_command_stops_gracefully_and_writes_the_state(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
-"""The SIPp runner with real SIPp, against a real SIPp UAS playing the device."""
+"""The SIPp runner with real SIPp, against a real SIPp UAS playing the
+device; and its handling of processes with a stand-in SIPp."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -20,14 +23,14 @@ from evapi_worker.sipp_runner import (
     remove_stale_folders,
 )
 
-from .sipp_device import device, fake_sipp, needs_sipp
+from .sipp_device import alive, device, fake_runs, fake_sipp, fake_starts, needs_sipp
 
 pytestmark = needs_sipp
 
 
-def job(port: int, reason: str = "answered", call_id: str = "orig-%41-call@10.0.0.1") -> SippJob:
-    fields = ["bob", "example.com", "alice", "example.org", sip_values.display_name('Alice "A"'), "pin123", reason]
-    return SippJob(sip_values.call_id_format(call_id), sip_values.csv_line(fields), "127.0.0.1", port)
+def job(port: int, reason: str = "answered", call_id: str = "orig-%41-call@10.0.0.1", callee: str = "bob") -> SippJob:
+    fields = (callee, "example.com", "alice", "example.org", "pin123", reason)
+    return SippJob(sip_values.call_id(call_id), fields, sip_values.display_name('Alice; "A"'), "127.0.0.1", port)
 
 
 @pytest.fixture
@@ -38,17 +41,32 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
+@asynccontextmanager
+async def serving(settings: SippSettings) -> AsyncIterator[SippRunner]:
+    runner = SippRunner(settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.serve)
+        yield runner
+        nursery.cancel_scope.cancel()
+
+
+async def run(runner: SippRunner, one: SippJob, account: str = "bob@example.com") -> RunResult:
+    await runner.slots.acquire(account)
+    try:
+        return await runner.run(one)
+    finally:
+        runner.slots.release(account)
+
+
 def test_bundled_scenario_ships_with_the_package() -> None:
     assert bundled_scenario().is_file()
 
 
 async def call_device(scenario: str, folder: Path, reason: str = "answered") -> tuple[RunResult, list[str]]:
     """One fake call from the runner to a SIPp phone; its outcome and what the phone logged."""
-    runner = SippRunner(SippSettings())
-    async with device(scenario, folder) as dev:
+    async with serving(SippSettings()) as runner, device(scenario, folder) as dev:
         with trio.fail_after(20):
-            async with runner.limiter:
-                result = await runner.run(job(dev.port, reason))
+            result = await run(runner, job(dev.port, reason))
             if scenario != "device_silent":
                 await dev.finished()
     return result, dev.lines()
@@ -69,10 +87,10 @@ async def test_device_rings_and_gets_the_cancel_with_the_reason(
     assert result.outcome is Outcome.COMPLETED, result
     # The original Call-ID, '%' included, and the caller's name and user.
     assert lines[0].startswith(
-        'invite call_id= orig-%41-call@10.0.0.1 from= "Alice \\"A\\"" <sip:alice@example.org>;tag='
+        'invite call_id= orig-%41-call@10.0.0.1 from= "Alice; \\"A\\"" <sip:alice@example.org>;tag='
     )
     assert lines[1] == f"cancel call_id= orig-%41-call@10.0.0.1 {header}".rstrip()
-    assert list(private_tmp.iterdir()) == []  # the CSV and logs are gone
+    assert list(private_tmp.iterdir()) == []  # the process's folder is gone with it
 
 
 async def test_device_answering_gets_ack_and_bye(tmp_path: Path) -> None:
@@ -100,62 +118,95 @@ async def test_silent_device_ends_with_no_response(tmp_path: Path) -> None:
     assert 6 <= result.duration < 10
 
 
-async def test_sipp_past_its_time_limit_is_killed_with_its_children(tmp_path: Path) -> None:
-    pidfile = tmp_path / "child.pid"
-    fake = fake_sipp(tmp_path, f"sleep 60 &\necho $! > {pidfile}\nsleep 60")
-    runner = SippRunner(SippSettings(binary=str(fake), timeout=0.5))
-    with trio.fail_after(10):
-        async with runner.limiter:
-            result = await runner.run(job(5060))
-    assert result.outcome is Outcome.KILLED
-    child = int(pidfile.read_text())
+async def test_many_fake_calls_share_one_sipp_process_each_with_its_own_call_id(tmp_path: Path) -> None:
+    calls = 60
+    async with serving(SippSettings()) as runner, device("phone_rings", tmp_path, calls=calls) as dev:
+        results: dict[int, RunResult] = {}
+
+        async def one(n: int) -> None:
+            results[n] = await run(runner, job(dev.port, "missed", f"burst-{n}@caller", f"u{n}"), f"u{n}@example.com")
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for n in range(calls):
+                    nursery.start_soon(one, n)
+            await dev.finished()
+        assert runner.processes == 1
+    assert {r.outcome for r in results.values()} == {Outcome.COMPLETED}
+    invites = sorted(line.split()[2] for line in dev.lines() if line.startswith("invite"))
+    assert invites == sorted(f"burst-{n}@caller" for n in range(calls))
+
+
+async def test_devices_of_one_call_run_in_separate_processes_at_once(tmp_path: Path) -> None:
+    fake = fake_sipp(tmp_path, "--delay", "0.3")
+    async with serving(SippSettings(binary=str(fake), processes=3)) as runner:
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for n in range(5):  # five devices of one call, three processes at most
+                nursery.start_soon(run, runner, job(5060, callee=f"dev{n}"), "bob@example.com")
+        took = trio.current_time() - started
+        assert runner.processes == 3
+    assert fake_runs(tmp_path) == ["orig-%41-call@10.0.0.1"] * 5
+    assert len(fake_starts(tmp_path)) == 3
+    assert 0.6 <= took < 2.0  # three at once, then the last two
+
+
+async def test_a_call_past_its_time_limit_is_aborted_and_its_process_serves_the_next(tmp_path: Path) -> None:
+    fake = fake_sipp(tmp_path, "--silent")
+    async with serving(SippSettings(binary=str(fake), timeout=0.5)) as runner:
+        result = await run(runner, job(5060))
+        assert result.outcome is Outcome.KILLED and 0.5 <= result.duration < 1.5
+        with trio.fail_after(5):
+            while "internal-cmd: abort_call" not in (tmp_path / "runs.txt").read_text():
+                await trio.sleep(0.02)
+        assert (await run(runner, job(5060, call_id="next@x"))).outcome is Outcome.KILLED
+        assert len(fake_starts(tmp_path)) == 1  # the same process for both
+
+
+async def test_a_sipp_that_dies_fails_its_calls_and_a_new_one_serves_the_next(tmp_path: Path) -> None:
+    fake = fake_sipp(tmp_path, "--die-after", "1")
+    async with serving(SippSettings(binary=str(fake))) as runner:
+        result = await run(runner, job(5060))
+        assert result.outcome is Outcome.FAILED and "SIPp exited" in result.detail, result
+        again = await run(runner, job(5060, call_id="second@x"))
+        assert again.outcome is Outcome.FAILED
+    assert len(fake_starts(tmp_path)) == 2
+
+
+async def test_the_runner_stopping_ends_its_sipp_processes(tmp_path: Path) -> None:
+    fake = fake_sipp(tmp_path, "--delay", "0.05")
+    async with serving(SippSettings(binary=str(fake))) as runner:
+        assert (await run(runner, job(5060))).outcome is Outcome.COMPLETED
+        [(pid, _)] = fake_starts(tmp_path)
+        assert alive(pid)
     with trio.fail_after(5):
-        while _alive(child):
+        while alive(pid):
             await trio.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purpose; it only waits for init to reap it.
-    status = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    return status != "Z"
-
-
 async def test_missing_sipp_is_a_failed_outcome(tmp_path: Path) -> None:
-    runner = SippRunner(SippSettings(binary=str(tmp_path / "no-such-sipp")))
-    async with runner.limiter:
-        result = await runner.run(job(5060))
+    async with serving(SippSettings(binary=str(tmp_path / "no-such-sipp"))) as runner:
+        result = await run(runner, job(5999))
     assert result.outcome is Outcome.FAILED
     assert "cannot start SIPp" in result.detail
 
 
-async def test_sipp_failing_without_an_outcome_reports_its_exit_code(tmp_path: Path) -> None:
-    fake = fake_sipp(tmp_path, "echo 'bad things' >&2\nexit 255")
-    runner = SippRunner(SippSettings(binary=str(fake)))
-    async with runner.limiter:
-        result = await runner.run(job(5060))
-    assert (result.outcome, result.returncode) == (Outcome.FAILED, 255)
-    assert "fatal error" in result.detail and "bad things" in result.detail
+async def test_sipp_failing_to_start_reports_its_exit_code_and_error(tmp_path: Path) -> None:
+    fake = fake_sipp(tmp_path, "--exit", "255", "--say", "bad_things")
+    async with serving(SippSettings(binary=str(fake))) as runner:
+        result = await run(runner, job(5999))
+    assert result.outcome is Outcome.FAILED
+    assert "fatal error" in result.detail and "bad_things" in result.detail, result
 
 
-async def test_port_pool_gives_each_run_its_own_port(tmp_path: Path) -> None:
-    args_file = tmp_path / "args"
-    fake = fake_sipp(tmp_path, f'echo "$@" >> {args_file}\nsleep 0.2')
-    runner = SippRunner(SippSettings(binary=str(fake), port_base=40000, max_concurrent=3))
-
-    async def one() -> None:
-        async with runner.limiter:
-            await runner.run(job(5060))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(3):
-            nursery.start_soon(one)
-    ports = sorted(line.split("-p ")[1].split()[0] for line in args_file.read_text().splitlines())
+async def test_port_base_gives_each_process_its_own_port(tmp_path: Path) -> None:
+    fake = fake_sipp(tmp_path, "--delay", "0.2")
+    settings = SippSettings(binary=str(fake), port_base=40000, processes=3)
+    async with serving(settings) as runner, trio.open_nursery() as nursery:
+        for n in range(3):
+            nursery.start_soon(run, runner, job(5060, callee=f"dev{n}"), "bob@example.com")
+    ports = sorted(args.split("-p ")[1].split()[0] for _, args in fake_starts(tmp_path))
     assert ports == ["40000", "40001", "40002"]
-    assert "-cid_str orig-%%41-call@10.0.0.1" in args_file.read_text()
 
 
 async def test_stray_responses_from_the_device_do_not_end_the_fake_call(tmp_path: Path) -> None:
@@ -170,9 +221,8 @@ async def test_no_temporary_folder_is_a_failed_run_not_an_exception(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # cannot make its folder
-    runner = SippRunner(SippSettings(binary=str(fake_sipp(tmp_path, "exit 0"))))
-    async with runner.limiter:
-        result = await runner.run(job(5999))
+    async with serving(SippSettings(binary=str(fake_sipp(tmp_path)))) as runner:
+        result = await run(runner, job(5999))
     assert result.outcome is Outcome.FAILED
     assert "cannot prepare SIPp" in result.detail
 
@@ -184,15 +234,16 @@ def test_folders_of_killed_workers_are_removed_and_live_ones_kept(tmp_path: Path
     other = tmp_path / "unrelated"
     for folder in (stale, mine, other):
         folder.mkdir()
-        (folder / "call.csv").write_text("SEQUENTIAL\nsecret-pin;\n")
+        (folder / "errors.log").write_text("an error\n")
     assert remove_stale_folders(tmp_path) == 1
     assert not stale.exists() and mine.exists() and other.exists()
 
 
 def test_sipp_gets_ipv6_addresses_in_brackets(tmp_path: Path) -> None:
     runner = SippRunner(SippSettings(local_ip="::1"))
-    args = runner.command(SippJob("c%%1", "a;b;\n", "::1", 5060), tmp_path, 40000)
+    args = runner.command(("::1", 5060), tmp_path, 40000, 40001)
     assert args[1] == "[::1]:5060"
     assert args[args.index("-i") + 1] == "::1"
-    v4 = SippRunner(SippSettings()).command(SippJob("c%%1", "a;b;\n", "127.0.0.1", 5060), tmp_path, 40000)
+    v4 = SippRunner(SippSettings()).command(("127.0.0.1", 5060), tmp_path, 40000, 40001)
     assert v4[1] == "127.0.0.1:5060"
+    assert v4[v4.index("-3pcc") + 1] == "127.0.0.1:40001"
