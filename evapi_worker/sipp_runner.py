@@ -447,8 +447,17 @@ class SippRunner:
             # scenario's own timeouts still end every path.
             "-default_behaviors", "all,-abortunexp",
             # The scenario's reply for a device that never answers waits for
-            # the INVITE's retransmissions to end: three (0.5, 1, 2 s).
-            "-max_invite_retrans", "3",
+            # the INVITE's retransmissions to end: three (0.5, 1, 2 s); a
+            # CANCEL nobody answers, four (reported after 11.5 s).
+            "-max_invite_retrans", "3", "-max_non_invite_retrans", "4",
+            # Hundreds of calls' answers at once: room for them in the socket
+            # buffers (SIPp's default is 64 KiB; the kernel caps it at
+            # net.core.rmem_max / wmem_max).
+            "-buff_size", "4194304",
+            # An ended call leaves no "dead call" behind under its Call-ID
+            # (SIPp keeps one 33 s by default): it would swallow the next
+            # fake call to another device of the same call.
+            "-deadcall_wait", "0",
             "-trace_err", "-error_file", str(folder / "errors.log"), "-max_log_size", "1048576",
         ]  # fmt: skip
         if port:

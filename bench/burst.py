@@ -1,0 +1,308 @@
+"""A crowd of late iPhones at once: real Kamailio (the bundled config), the
+real worker (``evapi-worker run``) and real SIPp on both sides.
+
+    .venv/bin/python -m bench.burst --accounts 100 --devices 10 --ring-delay 300
+
+Each account gets one call that rings (held for the push) and is given up
+(a missed call); then every device of every account registers at once,
+from SIPp phone processes (one per device index, each holding one device
+of every account, so that no phone process sees one Call-ID twice). A
+phone rings ``--ring-delay`` ms after a fake INVITE (an app sets up its
+call first) and answers the CANCEL. Reported: whether every device got
+exactly one fake call with its account's Call-ID and a missed call's
+CANCEL (no Reason), INVITE after REGISTER percentiles (the phones' own
+clock), the worker's outcomes, and the peak memory and processes of the
+worker and of the SIPp it runs. Exits 1 when a device was not served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from evapi_worker.demo import KamailioProcess
+from evapi_worker.sipp_runner import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent / "sipp"
+CALLERS = ROOT / "tests" / "sipp" / "callers_cancel.xml"
+HOST = "127.0.0.1"
+DOMAIN = "burst.example.com"
+
+
+def account(a: int) -> str:
+    return f"acct{a:04d}"
+
+
+def device(a: int, d: int) -> str:
+    return f"dev{a:04d}x{d:03d}"
+
+
+def call_id(a: int) -> str:
+    # SIPp's call number n (from 1) calls account n-1 (see -cid_str).
+    return f"crowd-{a + 1}@caller.example.net"
+
+
+@dataclass
+class Peak:
+    """The worker's and its SIPp children's peak resident memory and count."""
+
+    worker_kib: int = 0
+    sipp_kib: int = 0
+    sipp_processes: int = 0
+    samples: int = 0
+
+    def sample(self, worker: int) -> None:
+        self.samples += 1
+        self.worker_kib = max(self.worker_kib, _rss_kib(worker))
+        children = [pid for pid in _pids() if _ppid(pid) == worker and _comm(pid) == "sipp"]
+        self.sipp_processes = max(self.sipp_processes, len(children))
+        self.sipp_kib = max(self.sipp_kib, sum(_rss_kib(pid) for pid in children))
+
+
+def cpu_seconds(worker: int) -> dict[str, float]:
+    """CPU time so far of the worker, its SIPp, Kamailio and the other SIPp
+    (the phones and callers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = {"worker": 0.0, "worker_sipp": 0.0, "kamailio": 0.0, "phones_sipp": 0.0}
+    for pid in _pids():
+        stat = _read(f"/proc/{pid}/stat")
+        if not stat:
+            continue
+        fields = stat.rsplit(") ", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / tick
+        comm = _comm(pid)
+        if pid == worker:
+            totals["worker"] += used
+        elif comm == "sipp":
+            totals["worker_sipp" if _ppid(pid) == worker else "phones_sipp"] += used
+        elif comm == "kamailio":
+            totals["kamailio"] += used
+    return totals
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _ppid(pid: int) -> int:
+    stat = _read(f"/proc/{pid}/stat")
+    return int(stat.rsplit(") ", 1)[1].split()[1]) if stat else -1
+
+
+def _comm(pid: int) -> str:
+    return _read(f"/proc/{pid}/comm").strip()
+
+
+def _rss_kib(pid: int) -> int:
+    match = re.search(r"VmRSS:\s+(\d+)", _read(f"/proc/{pid}/status"))
+    return int(match.group(1)) if match else 0
+
+
+@dataclass
+class Crowd:
+    """What the phones saw."""
+
+    registered: dict[str, int] = field(default_factory=dict)  # device -> SIPp clock (ms)
+    invites: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # device -> [(Call-ID, clock)]
+    cancels: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # device -> [(Call-ID, Reason)]
+
+
+def read_phones(logs: list[Path]) -> Crowd:
+    crowd = Crowd()
+    for log in logs:
+        for line in log.read_text(errors="replace").splitlines():
+            if m := re.match(r"reg dev=(\S+) t=(\d+)", line):
+                crowd.registered[m[1]] = int(m[2])
+            elif m := re.match(r"invite dev=(\S+) call_id=\s*(\S+) t=(\d+)", line):
+                crowd.invites.setdefault(m[1], []).append((m[2], int(m[3])))
+            elif m := re.match(r"cancel dev=(\S+) call_id=\s*(\S+) reason=\s*(.*)$", line):
+                crowd.cancels.setdefault(m[1], []).append((m[2], m[3].strip()))
+    return crowd
+
+
+async def sipp(folder: Path, name: str, sip_port: int, *args: str) -> trio.Process:
+    """A SIPp against the node, its log and errors beside the run's files."""
+    command = [
+        "sipp", f"{HOST}:{sip_port}", "-i", HOST, "-p", str(free_port(HOST)), "-nostdin", "-key", "domain", DOMAIN,
+        "-buff_size", "4194304",
+        "-trace_logs", "-log_file", str(folder / f"{name}.log"), "-trace_err", "-error_file",
+        str(folder / f"{name}.errors"), *args,
+    ]  # fmt: skip
+    return await trio.lowlevel.open_process(command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@asynccontextmanager
+async def platform(folder: Path, worker_toml: str = "") -> AsyncIterator[tuple[int, trio.Process, int]]:
+    """Kamailio and the real worker beside it: (SIP port, worker, metrics port)."""
+    sip_port, evapi_port, metrics_port = free_port(HOST), free_port(HOST, socket.SOCK_STREAM), 0
+    kamailio = KamailioProcess(HOST, sip_port, HOST, evapi_port, "crowd", HOST, folder, domain=DOMAIN)
+    metrics_port = free_port(HOST, socket.SOCK_STREAM)
+    (folder / "worker.toml").write_text(worker_toml)
+    log = folder / "worker.log"
+    args = [
+        sys.executable, "-m", "evapi_worker.cli", "run", "--kamailio",
+        f"crowd=127.0.0.1:{evapi_port},sip={HOST}:{sip_port}", "--metrics", f"{HOST}:{metrics_port}",
+        "--config", str(folder / "worker.toml"),
+    ]  # fmt: skip
+    async with kamailio.running():
+        with log.open("ab") as sink:
+            worker = await trio.lowlevel.open_process(args, stdout=subprocess.DEVNULL, stderr=sink, cwd=folder)
+        try:
+            with trio.fail_after(15):
+                while "evapi connected" not in log.read_text():
+                    if worker.poll() is not None:
+                        raise RuntimeError(f"the worker ended: {log.read_text()[-2000:]}")
+                    await trio.sleep(0.05)
+            yield sip_port, worker, metrics_port
+        finally:
+            worker.terminate()
+            with trio.move_on_after(10):
+                await worker.wait()
+            if worker.poll() is None:
+                worker.kill()
+                await worker.wait()
+
+
+async def missed_calls(folder: Path, sip_port: int, accounts: list[str]) -> None:
+    """One call to each account, held for its push and given up 300 ms in."""
+    (folder / "calls.csv").write_text("SEQUENTIAL\n" + "".join(f"{a};\n" for a in accounts))
+    callers = await sipp(
+        folder, "callers", sip_port, "-sf", str(CALLERS), "-inf", str(folder / "calls.csv"),
+        "-m", str(len(accounts)), "-r", "200", "-l", str(len(accounts)), "-timeout", "60",
+        "-cid_str", "crowd-%u@caller.example.net",
+    )  # fmt: skip
+    if await callers.wait() != 0:
+        raise RuntimeError("callers failed: " + (folder / "callers.errors").read_text(errors="replace")[-2000:])
+
+
+async def devices_wake(
+    folder: Path, sip_port: int, devices: list[list[tuple[str, str]]], ring_delay: int, stay_ms: int,
+    ignore_cancel: bool = False, name: str = "phones",
+) -> list[trio.Process]:  # fmt: skip
+    """Every device registers at once, one phone process per list of
+    (account, device); the processes end after ``stay_ms``."""
+    processes = []
+    for k, group in enumerate(devices):
+        csv = folder / f"{name}-{k}.csv"
+        csv.write_text("SEQUENTIAL\n" + "".join(f"{a};{d};\n" for a, d in group))
+        args = [
+            "-sf", str(HERE / "devices_register.xml"), "-oocsf", str(HERE / "phone_rings_late.xml"),
+            "-inf", str(csv), "-m", str(len(group)), "-r", "10000", "-l", str(len(group)),
+            "-d", str(stay_ms), "-timeout", str(stay_ms // 1000 + 30),
+            "-key", "ring_delay", str(ring_delay), "-key", "ignore_cancel", "1" if ignore_cancel else "0",
+        ]  # fmt: skip
+        processes.append(await sipp(folder, f"{name}-{k}", sip_port, *args))
+    return processes
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("evapi_worker_fake_calls_total{"):
+            outcome = re.search(r'outcome="([^"]+)"', line)
+            if outcome:
+                values[outcome[1]] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+async def run(accounts: int, devices: int, ring_delay: int, folder: Path) -> dict[str, object]:
+    names = [account(a) for a in range(accounts)]
+    groups = [[(account(a), device(a, d)) for a in range(accounts)] for d in range(devices)]
+    stay_ms = 20_000
+    peak = Peak()
+    async with platform(folder) as (sip_port, worker, metrics_port):
+        await missed_calls(folder, sip_port, names)
+        await trio.sleep(0.5)
+        cpu_before = cpu_seconds(worker.pid)
+        phones = await devices_wake(folder, sip_port, groups, ring_delay, stay_ms)
+        with trio.fail_after(stay_ms / 1000 + 40):
+            while any(p.poll() is None for p in phones):
+                peak.sample(worker.pid)
+                await trio.sleep(0.1)
+        outcomes = scrape(metrics_port)
+        cpu_after = cpu_seconds(worker.pid)
+    crowd = read_phones([folder / f"phones-{k}.log" for k in range(devices)])
+    problems: list[str] = []
+    delays: list[float] = []
+    for a in range(accounts):
+        for d in range(devices):
+            dev = device(a, d)
+            invites = crowd.invites.get(dev, [])
+            if [c for c, _ in invites] != [call_id(a)]:
+                problems.append(f"{dev}: INVITEs {[c for c, _ in invites]}")
+                continue
+            if crowd.cancels.get(dev) != [(call_id(a), "")]:
+                problems.append(f"{dev}: CANCELs {crowd.cancels.get(dev)}")
+            if dev in crowd.registered:
+                delays.append((invites[0][1] - crowd.registered[dev]) / 1000)
+    total = accounts * devices
+    return {
+        "devices": total,
+        "served": total - len({p.split(":")[0] for p in problems}),
+        "problems": problems[:20],
+        "invite_after_register_s": {f"p{q}": round(percentile(delays, q), 3) for q in (50, 90, 99)}
+        | {"max": round(max(delays), 3) if delays else None},
+        "worker_outcomes": outcomes,
+        # The phones stay registered (idle) after the burst: their CPU is the burst's.
+        "cpu_seconds": {k: round(cpu_after[k] - cpu_before[k], 2) for k in cpu_after},
+        "peak": {
+            "worker_rss_mib": round(peak.worker_kib / 1024, 1),
+            "sipp_processes": peak.sipp_processes,
+            "sipp_rss_mib": round(peak.sipp_kib / 1024, 1),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--accounts", type=int, default=100)
+    parser.add_argument("--devices", type=int, default=10, help="push devices per account")
+    parser.add_argument("--ring-delay", type=int, default=300, help="ms from a fake INVITE to the phone's 180")
+    parser.add_argument("--keep", type=Path, help="keep the run's files (logs) in this folder")
+    args = parser.parse_args()
+    if shutil.which("sipp") is None or shutil.which("kamailio") is None:
+        sys.exit("bench.burst needs sipp and kamailio (./scripts/setup.sh --test)")
+    folder = Path(tempfile.mkdtemp(prefix="evapi-burst-")) if args.keep is None else args.keep
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        result = trio.run(run, args.accounts, args.devices, args.ring_delay, folder)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+    if result["served"] != result["devices"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
