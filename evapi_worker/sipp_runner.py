@@ -48,6 +48,7 @@ __all__ = [
     "SippSettings",
     "bind_error",
     "bundled_scenario",
+    "free_media_port",
     "free_port",
     "remove_stale_folders",
 ]
@@ -313,6 +314,7 @@ class SippRunner:
             sipp.port = self._sip_port()
             twin_port = free_port("127.0.0.1", socket.SOCK_STREAM)
             args = self.command(sipp.remote, folder, sipp.port, twin_port)
+            args += ["-mp", str(free_media_port(self.settings.local_ip))]
             try:
                 with (folder / "stderr.log").open("ab") as stderr:
                     process = await trio.lowlevel.open_process(
@@ -508,6 +510,21 @@ def bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> OSError 
     except OSError as exc:
         return exc
     return None
+
+
+def free_media_port(host: str) -> int:
+    """A UDP port ``p`` with ``p + 2`` free too on ``host`` now: SIPp binds
+    its audio and video sockets there. Left to itself every SIPp tries
+    6000, 6002... 6198, and a hundred processes on a host exhaust them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_DGRAM) as audio:
+            audio.bind((host, 0))
+            port: int = audio.getsockname()[1]
+            if port + 2 > 65535 or bind_error(host, port + 2, socket.SOCK_DGRAM) is not None:
+                continue
+            return port
+    raise OSError(f"no free pair of media ports on {host}")
 
 
 def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:
