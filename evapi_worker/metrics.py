@@ -107,7 +107,10 @@ class Metrics:
         )
         self.messages = Counter(p + "messages", "MESSAGE notifications by outcome.", ["outcome"], registry=r)
         self.sipp_duration = Histogram(
-            p + "sipp_duration_seconds", "Wall time of one fake call in SIPp (INVITE to its end).", buckets=_SIPP_BUCKETS, registry=r
+            p + "sipp_duration_seconds",
+            "Wall time of one fake call in SIPp (INVITE to its end).",
+            buckets=_SIPP_BUCKETS,
+            registry=r,
         )
         self.pushes = Counter(
             p + "pushes",
