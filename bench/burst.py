@@ -3,7 +3,9 @@ real worker (``evapi-worker run``) and real SIPp on both sides.
 
     .venv/bin/python -m bench.burst --accounts 100 --devices 10 --ring-delay 300
 
-Each account gets one call that rings (held for the push) and is given up
+Kamailio asks for a 4 MiB UDP buffer (``EVW_UDP_BUFFER``; ``--udp-buffer
+0`` for its default 256 KiB, where the burst overflows it and waits for
+SIPp's retransmissions). Each account gets one call that rings (held for the push) and is given up
 (a missed call); then every device of every account registers at once,
 from SIPp phone processes (one per device index, each holding one device
 of every account, so that no phone process sees one Call-ID twice). A
@@ -43,6 +45,7 @@ HERE = Path(__file__).resolve().parent / "sipp"
 CALLERS = ROOT / "tests" / "sipp" / "callers_cancel.xml"
 HOST = "127.0.0.1"
 DOMAIN = "burst.example.com"
+UDP_BUFFER = 4 * 1024 * 1024  # Kamailio's, for a burst (EVW_UDP_BUFFER)
 BURST_WINDOW = 3.0  # seconds after the devices start registering: the burst's CPU
 
 
@@ -170,20 +173,14 @@ async def sipp(folder: Path, name: str, sip_port: int, *args: str) -> trio.Proce
 
 
 @asynccontextmanager
-async def platform(folder: Path, worker_toml: str = "") -> AsyncIterator[tuple[int, trio.Process, int]]:
-    """Kamailio and the real worker beside it: (SIP port, worker, metrics port)."""
+async def platform(
+    folder: Path, worker_toml: str = "", udp_buffer: int = UDP_BUFFER
+) -> AsyncIterator[tuple[int, trio.Process, int]]:
+    """Kamailio (asking for ``udp_buffer`` bytes of UDP buffer; 0: its
+    default) and the real worker beside it: (SIP port, worker, metrics port)."""
     sip_port, evapi_port, metrics_port = free_port(HOST), free_port(HOST, socket.SOCK_STREAM), 0
-    kamailio = KamailioProcess(
-        HOST,
-        sip_port,
-        HOST,
-        evapi_port,
-        "crowd",
-        HOST,
-        folder,
-        domain=DOMAIN,
-        defines=tuple(os.environ.get("BURST_DEFINES", "").split()),
-    )
+    defines = (f"EVW_UDP_BUFFER={udp_buffer}",) if udp_buffer else ()
+    kamailio = KamailioProcess(HOST, sip_port, HOST, evapi_port, "crowd", HOST, folder, domain=DOMAIN, defines=defines)
     metrics_port = free_port(HOST, socket.SOCK_STREAM)
     (folder / "worker.toml").write_text(worker_toml)
     log = folder / "worker.log"
@@ -259,13 +256,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-async def run(accounts: int, devices: int, ring_delay: int, folder: Path, stay_ms: int = 20_000) -> dict[str, object]:
+async def run(
+    accounts: int, devices: int, ring_delay: int, folder: Path, stay_ms: int = 20_000, udp_buffer: int = UDP_BUFFER
+) -> dict[str, object]:
     """The whole story; ``stay_ms``: how long the phones stay registered
     (the burst must be over by then)."""
     names = [account(a) for a in range(accounts)]
     groups = [[(account(a), device(a, d)) for a in range(accounts)] for d in range(devices)]
     peak = Peak()
-    async with platform(folder) as (sip_port, worker, metrics_port):
+    async with platform(folder, udp_buffer=udp_buffer) as (sip_port, worker, metrics_port):
         await missed_calls(folder, sip_port, names)
         await trio.sleep(0.5)
         cpu_before = cpu_seconds(worker.pid)
@@ -320,13 +319,16 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10, help="push devices per account")
     parser.add_argument("--ring-delay", type=int, default=300, help="ms from a fake INVITE to the phone's 180")
     parser.add_argument("--keep", type=Path, help="keep the run's files (logs) in this folder")
+    parser.add_argument(
+        "--udp-buffer", type=int, default=UDP_BUFFER, help="Kamailio's UDP buffer (EVW_UDP_BUFFER); 0: its default"
+    )
     args = parser.parse_args()
     if shutil.which("sipp") is None or shutil.which("kamailio") is None:
         sys.exit("bench.burst needs sipp and kamailio (./scripts/setup.sh --test)")
     folder = Path(tempfile.mkdtemp(prefix="evapi-burst-")) if args.keep is None else args.keep
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        result = trio.run(run, args.accounts, args.devices, args.ring_delay, folder)
+        result = trio.run(run, args.accounts, args.devices, args.ring_delay, folder, 20_000, args.udp_buffer)
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
