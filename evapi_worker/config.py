@@ -74,7 +74,10 @@ class EvapiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     reconnect_initial: Positive = _BACKOFF.initial  # backoff between reconnects, doubling...
     reconnect_max: Positive = _BACKOFF.cap  # ...up to this, with jitter
-    ack_timeout: Positive = 1.0  # how long a command waits for Kamailio's acknowledgement
+    # How long a command waits for Kamailio's acknowledgement. One process on
+    # the node handles every command in turn: in a burst of a thousand late
+    # phones the last pins wait for the others (about 0.6 s on two busy cores).
+    ack_timeout: Positive = 3.0
     pin_ttl: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 30  # seconds Kamailio keeps a pinned route
     # Seconds between liveness pings; a ping not acknowledged in ack_timeout
     # means the node is gone (frozen, half-open connection): reconnect. 0: off.

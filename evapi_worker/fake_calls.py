@@ -26,7 +26,7 @@ from .events import CommandResult, Register
 from .logs import kv
 from .metrics import Metrics
 from .sip_values import UnsafeValue
-from .sipp_runner import Outcome, RunResult, SippJob, SippRunner
+from .sipp_runner import Outcome, Reservation, RunResult, SippJob, SippRunner
 
 __all__ = ["ActionRunner", "Parties", "PreparedCall", "build_job", "claim_key", "device_route", "parties"]
 
@@ -255,16 +255,24 @@ class ActionRunner:
             got_slot = True
         if not got_slot:
             return Outcome.OVERDUE, None, "no SIPp slot before the deadline"
-        if not self._begin(key):
-            slots.release(account)
-            return Outcome.DEFERRED, None, "the worker stops; saved for its restart"
         try:
-            return await self._pin_and_run(decision, node, prepared, received, retry)
+            # A place in a SIPp process before the pin, so that the INVITE
+            # follows the pin at once: devices of one call need one process
+            # each, and more of them than processes wait for one.
+            place = await self.runner.reserve(prepared.job, decision.deadline)
+            if place is None:
+                return Outcome.OVERDUE, None, "no SIPp process free for this Call-ID before the deadline"
+            try:
+                if not self._begin(key):
+                    return Outcome.DEFERRED, None, "the worker stops; saved for its restart"
+                return await self._pin_and_run(decision, node, prepared, received, retry, place)
+            finally:
+                self.runner.release(place)
         finally:
             slots.release(account)
 
     async def _pin_and_run(
-        self, decision: Act, node: NodeAddress, prepared: PreparedCall, received: float, retry: bool
+        self, decision: Act, node: NodeAddress, prepared: PreparedCall, received: float, retry: bool, place: Reservation
     ) -> tuple[Outcome, RunResult | None, str]:
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
         pin = Pin(
@@ -285,7 +293,7 @@ class ActionRunner:
             # The pin expires unused (the node reports the claim unused).
             return Outcome.OVERDUE, None, "pin acknowledged after the deadline"
         self.metrics.fake_calls_sent.inc()
-        result = await self.runner.run(prepared.job)
+        result = await self.runner.run(prepared.job, place)
         self.metrics.sipp_duration.observe(result.duration)
         return result.outcome, result, result.detail
 

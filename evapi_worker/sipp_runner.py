@@ -21,6 +21,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -42,6 +43,7 @@ from .slots import FairSlots
 
 __all__ = [
     "Outcome",
+    "Reservation",
     "RunResult",
     "SippJob",
     "SippRunner",
@@ -152,6 +154,15 @@ class _Call:
     detail: str = ""
 
 
+@dataclass(eq=False)
+class Reservation:
+    """A fake call's place in one SIPp process (its Call-ID held there)."""
+
+    call_id: str
+    sipp: _Sipp
+    call: _Call
+
+
 _IDLE_STOP: Final = 60.0  # seconds an idle process (not a node's first) is kept
 _START_TIMEOUT: Final = 5.0  # seconds for a new SIPp to open its twin socket
 _START_ATTEMPTS: Final = 3  # a port taken between our check and SIPp's bind
@@ -227,17 +238,40 @@ class SippRunner:
         finally:
             self._nursery = None
 
-    async def run(self, job: SippJob) -> RunResult:
-        """Run one fake call; the caller holds a slot of :attr:`slots`."""
+    async def reserve(self, job: SippJob, deadline: float = math.inf) -> Reservation | None:
+        """Hold a place for ``job`` in a process free of its Call-ID (the
+        least busy, or a new one), no later than ``deadline``: None once it
+        passed (every process holds a device of this call). Made before the
+        pin, so the INVITE follows the pin at once; :meth:`release` it if
+        the call is not run."""
+        if self._nursery is None:
+            raise RuntimeError("the SIPp runner is not serving")
+        with trio.move_on_at(deadline):
+            sipp = await self._process_for(job)
+            return Reservation(job.call_id, sipp, sipp.calls[job.call_id])
+        return None
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a place (run or not); releasing twice does nothing."""
+        sipp, call = reservation.sipp, reservation.call
+        if sipp.calls.get(reservation.call_id) is call:
+            del sipp.calls[reservation.call_id]
+            if not sipp.calls:
+                sipp.idle_since = trio.current_time()
+            self._wake()
+
+    async def run(self, job: SippJob, reservation: Reservation | None = None) -> RunResult:
+        """Run one fake call in its reserved place (or one found now); the
+        caller holds a slot of :attr:`slots`."""
         started = trio.current_time()
         if self._nursery is None:
             return RunResult(Outcome.FAILED, None, 0.0, "the SIPp runner is not serving")
-        sipp: _Sipp | None = None
-        call: _Call | None = None
         try:
             with trio.move_on_after(self.settings.timeout) as scope:
-                sipp = await self._process_for(job)
-                call = sipp.calls[job.call_id]
+                if reservation is None:
+                    reservation = await self.reserve(job)
+                assert reservation is not None
+                sipp, call = reservation.sipp, reservation.call
                 await sipp.ready.wait()
                 if sipp.error is None:
                     try:
@@ -249,23 +283,20 @@ class SippRunner:
                 await call.done.wait()
             duration = trio.current_time() - started
             if scope.cancelled_caught:
-                if sipp is None:
+                if reservation is None:
                     return RunResult(Outcome.KILLED, None, duration, "no SIPp process free for this Call-ID")
                 with (
                     trio.move_on_after(1) as abort,
                     contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
                 ):
                     abort.shield = True
-                    await sipp.send(twin.abort_message(job.call_id))
+                    await reservation.sipp.send(twin.abort_message(job.call_id))
                 return RunResult(Outcome.KILLED, None, duration, f"aborted after {self.settings.timeout:g}s")
-            assert call is not None
-            return RunResult(call.outcome, None, duration, call.detail)
+            assert reservation is not None
+            return RunResult(reservation.call.outcome, None, duration, reservation.call.detail)
         finally:
-            if sipp is not None and call is not None and sipp.calls.get(job.call_id) is call:
-                del sipp.calls[job.call_id]
-                if not sipp.calls:
-                    sipp.idle_since = trio.current_time()
-                self._wake()
+            if reservation is not None:
+                self.release(reservation)
 
     def _wake(self) -> None:
         self._changed.set()

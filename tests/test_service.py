@@ -230,7 +230,7 @@ async def test_an_action_that_raises_is_its_own_failed_outcome_and_the_worker_se
         kam1 = w.servers["kam1"]
         calls = 0
 
-        async def out_of_descriptors(job: object) -> object:
+        async def out_of_descriptors(job: object, place: object = None) -> object:
             nonlocal calls
             calls += 1
             raise OSError(24, "Too many open files")

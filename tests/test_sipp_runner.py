@@ -151,6 +151,23 @@ async def test_devices_of_one_call_run_in_separate_processes_at_once(tmp_path: P
     assert 0.6 <= took < 2.0  # three at once, then the last two
 
 
+async def test_a_device_of_a_call_waits_for_a_free_process_no_later_than_its_deadline(tmp_path: Path) -> None:
+    fake = fake_sipp(tmp_path, "--delay", "0.5")
+    async with serving(SippSettings(binary=str(fake), processes=1)) as runner:
+        first = await runner.reserve(job(5060, callee="dev0"))
+        assert first is not None
+        now = trio.current_time()
+        assert await runner.reserve(job(5060, callee="dev1"), now + 0.2) is None  # the one process holds the call
+        assert 0.2 <= trio.current_time() - now < 0.5
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run, job(5060, callee="dev0"), first)
+            second = await runner.reserve(job(5060, callee="dev1"), trio.current_time() + 5)
+            assert second is not None  # given as soon as the first call ended
+            assert trio.current_time() - now >= 0.5
+            runner.release(second)
+    assert fake_runs(tmp_path) == ["orig-%41-call@10.0.0.1"]
+
+
 async def test_a_call_past_its_time_limit_is_aborted_and_its_process_serves_the_next(tmp_path: Path) -> None:
     fake = fake_sipp(tmp_path, "--silent")
     async with serving(SippSettings(binary=str(fake), timeout=0.5)) as runner:
