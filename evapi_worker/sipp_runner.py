@@ -81,12 +81,12 @@ class Outcome(enum.Enum):
     DEFERRED = "deferred"  # not begun when the worker stopped: saved, begun after its restart
     OVERDUE = "overdue"  # dropped: its deadline passed while it waited
     TAKEN = "taken"  # another worker claimed this fake call and sends it
-    UNSAFE = "unsafe"  # refused: event data not safe for SIP or CSV
+    UNSAFE = "unsafe"  # refused: event data not safe for SIP or for SIPp's twin message
     FAILED = "failed"  # SIPp or the command to Kamailio failed
 
 
-# The outcomes the scenario itself logs.
-_LOGGED: Final = {
+# The outcomes the scenario itself reports on the twin socket.
+_REPORTED: Final = {
     o.value: o
     for o in (
         Outcome.COMPLETED,
@@ -141,7 +141,6 @@ class SippJob:
 @dataclass(frozen=True, slots=True)
 class RunResult:
     outcome: Outcome
-    returncode: int | None
     duration: float
     detail: str = ""
 
@@ -265,7 +264,7 @@ class SippRunner:
         caller holds a slot of :attr:`slots`."""
         started = trio.current_time()
         if self._nursery is None:
-            return RunResult(Outcome.FAILED, None, 0.0, "the SIPp runner is not serving")
+            return RunResult(Outcome.FAILED, 0.0, "the SIPp runner is not serving")
         try:
             with trio.move_on_after(self.settings.timeout) as scope:
                 if reservation is None:
@@ -279,21 +278,21 @@ class SippRunner:
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                         sipp.fail_all(f"SIPp's twin socket failed: {exc!r}")
                     except twin.TwinError as exc:
-                        return RunResult(Outcome.UNSAFE, None, trio.current_time() - started, str(exc))
+                        return RunResult(Outcome.UNSAFE, trio.current_time() - started, str(exc))
                 await call.done.wait()
             duration = trio.current_time() - started
             if scope.cancelled_caught:
                 if reservation is None:
-                    return RunResult(Outcome.KILLED, None, duration, "no SIPp process free for this Call-ID")
+                    return RunResult(Outcome.KILLED, duration, "no SIPp process free for this Call-ID")
                 with (
                     trio.move_on_after(1) as abort,
                     contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
                 ):
                     abort.shield = True
                     await reservation.sipp.send(twin.abort_message(job.call_id))
-                return RunResult(Outcome.KILLED, None, duration, f"aborted after {self.settings.timeout:g}s")
+                return RunResult(Outcome.KILLED, duration, f"aborted after {self.settings.timeout:g}s")
             assert reservation is not None
-            return RunResult(reservation.call.outcome, None, duration, reservation.call.detail)
+            return RunResult(reservation.call.outcome, duration, reservation.call.detail)
         finally:
             if reservation is not None:
                 self.release(reservation)
@@ -344,8 +343,8 @@ class SippRunner:
         for attempt in range(1, _START_ATTEMPTS + 1):
             sipp.port = self._sip_port()
             twin_port = free_port("127.0.0.1", socket.SOCK_STREAM)
-            args = self.command(sipp.remote, folder, sipp.port, twin_port)
-            args += ["-mp", str(free_media_port(self.settings.local_ip))]
+            media_port = free_media_port(self.settings.local_ip)
+            args = self.command(sipp.remote, folder, sipp.port, twin_port, media_port)
             try:
                 with (folder / "stderr.log").open("ab") as stderr:
                     process = await trio.lowlevel.open_process(
@@ -407,7 +406,7 @@ class SippRunner:
     async def _read(self, sipp: _Sipp, stream: trio.SocketStream, process: trio.Process) -> None:
         reader = twin.TwinReader()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._stop_when_idle, sipp, stream, nursery.cancel_scope)
+            nursery.start_soon(self._stop_when_idle, sipp, nursery.cancel_scope)
             while True:
                 try:
                     data = await stream.receive_some(65536)
@@ -438,12 +437,12 @@ class SippRunner:
         elif reply.job != call.job:
             return
         else:
-            call.outcome = _LOGGED.get(reply.outcome or "", Outcome.FAILED)
+            call.outcome = _REPORTED.get(reply.outcome or "", Outcome.FAILED)
             if call.outcome is Outcome.FAILED:
                 call.detail = f"unknown outcome {reply.outcome!r} from the scenario"
         call.done.set()
 
-    async def _stop_when_idle(self, sipp: _Sipp, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _stop_when_idle(self, sipp: _Sipp, scope: trio.CancelScope) -> None:
         """A node's first process stays; the others end after a minute idle."""
         pool = self._pools[sipp.remote]
         while True:
@@ -465,13 +464,14 @@ class SippRunner:
                 _kill_group(process)
                 await process.wait()
 
-    def command(self, remote: tuple[str, int], folder: Path, port: int, twin_port: int) -> list[str]:
+    def command(self, remote: tuple[str, int], folder: Path, port: int, twin_port: int, media_port: int) -> list[str]:
         s = self.settings
         args = [
             s.binary,
             f"{bracketed(remote[0])}:{remote[1]}",
             "-sf", str(self.scenario),
             "-3pcc", f"127.0.0.1:{twin_port}",
+            "-mp", str(media_port),
             "-i", s.local_ip,
             "-t", "u1" if s.transport == "udp" else "t1",
             "-nostdin",

@@ -258,9 +258,9 @@ def test_folders_of_killed_workers_are_removed_and_live_ones_kept(tmp_path: Path
 
 def test_sipp_gets_ipv6_addresses_in_brackets(tmp_path: Path) -> None:
     runner = SippRunner(SippSettings(local_ip="::1"))
-    args = runner.command(("::1", 5060), tmp_path, 40000, 40001)
+    args = runner.command(("::1", 5060), tmp_path, 40000, 40001, 40002)
     assert args[1] == "[::1]:5060"
     assert args[args.index("-i") + 1] == "::1"
-    v4 = SippRunner(SippSettings()).command(("127.0.0.1", 5060), tmp_path, 40000, 40001)
+    v4 = SippRunner(SippSettings()).command(("127.0.0.1", 5060), tmp_path, 40000, 40001, 40002)
     assert v4[1] == "127.0.0.1:5060"
     assert v4[v4.index("-3pcc") + 1] == "127.0.0.1:40001"
