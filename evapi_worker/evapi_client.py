@@ -31,6 +31,7 @@ import trio
 from .commands import Command, CommandTooLarge, command_name, encode_command
 from .events import CommandResult
 from .netstring import DEFAULT_MAX_FRAME, FramingError, NeedData, NetstringDecoder, OversizedFrame
+from .outbox import Outbox, OutboxFull
 
 __all__ = [
     "Backoff",
@@ -157,7 +158,7 @@ class EvapiConnection:
         self._disconnected = trio.Event()
         self._disconnected.set()  # no connection yet
         self._aborted = False
-        self._send_lock = trio.Lock()
+        self._outbox: Outbox | None = None  # the current connection's
         self._waiters: dict[str, _Waiter] = {}
         self._ids = itertools.count(1)
         # Ids start with a per-process prefix, so an acknowledgement meant
@@ -231,92 +232,109 @@ class EvapiConnection:
         self._set_state(ConnectionState.CONNECTED)
         self._connected.set()
         log.info("evapi connected node=%s addr=%s:%d", self.node.name, self.node.evapi_host, self.node.evapi_port)
+        outbox = self._outbox = Outbox()
+        try:
+            async with stream, trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, stream, outbox)
+                await self._read(stream)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._stream = self._outbox = None
+            self._connected = trio.Event()
+            self._disconnected.set()
+            self._fail_waiters("disconnected", "connection closed before the acknowledgement")
+
+    async def _write(self, stream: trio.SocketStream, outbox: Outbox) -> None:
+        """Send the commands as they are put; a failed send drops the
+        connection (the reader sees it and reconnects)."""
+        try:
+            await outbox.write_to(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not self._aborted:
+                log.warning("evapi send failed node=%s error=%r", self.node.name, str(exc))
+            stream.socket.close()
+
+    async def _read(self, stream: trio.SocketStream) -> None:
         decoder = NetstringDecoder(self._max_frame)
         name = self.node.name
         try:
-            async with stream:
-                sock = stream.socket
-                unyielded = 0  # frames handled since this task last let others run
-                last_read = -math.inf
-                while True:
-                    # Read the socket directly and wait only when it is
-                    # empty: Kamailio writes each event on its own, and the
-                    # stream's receive_some (a failed read, the wait, the
-                    # read again, with its checkpoints) costs more per event
-                    # than handling the event (bench/ingest_vs_kamailio.py).
+            sock = stream.socket
+            unyielded = 0  # frames handled since this task last let others run
+            last_read = -math.inf
+            while True:
+                # Read the socket directly and wait only when it is
+                # empty: Kamailio writes each event on its own, and the
+                # stream's receive_some (a failed read, the wait, the
+                # read again, with its checkpoints) costs more per event
+                # than handling the event (bench/ingest_vs_kamailio.py).
+                try:
+                    fd = sock.fileno()  # -1 once closed (abort): never a reused number
+                    data = os.read(fd, _READ_SIZE)
+                except BlockingIOError:
+                    unyielded = 0
                     try:
-                        fd = sock.fileno()  # -1 once closed (abort): never a reused number
-                        data = os.read(fd, _READ_SIZE)
-                    except BlockingIOError:
-                        unyielded = 0
-                        try:
-                            pause = last_read + _COALESCE - trio.current_time()
-                            if pause > 0:
-                                # Busy: let the next events gather for a
-                                # moment, and take them in one read.
-                                await trio.sleep(pause)
-                                last_read = -math.inf
-                                continue
-                            await trio.lowlevel.wait_readable(sock)
-                        except (trio.ClosedResourceError, OSError) as exc:
-                            self._log_lost(exc)
-                            return
-                        continue
-                    except OSError as exc:
+                        pause = last_read + _COALESCE - trio.current_time()
+                        if pause > 0:
+                            # Busy: let the next events gather for a
+                            # moment, and take them in one read.
+                            await trio.sleep(pause)
+                            last_read = -math.inf
+                            continue
+                        await trio.lowlevel.wait_readable(sock)
+                    except (trio.ClosedResourceError, OSError) as exc:
                         self._log_lost(exc)
                         return
-                    if not data:
-                        if decoder.in_frame:
-                            log.warning("evapi closed mid-frame node=%s buffered=%d", name, decoder.buffered)
-                        else:
-                            log.warning("evapi closed by Kamailio node=%s", name)
-                        return
-                    now = trio.current_time()
-                    self.last_data = last_read = now
-                    if _QUICKACK is not None:
-                        # ACK at once, every read: Kamailio writes each event
-                        # on its own, and with Nagle on its side a delayed ACK
-                        # from us (the kernel's default once the connection
-                        # also carries our commands) holds events back.
-                        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-                    decoder.receive_data(data)
-                    if self._shed_above:
-                        self._check_overload(stream)
-                    shedding = self.shedding
-                    unyielded += 1  # a read counts, even one without a whole frame
-                    while True:
-                        frame = decoder.next_frame()
-                        if isinstance(frame, NeedData):
-                            break
-                        if isinstance(frame, OversizedFrame):
-                            # Logged by the owner, which rate-limits it.
-                            if self._on_oversized is not None:
-                                self._on_oversized(name, frame.length)
-                            continue
-                        if shedding and _ACK_MARK not in frame:
-                            assert self._on_shed is not None
-                            self._on_shed(name, frame, now)
-                            continue
-                        self._on_frame(name, frame, now)
-                        self.frames += 1
-                        unyielded += 1
-                        if unyielded >= _FRAMES_PER_CHECKPOINT:
-                            # A read can hold hundreds of events, and reads
-                            # follow each other without a wait under load:
-                            # let the fake calls they decided start meanwhile.
-                            await trio.lowlevel.checkpoint()
-                            unyielded = 0
+                    continue
+                except OSError as exc:
+                    self._log_lost(exc)
+                    return
+                if not data:
+                    if decoder.in_frame:
+                        log.warning("evapi closed mid-frame node=%s buffered=%d", name, decoder.buffered)
+                    else:
+                        log.warning("evapi closed by Kamailio node=%s", name)
+                    return
+                now = trio.current_time()
+                self.last_data = last_read = now
+                if _QUICKACK is not None:
+                    # ACK at once, every read: Kamailio writes each event
+                    # on its own, and with Nagle on its side a delayed ACK
+                    # from us (the kernel's default once the connection
+                    # also carries our commands) holds events back.
+                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                decoder.receive_data(data)
+                if self._shed_above:
+                    self._check_overload(stream)
+                shedding = self.shedding
+                unyielded += 1  # a read counts, even one without a whole frame
+                while True:
+                    frame = decoder.next_frame()
+                    if isinstance(frame, NeedData):
+                        break
+                    if isinstance(frame, OversizedFrame):
+                        # Logged by the owner, which rate-limits it.
+                        if self._on_oversized is not None:
+                            self._on_oversized(name, frame.length)
+                        continue
+                    if shedding and _ACK_MARK not in frame:
+                        assert self._on_shed is not None
+                        self._on_shed(name, frame, now)
+                        continue
+                    self._on_frame(name, frame, now)
+                    self.frames += 1
+                    unyielded += 1
+                    if unyielded >= _FRAMES_PER_CHECKPOINT:
+                        # A read can hold hundreds of events, and reads
+                        # follow each other without a wait under load:
+                        # let the fake calls they decided start meanwhile.
+                        await trio.lowlevel.checkpoint()
+                        unyielded = 0
         except FramingError as exc:
             # The byte stream has lost its framing: only a new connection
             # can resynchronise. State is kept; the event that broke is lost.
             log.error("evapi framing error node=%s reason=%s detail=%r; reconnecting", name, exc.reason, exc.detail)
             if self._on_framing_error is not None:
                 self._on_framing_error(name, exc)
-        finally:
-            self._stream = None
-            self._connected = trio.Event()
-            self._disconnected.set()
-            self._fail_waiters("disconnected", "connection closed before the acknowledgement")
 
     def _log_lost(self, exc: BaseException) -> None:
         if self._aborted:
@@ -362,8 +380,8 @@ class EvapiConnection:
         Raises :class:`CommandFailed` when not connected, on timeout, or when
         Kamailio answers ``ok: false``.
         """
-        stream = self._stream
-        if stream is None:
+        outbox = self._outbox
+        if outbox is None or outbox.closed:
             raise CommandFailed("not_connected", f"node {self.node.name} is not connected")
         try:
             frame = encode_command(command)
@@ -373,12 +391,11 @@ class EvapiConnection:
         cmd_id = command.id
         self._waiters[cmd_id] = waiter
         try:
+            try:
+                outbox.put(frame)
+            except OutboxFull as exc:
+                raise CommandFailed("backlog", f"Kamailio does not read its commands: {exc}") from None
             with trio.move_on_after(timeout) as scope:
-                async with self._send_lock:
-                    try:
-                        await stream.send_all(frame)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                        raise CommandFailed("disconnected", str(exc)) from None
                 await waiter.event.wait()
             if scope.cancelled_caught:
                 raise CommandFailed("timeout", f"{command_name(command)} {cmd_id} not acknowledged in {timeout:g}s")

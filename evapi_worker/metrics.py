@@ -28,7 +28,7 @@ PUSH_PROVIDERS = ("apns", "apns.dev", "fcm")
 PUSH_RESULTS = (
     "sent", "unregistered", "bad_token", "auth", "failed", "gave_up", "ended", "taken", "dropped", "not_configured",
 )  # fmt: skip
-COMMAND_FAILURES = ("not_connected", "timeout", "refused", "disconnected", "stopped", "too_large")
+COMMAND_FAILURES = ("not_connected", "timeout", "refused", "disconnected", "stopped", "too_large", "backlog")
 DECISIONS = (
     ("fake_call", "answered"), ("fake_call", "declined"), ("fake_call", "missed"),
     ("message", "answered"), ("message", "declined"), ("message", "missed"),

@@ -38,6 +38,7 @@ import trio
 
 from . import sipp_twin as twin
 from .logs import kv
+from .outbox import Outbox, OutboxFull
 from .sip_values import bracketed
 from .slots import FairSlots
 
@@ -176,7 +177,7 @@ class _Sipp:
         self.ready = trio.Event()
         self.error: str | None = None  # set when it cannot take calls: start failed or exited
         self.stream: trio.SocketStream | None = None
-        self.send_lock = trio.Lock()
+        self.outbox = Outbox()  # written to the twin socket once connected
         self.port = 0
         self.idle_since = trio.current_time()
 
@@ -188,11 +189,9 @@ class _Sipp:
                 call.done.set()
         self.ready.set()
 
-    async def send(self, data: bytes) -> None:
-        if self.stream is None:
-            raise trio.BrokenResourceError("not connected")
-        async with self.send_lock:
-            await self.stream.send_all(data)
+    def send(self, data: bytes) -> None:
+        """Queue a command for SIPp (see outbox.py); never waits."""
+        self.outbox.put(data)
 
 
 class SippRunner:
@@ -271,11 +270,12 @@ class SippRunner:
                     reservation = await self.reserve(job)
                 assert reservation is not None
                 sipp, call = reservation.sipp, reservation.call
-                await sipp.ready.wait()
+                if not sipp.ready.is_set():
+                    await sipp.ready.wait()
                 if sipp.error is None:
                     try:
-                        await sipp.send(twin.call_message(job.call_id, call.job, job.fields, job.name))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        sipp.send(twin.call_message(job.call_id, call.job, job.fields, job.name))
+                    except (trio.ClosedResourceError, OutboxFull) as exc:
                         sipp.fail_all(f"SIPp's twin socket failed: {exc!r}")
                     except twin.TwinError as exc:
                         return RunResult(Outcome.UNSAFE, trio.current_time() - started, str(exc))
@@ -284,12 +284,8 @@ class SippRunner:
             if scope.cancelled_caught:
                 if reservation is None:
                     return RunResult(Outcome.KILLED, duration, "no SIPp process free for this Call-ID")
-                with (
-                    trio.move_on_after(1) as abort,
-                    contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
-                ):
-                    abort.shield = True
-                    await reservation.sipp.send(twin.abort_message(job.call_id))
+                with contextlib.suppress(trio.ClosedResourceError, OutboxFull):
+                    reservation.sipp.send(twin.abort_message(job.call_id))
                 return RunResult(Outcome.KILLED, duration, f"aborted after {self.settings.timeout:g}s")
             assert reservation is not None
             return RunResult(reservation.call.outcome, duration, reservation.call.detail)
@@ -407,6 +403,7 @@ class SippRunner:
         reader = twin.TwinReader()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_when_idle, sipp, nursery.cancel_scope)
+            nursery.start_soon(self._write, sipp, stream, nursery.cancel_scope)
             while True:
                 try:
                     data = await stream.receive_some(65536)
@@ -422,6 +419,13 @@ class SippRunner:
                 for message in messages:
                     self._on_reply(sipp, message)
             nursery.cancel_scope.cancel()
+
+    async def _write(self, sipp: _Sipp, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        try:
+            await sipp.outbox.write_to(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            sipp.fail_all(f"SIPp's twin socket failed: {exc!r}")
+            scope.cancel()
 
     def _on_reply(self, sipp: _Sipp, message: bytes) -> None:
         try:
