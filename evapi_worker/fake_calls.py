@@ -12,9 +12,11 @@ import hashlib
 import ipaddress
 import itertools
 import logging
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 import trio
 
@@ -33,6 +35,10 @@ __all__ = ["ActionRunner", "Parties", "PreparedCall", "build_job", "claim_key", 
 log = logging.getLogger("evapi_worker.actions")
 
 _GOOD = frozenset((Outcome.COMPLETED, Outcome.ANSWERED, Outcome.REJECTED, Outcome.TAKEN, Outcome.DEFERRED))
+
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4: Final = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
 def claim_key(call_id: str, device: str) -> str:
@@ -92,11 +98,14 @@ def device_route(reg: Register) -> str:
     Sending there (over the same TCP/TLS connection when there is one)
     reaches a device behind NAT, which its Contact alone may not.
     """
-    try:
-        ip = ipaddress.ip_address(reg.src_ip)
-    except ValueError:
-        raise UnsafeValue("src_ip", "is not an IP address") from None
-    host = sip_values.bracketed(str(ip))
+    if _IPV4.fullmatch(reg.src_ip):
+        host = reg.src_ip  # already as ip_address would write it (and 20 times cheaper)
+    else:
+        try:
+            ip = ipaddress.ip_address(reg.src_ip)
+        except ValueError:
+            raise UnsafeValue("src_ip", "is not an IP address") from None
+        host = sip_values.bracketed(str(ip))
     proto = reg.proto.lower()
     if proto not in ("udp", "tcp", "tls", "ws", "wss", "sctp"):
         raise UnsafeValue("proto", "is not a SIP transport")
@@ -249,17 +258,20 @@ class ActionRunner:
             self.metrics.account_share_waits.inc()
             log.info("fake_call_waits %s", kv(call_id=decision.call_id, device=decision.device, account=account,
                                               reason="the account holds its share of the slots"))  # fmt: skip
-        got_slot = False
-        with trio.move_on_at(decision.deadline):
-            await slots.acquire(account)
-            got_slot = True
+        # Without a cancel scope when nothing needs waiting for (the usual
+        # case): scopes were a tenth of the worker's time in a burst.
+        got_slot = slots.try_acquire(account)
+        if not got_slot:
+            with trio.move_on_at(decision.deadline):
+                await slots.acquire(account)
+                got_slot = True
         if not got_slot:
             return Outcome.OVERDUE, None, "no SIPp slot before the deadline"
         try:
             # A place in a SIPp process before the pin, so that the INVITE
             # follows the pin at once: devices of one call need one process
             # each, and more of them than processes wait for one.
-            place = await self.runner.reserve(prepared.job, decision.deadline)
+            place = self.runner.try_reserve(prepared.job) or await self.runner.reserve(prepared.job, decision.deadline)
             if place is None:
                 return Outcome.OVERDUE, None, "no SIPp process free for this Call-ID before the deadline"
             try:

@@ -249,6 +249,13 @@ class SippRunner:
             return Reservation(job.call_id, sipp, sipp.calls[job.call_id])
         return None
 
+    def try_reserve(self, job: SippJob) -> Reservation | None:
+        """A place for ``job`` if one is there now (see :meth:`reserve`), or None."""
+        if self._nursery is None:
+            return None
+        sipp = self._free_process(job)
+        return None if sipp is None else Reservation(job.call_id, sipp, sipp.calls[job.call_id])
+
     def release(self, reservation: Reservation) -> None:
         """Give back a place (run or not); releasing twice does nothing."""
         sipp, call = reservation.sipp, reservation.call
@@ -300,22 +307,27 @@ class SippRunner:
     async def _process_for(self, job: SippJob) -> _Sipp:
         """A process that holds no call with this Call-ID (the least busy),
         or a new one; the Call-ID is reserved in it at once."""
+        while (sipp := self._free_process(job)) is None:
+            await self._changed.wait()  # every process holds a device of this call
+        return sipp
+
+    def _free_process(self, job: SippJob) -> _Sipp | None:
+        """:meth:`_process_for` without waiting: None when every process
+        (and as many as may run) holds a device of this call."""
         assert self._nursery is not None
         remote = (job.remote_host, job.remote_port)
-        while True:
-            pool = self._pools.setdefault(remote, [])
-            free = [s for s in pool if s.error is None and job.call_id not in s.calls]
-            if free:
-                sipp = min(free, key=lambda s: len(s.calls))
-            elif len(pool) < self.settings.processes:
-                sipp = _Sipp(remote)
-                pool.append(sipp)
-                self._nursery.start_soon(self._keep, sipp)
-            else:
-                await self._changed.wait()  # every process holds a device of this call
-                continue
-            sipp.calls[job.call_id] = _Call(f"{next(self._jobs):x}")
-            return sipp
+        pool = self._pools.setdefault(remote, [])
+        free = [s for s in pool if s.error is None and job.call_id not in s.calls]
+        if free:
+            sipp = min(free, key=lambda s: len(s.calls))
+        elif len(pool) < self.settings.processes:
+            sipp = _Sipp(remote)
+            pool.append(sipp)
+            self._nursery.start_soon(self._keep, sipp)
+        else:
+            return None
+        sipp.calls[job.call_id] = _Call(f"{next(self._jobs):x}")
+        return sipp
 
     async def _keep(self, sipp: _Sipp) -> None:
         """Start ``sipp``, read its replies, and remove it once it ends."""

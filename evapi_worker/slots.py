@@ -45,10 +45,16 @@ class FairSlots:
     def held(self, key: str) -> int:
         return self._held.get(key, 0)
 
-    async def acquire(self, key: str) -> None:
-        """Wait for a slot for ``key``; cancellation leaves nothing held."""
+    def try_acquire(self, key: str) -> bool:
+        """Take a slot for ``key`` if one is free to it now, without waiting."""
         if self.borrowed < self.total and self.held(key) < self.per_key and key not in self._queues:
             self._take(key)
+            return True
+        return False
+
+    async def acquire(self, key: str) -> None:
+        """Wait for a slot for ``key``; cancellation leaves nothing held."""
+        if self.try_acquire(key):
             await trio.lowlevel.checkpoint()
             return
         if self.held(key) >= self.per_key:

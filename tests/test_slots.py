@@ -85,3 +85,17 @@ async def test_a_waiter_cancelled_as_its_slot_is_handed_over_holds_it_only_if_it
 def test_releasing_a_slot_not_held_is_an_error() -> None:
     with pytest.raises(RuntimeError):
         FairSlots(total=1, per_key=1).release("x")
+
+
+async def test_try_acquire_takes_a_free_slot_at_once_and_never_jumps_the_queue() -> None:
+    slots = FairSlots(total=2, per_key=1)
+    assert slots.try_acquire("a")
+    assert not slots.try_acquire("a")  # its share
+    assert slots.try_acquire("b")
+    assert not slots.try_acquire("c")  # none left
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slots.acquire, "c")
+        await trio.testing.wait_all_tasks_blocked()
+        slots.release("a")  # handed to the waiting "c"
+        assert not slots.try_acquire("a")
+        assert slots.held("c") == 1 and slots.borrowed == 2
