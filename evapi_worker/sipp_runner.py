@@ -348,7 +348,16 @@ class SippRunner:
             self._wake()
 
     async def _start_and_read(self, sipp: _Sipp, folder: Path) -> None:
+        taken: list[int] = []  # ports another program held: skipped by this start's next attempts only
+        try:
+            await self._start_attempts(sipp, folder, taken)
+        finally:
+            self._ports_used.difference_update(taken)
+
+    async def _start_attempts(self, sipp: _Sipp, folder: Path, taken: list[int]) -> None:
         for attempt in range(1, _START_ATTEMPTS + 1):
+            if sipp.port:
+                taken.append(sipp.port)
             sipp.port = self._sip_port()
             twin_port = free_port("127.0.0.1", socket.SOCK_STREAM)
             media_port = free_media_port(self.settings.local_ip)

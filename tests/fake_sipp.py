@@ -4,7 +4,7 @@ an outcome, as the bundled scenario does; for the runner's own behaviour
 (time limits, crashes, arguments, shutdown) in tests that need no SIP.
 
     fake_sipp.py [--delay S] [--outcome NAME | --silent] [--die-after N]
-                 [--exit CODE --say TEXT] [--record FILE] -- <sipp arguments>
+                 [--exit CODE --say TEXT] [--record FILE] [--bind] -- <sipp arguments>
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--exit", type=int, default=None)
     parser.add_argument("--say", default="")
     parser.add_argument("--record", default="")
+    parser.add_argument("--bind", action="store_true", help="bind -i/-p (UDP) as SIPp does; exit 255 if taken")
     ours, _, theirs = " ".join(sys.argv[1:]).partition(" -- ")
     args = parser.parse_args(ours.split())
     sipp = theirs.split()
@@ -37,6 +38,13 @@ def main() -> None:
     if args.exit is not None:
         print(args.say, file=sys.stderr)
         sys.exit(args.exit)
+    if args.bind and "-p" in sipp:
+        sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sip.bind((sipp[sipp.index("-i") + 1], int(sipp[sipp.index("-p") + 1])))
+        except OSError as exc:
+            print(f"Unable to bind main socket, errno = {exc.errno} ({exc.strerror})", file=sys.stderr)
+            sys.exit(255)
     host, port = sipp[sipp.index("-3pcc") + 1].rsplit(":", 1)
     server = socket.create_server((host, int(port)))
     conn, _ = server.accept()

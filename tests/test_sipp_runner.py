@@ -4,6 +4,7 @@ device; and its handling of processes with a stand-in SIPp."""
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from evapi_worker.sipp_runner import (
     SippRunner,
     SippSettings,
     bundled_scenario,
+    free_port,
     remove_stale_folders,
 )
 
@@ -224,6 +226,20 @@ async def test_port_base_gives_each_process_its_own_port(tmp_path: Path) -> None
             nursery.start_soon(run, runner, job(5060, callee=f"dev{n}"), "bob@example.com")
     ports = sorted(args.split("-p ")[1].split()[0] for _, args in fake_starts(tmp_path))
     assert ports == ["40000", "40001", "40002"]
+
+
+async def test_a_port_base_port_another_program_holds_is_skipped_then_tried_again(tmp_path: Path) -> None:
+    fake = fake_sipp(tmp_path, "--bind", "--die-after", "1")
+    base = free_port("127.0.0.1")
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", base))
+    settings = SippSettings(binary=str(fake), port_base=base, processes=1, local_ip="127.0.0.1")
+    async with serving(settings) as runner:
+        await run(runner, job(5060))  # its SIPp takes the next port, and dies
+        holder.close()  # the other program let the port go
+        await run(runner, job(5060, call_id="second@x"))
+    ports = [int(args.split("-p ")[1].split()[0]) for _, args in fake_starts(tmp_path)]
+    assert ports == [base, base + 1, base]  # not marked used forever after one failed start
 
 
 async def test_stray_responses_from_the_device_do_not_end_the_fake_call(tmp_path: Path) -> None:
