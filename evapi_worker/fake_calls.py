@@ -254,7 +254,7 @@ class ActionRunner:
         # got its slot in time runs to its end. Slots are shared fairly
         # between accounts (a ring group's devices wait their account's turn).
         slots, account = self.runner.slots, decision.call.aor
-        if slots.held(account) >= slots.per_key:
+        if slots.at_share(account):
             self.metrics.account_share_waits.inc()
             log.info("fake_call_waits %s", kv(call_id=decision.call_id, device=decision.device, account=account,
                                               reason="the account holds its share of the slots"))  # fmt: skip

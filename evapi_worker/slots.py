@@ -45,9 +45,13 @@ class FairSlots:
     def held(self, key: str) -> int:
         return self._held.get(key, 0)
 
+    def at_share(self, key: str) -> bool:
+        """Whether ``key`` holds all the slots it may (its next one waits)."""
+        return self._held.get(key, 0) >= self.per_key
+
     def try_acquire(self, key: str) -> bool:
         """Take a slot for ``key`` if one is free to it now, without waiting."""
-        if self.borrowed < self.total and self.held(key) < self.per_key and key not in self._queues:
+        if self.borrowed < self.total and not self.at_share(key) and key not in self._queues:
             self._take(key)
             return True
         return False
@@ -57,7 +61,7 @@ class FairSlots:
         if self.try_acquire(key):
             await trio.lowlevel.checkpoint()
             return
-        if self.held(key) >= self.per_key:
+        if self.at_share(key):
             self.capped += 1
         waiter = _Waiter(key)
         self._queues.setdefault(key, deque()).append(waiter)
@@ -93,7 +97,7 @@ class FairSlots:
                 if self.borrowed >= self.total:
                     return
                 queue = self._queues[key]
-                if self.held(key) >= self.per_key:
+                if self.at_share(key):
                     continue
                 waiter = queue.popleft()
                 if not queue:
