@@ -16,13 +16,14 @@ import trio
 
 from . import __version__
 from .capture import PushNote, Record
-from .config import DEFAULT_EVAPI, Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
+from .config import Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
 from .demo import DEMO_DOMAIN, DemoError, DemoOptions, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
 from .logs import kv, setup_logging
 from .replay import apply_what_if, decision_json, decision_text, differences, load_records, progress_stream, replay
 from .report import MAX_SECONDS, figures, render_html
 from .service import Service, check_runtime, tune_gc
+from .sip_values import bracketed
 
 __all__ = ["main"]
 
@@ -36,13 +37,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"evapi-worker {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser("run", help="connect to Kamailio and handle late registrations")
+    run = sub.add_parser(
+        "run",
+        help="connect to Kamailio and handle late registrations",
+        description="Connect to each Kamailio node's evapi socket, keep the calls and push devices it "
+        "reports, and give every device that registers too late for its call the call it missed "
+        "(a fake INVITE and CANCEL through SIPp, or a SIP MESSAGE). Runs until SIGINT or SIGTERM.",
+        epilog="Nodes come from --kamailio or from the [[kamailio]] tables of --config (--kamailio "
+        "replaces them); at least one is needed. A node's NAME must be the EVW_NODE its Kamailio "
+        "is started with: its events carry that name. Every option may also be set in the "
+        "settings file (README: Configuration); an option given here wins.",
+    )
     run.add_argument(
         "--kamailio",
         action="append",
         metavar="[NAME=]HOST:PORT[,sip=HOST:PORT]",
         help="a Kamailio node's evapi socket, and its SIP address for fake calls "
-        "(default SIP: same host, port 5060); repeat for several nodes",
+        "(default SIP: same host, port 5060; default NAME: HOST:PORT); repeat for several nodes",
     )
     add_run_options(run)
     demo = sub.add_parser(
@@ -103,9 +114,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file (flags override it)")
     p.add_argument("--window", type=float, metavar="SECONDS", help="how late a REGISTER may be (default 15)")
     p.add_argument(
-        "--anchor", choices=[a.value for a in Anchor], help="measure the window from the call's end or start"
+        "--anchor",
+        choices=[a.value for a in Anchor],
+        help="measure the window from the call's start or its end (default start)",
     )
-    p.add_argument("--strategy", choices=[s.value for s in Strategy], help="fake_call (SIPp) or message (SIP MESSAGE)")
+    p.add_argument(
+        "--strategy", choices=[s.value for s in Strategy], help="fake_call (SIPp; the default) or message (SIP MESSAGE)"
+    )
     p.add_argument(
         "--ua",
         action="append",
@@ -114,19 +129,25 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sipp", metavar="PATH", help="SIPp binary (default: sipp on PATH)")
     p.add_argument("--scenario", type=Path, metavar="FILE", help="SIPp scenario (default: the bundled late_call.xml)")
-    p.add_argument("--max-sipp", type=int, metavar="N", help="SIPp processes at once (default 8)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--max-sipp", type=int, metavar="N", help="fake calls at once (default 1000)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument(
         "--metrics",
         metavar="HOST:PORT",
         help="where /metrics and /healthz listen (default 127.0.0.1:9848; off: nowhere)",
     )
-    p.add_argument("--capture", type=Path, metavar="DIR", help="record every frame received into rotating files in DIR")
+    p.add_argument(
+        "--capture",
+        type=Path,
+        metavar="DIR",
+        help="record every frame received into rotating files in DIR (default: off)",
+    )
     p.add_argument(
         "--state",
         type=Path,
         metavar="FILE",
-        help="keep call and device state in FILE while running (snapshots and journals), restore it at start",
+        help="keep call and device state in FILE while running (snapshots and journals), restore it at start "
+        "(default: in memory only)",
     )
 
 
@@ -166,8 +187,6 @@ def build_config(args: argparse.Namespace) -> Config:
     config = config_from(data, names)
     if getattr(args, "kamailio", None):
         config = with_nodes(config, tuple(parse_node(spec) for spec in args.kamailio))
-    if not config.nodes:
-        config = with_nodes(config, (parse_node(DEFAULT_EVAPI),))
     return config
 
 
@@ -264,9 +283,14 @@ async def _until_signal(
 def _run(args: argparse.Namespace) -> int:
     config = build_config(args)
     check_runtime(config)
+    if not config.nodes:
+        raise ConfigError(
+            "--kamailio", "no Kamailio node to serve: give --kamailio NAME=HOST:PORT or [[kamailio]] tables in --config"
+        )
     setup_logging(config.log_level)
     nodes = " ".join(
-        f"{n.name}=evapi:{n.evapi_host}:{n.evapi_port},sip:{n.sip_host}:{n.sip_port}" for n in config.nodes
+        f"{n.name}=evapi:{bracketed(n.evapi_host)}:{n.evapi_port},sip:{bracketed(n.sip_host)}:{n.sip_port}"
+        for n in config.nodes
     )
     e = config.engine
     log.info(

@@ -30,8 +30,10 @@ import trio
 
 from .commands import Command, CommandTooLarge, command_name, encode_command
 from .events import CommandResult
+from .logs import kv
 from .netstring import DEFAULT_MAX_FRAME, FramingError, NeedData, NetstringDecoder, OversizedFrame
 from .outbox import Outbox, OutboxFull
+from .sip_values import bracketed
 
 __all__ = [
     "Backoff",
@@ -203,9 +205,11 @@ class EvapiConnection:
                 try:
                     stream = await trio.open_tcp_stream(self.node.evapi_host, self.node.evapi_port)
                 except OSError as exc:
+                    where = f"{bracketed(self.node.evapi_host)}:{self.node.evapi_port}"
                     log.warning(
-                        "evapi connect failed node=%s addr=%s:%d error=%r",
-                        self.node.name, self.node.evapi_host, self.node.evapi_port, str(exc),
+                        "evapi connect failed %s",
+                        kv(node=self.node.name, addr=where, error=str(exc),
+                           hint=f"is Kamailio running and is evapi listening on {where}?"),
                     )  # fmt: skip
                 else:
                     _keepalive(stream)

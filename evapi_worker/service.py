@@ -365,6 +365,11 @@ class Service:
         lost = self.sequences.observe(node, event.boot, event.seq, now)
         if lost:
             self._count_lost(node, lost)
+        if event.node != node:
+            self._say(
+                logging.WARNING, "node name differs", node, "node_name", now, event_node=event.node,
+                hint=f"name this node {event.node} (its EVW_NODE) in --kamailio or [[kamailio]]",
+            )  # fmt: skip
         if isinstance(event, CommandResult):
             if not self.connections[node].resolve(event):
                 log.debug("acknowledgement for no waiting command %s", kv(node=node, id=event.id))

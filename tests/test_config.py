@@ -107,6 +107,22 @@ def test_cli_config_error_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.
     assert "engine.window" in err
 
 
+def test_run_without_a_node_is_an_error_not_a_guess(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--metrics", "off"]) == 2
+    err = capsys.readouterr().err
+    assert "no Kamailio node" in err and "--kamailio" in err
+
+
+def test_run_help_describes_the_command_its_defaults_and_node_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "give every device that registers too late for its call the call it missed" in text
+    assert "NAME must be the EVW_NODE" in text and "--kamailio replaces them" in text
+    for default in ["default 15", "default start", "default 1000", "default info", "default 127.0.0.1:9848"]:
+        assert default in text, default
+
+
 def test_cli_bad_flag_values(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--kamailio", "nohost"]) == 2
     assert "--kamailio" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import socket
 
@@ -114,7 +115,8 @@ async def test_reconnects_after_the_server_closes_and_keeps_reading() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_kamailio_not_up_at_start_is_retried_until_it_is() -> None:
+async def test_kamailio_not_up_at_start_is_retried_until_it_is(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "evapi_worker.evapi")
     port = free_port(socket.SOCK_STREAM)
     server, rec = EvapiServer(), Recorder()
     async with trio.open_nursery() as nursery:
@@ -122,6 +124,7 @@ async def test_kamailio_not_up_at_start_is_retried_until_it_is() -> None:
         await nursery.start(conn.run)
         await rec.wait_for(lambda: rec.states.count(ConnectionState.WAITING) >= 3)
         assert not conn.connected
+        assert f"is Kamailio running and is evapi listening on 127.0.0.1:{port}?" in caplog.text
         await server.start(nursery, port)
         await rec.wait_for(lambda: conn.connected)
         nursery.cancel_scope.cancel()

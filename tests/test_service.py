@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import trio
 
 from evapi_worker.config import Config, EvapiSettings
@@ -141,6 +143,19 @@ async def test_bad_input_is_counted_and_costs_no_other_event_nor_the_connection(
         assert kam1.accepted == 1 and kam1.streams  # the connection survived
         assert [(d.call_id, d.reason) for d in w.decisions] == [("evil@x", "missed")]
         assert kam1.actions == []  # nothing reached Kamailio for the unsafe call
+
+
+async def test_events_naming_another_node_are_handled_and_the_misnaming_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "evapi_worker")
+    async with world() as w:
+        kam1 = w.servers["kam1"]
+        kam1.node = "edge-1"  # Kamailio's EVW_NODE; the worker calls this connection kam1
+        await kam1.send(start(kam1, T0, call_id="misnamed@x"))
+        await w.wait_metric("evapi_worker_events_total", 1, node="kam1", type="call_start")
+    assert "node name differs" in caplog.text
+    assert "event_node=edge-1" in caplog.text and "name this node edge-1" in caplog.text
 
 
 async def test_sequence_gaps_are_counted_as_lost_events() -> None:
