@@ -15,6 +15,7 @@ from typing import TextIO
 import trio
 
 from . import __version__
+from .bundled import copy_kamailio_files, kamailio_files
 from .capture import PushNote, Record
 from .config import Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
 from .demo import DEMO_DOMAIN, DemoError, DemoOptions, check_demo_addresses, run_demo
@@ -80,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the worker sends VoIP pushes through a local APNs stand-in; two more stories show iPhones it wakes",
     )
     add_run_options(demo)
+    files = sub.add_parser(
+        "kamailio-files",
+        help="show where the installed Kamailio drop-ins, config and SIPp scenario are, or copy them",
+        description="Print the paths of the files to add to your Kamailio config (evapi-worker-defs.cfg, "
+        "evapi-worker-routes.cfg), the complete kamailio.cfg and the SIPp scenario the worker runs; "
+        "with DIR, copy them there.",
+    )
+    files.add_argument("dir", nargs="?", type=Path, metavar="DIR", help="copy the files into DIR (made if missing)")
+    files.add_argument("--force", action="store_true", help="replace files in DIR that differ")
     rep = sub.add_parser(
         "replay",
         help="feed captured events through the engine under virtual time and show every decision",
@@ -310,6 +320,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kamailio_files(args: argparse.Namespace) -> int:
+    if args.dir is None:
+        for path in kamailio_files():
+            print(path)
+        return 0
+    try:
+        copied = copy_kamailio_files(args.dir, force=args.force)
+    except FileExistsError as exc:
+        raise ConfigError("DIR", f"these differ from the installed ones, kept (--force replaces them): {exc}") from None
+    except OSError as exc:
+        raise ConfigError("DIR", f"cannot copy into {str(args.dir)!r}: {exc.strerror or exc}") from None
+    for path in copied:
+        print(path)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     options = DemoOptions(
         sip=parse_hostport(args.sip, "--sip"),
@@ -345,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "replay":
             return _replay(args)
+        if args.command == "kamailio-files":
+            return _kamailio_files(args)
         return _demo(args) if args.command == "demo" else _run(args)
     except ConfigError as exc:
         print(f"evapi-worker: config error: {exc}", file=sys.stderr)

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import resources
 from pathlib import Path
 from typing import IO, Final, TextIO
 
@@ -31,6 +30,7 @@ import msgspec
 import trio
 
 from .apns import ApnsSettings
+from .bundled import bundled
 from .config import Config, ConfigError
 from .engine import Act, Decision
 from .evapi_client import NodeAddress
@@ -68,7 +68,7 @@ class DemoError(Exception):
 
 
 def bundled_kamailio_cfg() -> Path:
-    return Path(str(resources.files("evapi_worker") / "kamailio" / "kamailio.cfg"))
+    return bundled("kamailio", "kamailio.cfg")
 
 
 def _scenario(name: str) -> Path:

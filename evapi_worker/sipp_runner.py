@@ -29,7 +29,6 @@ import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
@@ -37,6 +36,7 @@ import msgspec
 import trio
 
 from . import sipp_twin as twin
+from .bundled import bundled
 from .logs import kv
 from .outbox import Outbox, OutboxFull
 from .sip_values import bracketed
@@ -65,7 +65,7 @@ log = logging.getLogger("evapi_worker.sipp")
 
 def bundled_scenario() -> Path:
     """Path of the scenario shipped inside the package."""
-    return Path(str(resources.files("evapi_worker") / "sipp" / "late_call.xml"))
+    return bundled("sipp", "late_call.xml")
 
 
 class Outcome(enum.Enum):

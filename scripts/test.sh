@@ -16,5 +16,7 @@ root=$PWD
     "$root/.venv/bin/evapi-worker" --version
     "$root/.venv/bin/python" -c 'from evapi_worker.sipp_runner import bundled_scenario as b; assert b().is_file(), b()'
     "$root/.venv/bin/python" -c 'from evapi_worker.demo import bundled_kamailio_cfg as k; assert k().is_file(), k()'
+    "$root/.venv/bin/evapi-worker" kamailio-files copied >/dev/null
+    for f in evapi-worker-defs.cfg evapi-worker-routes.cfg kamailio.cfg late_call.xml; do test -s "copied/$f"; done
 )
 .venv/bin/python -m pytest "$@"

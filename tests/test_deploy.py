@@ -13,18 +13,27 @@ UNIT = Path(__file__).parent.parent / "deploy" / "systemd" / "evapi-worker.servi
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (apt-get install systemd)")
-def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
-    # The unit names /usr/local/bin/evapi-worker; verify checks that the
-    # command exists, so point it at this installation's.
-    worker = Path(sys.executable).with_name("evapi-worker")
-    unit = tmp_path / "evapi-worker.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/evapi-worker", str(worker)))
+def test_systemd_unit_verifies_clean_as_shipped() -> None:
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60, check=False
+        ["systemd-analyze", "verify", "--man=no", str(UNIT)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
     # Unknown or misspelt settings are only warned about: none may appear.
     assert result.stderr.strip() == "", result.stderr
+
+
+def test_the_unit_finds_the_worker_where_its_own_comment_installs_it() -> None:
+    text = UNIT.read_text()
+    assert "python3 -m venv /opt/evapi-worker && /opt/evapi-worker/bin/pip install" in text
+    assert "\nEnvironment=PATH=/opt/evapi-worker/bin:" in text
+    assert "\nExecStart=/usr/bin/env evapi-worker run " in text
+    assert "kamailio(8)" not in text
+    # The command resolves through that PATH, as env will resolve it: here
+    # with this installation's folder put where the venv would be.
+    path = text.split("\nEnvironment=PATH=", 1)[1].split("\n", 1)[0]
+    here = str(Path(sys.executable).parent)
+    found = shutil.which("evapi-worker", path=path.replace("/opt/evapi-worker/bin", here))
+    assert found == str(Path(here) / "evapi-worker")
 
 
 def test_systemd_unit_stops_gracefully_and_keeps_state() -> None:
