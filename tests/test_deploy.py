@@ -1,7 +1,8 @@
-"""The deployment kit: the systemd unit passes systemd-analyze verify."""
+"""The deployment kit: the systemd unit, the Grafana dashboard."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -41,3 +42,21 @@ def test_systemd_unit_stops_gracefully_and_keeps_state() -> None:
     for line in ("KillMode=mixed", "StateDirectory=evapi-worker", "Restart=on-failure", "ProtectSystem=strict"):
         assert f"\n{line}\n" in text, line
     assert "--state /var/lib/evapi-worker/" in text
+
+
+DASHBOARD = UNIT.parent.parent.parent / "grafana" / "dashboards" / "evapi-worker.json"
+
+
+def test_the_dashboard_import_asks_for_a_prometheus_data_source_that_every_panel_uses() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    [wanted] = dashboard["__inputs"]
+    assert (wanted["type"], wanted["pluginId"]) == ("datasource", "prometheus")
+    variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")
+    assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+    # The import replaces ${DS_PROMETHEUS} with the data source chosen; file
+    # provisioning leaves it, and the variable then takes the default one.
+    assert variable["current"]["value"] == "${" + wanted["name"] + "}"
+    panels = [p for p in dashboard["panels"] if p.get("type") != "row"]
+    assert panels and all(p["datasource"] == {"type": "prometheus", "uid": "${datasource}"} for p in panels)
+    targets = [t for p in panels for t in p.get("targets", []) if "datasource" in t]
+    assert all(t["datasource"]["uid"] == "${datasource}" for t in targets)
