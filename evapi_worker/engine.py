@@ -140,6 +140,7 @@ class CallInfo:
     from_domain: str | None
     end: EndKind
     end_code: int | None
+    domain: str | None = None  # the called SIP domain when the aor has none
 
 
 class Reason(enum.StrEnum):
@@ -654,7 +655,14 @@ class Engine:
             )
         assert call.end is not None
         info = CallInfo(
-            call.call_id, call.aor, started.from_user, started.from_name, started.from_domain, call.end, call.end_code
+            call.call_id,
+            call.aor,
+            started.from_user,
+            started.from_name,
+            started.from_domain,
+            call.end,
+            call.end_code,
+            started.domain,
         )
         return Act(
             reg.ts, reg.node, call.call_id, dev.dev, action, reason, reg.ts - started.ts, since_end, end,

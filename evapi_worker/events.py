@@ -138,6 +138,7 @@ class CallStarted(_Base, frozen=True, tag="call_start"):
     from_name: Name | None = None
     from_domain: Name | None = None
     push: bool = False  # held for a push: the account had no reachable contact
+    domain: Name | None = None  # the called SIP domain, for an aor without one (use_domain 0)
 
     def __post_init__(self) -> None:
         # Checks written out, not looped over: this runs for every event.
@@ -145,8 +146,8 @@ class CallStarted(_Base, frozen=True, tag="call_start"):
             self._check_header()
         if self.call_id in _NULLS or self.aor in _NULLS or self.from_user in _NULLS:
             _required(self, "call_id", "aor", "from_user")
-        if self.from_name in _NULLS or self.from_domain in _NULLS:
-            _optional(self, "from_name", "from_domain")
+        if self.from_name in _NULLS or self.from_domain in _NULLS or self.domain in _NULLS:
+            _optional(self, "from_name", "from_domain", "domain")
         aor = normalize_aor(self.aor)
         if aor is not self.aor:
             force_setattr(self, "aor", aor)

@@ -74,7 +74,7 @@ def parties(call: CallInfo, default_domain: str) -> Parties:
     """Check and encode who called whom; a bad display name is dropped."""
     callee_user, at, callee_domain = call.aor.rpartition("@")
     if not at:  # Kamailio without use_domain: the AOR is the user alone
-        callee_user, callee_domain = call.aor, default_domain
+        callee_user, callee_domain = call.aor, call.domain or default_domain
     warnings: list[str] = []
     name = ""
     if call.from_name:

@@ -136,6 +136,20 @@ async def test_answered_elsewhere_late_iphone_gets_invite_and_cancel_with_reason
         assert p.metric("evapi_worker_late_registrations_total", ended="answered") == 1
 
 
+async def test_without_use_domain_the_fake_call_is_still_to_the_sip_domain(tmp_path: Path) -> None:
+    # Accounts keyed by user alone (EVW_USE_DOMAIN=0, as Debian's stock
+    # config has use_domain 0): the To header still names the SIP domain
+    # the caller dialled, not the node's address.
+    async with platform(tmp_path, defines=("EVW_USE_DOMAIN=0",)) as p:
+        call_id = "e2e-no-use-domain@127.0.0.1"
+        outcome, iphone = await late_iphone(p, "bob", "phone_answers", call_id)
+        assert outcome is Outcome.COMPLETED
+        assert received(iphone) == (call_id, 'SIP;cause=200;text="Call completed elsewhere"')
+        [invite] = [line for line in iphone.read_text().splitlines() if line.startswith("invite ")]
+        assert f"to= <sip:bob@{DOMAIN}>" in invite, invite
+        assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "answered")]
+
+
 async def test_missed_call_late_iphone_gets_cancel_without_reason(tmp_path: Path) -> None:
     async with platform(tmp_path) as p:
         call_id = "e2e-missed-1@127.0.0.1"

@@ -1,11 +1,12 @@
-"""Where a fake call goes: the address the device's REGISTER came from."""
+"""Where a fake call goes (the address the device's REGISTER came from) and whom it names."""
 
 from __future__ import annotations
 
 import pytest
 
-from evapi_worker.events import Register
-from evapi_worker.fake_calls import device_route
+from evapi_worker.engine import CallInfo, EndKind
+from evapi_worker.events import CallStarted, Register
+from evapi_worker.fake_calls import device_route, parties
 from evapi_worker.sip_values import UnsafeValue
 from tests.helpers import Wire
 
@@ -36,3 +37,21 @@ def test_the_route_is_the_registers_source_written_canonically(src_ip: str, prot
 def test_a_source_that_is_not_an_ip_address_is_refused(src_ip: str) -> None:
     with pytest.raises(UnsafeValue, match="src_ip"):
         device_route(register(src_ip))
+
+
+def test_an_account_without_a_domain_is_called_at_the_calls_sip_domain() -> None:
+    call = CallInfo("c@x", "bob", "alice", None, "caller.example.net", EndKind.ANSWERED, 200, "voip.example.org")
+    who = parties(call, "192.0.2.1")
+    assert (who.callee_user, who.callee_domain) == ("bob", "voip.example.org")
+    older = CallInfo("c@x", "bob", "alice", None, None, EndKind.ANSWERED, 200)  # a node whose routes predate it
+    assert parties(older, "192.0.2.1").callee_domain == "192.0.2.1"
+    with_domain = CallInfo("c@x", "bob@example.com", "alice", None, None, EndKind.ANSWERED, 200, "other.example")
+    assert parties(with_domain, "192.0.2.1").callee_domain == "example.com"  # the account's own domain first
+
+
+def test_the_call_start_event_carries_the_called_domain() -> None:
+    wire = Wire()
+    event = wire.start(1.0, call_id="c@x", aor="bob", domain="voip.example.org")
+    assert isinstance(event, CallStarted) and event.domain == "voip.example.org"
+    empty = wire.start(2.0, call_id="c@y", aor="bob", domain="<null>")  # Kamailio's unset variable
+    assert isinstance(empty, CallStarted) and empty.domain is None
