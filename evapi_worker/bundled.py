@@ -11,13 +11,16 @@ from pathlib import Path
 
 __all__ = ["KAMAILIO_FILES", "bundled", "copy_kamailio_files", "kamailio_files"]
 
-# What an operator adds to (or runs as) their Kamailio config, and the
-# scenario the worker's SIPp runs (for a scenario of their own).
+# What an operator adds to their Kamailio config (the drop-ins, and the edits
+# that add them to Debian's stock one), the complete config to run instead,
+# and the scenario the worker's SIPp runs (for a scenario of their own); each
+# with the name a copy takes: never "kamailio.cfg", which would be theirs.
 KAMAILIO_FILES = (
-    ("kamailio", "evapi-worker-defs.cfg"),
-    ("kamailio", "evapi-worker-routes.cfg"),
-    ("kamailio", "kamailio.cfg"),
-    ("sipp", "late_call.xml"),
+    (("kamailio", "evapi-worker-defs.cfg"), "evapi-worker-defs.cfg"),
+    (("kamailio", "evapi-worker-routes.cfg"), "evapi-worker-routes.cfg"),
+    (("kamailio", "examples", "debian-stock.patch"), "debian-stock.patch"),
+    (("kamailio", "kamailio.cfg"), "evapi-worker-kamailio.cfg"),
+    (("sipp", "late_call.xml"), "late_call.xml"),
 )
 
 
@@ -27,7 +30,7 @@ def bundled(*parts: str) -> Path:
 
 
 def kamailio_files() -> list[Path]:
-    return [bundled(*parts) for parts in KAMAILIO_FILES]
+    return [bundled(*parts) for parts, _ in KAMAILIO_FILES]
 
 
 def copy_kamailio_files(folder: Path, *, force: bool = False) -> list[Path]:
@@ -35,7 +38,7 @@ def copy_kamailio_files(folder: Path, *, force: bool = False) -> list[Path]:
     there that differs is kept unless ``force`` (raises FileExistsError
     naming them all, before copying anything)."""
     sources = kamailio_files()
-    targets = [folder / source.name for source in sources]
+    targets = [folder / name for _, name in KAMAILIO_FILES]
     if not force:
         pairs = zip(sources, targets, strict=True)
         differ = [t for s, t in pairs if t.exists() and not filecmp.cmp(s, t, shallow=False)]

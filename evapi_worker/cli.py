@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "kamailio-files",
         help="show where the installed Kamailio drop-ins, config and SIPp scenario are, or copy them",
         description="Print the paths of the files to add to your Kamailio config (evapi-worker-defs.cfg, "
-        "evapi-worker-routes.cfg), the complete kamailio.cfg and the SIPp scenario the worker runs; "
-        "with DIR, copy them there.",
+        "evapi-worker-routes.cfg, and debian-stock.patch, the edits for Debian's stock kamailio.cfg), "
+        "the complete kamailio.cfg and the SIPp scenario the worker runs; with DIR, copy them there "
+        "(the complete config as evapi-worker-kamailio.cfg: your kamailio.cfg is never touched).",
     )
     files.add_argument("dir", nargs="?", type=Path, metavar="DIR", help="copy the files into DIR (made if missing)")
     files.add_argument("--force", action="store_true", help="replace files in DIR that differ")

@@ -4,8 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Test-only packages: linphone-cli, a real liblinphone phone (linphonec) for
 # the end-to-end tests; systemd, for systemd-analyze verify of the unit;
-# chromium, which renders the replay report in its test.
-./scripts/setup.sh --test linphone-cli systemd chromium
+# chromium, which renders the replay report in its test; patch, which applies
+# kamailio/examples/debian-stock.patch to the stock config in its test.
+./scripts/setup.sh --test linphone-cli systemd chromium patch
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
@@ -17,6 +18,6 @@ root=$PWD
     "$root/.venv/bin/python" -c 'from evapi_worker.sipp_runner import bundled_scenario as b; assert b().is_file(), b()'
     "$root/.venv/bin/python" -c 'from evapi_worker.demo import bundled_kamailio_cfg as k; assert k().is_file(), k()'
     "$root/.venv/bin/evapi-worker" kamailio-files copied >/dev/null
-    for f in evapi-worker-defs.cfg evapi-worker-routes.cfg kamailio.cfg late_call.xml; do test -s "copied/$f"; done
+    for f in evapi-worker-defs.cfg evapi-worker-routes.cfg debian-stock.patch evapi-worker-kamailio.cfg late_call.xml; do test -s "copied/$f"; done
 )
 .venv/bin/python -m pytest "$@"

@@ -79,20 +79,22 @@ async def platform(
     worker_sip: str = HOST,
     push: PushSettings | None = None,
     capture: CaptureSettings | None = None,
+    kamailio: KamailioProcess | None = None,
     **engine: Any,
 ) -> AsyncIterator[Platform]:
     """The bundled Kamailio (serving ``domain``, with TLS, authentication,
     an IPv6 address besides 127.0.0.1 (``sip6``) and more ``-A`` defines
-    when asked) and a worker connected to it, whose fake calls go out from
-    ``worker_sip`` (127.0.0.1, or the IPv6 address)."""
-    sip_port = free_sip_port()
-    evapi_port = free_port(socket.SOCK_STREAM)
-    tls_port = free_port(socket.SOCK_STREAM) if tls else None
-    kam = KamailioProcess(
-        HOST, sip_port, HOST, evapi_port, "e2e", worker_sip, tmp_path,
-        domain=domain, tls_port=tls_port, subscribers=subscribers, defines=defines, sip6_host=sip6,
-    )  # fmt: skip
-    node = NodeAddress("e2e", HOST, evapi_port, worker_sip, sip_port)
+    when asked), or the ``kamailio`` given, and a worker connected to it,
+    whose fake calls go out from ``worker_sip`` (127.0.0.1, or the IPv6
+    address)."""
+    if kamailio is None:
+        tls_port = free_port(socket.SOCK_STREAM) if tls else None
+        kamailio = KamailioProcess(
+            HOST, free_sip_port(), HOST, free_port(socket.SOCK_STREAM), "e2e", worker_sip, tmp_path,
+            domain=domain, tls_port=tls_port, subscribers=subscribers, defines=defines, sip6_host=sip6,
+        )  # fmt: skip
+    kam, sip_port, evapi_port = kamailio, kamailio.sip_port, kamailio.evapi_port
+    node = NodeAddress(kam.node, HOST, evapi_port, worker_sip, sip_port)
     passwords = {s.user: s.password for s in subscribers or ()}
     async with kam.running(), trio.open_nursery() as nursery:
         config = Config(

@@ -1,0 +1,139 @@
+"""Beside an operator's own Kamailio: Debian's stock kamailio.cfg (the file
+the kamailio package installs), with kamailio/examples/debian-stock.patch
+applied as shipped and the drop-ins copied beside it as the guide says, with
+WITH_NAT and without. Real Kamailio, the real worker, real SIPp phones and
+callers; accounts are user@voip.example.org on a node at 127.0.0.1.
+
+The stories: answered, declined and missed elsewhere (the late iPhone gets
+the original Call-ID and the CANCEL's Reason), and a call held while the
+push wakes the phone, which registers in time and completes the dialog
+(ACK, re-INVITE both ways, BYE)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from evapi_worker.bundled import bundled, copy_kamailio_files
+from evapi_worker.demo import KamailioProcess, received
+from evapi_worker.sipp_runner import Outcome
+
+from .sipp_device import SCENARIOS, free_port, free_sip_port
+from .test_e2e_dialogs import assert_complete, woken_in_time
+from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
+
+STOCK = Path("/etc/kamailio/kamailio.cfg")
+PATCH = bundled("kamailio", "examples", "debian-stock.patch")
+ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
+DECLINED = 'SIP;cause=600;text="Busy Everywhere"'
+
+
+def _stock_problem() -> str | None:
+    """Why the stock file cannot be used here, or None."""
+    if shutil.which("kamailio") is None or shutil.which("patch") is None:
+        return "needs kamailio and patch"
+    if not STOCK.is_file():
+        return f"needs the kamailio package's {STOCK}"
+    conffiles = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Conffiles}", "kamailio"], capture_output=True, text=True, check=False
+    ).stdout
+    shipped = {line.split()[0]: line.split()[1] for line in conffiles.splitlines() if len(line.split()) >= 2}
+    if shipped.get(str(STOCK)) != hashlib.md5(STOCK.read_bytes()).hexdigest():
+        return f"{STOCK} was edited on this machine: the test needs the package's own"
+    return None
+
+
+needs_stock = pytest.mark.skipif(_stock_problem() is not None, reason=_stock_problem() or "")
+
+
+@dataclass
+class StockKamailio(KamailioProcess):
+    """Kamailio running the patched stock config from its folder, the
+    drop-ins beside it (``evapi-worker kamailio-files``)."""
+
+    nat: bool = False
+
+    async def _prepare(self) -> None:
+        copy_kamailio_files(self.folder)
+        patched = self.folder / "kamailio.cfg"
+        result = await trio.run_process(
+            ["patch", "--quiet", "-o", str(patched), str(STOCK), str(PATCH)], capture_stdout=True, capture_stderr=True,
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def command(self) -> list[str]:
+        cmd = [
+            "kamailio", "-f", str(self.folder / "kamailio.cfg"), "-DD", "-E", "-x", "tlsf",
+            "-Y", str(self.folder), "-P", str(self.folder / "kamailio.pid"), "-w", str(self.folder),
+            "-l", f"udp:{self.sip_host}:{self.sip_port}", "-l", f"tcp:{self.sip_host}:{self.sip_port}",
+            f"--alias={self.domain}",
+            "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
+        ]  # fmt: skip
+        if self.nat:
+            cmd += ["-A", "WITH_NAT"]
+        for define in self.defines:
+            cmd += ["-A", define]
+        return cmd
+
+
+@asynccontextmanager
+async def stock_platform(tmp_path: Path, *, nat: bool) -> AsyncIterator[Platform]:
+    sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
+    kam = StockKamailio(HOST, sip_port, HOST, evapi_port, "e2e", HOST, tmp_path, domain=DOMAIN, nat=nat)
+    async with platform(tmp_path, kamailio=kam) as p:
+        yield p
+
+
+def test_the_patch_applies_to_the_stock_file_as_shipped(tmp_path: Path) -> None:
+    problem = _stock_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    out = tmp_path / "kamailio.cfg"
+    subprocess.run(["patch", "--quiet", "-o", str(out), str(STOCK), str(PATCH)], check=True)
+    copy_kamailio_files(tmp_path)
+    for nat in ([], ["-A", "WITH_NAT"]):
+        result = subprocess.run(
+            ["kamailio", "-c", "-f", str(out), *nat], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    added = [line for line in PATCH.read_text().splitlines() if line.startswith("+") and not line.startswith("+++")]
+    assert len(added) <= 70, len(added)  # as few edits as an operator can read
+
+
+@needs_stock
+@pytest.mark.parametrize("nat", [False, True], ids=["plain", "with-nat"])
+async def test_answered_declined_and_missed_elsewhere_on_the_stock_config(tmp_path: Path, nat: bool) -> None:
+    async with stock_platform(tmp_path, nat=nat) as p:
+        stories: list[tuple[str, str | Path, str | None]] = [
+            ("bob", "phone_answers", ANSWERED),
+            ("carol", SCENARIOS / "phone_declines.xml", DECLINED),
+            ("dave", "phone_rings", None),
+        ]
+        for user, desk, reason in stories:
+            call_id = f"stock-{user}-{nat}@caller.example.net"
+            outcome, iphone = await late_iphone(p, user, desk, call_id)
+            assert outcome is Outcome.COMPLETED, (user, outcome, p.kamailio.tail())
+            assert received(iphone) == (call_id, reason), user
+            [invite] = [line for line in iphone.read_text().splitlines() if line.startswith("invite ")]
+            assert f"to= <sip:{user}@{DOMAIN}>" in invite, invite  # the SIP domain, with use_domain 0
+        assert [d.reason for d in p.watch.decisions] == ["answered", "declined", "missed"]
+
+
+@needs_stock
+@pytest.mark.parametrize("nat", [False, True], ids=["plain", "with-nat"])
+async def test_a_held_call_woken_in_time_completes_its_dialog_on_the_stock_config(tmp_path: Path, nat: bool) -> None:
+    async with stock_platform(tmp_path, nat=nat) as p:
+        call_id = f"stock-held-{nat}@caller.example.net"
+        d = await woken_in_time(p, "kate", call_id, forked=False)
+        assert_complete(d, call_id, phone_hangs_up=False)
+        assert [(x.action.value, x.reason) for x in p.watch.decisions] == [("none", "ringing")]
