@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Nodes come from --kamailio or from the [[kamailio]] tables of --config (--kamailio "
         "replaces them); at least one is needed. A node's NAME must be the EVW_NODE its Kamailio "
         "is started with: its events carry that name. Every option may also be set in the "
-        "settings file (README: Configuration); an option given here wins.",
+        "settings file (docs/configuration.md); an option given here wins.",
     )
     run.add_argument(
         "--kamailio",

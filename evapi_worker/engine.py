@@ -103,8 +103,8 @@ Seconds = Annotated[float, msgspec.Meta(ge=0, le=86_400)]
 
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Engine tuning, and the ``[engine]`` table of the settings file (its
-    constraints are checked when settings are loaded); see the README's
-    configuration section for each."""
+    constraints are checked when settings are loaded); docs/configuration.md
+    says what each does."""
 
     window: Seconds = 15.0
     anchor: Anchor = Anchor.START

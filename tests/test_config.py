@@ -172,12 +172,12 @@ def test_the_example_settings_file_loads_as_shipped() -> None:
     assert cfg.capture is not None and cfg.capture.keep == 48
 
 
-def test_the_readme_settings_example_is_the_example_file_and_loads(tmp_path: Path) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = readme.split("```toml\n", 1)[1].split("```\n", 1)[0]
+def test_the_documented_settings_example_is_the_example_file_and_loads(tmp_path: Path) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```\n", 1)[0]
     assert block == EXAMPLE.read_text()
-    (tmp_path / "readme.toml").write_text(block)
-    assert load_config(tmp_path / "readme.toml") == load_config(EXAMPLE)
+    (tmp_path / "doc.toml").write_text(block)
+    assert load_config(tmp_path / "doc.toml") == load_config(EXAMPLE)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,18 @@
 """The docs name what the code has: every Kamailio define and route a
-config file documents is in docs/kamailio.md, with its default."""
+config file documents is in docs/kamailio.md, with its default; every
+settings key in docs/configuration.md; every metric in docs/metrics.md."""
 
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
+import msgspec
+
 from evapi_worker.bundled import bundled
+from evapi_worker.config import Config
+from evapi_worker.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = (ROOT / "docs" / "kamailio.md").read_text()
@@ -49,3 +55,49 @@ def test_every_route_to_call_is_in_the_guides_route_table() -> None:
     assert routes <= table, routes - table
     for route in routes:  # and every one a step of the guide names
         assert f"route({route});" in GUIDE.split("## The files")[0], route
+
+
+def _keys(struct: type, prefix: str = "") -> set[str]:
+    """Every settings key a struct (and the tables under it) takes, as
+    ``table.key``."""
+    keys = set()
+    for field in msgspec.structs.fields(struct):
+        hints = [a for a in typing.get_args(field.type) if isinstance(a, type)] or [field.type]
+        nested = next((h for h in hints if isinstance(h, type) and issubclass(h, msgspec.Struct)), None)
+        if field.encode_name == "kamailio":
+            continue  # [[kamailio]] tables: name, evapi, sip (parsed by the loader)
+        if nested is not None:
+            keys |= _keys(nested, f"{prefix}{field.encode_name}.")
+        else:
+            keys.add(prefix + field.encode_name)
+    return keys
+
+
+def test_every_settings_key_is_in_the_configuration_doc() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```\n", 1)[0]
+    keys = _keys(Config) | {"kamailio.name", "kamailio.evapi", "kamailio.sip"}
+    assert len(keys) > 50
+    missing = []
+    for key in sorted(keys):
+        table, _, name = key.rpartition(".")
+        # In the example: under its [table] (or [[kamailio]]), set or commented out.
+        header = f"[[{table}]]" if table == "kamailio" else f"[{table}]"
+        part = block if not table else block.split(header, 1)[-1] if header in block else ""
+        if not re.search(rf"^#? ?{re.escape(name)} = ", part, re.MULTILINE):
+            missing.append(key)
+    assert missing == []
+
+
+def test_every_metric_the_worker_exports_is_in_the_metrics_doc() -> None:
+    metrics = Metrics()
+    names = {m.name for m in metrics.registry.collect()}
+    assert len(names) > 30
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    families = re.findall(r"`(evapi_worker_\w+)`", doc)
+    # Rows may name siblings by their suffix: `evapi_worker_a_total`, `_b_total`.
+    suffixes = re.findall(r"`(_\w+)`", doc)
+    listed = {f.removesuffix("_total").removesuffix("_info") for f in families}
+    listed |= {"evapi_worker" + s.removesuffix("_total") for s in suffixes}
+    missing = sorted(n for n in names if n not in listed and n.removesuffix("_info") not in listed)
+    assert missing == []
