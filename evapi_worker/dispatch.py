@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from .engine import Act, Decision, Reason
+from .engine import Act, Action, Decision, Reason
 from .evapi_client import EvapiConnection
 from .fake_calls import ActionRunner
 from .logs import kv
@@ -84,13 +84,21 @@ class Dispatcher:
                 continue
             m.late_registrations.labels(d.call.end.value).inc()
             if self._stopping or self._nursery is None:
+                # Its REGISTER is journaled (with --state): a restart decides it again.
+                self._count(d, Outcome.DEFERRED)
                 log.warning("action not started %s", kv(call_id=d.call_id, device=d.device, reason="stopping"))
             elif self._open < self.limit:
                 self.start(d, received)
             else:
                 m.dispatch_dropped.inc()
-                m.fake_calls.labels(Outcome.OVERDUE.value).inc()
+                self._count(d, Outcome.OVERDUE)
                 log.warning("action dropped %s", kv(call_id=d.call_id, device=d.device, reason="action queue full"))
+
+    def _count(self, act: Act, outcome: Outcome) -> None:
+        """An action that never reached the runner, counted as the runner
+        counts its own: MESSAGEs apart from fake calls."""
+        counter = self.metrics.messages if act.action is Action.MESSAGE else self.metrics.fake_calls
+        counter.labels(outcome.value).inc()
 
     def resume(self, saved: Sequence[Act], in_doubt: Sequence[Act] = ()) -> None:
         """Begin the actions a stopped or crashed worker decided and never
@@ -101,7 +109,7 @@ class Dispatcher:
             if act.deadline > now:
                 self.start(act, now, resumed=True, retry=retry)
             elif not retry:
-                self.metrics.fake_calls.labels(Outcome.OVERDUE.value).inc()
+                self._count(act, Outcome.OVERDUE)
                 log.warning("saved action overdue %s", kv(call_id=act.call_id, device=act.device))
 
     def start(self, act: Act, received: float, *, resumed: bool = False, retry: bool = False) -> None:

@@ -269,7 +269,6 @@ _EXPIRY_STEP: Final = 0.25
 MAX_RANG: Final = 16
 _DEVICE: Final = 1
 _SETTLE: Final = 2
-_NOTHING: Final[list[Decision]] = []
 
 
 class Engine:
@@ -391,7 +390,7 @@ class Engine:
             and not self._lost_end_believed(event)
         ):
             self.lost_ends_ignored += 1
-            return _NOTHING
+            return []
         if isinstance(event, CallAnswered):
             return self._on_end(event.call_id, event.ts, EndKind.ANSWERED, None, now)
         if isinstance(event, CallCancelled):
@@ -402,7 +401,7 @@ class Engine:
         if isinstance(event, BranchReply):
             return self._on_branch_reply(event, now)
         if isinstance(event, CommandResult | ClaimUnused | Refused):
-            return _NOTHING
+            return []
         raise TypeError(f"not an event: {event!r}")
 
     def tick(self, now: float) -> list[Decision]:
@@ -441,7 +440,7 @@ class Engine:
         if call is None:
             call = self._new_call(ev.call_id, now)
         elif call.started is not None:
-            return _NOTHING  # a retransmission or a second branch's event
+            return []  # a retransmission or a second branch's event
         call.started = ev
         call.aor = ev.aor
         ids = self._calls_by_aor.get(ev.aor)
@@ -455,7 +454,7 @@ class Engine:
             self._set_call_expiry(call, self._ended_expiry(now))
         # A device may have registered before this event arrived (reordered).
         if ev.aor not in self._devices:
-            return _NOTHING
+            return []
         return self._reevaluate(call, now)
 
     def _lost_end_believed(self, event: CallAnswered | CallCancelled | CallFailed) -> bool:
@@ -473,13 +472,13 @@ class Engine:
             # one we track; keep it briefly so a late start can join it.
             call = self._new_call(call_id, now)
         if call.end_ts is not None and call.end_ts <= ts:
-            return _NOTHING  # the earliest end decides how the call ended
+            return []  # the earliest end decides how the call ended
         call.end_ts = ts
         call.end = kind
         call.end_code = code
         self._set_call_expiry(call, self._ended_expiry(now))
         if call.started is None or call.aor not in self._devices:
-            return _NOTHING  # no push device of this account registered lately
+            return []  # no push device of this account registered lately
         return self._reevaluate(call, now)
 
     def _on_branch_reply(self, ev: BranchReply, now: float) -> list[Decision]:
@@ -491,12 +490,12 @@ class Engine:
         if call.rang is None:
             call.rang = set()
         elif len(call.rang) >= MAX_RANG:
-            return _NOTHING  # bounded: a call forks to a few devices, not hundreds
+            return []  # bounded: a call forks to a few devices, not hundreds
         call.rang.update(contact_keys(ev.contact))
         dev = self._contact_devices.get(ev.contact)
         if dev is not None:
             call.rang.add(dev)
-        return _NOTHING
+        return []
 
     def _ended_expiry(self, now: float) -> float:
         # Kamailio time and monotonic time differ; the settle delay is slack
@@ -535,7 +534,7 @@ class Engine:
         started = call.started
         devices = self._devices.get(call.aor)
         if started is None or not devices:
-            return _NOTHING
+            return []
         out: list[Decision] = []
         for dev in devices.values():
             if dev.reg.ts < started.ts or (call.decided is not None and dev.dev in call.decided):
@@ -553,16 +552,16 @@ class Engine:
 
     def _on_register(self, reg: Register, now: float, happened: float) -> list[Decision]:
         if reg.expires == 0:
-            return _NOTHING  # an unregistration wakes no one
+            return []  # an unregistration wakes no one
         if not self._push.is_push(reg):
-            return _NOTHING  # desk phones and Android apps get their INVITEs
+            return []  # desk phones and Android apps get their INVITEs
         dev_key = device_id(reg)
         dev = _Device(reg, dev_key, happened, happened + self.settings.deadline)
         self._store_device(dev)
         self._remember_contact(reg.contact, dev_key)
         call_ids = self._calls_by_aor.get(reg.aor)
         if not call_ids:
-            return _NOTHING
+            return []
         out: list[Decision] = []
         for call_id in list(call_ids):
             call = self._calls[call_id]

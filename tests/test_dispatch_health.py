@@ -7,7 +7,7 @@ from typing import Any, cast
 import trio
 
 from evapi_worker.dispatch import Dispatcher
-from evapi_worker.engine import Act, Decision, Engine
+from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Strategy
 from evapi_worker.evapi_client import ConnectionState, EvapiConnection
 from evapi_worker.fake_calls import ActionRunner
 from evapi_worker.health import Liveness
@@ -34,8 +34,8 @@ class Runner:
         return Outcome.COMPLETED
 
 
-def late_iphones(count: int) -> list[Decision]:
-    w, e = Wire(), Engine()
+def late_iphones(count: int, strategy: Strategy = Strategy.FAKE_CALL) -> list[Decision]:
+    w, e = Wire(), Engine(EngineSettings(strategy=strategy))
     e.handle(w.start(T0), 0.0)
     e.handle(w.answered(T0 + 1), 1.0)
     out: list[Decision] = []
@@ -75,14 +75,28 @@ async def test_past_the_limit_actions_are_dropped_and_counted() -> None:
     assert m.value("evapi_worker_fake_calls_total", {"outcome": "overdue"}) == 3
 
 
-async def test_after_close_no_action_starts() -> None:
+async def test_after_close_no_action_starts_and_each_is_counted_deferred() -> None:
     runner = Runner()
-    dispatcher = Dispatcher(cast(ActionRunner, runner), {}, Metrics(), limit=10)
+    m = Metrics()
+    dispatcher = Dispatcher(cast(ActionRunner, runner), {}, m, limit=10)
     async with trio.open_nursery() as nursery:
         dispatcher.open(nursery)
         dispatcher.close()
         dispatcher.dispatch(late_iphones(1), 2.0)
     assert runner.ran == []
+    assert m.value("evapi_worker_fake_calls_total", {"outcome": "deferred"}) == 1
+
+
+async def test_dropped_messages_are_counted_as_messages_not_fake_calls() -> None:
+    m = Metrics()
+    dispatcher = Dispatcher(cast(ActionRunner, Runner(hold=True)), {}, m, limit=1)
+    async with trio.open_nursery() as nursery:
+        dispatcher.open(nursery)
+        dispatcher.dispatch(late_iphones(3, Strategy.MESSAGE), 2.0)
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert m.value("evapi_worker_messages_total", {"outcome": "overdue"}) == 2
+    assert m.value("evapi_worker_fake_calls_total", {"outcome": "overdue"}) == 0
 
 
 class Connection:
