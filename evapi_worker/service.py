@@ -5,7 +5,8 @@ Frames arrive from each node's connection and are handled synchronously:
 parse, count, journal, feed the engine, dispatch its decisions. Nothing on
 that path awaits, so the readers never stop reading. Actions run as their
 own tasks (dispatch.py); a timer task feeds the engine the passage of time;
-liveness.py pings the nodes; persistence.py keeps the state on disk.
+health.py judges the nodes by their pings; persistence.py keeps the state
+on disk.
 """
 
 from __future__ import annotations
@@ -510,8 +511,3 @@ class Service:
         if devices > old_devices:
             self.metrics.evictions.labels("devices").inc(devices - old_devices)
         self._evicted = (calls, devices)
-
-    def healthy(self) -> tuple[bool, list[str]]:
-        """True while every node is connected and answering; else the names
-        of those that are not."""
-        return self.liveness.healthy()
