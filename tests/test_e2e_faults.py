@@ -72,7 +72,7 @@ async def test_one_node_of_two_down_the_other_still_serves(tmp_path: Path) -> No
     async with kam.running(), trio.open_nursery() as nursery:
         await nursery.start(service.run)
         # Up once it answered a ping; the other never connects.
-        await until(lambda: service.healthy() == (False, ["down"]))
+        await until(lambda: service.liveness.healthy() == (False, ["down"]))
         p = Platform(service, Phones(HOST, sip_port, tmp_path), watch, tmp_path, kam)
         outcome, _ = await late_iphone(p, "bob", "phone_answers", "twonodes-1@127.0.0.1")
         assert outcome is Outcome.COMPLETED
@@ -102,14 +102,14 @@ async def test_a_frozen_kamailio_is_seen_down_and_up_again_when_it_thaws(tmp_pat
         os.killpg(kam.process.pid, signal.SIGSTOP)
         try:
             await until(lambda: service.metrics.value("evapi_worker_kamailio_up", up) == 0, timeout=5)
-            assert service.healthy() == (False, ["k"])
+            assert service.liveness.healthy() == (False, ["k"])
             assert await health(service) == 503
             await trio.sleep(1.0)  # reconnects reach the frozen node's backlog, pings still fail
             assert service.metrics.value("evapi_worker_kamailio_up", up) == 0
         finally:
             os.killpg(kam.process.pid, signal.SIGCONT)
         await until(lambda: service.metrics.value("evapi_worker_kamailio_up", up) == 1, timeout=10)
-        assert service.healthy() == (True, [])
+        assert service.liveness.healthy() == (True, [])
         assert service.metrics.value("evapi_worker_reconnects_total", up) >= 1
         nursery.cancel_scope.cancel()
 

@@ -146,7 +146,7 @@ async def test_evapi_clients_outside_the_allow_list_are_closed_at_once(tmp_path:
             await p.phones.phone("dave", IPHONE_UA, "iphone", "phone_rings", 200, tmp_path / "d.log")
             with trio.fail_after(5):
                 assert await sock.recv(65536) == b""  # closed by Kamailio, nothing sent
-        assert p.service.healthy() == (True, [])  # the worker itself stays connected
+        assert p.service.liveness.healthy() == (True, [])  # the worker itself stays connected
 
 
 async def test_a_retry_takes_over_only_a_pin_whose_invite_never_came(tmp_path: Path) -> None:
