@@ -24,8 +24,8 @@ import trio
 from evapi_worker.config import Config
 from evapi_worker.engine import Act
 from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.outcomes import Outcome
 from evapi_worker.service import Service, tune_gc
-from evapi_worker.sipp_runner import Outcome
 
 from .events import stream
 

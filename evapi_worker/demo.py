@@ -34,10 +34,12 @@ from .bundled import bundled
 from .config import Config, ConfigError
 from .engine import Act, Decision
 from .evapi_client import NodeAddress
+from .net import bind_error, free_port
+from .outcomes import Outcome
 from .push_standin import ApnsStandIn, ReceivedPush, make_apns_key, make_tls, serve_standin
 from .service import Service
 from .sip_values import bracketed
-from .sipp_runner import Outcome, bind_error, bundled_scenario, free_port
+from .sipp_runner import bundled_scenario
 
 __all__ = [
     "DemoError",

@@ -21,7 +21,7 @@ from .evapi_client import EvapiConnection
 from .fake_calls import ActionRunner
 from .logs import kv
 from .metrics import Metrics
-from .sipp_runner import Outcome
+from .outcomes import Outcome
 
 __all__ = ["Dispatcher"]
 

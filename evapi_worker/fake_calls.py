@@ -27,8 +27,9 @@ from .evapi_client import CommandFailed, NodeAddress, SendCommand
 from .events import CommandResult, Register
 from .logs import kv
 from .metrics import Metrics
+from .outcomes import Outcome
 from .sip_values import UnsafeValue
-from .sipp_runner import Outcome, Reservation, RunResult, SippJob, SippRunner
+from .sipp_runner import Reservation, RunResult, SippJob, SippRunner
 
 __all__ = ["ActionRunner", "Parties", "PreparedCall", "build_job", "claim_key", "device_route", "parties"]
 

@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .engine import EndKind
 from .events import EVENT_TYPES
-from .sipp_runner import Outcome
+from .outcomes import Outcome
 
 __all__ = ["Metrics"]
 

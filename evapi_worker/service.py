@@ -45,12 +45,13 @@ from .http_server import serve_http
 from .intake import Intake, NodeClocks
 from .logs import Throttle, kv
 from .metrics import Metrics
+from .net import bind_error
 from .netstring import FramingError
 from .persistence import StateStore
 from .push_book import PushBook, PushJob
 from .pusher import Pusher, push_clients
 from .sequence import SequenceTracker
-from .sipp_runner import SippRunner, bind_error, remove_stale_folders
+from .sipp_runner import SippRunner, remove_stale_folders
 
 __all__ = ["Service", "check_runtime"]
 

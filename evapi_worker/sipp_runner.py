@@ -18,7 +18,6 @@ removed when it ends. No pin key touches the disk.
 from __future__ import annotations
 
 import contextlib
-import enum
 import itertools
 import logging
 import math
@@ -38,21 +37,19 @@ import trio
 from . import sipp_twin as twin
 from .bundled import bundled
 from .logs import kv
+from .net import free_media_port, free_port
 from .outbox import Outbox, OutboxFull
+from .outcomes import Outcome
 from .sip_values import bracketed
 from .slots import FairSlots
 
 __all__ = [
-    "Outcome",
     "Reservation",
     "RunResult",
     "SippJob",
     "SippRunner",
     "SippSettings",
-    "bind_error",
     "bundled_scenario",
-    "free_media_port",
-    "free_port",
     "remove_stale_folders",
 ]
 
@@ -66,24 +63,6 @@ log = logging.getLogger("evapi_worker.sipp")
 def bundled_scenario() -> Path:
     """Path of the scenario shipped inside the package."""
     return bundled("sipp", "late_call.xml")
-
-
-class Outcome(enum.Enum):
-    """How one fake call ended (a metric label)."""
-
-    COMPLETED = "completed"  # the device rang and took the CANCEL
-    ANSWERED = "answered"  # the device answered; ACK and BYE were sent
-    REJECTED = "rejected"  # the device refused the INVITE
-    UNREACHABLE = "unreachable"  # the device's TCP/TLS connection was gone (Kamailio's 477)
-    TIMEOUT = "timeout"  # no ringing in time; cancelled after Kamailio's 100
-    NO_RESPONSE = "no_response"  # nothing came back at all
-    GAVE_UP = "gave_up"  # no final response to the CANCEL in time
-    KILLED = "killed"  # SIPp was killed: past its time limit, or the worker stopped
-    DEFERRED = "deferred"  # not begun when the worker stopped: saved, begun after its restart
-    OVERDUE = "overdue"  # dropped: its deadline passed while it waited
-    TAKEN = "taken"  # another worker claimed this fake call and sends it
-    UNSAFE = "unsafe"  # refused: event data not safe for SIP or for SIPp's twin message
-    FAILED = "failed"  # SIPp or the command to Kamailio failed
 
 
 # The outcomes the scenario itself reports on the twin socket.
@@ -552,45 +531,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process: not ours to judge
     return True
-
-
-def bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> OSError | None:
-    """Why ``host:port`` cannot be listened on now, or None when it can.
-    TCP is tried as servers bind, so old TIME_WAIT connections do not count."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, kind) as s:
-            if kind == socket.SOCK_STREAM:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-    except OSError as exc:
-        return exc
-    return None
-
-
-def free_media_port(host: str) -> int:
-    """A UDP port ``p`` with ``p + 2`` free too on ``host`` now: SIPp binds
-    its audio and video sockets there. Left to itself every SIPp tries
-    6000, 6002... 6198, and a hundred processes on a host exhaust them."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(50):
-        with socket.socket(family, socket.SOCK_DGRAM) as audio:
-            audio.bind((host, 0))
-            port: int = audio.getsockname()[1]
-            if port + 2 > 65535 or bind_error(host, port + 2, socket.SOCK_DGRAM) is not None:
-                continue
-            return port
-    raise OSError(f"no free pair of media ports on {host}")
-
-
-def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:
-    """A port the system considers free on ``host`` now (it may be taken
-    again before it is used: good enough for loopback tools and tests)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _kill_group(process: trio.Process) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from evapi_worker.sipp_runner import free_port as sipp_free_port
+from evapi_worker.net import free_port as sipp_free_port
 
 SCENARIOS = Path(__file__).parent / "sipp"
 PHONES = Path(__file__).parent.parent / "evapi_worker" / "sipp"

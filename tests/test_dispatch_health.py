@@ -12,7 +12,7 @@ from evapi_worker.evapi_client import ConnectionState, EvapiConnection
 from evapi_worker.fake_calls import ActionRunner
 from evapi_worker.health import Liveness
 from evapi_worker.metrics import Metrics
-from evapi_worker.sipp_runner import Outcome
+from evapi_worker.outcomes import Outcome
 
 from .helpers import Wire
 

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from evapi_worker.demo import DESK_UA, IPHONE_UA, Phones, received
-from evapi_worker.sipp_runner import Outcome
+from evapi_worker.outcomes import Outcome
 
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS

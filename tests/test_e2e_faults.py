@@ -12,8 +12,8 @@ import trio
 from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.demo import KamailioProcess, Phones, Watch
 from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.outcomes import Outcome
 from evapi_worker.service import Service
-from evapi_worker.sipp_runner import Outcome
 
 from .sipp_device import free_port, free_sip_port
 from .test_e2e_kamailio import HOST, Platform, late_iphone, pytestmark  # noqa: F401 (same skip rule)

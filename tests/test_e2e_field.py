@@ -26,7 +26,7 @@ from evapi_worker.demo import (
 )
 from evapi_worker.engine import Act
 from evapi_worker.evapi_client import NodeAddress
-from evapi_worker.sipp_runner import Outcome
+from evapi_worker.outcomes import Outcome
 
 from .helpers import FAST_RECONNECT, demo_folder, running_demo
 from .linphone import Linphone, needs_linphonec

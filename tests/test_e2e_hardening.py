@@ -14,7 +14,7 @@ from evapi_worker.config import Config
 from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, received, start_watched_worker
 from evapi_worker.engine import EngineSettings
 from evapi_worker.evapi_client import NodeAddress
-from evapi_worker.sipp_runner import Outcome
+from evapi_worker.outcomes import Outcome
 
 from .helpers import FAST_RECONNECT
 from .sipp_device import SCENARIOS, free_port, free_sip_port

@@ -14,7 +14,7 @@ import trio
 
 from evapi_worker.demo import DESK_UA, IPHONE_UA, Phones, received
 from evapi_worker.engine import Act, Strategy
-from evapi_worker.sipp_runner import Outcome
+from evapi_worker.outcomes import Outcome
 
 from .helpers import running_demo
 from .linphone import Linphone, needs_linphonec

@@ -28,8 +28,9 @@ from evapi_worker.demo import (
 )
 from evapi_worker.engine import Act, EngineSettings, Strategy
 from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.outcomes import Outcome
 from evapi_worker.service import Service
-from evapi_worker.sipp_runner import Outcome, SippSettings
+from evapi_worker.sipp_runner import SippSettings
 
 from .helpers import FAST_RECONNECT
 from .sipp_device import SCENARIOS, free_port, free_sip_port

@@ -21,7 +21,7 @@ from evapi_worker.config import Config
 from evapi_worker.demo import KamailioProcess, Phones, start_watched_worker
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.http_server import respond
-from evapi_worker.sipp_runner import Outcome
+from evapi_worker.outcomes import Outcome
 
 from .helpers import FAST_RECONNECT
 from .sipp_device import free_port, free_sip_port

@@ -21,9 +21,9 @@ from evapi_worker.capture import CaptureSettings
 from evapi_worker.cli import main
 from evapi_worker.config import Config
 from evapi_worker.demo import IPHONE_UA, Phones, received
+from evapi_worker.outcomes import Outcome
 from evapi_worker.push_standin import ApnsStandIn, ReceivedPush
 from evapi_worker.service import Service
-from evapi_worker.sipp_runner import Outcome
 
 from .helpers import FAST_RECONNECT, running_demo
 from .linphone import Linphone, needs_linphonec

@@ -25,7 +25,7 @@ import trio
 
 from evapi_worker.bundled import bundled, copy_kamailio_files
 from evapi_worker.demo import KamailioProcess, received
-from evapi_worker.sipp_runner import Outcome
+from evapi_worker.outcomes import Outcome
 
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_dialogs import assert_complete, woken_in_time

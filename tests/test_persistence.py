@@ -14,9 +14,10 @@ from evapi_worker.config import Config
 from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Reason
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.events import parse_event
+from evapi_worker.outcomes import Outcome
 from evapi_worker.persistence import Restored, StateStore
 from evapi_worker.service import Service
-from evapi_worker.sipp_runner import Outcome, SippSettings
+from evapi_worker.sipp_runner import SippSettings
 from evapi_worker.state import decode_snapshot
 
 from .evapi_server import EvapiServer

@@ -14,14 +14,14 @@ import pytest
 import trio
 
 from evapi_worker import sip_values
+from evapi_worker.net import free_port
+from evapi_worker.outcomes import Outcome
 from evapi_worker.sipp_runner import (
-    Outcome,
     RunResult,
     SippJob,
     SippRunner,
     SippSettings,
     bundled_scenario,
-    free_port,
     remove_stale_folders,
 )
 
