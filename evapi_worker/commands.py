@@ -1,4 +1,5 @@
-"""Commands from the worker to Kamailio, as frozen dataclasses.
+"""Commands from the worker to Kamailio: frozen, keyword-only structs
+encoded by msgspec.
 
 Each command carries an ``id`` that Kamailio echoes in a ``cmd_result``
 event. Commands are encoded to one netstring and must be written in one
@@ -8,9 +9,9 @@ trailing comma, and closes the connection on a frame over 32,760 bytes.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Final, TypeAlias
+
+import msgspec
 
 from .netstring import encode
 
@@ -20,64 +21,63 @@ __all__ = ["MAX_COMMAND_BYTES", "Claim", "Command", "CommandTooLarge", "Message"
 MAX_COMMAND_BYTES: Final = 8192
 
 
-@dataclass(frozen=True, slots=True)
-class Ping:
+class _Command(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="cmd"):
+    # Assigned by the connection that sends it (EvapiConnection.send_command),
+    # unique to this worker instance: an acknowledgement meant for an
+    # earlier instance never matches.
+    id: str = ""
+
+
+class Ping(_Command, frozen=True, kw_only=True, tag="ping"):
     """Liveness check; Kamailio answers ``ok``."""
 
-    id: str
 
-
-@dataclass(frozen=True, slots=True)
-class Pin:
+class Pin(_Command, frozen=True, kw_only=True, tag="pin"):
     """Claim a fake call and, if this worker wins, pin where the device is.
 
     ``claim`` names the (call, device) pair: the first worker to claim it on
     this node wins (``cmd_result`` says ``claim: won``); the others are told
     ``taken`` and send nothing. The node handles every worker's commands one
     at a time in its evapi dispatcher, so the check-and-set is atomic there.
-    A claim lives ``claim_ttl`` seconds. ``retry``: this worker restarted
+    A claim lives ``claim_ttl`` seconds. ``retry`` (1): this worker restarted
     after a crash and may have pinned this call before; if that pin is
     still unused (its INVITE never came), the node hands the claim over
     (``won``) and removes the old pin, else the claim stays ``taken``.
 
     The fake INVITE carries ``key`` in an ``X-Evapi-Pin`` header; Kamailio
-    sends it to ``ruri`` through ``dst`` (the address the REGISTER came from,
-    so a TCP device is reached over its own connection). The entry lives for
-    ``ttl`` seconds.
+    sends it to ``ruri``, which must be a registered contact of ``aor``,
+    where that registration came from (``dst`` is only checked to be there:
+    a command cannot choose the address). The entry lives for ``ttl``
+    seconds.
     """
 
-    id: str
     key: str
     ruri: str
     dst: str
     ttl: int
+    aor: str = ""
     claim: str = ""
     claim_ttl: int = 0
-    aor: str = ""  # the device's account: ruri must be one of its registered contacts
-    retry: bool = False
+    retry: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """Ask Kamailio to send a SIP MESSAGE telling a device a call is over."""
+class Message(_Command, frozen=True, kw_only=True, tag="message"):
+    """Ask Kamailio to send a SIP MESSAGE telling a device a call is over;
+    ``ruri`` must be a registered contact of ``to_uri``'s account."""
 
-    id: str
     ruri: str
     dst: str
     from_uri: str
     to_uri: str
-    call_id: str
     body: str
     claim: str = ""  # as for Pin: only the winner's MESSAGE is sent
     claim_ttl: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
+class Claim(_Command, frozen=True, kw_only=True, tag="claim"):
     """Claim a push (or any other one-worker task) on this node: the first
     worker wins (``claim: won``), the others are told ``taken``."""
 
-    id: str
     claim: str
     claim_ttl: int
 
@@ -91,40 +91,17 @@ class CommandTooLarge(ValueError):
 
 def command_name(command: Command) -> str:
     """The wire name of a command (also its metric label)."""
-    return _NAMES[type(command)]
+    tag = type(command).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
 
 
-_NAMES: Final[dict[type, str]] = {Ping: "ping", Pin: "pin", Message: "message", Claim: "claim"}
+_ENCODER: Final = msgspec.json.Encoder()
 
 
 def encode_command(command: Command) -> bytes:
-    """JSON in one netstring; field order is fixed so captures diff cleanly."""
-    body: dict[str, object] = {"cmd": command_name(command)}
-    if isinstance(command, Ping):
-        body["id"] = command.id
-    elif isinstance(command, Claim):
-        body.update(id=command.id, claim=command.claim, claim_ttl=command.claim_ttl)
-    elif isinstance(command, Pin):
-        body.update(id=command.id, key=command.key, ruri=command.ruri, dst=command.dst, ttl=command.ttl)
-        if command.aor:
-            body["aor"] = command.aor
-        if command.claim:
-            body.update(claim=command.claim, claim_ttl=command.claim_ttl)
-            if command.retry:
-                body["retry"] = 1
-    else:
-        body.update(
-            id=command.id,
-            ruri=command.ruri,
-            dst=command.dst,
-            from_uri=command.from_uri,
-            to_uri=command.to_uri,
-            call_id=command.call_id,
-            body=command.body,
-        )
-        if command.claim:
-            body.update(claim=command.claim, claim_ttl=command.claim_ttl)
-    payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    """JSON in one netstring, ``cmd`` and ``id`` first, defaults left out."""
+    payload = _ENCODER.encode(command)
     if len(payload) > MAX_COMMAND_BYTES:
-        raise CommandTooLarge(f"{body['cmd']} command is {len(payload)} bytes, over {MAX_COMMAND_BYTES}")
+        raise CommandTooLarge(f"{command_name(command)} command is {len(payload)} bytes, over {MAX_COMMAND_BYTES}")
     return encode(payload)

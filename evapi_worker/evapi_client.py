@@ -26,6 +26,7 @@ import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
 import trio
 
 from .commands import Command, CommandTooLarge, command_name, encode_command
@@ -387,6 +388,8 @@ class EvapiConnection:
         outbox = self._outbox
         if outbox is None or outbox.closed:
             raise CommandFailed("not_connected", f"node {self.node.name} is not connected")
+        if not command.id:
+            command = msgspec.structs.replace(command, id=self.next_id())
         try:
             frame = encode_command(command)
         except CommandTooLarge as exc:

@@ -289,8 +289,8 @@ class ActionRunner:
     ) -> tuple[Outcome, RunResult | None, str]:
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
         pin = Pin(
-            secrets.token_hex(6), prepared.pin_key, prepared.ruri, prepared.dst, self.pin_ttl,
-            claim_key(decision.call_id, decision.device), self.claim_ttl, prepared.aor, retry,
+            key=prepared.pin_key, ruri=prepared.ruri, dst=prepared.dst, ttl=self.pin_ttl, aor=prepared.aor,
+            claim=claim_key(decision.call_id, decision.device), claim_ttl=self.claim_ttl, retry=int(retry),
         )  # fmt: skip
         try:
             ack = await self.send_command(node.name, pin)
@@ -318,12 +318,10 @@ class ActionRunner:
         try:
             who = parties(call, node.sip_host)
             message = Message(
-                id=secrets.token_hex(6),
                 ruri=sip_values.sip_uri("contact", reg.contact),
                 dst=device_route(reg),
                 from_uri=f"sip:{who.caller_user}@{who.caller_domain}",
                 to_uri=f"sip:{who.callee_user}@{who.callee_domain}",
-                call_id=call.call_id,
                 body=f"call-ended;call-id={call.call_id};reason={decision.reason}",
                 claim=claim_key(decision.call_id, decision.device),
                 claim_ttl=self.claim_ttl,

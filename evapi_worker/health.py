@@ -58,7 +58,7 @@ class Liveness:
             generation = conn.connects
             sent = trio.current_time()
             try:
-                answer = await self.send_command(name, Ping(conn.next_id()))
+                answer = await self.send_command(name, Ping())
             except CommandFailed as exc:
                 if exc.reason == "refused":
                     self.set_alive(name, True)  # it answered, if only "no"

@@ -430,11 +430,10 @@ class Service:
     async def _claim_push(self, node: str, claim: str) -> bool:
         """Whether this worker sends a push: the node's claim (every worker
         asks the node the call is on; the first wins)."""
-        conn = self.connections.get(node)
-        if conn is None:
+        if node not in self.connections:
             return True  # a node this worker does not know: no one to ask
         try:
-            result = await self.send_command(node, Claim(conn.next_id(), claim, self.config.evapi.pin_ttl * 4))
+            result = await self.send_command(node, Claim(claim=claim, claim_ttl=self.config.evapi.pin_ttl * 4))
         except CommandFailed as exc:
             if exc.reason == "refused" and "unknown command" in str(exc):
                 return True  # routes older than push claims: every worker pushes

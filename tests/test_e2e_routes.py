@@ -73,9 +73,8 @@ async def iphone(p: Platform, nursery: trio.Nursery, user: str) -> tuple[str, st
 
 
 async def pin(service: Service, aor: str, ruri: str, dst: str, ttl: int = 30) -> str:
-    conn = service.connections["e2e"]
     key = secrets.token_urlsafe(12)
-    await service.send_command("e2e", Pin(conn.next_id(), key, ruri, dst, ttl, aor=aor))
+    await service.send_command("e2e", Pin(key=key, ruri=ruri, dst=dst, ttl=ttl, aor=aor))
     return key
 
 
@@ -106,15 +105,12 @@ async def test_a_pin_must_name_a_registered_contact_of_the_account(tmp_path: Pat
 
 async def test_a_message_must_go_to_a_registered_contact(tmp_path: Path) -> None:
     async with platform(tmp_path) as p:
-        conn = p.service.connections["e2e"]
         message = Message(
-            conn.next_id(),
-            "sip:victim@127.0.0.9:5999",
-            "sip:127.0.0.9:5999;transport=udp",
-            "sip:alice@caller.example.net",
-            f"sip:bob@{DOMAIN}",
-            "c@x",
-            "call-ended;call-id=c@x;reason=missed",
+            ruri="sip:victim@127.0.0.9:5999",
+            dst="sip:127.0.0.9:5999;transport=udp",
+            from_uri="sip:alice@caller.example.net",
+            to_uri=f"sip:bob@{DOMAIN}",
+            body="call-ended;call-id=c@x;reason=missed",
         )
         with pytest.raises(CommandFailed, match="not a registered contact") as refused:
             await p.service.send_command("e2e", message)
@@ -155,11 +151,12 @@ async def test_a_retry_takes_over_only_a_pin_whose_invite_never_came(tmp_path: P
     # from then on); the one that went out stays taken: none lost, none twice.
     async with platform(tmp_path) as p, trio.open_nursery() as nursery:
         contact, dst = await iphone(p, nursery, "bob")
-        conn = p.service.connections["e2e"]
 
         async def pin_claimed(claim: str, retry: bool = False) -> tuple[str, str | None]:
             key = secrets.token_urlsafe(12)
-            pin = Pin(conn.next_id(), key, contact, dst, 30, claim, 30, f"bob@{DOMAIN}", retry)
+            pin = Pin(
+                key=key, ruri=contact, dst=dst, ttl=30, claim=claim, claim_ttl=30, aor=f"bob@{DOMAIN}", retry=int(retry)
+            )
             return key, (await p.service.send_command("e2e", pin)).claim
 
         unused, sent = "a1" * 16, "b2" * 16

@@ -218,10 +218,10 @@ async def test_the_node_arbitrates_claims_and_reports_one_never_used(tmp_path: P
                 await trio.sleep(0.05)
 
         def pin(worker: Service) -> Pin:
-            conn = worker.connections["arb"]
             where = (f"sip:dev-iphone@{HOST}:{port};transport=UDP", f"sip:{HOST}:{port};transport=udp")
             key = secrets.token_urlsafe(12)
-            return Pin(conn.next_id(), key, *where, ttl=1, claim=claim, claim_ttl=2, aor=f"yan@{DOMAIN}")
+            ruri, dst = where
+            return Pin(key=key, ruri=ruri, dst=dst, ttl=1, claim=claim, claim_ttl=2, aor=f"yan@{DOMAIN}")
 
         assert (await first.send_command("arb", pin(first))).claim == "won"
         assert (await second.send_command("arb", pin(second))).claim == "taken"

@@ -149,7 +149,7 @@ async def test_command_is_one_write_and_waits_for_its_ack() -> None:
     async with trio.open_nursery() as nursery:
         server, rec, conn = await served(nursery)
         await rec.wait_for(lambda: conn.connected)
-        result = await conn.send_command(Ping(conn.next_id()), timeout=2)
+        result = await conn.send_command(Ping(), timeout=2)
         assert result.ok
         assert server.commands == [{"cmd": "ping", "id": result.id}]
         assert server.reads[0].endswith(b",") and server.reads[0].count(b":") >= 1
@@ -162,14 +162,14 @@ async def test_command_refused_unanswered_or_disconnected() -> None:
         await server.start(nursery)
         conn = connection(server.port, rec)
         with pytest.raises(CommandFailed, match="not_connected"):
-            await conn.send_command(Ping("x"), timeout=1)
+            await conn.send_command(Ping(id="x"), timeout=1)
         await nursery.start(conn.run)
         await rec.wait_for(lambda: conn.connected)
         with pytest.raises(CommandFailed, match="refused"):
-            await conn.send_command(Ping(conn.next_id()), timeout=2)
+            await conn.send_command(Ping(), timeout=2)
         server.auto_ack = False
         with pytest.raises(CommandFailed, match="timeout"):
-            await conn.send_command(Ping(conn.next_id()), timeout=0.2)
+            await conn.send_command(Ping(), timeout=0.2)
 
         async def drop_soon() -> None:
             await server.wait_for(lambda: len(server.commands) == 3)
@@ -177,7 +177,7 @@ async def test_command_refused_unanswered_or_disconnected() -> None:
 
         nursery.start_soon(drop_soon)
         with pytest.raises(CommandFailed, match="disconnected"):
-            await conn.send_command(Ping(conn.next_id()), timeout=5)
+            await conn.send_command(Ping(), timeout=5)
         nursery.cancel_scope.cancel()
 
 
@@ -186,7 +186,7 @@ async def test_a_command_too_large_for_evapi_is_a_failed_command() -> None:
         server, rec, conn = await served(nursery)
         await rec.wait_for(lambda: conn.connected)
         with pytest.raises(CommandFailed, match="too_large") as failed:
-            await conn.send_command(Ping("x" * 9000), timeout=1)
+            await conn.send_command(Ping(id="x" * 9000), timeout=1)
         assert failed.value.reason == "too_large"
         assert server.commands == []  # nothing reached Kamailio
         nursery.cancel_scope.cancel()
