@@ -16,8 +16,10 @@ import trio
 
 from evapi_worker.demo import KamailioProcess
 
+from .e2e_platform import DOMAIN, HOST, needs_platform
 from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
-from .test_e2e_kamailio import DOMAIN, HOST, pytestmark  # noqa: F401
+
+pytestmark = needs_platform
 
 PHONE_RINGS = PHONES / "phone_rings.xml"
 

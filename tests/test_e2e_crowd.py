@@ -11,7 +11,9 @@ import trio
 
 from bench.burst import account, call_id, device, devices_wake, missed_calls, platform, read_phones, run
 
-from .test_e2e_kamailio import pytestmark  # noqa: F401
+from .e2e_platform import needs_platform
+
+pytestmark = needs_platform
 
 
 async def test_three_hundred_late_iphones_at_once_each_get_exactly_one_fake_call(tmp_path: Path) -> None:

@@ -25,11 +25,13 @@ import trio
 from evapi_worker.demo import DESK_UA, IPHONE_UA, Phones, received
 from evapi_worker.outcomes import Outcome
 
+from .e2e_platform import DOMAIN, Platform, needs_platform, platform
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS
 from .test_e2e_field import linphone
 from .test_e2e_ipv6 import V6
-from .test_e2e_kamailio import DOMAIN, Platform, platform, pytestmark  # noqa: F401
+
+pytestmark = needs_platform
 
 # What each side logs of a dialog the caller drives, and of one the phone
 # drives (see the scenarios in tests/sipp).

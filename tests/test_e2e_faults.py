@@ -15,8 +15,10 @@ from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.outcomes import Outcome
 from evapi_worker.service import Service
 
+from .e2e_platform import HOST, Platform, late_iphone, needs_platform
 from .sipp_device import free_port, free_sip_port
-from .test_e2e_kamailio import HOST, Platform, late_iphone, pytestmark  # noqa: F401 (same skip rule)
+
+pytestmark = needs_platform
 
 
 def watched(service: Service) -> Watch:

@@ -28,10 +28,12 @@ from evapi_worker.engine import Act
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.outcomes import Outcome
 
+from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
 from .helpers import FAST_RECONNECT, demo_folder, running_demo
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS, free_port, free_sip_port
-from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
+
+pytestmark = needs_platform
 
 ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
 

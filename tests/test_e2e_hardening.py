@@ -16,9 +16,11 @@ from evapi_worker.engine import EngineSettings
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.outcomes import Outcome
 
+from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
 from .helpers import FAST_RECONNECT
 from .sipp_device import SCENARIOS, free_port, free_sip_port
-from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
+
+pytestmark = needs_platform
 
 
 async def sip_request(p: Platform, message: bytes) -> str:

@@ -16,10 +16,12 @@ from evapi_worker.demo import DESK_UA, IPHONE_UA, Phones, received
 from evapi_worker.engine import Act, Strategy
 from evapi_worker.outcomes import Outcome
 
+from .e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform
 from .helpers import running_demo
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS, free_port
-from .test_e2e_kamailio import DOMAIN, HOST, Platform, platform, pytestmark  # noqa: F401
+
+pytestmark = needs_platform
 
 V6 = "::1"
 ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'

@@ -23,9 +23,9 @@ from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.http_server import respond
 from evapi_worker.outcomes import Outcome
 
+from .e2e_platform import DOMAIN, HOST, Platform, late_iphone
 from .helpers import FAST_RECONNECT
 from .sipp_device import free_port, free_sip_port
-from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone
 
 ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "evapi-worker.json"

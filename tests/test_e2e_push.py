@@ -25,14 +25,16 @@ from evapi_worker.outcomes import Outcome
 from evapi_worker.push_standin import ApnsStandIn, ReceivedPush
 from evapi_worker.service import Service
 
+from .e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform
 from .helpers import FAST_RECONNECT, running_demo
 from .linphone import Linphone, needs_linphonec
 from .push_services import start_standins
 from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
 from .test_e2e_dialogs import CALLER_SAW, PHONE_SAW, call_in_progress, lines
 from .test_e2e_field import linphone
-from .test_e2e_kamailio import DOMAIN, HOST, Platform, platform, pytestmark  # noqa: F401
 from .test_e2e_workers import address, kamailio, total
+
+pytestmark = needs_platform
 
 TOKEN = "c0ffee" * 10 + "abcd"  # the iPhone's VoIP token (64 hex digits), also its +sip.instance
 

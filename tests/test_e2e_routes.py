@@ -17,8 +17,10 @@ from evapi_worker.demo import IPHONE_UA
 from evapi_worker.evapi_client import CommandFailed
 from evapi_worker.service import Service
 
+from .e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform
 from .sipp_device import free_port
-from .test_e2e_kamailio import DOMAIN, HOST, Platform, platform, pytestmark  # noqa: F401 (same skip rule)
+
+pytestmark = needs_platform
 
 STRANGER = "127.0.0.2"  # on this machine, but not the worker's address
 

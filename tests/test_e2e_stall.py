@@ -19,9 +19,11 @@ import trio
 
 from evapi_worker.demo import IPHONE_UA, KamailioProcess, Phones
 
+from .e2e_platform import DOMAIN, HOST, needs_platform
 from .sipp_device import SCENARIOS, free_port
-from .test_e2e_kamailio import DOMAIN, HOST, pytestmark  # noqa: F401 (same skip rule)
 from .test_e2e_workers import invites, kamailio, missed_calls, worker_process
+
+pytestmark = needs_platform
 
 FLOOD = 30_000
 QUEUE = 5_000

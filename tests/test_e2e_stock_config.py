@@ -27,9 +27,11 @@ from evapi_worker.bundled import bundled, copy_kamailio_files
 from evapi_worker.demo import KamailioProcess, received
 from evapi_worker.outcomes import Outcome
 
+from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_dialogs import assert_complete, woken_in_time
-from .test_e2e_kamailio import DOMAIN, HOST, Platform, late_iphone, platform, pytestmark  # noqa: F401
+
+pytestmark = needs_platform
 
 STOCK = Path("/etc/kamailio/kamailio.cfg")
 PATCH = bundled("kamailio", "examples", "debian-stock.patch")

@@ -25,9 +25,11 @@ from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.fake_calls import claim_key
 from evapi_worker.service import Service
 
+from .e2e_platform import DOMAIN, HOST, needs_platform
 from .helpers import stop_group
 from .sipp_device import free_port, free_sip_port
-from .test_e2e_kamailio import DOMAIN, HOST, pytestmark  # noqa: F401 (same skip rule)
+
+pytestmark = needs_platform
 
 
 def invites(log: Path) -> list[str]:

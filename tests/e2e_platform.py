@@ -1,0 +1,130 @@
+"""The end-to-end platform: real Kamailio (the bundled config, or one given),
+the real worker service beside it, real SIPp phones and callers; the late
+iPhone story every end-to-end module tells."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from evapi_worker.capture import CaptureSettings
+from evapi_worker.config import Config, PushSettings
+from evapi_worker.demo import (
+    DESK_UA,
+    IPHONE_UA,
+    KamailioProcess,
+    Phones,
+    Subscriber,
+    Watch,
+    start_watched_worker,
+)
+from evapi_worker.engine import EngineSettings
+from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.outcomes import Outcome
+from evapi_worker.service import Service
+from evapi_worker.sipp_runner import SippSettings
+
+from .helpers import FAST_RECONNECT
+from .sipp_device import free_port, free_sip_port
+
+needs_platform = pytest.mark.skipif(
+    shutil.which("kamailio") is None or shutil.which("sipp") is None,
+    reason="needs kamailio and sipp (apt-get install kamailio kamailio-extra-modules sip-tester)",
+)
+
+HOST = "127.0.0.1"
+# A SIP domain that is not the server's address: accounts are bob@DOMAIN,
+# contacts are dev-...@127.0.0.1, as in a real deployment.
+DOMAIN = "voip.example.org"
+
+
+@dataclass
+class Platform:
+    service: Service
+    phones: Phones
+    watch: Watch
+    folder: Path
+    kamailio: KamailioProcess
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.service.metrics.value(name, labels)
+
+    async def events(self, etype: str, count: int = 1, timeout: float = 5.0) -> None:
+        """Wait until the worker has received ``count`` events of ``etype``."""
+        with trio.fail_after(timeout):
+            while self.metric("evapi_worker_events_total", node=self.service.config.nodes[0].name, type=etype) < count:
+                await trio.sleep(0.02)
+
+    async def registered(self, user: str, count: int = 1) -> None:
+        """Wait until Kamailio has ``count`` Contacts of ``user`` (not a guess of time)."""
+        await self.kamailio.wait_registered(f"{user}@{self.phones.domain}", count)
+
+
+@asynccontextmanager
+async def platform(
+    tmp_path: Path,
+    domain: str | None = DOMAIN,
+    *,
+    tls: bool = False,
+    subscribers: tuple[Subscriber, ...] | None = None,
+    defines: tuple[str, ...] = (),
+    sip6: str | None = None,
+    worker_sip: str = HOST,
+    push: PushSettings | None = None,
+    capture: CaptureSettings | None = None,
+    kamailio: KamailioProcess | None = None,
+    **engine: Any,
+) -> AsyncIterator[Platform]:
+    """The bundled Kamailio (serving ``domain``, with TLS, authentication,
+    an IPv6 address besides 127.0.0.1 (``sip6``) and more ``-A`` defines
+    when asked), or the ``kamailio`` given, and a worker connected to it,
+    whose fake calls go out from ``worker_sip`` (127.0.0.1, or the IPv6
+    address)."""
+    if kamailio is None:
+        tls_port = free_port(socket.SOCK_STREAM) if tls else None
+        kamailio = KamailioProcess(
+            HOST, free_sip_port(), HOST, free_port(socket.SOCK_STREAM), "e2e", worker_sip, tmp_path,
+            domain=domain, tls_port=tls_port, subscribers=subscribers, defines=defines, sip6_host=sip6,
+        )  # fmt: skip
+    kam, sip_port, evapi_port = kamailio, kamailio.sip_port, kamailio.evapi_port
+    node = NodeAddress(kam.node, HOST, evapi_port, worker_sip, sip_port)
+    passwords = {s.user: s.password for s in subscribers or ()}
+    async with kam.running(), trio.open_nursery() as nursery:
+        config = Config(
+            nodes=(node,),
+            engine=EngineSettings(**engine),
+            sipp=SippSettings(local_ip=worker_sip),
+            evapi=FAST_RECONNECT,
+            push=push or PushSettings(),
+            capture=capture,
+        )
+        service, watch = await start_watched_worker(nursery, config)
+        phones = Phones(HOST, sip_port, tmp_path, domain, passwords=passwords)
+        yield Platform(service, phones, watch, tmp_path, kam)
+        nursery.cancel_scope.cancel()
+
+
+async def late_iphone(
+    p: Platform, user: str, desk: str | Path, call_id: str, *, caller_name: str = "Alice", **iphone: Any
+) -> tuple[Outcome | None, Path]:
+    """A desk phone handles the call (answers, rings or declines), then the
+    user's iPhone registers after it ended; returns the fake call's outcome
+    and the iPhone's log."""
+    log = p.folder / f"iphone-{user}.log"
+    ua = iphone.pop("ua", IPHONE_UA)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(p.phones.phone, user, DESK_UA, "desk", desk, 4000, p.folder / f"desk-{user}.log")
+        await p.registered(user)
+        await p.phones.call("alice", caller_name, user, call_id)
+        nursery.start_soon(partial(p.phones.phone, user, ua, "iphone", "phone_rings", 2500, log, **iphone))
+        outcome = await p.watch.outcome(call_id, timeout=10)
+    return outcome, log
