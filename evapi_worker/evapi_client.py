@@ -39,6 +39,7 @@ from .sip_values import bracketed
 __all__ = [
     "Backoff",
     "CommandFailed",
+    "CommandFailure",
     "ConnectionState",
     "EvapiConnection",
     "NodeAddress",
@@ -80,10 +81,22 @@ class ConnectionState(enum.Enum):
     STOPPED = "stopped"
 
 
+class CommandFailure(enum.StrEnum):
+    """Why a command failed (the ``reason`` label of commands_failed_total)."""
+
+    NOT_CONNECTED = "not_connected"  # no connection to the node now
+    TIMEOUT = "timeout"  # no acknowledgement within evapi.ack_timeout
+    REFUSED = "refused"  # Kamailio answered ok: false (its error says why)
+    DISCONNECTED = "disconnected"  # the connection closed before the acknowledgement
+    STOPPED = "stopped"  # the worker stopped
+    TOO_LARGE = "too_large"  # over what one evapi read takes
+    BACKLOG = "backlog"  # Kamailio does not read: 4 MiB of commands wait
+
+
 class CommandFailed(Exception):
     """A command was not acknowledged: not connected, timed out or refused."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: CommandFailure, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
 
@@ -226,7 +239,7 @@ class EvapiConnection:
                 await trio.sleep(self._backoff.delay(attempt, self._rng))
                 attempt += 1
         finally:
-            self._fail_waiters("stopped", "connection stopped")
+            self._fail_waiters(CommandFailure.STOPPED, "connection stopped")
             self._set_state(ConnectionState.STOPPED)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
@@ -247,7 +260,7 @@ class EvapiConnection:
             self._stream = self._outbox = None
             self._connected = trio.Event()
             self._disconnected.set()
-            self._fail_waiters("disconnected", "connection closed before the acknowledgement")
+            self._fail_waiters(CommandFailure.DISCONNECTED, "connection closed before the acknowledgement")
 
     async def _write(self, stream: trio.SocketStream, outbox: Outbox) -> None:
         """Send the commands as they are put; a failed send drops the
@@ -373,7 +386,7 @@ class EvapiConnection:
         waiter.event.set()
         return True
 
-    def _fail_waiters(self, reason: str, detail: str) -> None:
+    def _fail_waiters(self, reason: CommandFailure, detail: str) -> None:
         for waiter in self._waiters.values():
             if waiter.result is None:
                 waiter.result = CommandFailed(reason, detail)
@@ -387,13 +400,13 @@ class EvapiConnection:
         """
         outbox = self._outbox
         if outbox is None or outbox.closed:
-            raise CommandFailed("not_connected", f"node {self.node.name} is not connected")
+            raise CommandFailed(CommandFailure.NOT_CONNECTED, f"node {self.node.name} is not connected")
         if not command.id:
             command = msgspec.structs.replace(command, id=self.next_id())
         try:
             frame = encode_command(command)
         except CommandTooLarge as exc:
-            raise CommandFailed("too_large", str(exc)) from None
+            raise CommandFailed(CommandFailure.TOO_LARGE, str(exc)) from None
         waiter = _Waiter()
         cmd_id = command.id
         self._waiters[cmd_id] = waiter
@@ -401,11 +414,12 @@ class EvapiConnection:
             try:
                 outbox.put(frame)
             except OutboxFull as exc:
-                raise CommandFailed("backlog", f"Kamailio does not read its commands: {exc}") from None
+                raise CommandFailed(CommandFailure.BACKLOG, f"Kamailio does not read its commands: {exc}") from None
             with trio.move_on_after(timeout) as scope:
                 await waiter.event.wait()
             if scope.cancelled_caught:
-                raise CommandFailed("timeout", f"{command_name(command)} {cmd_id} not acknowledged in {timeout:g}s")
+                late = f"{command_name(command)} {cmd_id} not acknowledged in {timeout:g}s"
+                raise CommandFailed(CommandFailure.TIMEOUT, late)
         finally:
             del self._waiters[cmd_id]
         result = waiter.result
@@ -413,7 +427,7 @@ class EvapiConnection:
             raise result
         assert result is not None
         if not result.ok:
-            raise CommandFailed("refused", result.error or "Kamailio answered ok=false")
+            raise CommandFailed(CommandFailure.REFUSED, result.error or "Kamailio answered ok=false")
         return result
 
 

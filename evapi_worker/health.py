@@ -16,12 +16,15 @@ from collections.abc import Mapping
 import trio
 
 from .commands import Ping
-from .evapi_client import CommandFailed, ConnectionState, EvapiConnection, SendCommand
+from .evapi_client import CommandFailed, CommandFailure, ConnectionState, EvapiConnection, SendCommand
 from .intake import NodeClocks
 from .logs import kv
 from .metrics import Metrics
 
 __all__ = ["Liveness"]
+
+# A ping that failed so: the node stopped answering on this connection.
+_DOWN = (CommandFailure.TIMEOUT, CommandFailure.DISCONNECTED)
 
 log = logging.getLogger("evapi_worker.health")
 
@@ -60,11 +63,11 @@ class Liveness:
             try:
                 answer = await self.send_command(name, Ping())
             except CommandFailed as exc:
-                if exc.reason == "refused":
+                if exc.reason is CommandFailure.REFUSED:
                     self.set_alive(name, True)  # it answered, if only "no"
-                elif exc.reason == "timeout" and conn.heard_since(sent):
+                elif exc.reason is CommandFailure.TIMEOUT and conn.heard_since(sent):
                     continue  # late, but the node talks: ask again
-                elif exc.reason in ("timeout", "disconnected") and conn.connects == generation:
+                elif exc.reason in _DOWN and conn.connects == generation:
                     log.warning("node not answering %s", kv(node=name, reason=exc.reason, detail=str(exc)))
                     self.set_alive(name, False)
                     conn.abort()

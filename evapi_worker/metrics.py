@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .engine import EndKind
+from .evapi_client import CommandFailure
 from .events import EVENT_TYPES
 from .outcomes import Outcome
 
@@ -28,7 +29,7 @@ PUSH_PROVIDERS = ("apns", "apns.dev", "fcm")
 PUSH_RESULTS = (
     "sent", "unregistered", "bad_token", "auth", "failed", "gave_up", "ended", "taken", "dropped", "not_configured",
 )  # fmt: skip
-COMMAND_FAILURES = ("not_connected", "timeout", "refused", "disconnected", "stopped", "too_large", "backlog")
+COMMAND_FAILURES = tuple(f.value for f in CommandFailure)
 DECISIONS = (
     ("fake_call", "answered"), ("fake_call", "declined"), ("fake_call", "missed"),
     ("message", "answered"), ("message", "declined"), ("message", "missed"),

@@ -26,7 +26,7 @@ from .config import Config, ConfigError
 from .devices import device_id
 from .dispatch import Dispatcher
 from .engine import Act, Decision, Engine
-from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
+from .evapi_client import CommandFailed, CommandFailure, ConnectionState, EvapiConnection
 from .events import (
     ClaimUnused,
     CommandResult,
@@ -435,7 +435,7 @@ class Service:
         try:
             result = await self.send_command(node, Claim(claim=claim, claim_ttl=self.config.evapi.pin_ttl * 4))
         except CommandFailed as exc:
-            if exc.reason == "refused" and "unknown command" in str(exc):
+            if exc.reason is CommandFailure.REFUSED and "unknown command" in str(exc):
                 return True  # routes older than push claims: every worker pushes
             log.warning("push not claimed %s", kv(node=node, reason=exc.reason, detail=str(exc)))
             return False

@@ -12,7 +12,9 @@ import msgspec
 
 from evapi_worker.bundled import bundled
 from evapi_worker.config import Config
-from evapi_worker.metrics import Metrics
+from evapi_worker.evapi_client import CommandFailure
+from evapi_worker.metrics import EVENT_ERROR_REASONS, Metrics
+from evapi_worker.outcomes import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = (ROOT / "docs" / "kamailio.md").read_text()
@@ -101,3 +103,19 @@ def test_every_metric_the_worker_exports_is_in_the_metrics_doc() -> None:
     listed |= {"evapi_worker" + s.removesuffix("_total") for s in suffixes}
     missing = sorted(n for n in names if n not in listed and n.removesuffix("_info") not in listed)
     assert missing == []
+
+
+def _row(doc: str, metric: str) -> str:
+    return next(line for line in doc.splitlines() if line.startswith("|") and f"`{metric}" in line)
+
+
+def test_every_label_value_the_code_counts_by_is_in_the_metrics_doc() -> None:
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    for metric, values in [
+        ("evapi_worker_commands_failed_total", [f.value for f in CommandFailure]),
+        ("evapi_worker_fake_calls_total", [o.value for o in Outcome]),
+        ("evapi_worker_event_errors_total", list(EVENT_ERROR_REASONS)),
+    ]:
+        row = _row(doc, metric)
+        missing = [v for v in values if f"`{v}`" not in row]
+        assert missing == [], (metric, missing)
