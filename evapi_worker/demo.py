@@ -128,13 +128,20 @@ class KamailioProcess:
         """Return once ``aor`` has ``count`` Contacts registered."""
         await wait_registered(self.control, aor, count, timeout)
 
-    def command(self) -> list[str]:
+    def run_in_folder(self, config: Path) -> list[str]:
+        """Kamailio with ``config`` in the foreground, its runtime files
+        (pid, control socket) in :attr:`folder`."""
         binary = shutil.which("kamailio") or "kamailio"
         # -x tlsf: Kamailio's O(1) allocator; its default first-fit one
         # cost a third of Kamailio's CPU in a burst of late phones (docs/deploy.md).
-        cmd = [
-            binary, "-f", str(bundled_kamailio_cfg()), "-DD", "-E", "-x", "tlsf",
+        return [
+            binary, "-f", str(config), "-DD", "-E", "-x", "tlsf",
             "-Y", str(self.folder), "-P", str(self.folder / "kamailio.pid"), "-w", str(self.folder),
+        ]  # fmt: skip
+
+    def command(self) -> list[str]:
+        cmd = [
+            *self.run_in_folder(bundled_kamailio_cfg()),
             "-A", f"EVW_SIP_IP={bracketed(self.sip_host)}", "-A", f"EVW_SIP_PORT={self.sip_port}",
             "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
             "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_ADDRS="{address_pattern(self.worker_ip)}"',

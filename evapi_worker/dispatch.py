@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from .engine import Act, Action, Decision, Reason
+from .engine import Act, Decision, Reason
 from .evapi_client import EvapiConnection
-from .fake_calls import ActionRunner
+from .fake_calls import ActionRunner, count_outcome
 from .logs import kv
 from .metrics import Metrics
 from .outcomes import Outcome
@@ -85,20 +85,14 @@ class Dispatcher:
             m.late_registrations.labels(d.call.end.value).inc()
             if self._stopping or self._nursery is None:
                 # Its REGISTER is journaled (with --state): a restart decides it again.
-                self._count(d, Outcome.DEFERRED)
+                count_outcome(m, d, Outcome.DEFERRED)
                 log.warning("action not started %s", kv(call_id=d.call_id, device=d.device, reason="stopping"))
             elif self._open < self.limit:
                 self.start(d, received)
             else:
                 m.dispatch_dropped.inc()
-                self._count(d, Outcome.OVERDUE)
+                count_outcome(m, d, Outcome.OVERDUE)
                 log.warning("action dropped %s", kv(call_id=d.call_id, device=d.device, reason="action queue full"))
-
-    def _count(self, act: Act, outcome: Outcome) -> None:
-        """An action that never reached the runner, counted as the runner
-        counts its own: MESSAGEs apart from fake calls."""
-        counter = self.metrics.messages if act.action is Action.MESSAGE else self.metrics.fake_calls
-        counter.labels(outcome.value).inc()
 
     def resume(self, saved: Sequence[Act], in_doubt: Sequence[Act] = ()) -> None:
         """Begin the actions a stopped or crashed worker decided and never
@@ -109,7 +103,7 @@ class Dispatcher:
             if act.deadline > now:
                 self.start(act, now, resumed=True, retry=retry)
             elif not retry:
-                self._count(act, Outcome.OVERDUE)
+                count_outcome(self.metrics, act, Outcome.OVERDUE)
                 log.warning("saved action overdue %s", kv(call_id=act.call_id, device=act.device))
 
     def start(self, act: Act, received: float, *, resumed: bool = False, retry: bool = False) -> None:

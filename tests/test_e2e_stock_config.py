@@ -75,8 +75,7 @@ class StockKamailio(KamailioProcess):
 
     def command(self) -> list[str]:
         cmd = [
-            "kamailio", "-f", str(self.folder / "kamailio.cfg"), "-DD", "-E", "-x", "tlsf",
-            "-Y", str(self.folder), "-P", str(self.folder / "kamailio.pid"), "-w", str(self.folder),
+            *self.run_in_folder(self.folder / "kamailio.cfg"),
             "-l", f"udp:{self.sip_host}:{self.sip_port}", "-l", f"tcp:{self.sip_host}:{self.sip_port}",
             f"--alias={self.domain}",
             "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
