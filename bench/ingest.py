@@ -28,7 +28,8 @@ from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.engine import Act
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.outcomes import Outcome
-from evapi_worker.service import Service, tune_gc
+from evapi_worker.runtime import tune_gc
+from evapi_worker.service import Service
 
 from .events import stream
 

@@ -29,7 +29,8 @@ from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.net import free_port
 from evapi_worker.netstring import NEED_DATA, NetstringDecoder
-from evapi_worker.service import Service, tune_gc
+from evapi_worker.runtime import tune_gc
+from evapi_worker.service import Service
 
 HOST = "127.0.0.1"
 CFG = Path(__file__).parent / "emitter" / "kamailio.cfg"

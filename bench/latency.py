@@ -25,7 +25,8 @@ from evapi_worker.config import Config
 from evapi_worker.engine import Act
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.outcomes import Outcome
-from evapi_worker.service import Service, tune_gc
+from evapi_worker.runtime import tune_gc
+from evapi_worker.service import Service
 
 from .events import stream
 
@@ -50,14 +51,14 @@ def _kamailio(rate: int, seconds: float, ready: Connection) -> None:
                 pass
 
 
-async def _worker(port: int, seconds: float) -> tuple[list[float], list[tuple[float, float]]]:
+async def _worker(port: int, seconds: float) -> tuple[list[float], list[tuple[int, float]]]:
     service = Service(Config(nodes=(NodeAddress("kam1", "127.0.0.1", port, "127.0.0.1", 5060),)))
     latencies: list[float] = []
-    started: list[tuple[float, float]] = []  # (the deciding event's ts, perf_counter when its action started)
+    started: list[tuple[int, float]] = []  # (the deciding event's seq, perf_counter when its action started)
 
     async def record(decision: Act, received: float, *, retry: bool = False) -> Outcome:
         latencies.append(trio.current_time() - received)
-        started.append((decision.ts, time.perf_counter()))
+        started.append((decision.register.seq, time.perf_counter()))
         return Outcome.COMPLETED
 
     service.actions.run = record  # type: ignore[method-assign]
@@ -82,11 +83,11 @@ def main() -> None:
     read_to_action, started = trio.run(_worker, port, args.seconds)
     start, batch = parent.recv()
     proc.join(10)
-    # The stream's events are 1 ms of Kamailio time apart from seq 1 (events.py):
-    # an event's ts gives its index, its index the moment its batch was due.
+    # The stream numbers its events from seq 1 (events.py): an event's seq
+    # gives its index, its index the moment its batch was due.
     write_to_action = []
-    for ts, at in started:
-        index = round((ts - 1_700_000_000.0) / 0.001) - 1
+    for seq, at in started:
+        index = seq - 1
         write_to_action.append(at - (start + (index // batch * batch) / args.rate))
 
     def pct(values: list[float], q: float) -> float:

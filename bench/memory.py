@@ -21,7 +21,7 @@ import time
 
 from evapi_worker.engine import MAX_RANG, Engine, EngineSettings
 from evapi_worker.events import MAX_NAME, MAX_SHORT, MAX_URI, parse_event
-from evapi_worker.service import tune_gc
+from evapi_worker.runtime import tune_gc
 
 
 def rss_bytes() -> int:

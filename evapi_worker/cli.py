@@ -23,7 +23,8 @@ from .engine import Anchor, Strategy
 from .logs import kv, setup_logging
 from .replay import apply_what_if, decision_json, decision_text, differences, load_records, progress_stream, replay
 from .report import MAX_SECONDS, figures, render_html
-from .service import Service, check_runtime, tune_gc
+from .runtime import check_runtime, tune_gc
+from .service import Service
 from .sip_values import bracketed
 
 __all__ = ["main"]

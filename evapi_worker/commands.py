@@ -15,7 +15,17 @@ import msgspec
 
 from .netstring import encode
 
-__all__ = ["MAX_COMMAND_BYTES", "Claim", "Command", "CommandTooLarge", "Message", "Pin", "Ping", "encode_command"]
+__all__ = [
+    "COMMAND_NAMES",
+    "MAX_COMMAND_BYTES",
+    "Claim",
+    "Command",
+    "CommandTooLarge",
+    "Message",
+    "Pin",
+    "Ping",
+    "encode_command",
+]
 
 # Well under evapi's 32,760-byte receive buffer, so a command is never cut.
 MAX_COMMAND_BYTES: Final = 8192
@@ -83,6 +93,8 @@ class Claim(_Command, frozen=True, kw_only=True, tag="claim"):
 
 
 Command: TypeAlias = Ping | Pin | Message | Claim
+COMMAND_NAMES: Final = tuple(str(kind.__struct_config__.tag) for kind in (Ping, Pin, Message, Claim))
+"""Every command's wire name (a metric label)."""
 
 
 class CommandTooLarge(ValueError):

@@ -55,7 +55,7 @@ class Dispatcher:
         """Start no more actions (the worker stops)."""
         self._stopping = True
 
-    def dispatch(self, decisions: list[Decision], received: float) -> None:
+    def dispatch(self, decisions: Sequence[Decision], received: float) -> None:
         """Count, log and act on decisions made for events received at ``received``."""
         m = self.metrics
         for d in decisions:

@@ -13,7 +13,7 @@ Two clocks are involved and never mixed:
 * ``now``, the worker's monotonic clock passed in by the caller, drives
   expiry, the settle delay and fake-call deadlines. A REGISTER's deadline
   and settle delay count from when it happened, its timestamp on the same
-  clock (``happened``, mapped by the caller, see intake.py), not from when
+  clock (``happened``, mapped by the caller, see protocol.py), not from when
   it was read: a worker that was frozen or behind never acts late.
 
 Nothing here does I/O or reads a clock, so the same engine serves the live
@@ -36,6 +36,7 @@ from .events import (
     BranchReply,
     CallAnswered,
     CallCancelled,
+    CallEnded,
     CallFailed,
     CallStarted,
     ClaimUnused,
@@ -384,11 +385,7 @@ class Engine:
             return self._on_register(event, now, now if happened is None or happened > now else happened)
         if isinstance(event, CallStarted):
             return self._on_start(event, now)
-        if (
-            isinstance(event, CallAnswered | CallCancelled | CallFailed)
-            and event.lost
-            and not self._lost_end_believed(event)
-        ):
+        if isinstance(event, CallEnded) and event.lost and not self._lost_end_believed(event):
             self.lost_ends_ignored += 1
             return []
         if isinstance(event, CallAnswered):
@@ -457,7 +454,7 @@ class Engine:
             return []
         return self._reevaluate(call, now)
 
-    def _lost_end_believed(self, event: CallAnswered | CallCancelled | CallFailed) -> bool:
+    def _lost_end_believed(self, event: CallEnded) -> bool:
         """A lost end tells of a call started on another node, or on an
         earlier run of this one (whose transactions a restart took)."""
         call = self._calls.get(event.call_id)

@@ -6,8 +6,9 @@ to a synchronous callback. The read loop awaits nothing but the socket:
 Kamailio writes to evapi clients with blocking sockets, so a client that
 stops reading stalls Kamailio itself.
 
-Commands go out as one netstring each, under a lock so two never
-interleave, and wait for Kamailio's ``cmd_result`` with the same id.
+Commands get their id here, go out as one netstring each through the
+connection's outbox (one writer; a sender never waits for the socket) and
+wait for Kamailio's ``cmd_result`` with the same id.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ import trio
 from .commands import Command, CommandTooLarge, command_name, encode_command
 from .events import CommandResult
 from .logs import kv
-from .netstring import DEFAULT_MAX_FRAME, FramingError, NeedData, NetstringDecoder, OversizedFrame
+from .netstring import DEFAULT_MAX_FRAME, FramingError, FramingFault, NeedData, NetstringDecoder, OversizedFrame
 from .outbox import Outbox, OutboxFull
 from .sip_values import bracketed
 
 __all__ = [
     "Backoff",
+    "BadFrameHandler",
     "CommandFailed",
     "CommandFailure",
     "ConnectionState",
@@ -123,6 +125,11 @@ class Backoff:
 FrameHandler = Callable[[str, bytes, float], None]
 """Called with (node name, payload, receive time) for every frame."""
 
+BadFrameHandler = Callable[[str, FramingFault, str], None]
+"""Called with (node name, what was wrong, detail) for bytes that are not a
+frame: an oversized frame (skipped) or lost framing (the connection is
+dropped and made again)."""
+
 
 class _Waiter:
     __slots__ = ("event", "result")
@@ -144,8 +151,7 @@ class EvapiConnection:
         max_frame: int = DEFAULT_MAX_FRAME,
         rng: random.Random | None = None,
         on_state: Callable[[str, ConnectionState], None] | None = None,
-        on_oversized: Callable[[str, int], None] | None = None,
-        on_framing_error: Callable[[str, FramingError], None] | None = None,
+        on_bad_frame: BadFrameHandler | None = None,
         on_shed: FrameHandler | None = None,
         shed_above: int = 0,
         shed_below: int = 0,
@@ -156,8 +162,7 @@ class EvapiConnection:
         self._max_frame = max_frame
         self._rng = rng or random.Random()
         self._on_state = on_state
-        self._on_oversized = on_oversized
-        self._on_framing_error = on_framing_error
+        self._on_bad_frame = on_bad_frame
         # Overload: past shed_above bytes waiting in the socket, frames other
         # than acknowledgements go to on_shed (counted, not decided) until
         # fewer than shed_below wait, so Kamailio's writes never back up.
@@ -249,7 +254,8 @@ class EvapiConnection:
         self._disconnected = trio.Event()
         self._set_state(ConnectionState.CONNECTED)
         self._connected.set()
-        log.info("evapi connected node=%s addr=%s:%d", self.node.name, self.node.evapi_host, self.node.evapi_port)
+        where = f"{bracketed(self.node.evapi_host)}:{self.node.evapi_port}"
+        log.info("evapi connected %s", kv(node=self.node.name, addr=where))
         outbox = self._outbox = Outbox()
         try:
             async with stream, trio.open_nursery() as nursery:
@@ -269,7 +275,7 @@ class EvapiConnection:
             await outbox.write_to(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if not self._aborted:
-                log.warning("evapi send failed node=%s error=%r", self.node.name, str(exc))
+                log.warning("evapi send failed %s", kv(node=self.node.name, error=str(exc)))
             stream.socket.close()
 
     async def _read(self, stream: trio.SocketStream) -> None:
@@ -308,9 +314,9 @@ class EvapiConnection:
                     return
                 if not data:
                     if decoder.in_frame:
-                        log.warning("evapi closed mid-frame node=%s buffered=%d", name, decoder.buffered)
+                        log.warning("evapi closed mid-frame %s", kv(node=name, buffered=decoder.buffered))
                     else:
-                        log.warning("evapi closed by Kamailio node=%s", name)
+                        log.warning("evapi closed by Kamailio %s", kv(node=name))
                     return
                 now = trio.current_time()
                 self.last_data = last_read = now
@@ -331,8 +337,8 @@ class EvapiConnection:
                         break
                     if isinstance(frame, OversizedFrame):
                         # Logged by the owner, which rate-limits it.
-                        if self._on_oversized is not None:
-                            self._on_oversized(name, frame.length)
+                        if self._on_bad_frame is not None:
+                            self._on_bad_frame(name, FramingFault.OVERSIZED, f"{frame.length} bytes, skipped")
                         continue
                     if shedding and _ACK_MARK not in frame:
                         assert self._on_shed is not None
@@ -350,15 +356,15 @@ class EvapiConnection:
         except FramingError as exc:
             # The byte stream has lost its framing: only a new connection
             # can resynchronise. State is kept; the event that broke is lost.
-            log.error("evapi framing error node=%s reason=%s detail=%r; reconnecting", name, exc.reason, exc.detail)
-            if self._on_framing_error is not None:
-                self._on_framing_error(name, exc)
+            log.error("evapi framing lost, reconnecting %s", kv(node=name, reason=exc.reason, detail=exc.detail))
+            if self._on_bad_frame is not None:
+                self._on_bad_frame(name, exc.reason, exc.detail)
 
     def _log_lost(self, exc: BaseException) -> None:
         if self._aborted:
-            log.warning("evapi connection dropped node=%s reason=not answering", self.node.name)
+            log.warning("evapi connection dropped %s", kv(node=self.node.name, reason="not answering"))
         else:
-            log.warning("evapi connection lost node=%s error=%r", self.node.name, str(exc))
+            log.warning("evapi connection lost %s", kv(node=self.node.name, error=str(exc)))
 
     def heard_since(self, since: float) -> bool:
         """Whether the node sent anything since ``since`` (or has bytes
@@ -372,10 +378,10 @@ class EvapiConnection:
         waiting = _unread_bytes(stream)
         if not self.shedding and waiting > self._shed_above:
             self.shedding = True
-            log.warning("evapi intake overloaded node=%s waiting=%d; shedding events", self.node.name, waiting)
+            log.warning("evapi intake overloaded, shedding events %s", kv(node=self.node.name, waiting=waiting))
         elif self.shedding and waiting < self._shed_below:
             self.shedding = False
-            log.warning("evapi intake caught up node=%s waiting=%d", self.node.name, waiting)
+            log.warning("evapi intake caught up %s", kv(node=self.node.name, waiting=waiting))
 
     def resolve(self, result: CommandResult) -> bool:
         """Deliver an acknowledgement; False if no command waits for it."""

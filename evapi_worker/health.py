@@ -5,7 +5,7 @@ pause) or a half-open connection still accepts it. A node is up once it
 answered a ping on its current connection, and down when a ping goes
 unanswered, when the connection drops, or before the first answer; a node
 found down has its connection dropped and made again. Each answer also
-measures the node's clock (see intake.NodeClocks).
+measures the node's clock (see clocks.NodeClocks).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Mapping
 
 import trio
 
+from .clocks import NodeClocks
 from .commands import Ping
 from .evapi_client import CommandFailed, CommandFailure, ConnectionState, EvapiConnection, SendCommand
-from .intake import NodeClocks
 from .logs import kv
 from .metrics import Metrics
 

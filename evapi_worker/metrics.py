@@ -13,28 +13,28 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .engine import EndKind
+from .commands import COMMAND_NAMES
+from .engine import Action, EndKind, Reason
 from .evapi_client import CommandFailure
-from .events import EVENT_TYPES
+from .events import EVENT_TYPES, EventErrorReason
+from .netstring import FramingFault
 from .outcomes import Outcome
+from .push_answers import PushOutcome
 
 __all__ = ["Metrics"]
 
-EVENT_ERROR_REASONS = (
-    "invalid_json", "not_object", "missing_field", "bad_type", "bad_value", "bad_version", "unknown_type",
-    "oversized", "bad_length", "missing_comma",
-)  # fmt: skip
-COMMANDS = ("ping", "pin", "message", "claim")
+# Every label value comes from the enum that makes it.
+EVENT_ERROR_REASONS: tuple[str, ...] = tuple(EventErrorReason) + tuple(
+    f for f in FramingFault if f is not FramingFault.BROKEN
+)
+COMMANDS = COMMAND_NAMES
 PUSH_PROVIDERS = ("apns", "apns.dev", "fcm")
-PUSH_RESULTS = (
-    "sent", "unregistered", "bad_token", "auth", "failed", "gave_up", "ended", "taken", "dropped", "not_configured",
-)  # fmt: skip
-COMMAND_FAILURES = tuple(f.value for f in CommandFailure)
-DECISIONS = (
-    ("fake_call", "answered"), ("fake_call", "declined"), ("fake_call", "missed"),
-    ("message", "answered"), ("message", "declined"), ("message", "missed"),
-    ("none", "ringing"), ("none", "rang"), ("none", "too_late"), ("none", "duplicate"),
-)  # fmt: skip
+PUSH_RESULTS: tuple[str, ...] = tuple(PushOutcome)
+COMMAND_FAILURES: tuple[str, ...] = tuple(CommandFailure)
+_ENDS = tuple(dict.fromkeys(kind.reason for kind in EndKind))
+DECISIONS = tuple((a.value, str(r)) for a in Action if a is not Action.NONE for r in _ENDS) + tuple(
+    (Action.NONE.value, str(r)) for r in Reason if r not in _ENDS
+)
 
 _DELAY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

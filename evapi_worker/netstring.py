@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "NEED_DATA",
     "FramingError",
+    "FramingFault",
     "NeedData",
     "NetstringDecoder",
     "OversizedFrame",
@@ -61,13 +62,22 @@ class OversizedFrame:
     length: int
 
 
+class FramingFault(enum.StrEnum):
+    """What was wrong with the bytes (a metric label)."""
+
+    BAD_LENGTH = "bad_length"  # the length is not a decimal number
+    MISSING_COMMA = "missing_comma"  # no ',' where the payload ends
+    OVERSIZED = "oversized"  # well framed, longer than the limit: skipped
+    BROKEN = "broken"  # the decoder failed before: it takes nothing more
+
+
 class FramingError(Exception):
     """The peer sent bytes that are not a netstring; the stream is out of sync.
 
-    ``reason`` is a short machine-readable code used for metrics and logs.
+    ``reason`` says what was wrong, for metrics and logs.
     """
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: FramingFault, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -110,7 +120,7 @@ class NetstringDecoder:
     def receive_data(self, data: bytes) -> None:
         """Buffer bytes from the peer; frames come out of :meth:`next_frame`."""
         if self._state is _State.BROKEN:
-            raise FramingError("broken", "decoder already failed; open a new connection")
+            raise FramingError(FramingFault.BROKEN, "decoder already failed; open a new connection")
         self._buf += data
 
     def next_frame(self) -> bytes | OversizedFrame | NeedData:
@@ -134,15 +144,15 @@ class NetstringDecoder:
                 colon = self._buf.find(b":", 0, _MAX_LENGTH_DIGITS + 1)
                 if colon < 0:
                     if len(self._buf) > _MAX_LENGTH_DIGITS:
-                        self._fail("bad_length", f"no ':' after {_MAX_LENGTH_DIGITS} bytes")
+                        self._fail(FramingFault.BAD_LENGTH, f"no ':' after {_MAX_LENGTH_DIGITS} bytes")
                     self._check_digits(self._buf)
                     return NEED_DATA
                 digits = self._buf[:colon]
                 self._check_digits(digits)
                 if not digits:
-                    self._fail("bad_length", "empty length")
+                    self._fail(FramingFault.BAD_LENGTH, "empty length")
                 if len(digits) > 1 and digits[0:1] == b"0":
-                    self._fail("bad_length", "leading zero in length")
+                    self._fail(FramingFault.BAD_LENGTH, "leading zero in length")
                 self._length = int(digits)
                 del self._buf[: colon + 1]
                 if self._length > self.max_frame:
@@ -154,7 +164,7 @@ class NetstringDecoder:
                 if len(self._buf) < self._length + 1:
                     return NEED_DATA
                 if self._buf[self._length] != ord(","):
-                    self._fail("missing_comma", f"byte {self._buf[self._length]!r} after payload")
+                    self._fail(FramingFault.MISSING_COMMA, f"byte {self._buf[self._length]!r} after payload")
                 payload = bytes(self._buf[: self._length])
                 del self._buf[: self._length + 1]
                 self._state = _State.LENGTH
@@ -162,20 +172,20 @@ class NetstringDecoder:
             if self._state is _State.SKIPPING:
                 take = min(self._skip_left, len(self._buf))
                 if take == self._skip_left and take > 0 and self._buf[take - 1] != ord(","):
-                    self._fail("missing_comma", "oversized frame not followed by ','")
+                    self._fail(FramingFault.MISSING_COMMA, "oversized frame not followed by ','")
                 del self._buf[:take]
                 self._skip_left -= take
                 if self._skip_left:
                     return NEED_DATA
                 self._state = _State.LENGTH
                 return OversizedFrame(self._length)
-            raise FramingError("broken", "decoder already failed; open a new connection")
+            raise FramingError(FramingFault.BROKEN, "decoder already failed; open a new connection")
 
     def _check_digits(self, digits: bytes | bytearray) -> None:
         if digits and not digits.isdigit():
-            self._fail("bad_length", f"non-digit in length {bytes(digits[:12])!r}")
+            self._fail(FramingFault.BAD_LENGTH, f"non-digit in length {bytes(digits[:12])!r}")
 
-    def _fail(self, reason: str, detail: str) -> None:
+    def _fail(self, reason: FramingFault, detail: str) -> None:
         self._state = _State.BROKEN
         self._buf.clear()
         raise FramingError(reason, detail)

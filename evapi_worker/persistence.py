@@ -43,7 +43,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeGuard
@@ -60,7 +60,7 @@ __all__ = ["Restored", "StateStore"]
 OnError = Callable[[str, OSError], None]
 """Told of a write that failed: ``("journal" | "snapshot", error)``."""
 
-Replay = Callable[[str, bytes, float], list[Decision]]
+Replay = Callable[[str, bytes, float], Sequence[Decision]]
 """Feeds one journaled event (node, payload, engine time) to the engine;
 returns what the engine decided."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["AnswerRules", "PushAnswer", "PushResult"]
+__all__ = ["AnswerRules", "PushAnswer", "PushOutcome", "PushResult"]
 
 
 class PushResult(enum.Enum):
@@ -17,6 +17,26 @@ class PushResult(enum.Enum):
     AUTH = "auth"  # our credentials were refused (expired or invalid): renew them, try once more
     RETRY = "retry"  # throttled, the service failed, or the connection did: try again later
     FAILED = "failed"  # refused for another reason (payload, configuration): not tried again
+
+
+class PushOutcome(enum.StrEnum):
+    """How one push ended (the ``result`` label of pushes_total)."""
+
+    SENT = "sent"  # accepted for delivery
+    UNREGISTERED = "unregistered"  # the token is gone: forgotten
+    BAD_TOKEN = "bad_token"  # the token or its topic is wrong: forgotten
+    AUTH = "auth"  # credentials refused, even renewed
+    FAILED = "failed"  # refused for another reason, or the push itself failed
+    GAVE_UP = "gave_up"  # retried for push.give_up_after in vain
+    ENDED = "ended"  # the call ended first: never sent after it
+    TAKEN = "taken"  # another worker claimed it and sends it
+    DROPPED = "dropped"  # push.max_in_flight pushes were under way
+    NOT_CONFIGURED = "not_configured"  # no credentials for the device's provider
+
+    @classmethod
+    def of(cls, result: PushResult) -> PushOutcome:
+        """The outcome a final answer gives (RETRY is never final)."""
+        return cls(result.value)
 
 
 @dataclass(frozen=True, slots=True)

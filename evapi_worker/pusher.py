@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -28,7 +28,7 @@ from .config import ConfigError, PushSettings
 from .fcm import FcmClient, ServiceAccount
 from .logs import kv
 from .metrics import Metrics
-from .push_answers import PushAnswer, PushResult
+from .push_answers import PushAnswer, PushOutcome, PushResult
 from .push_book import PushBook, PushJob
 
 __all__ = ["PushClient", "Pusher", "push_claim_key", "push_clients"]
@@ -142,13 +142,13 @@ class Pusher:
                 for client in set(self.clients.values()):
                     await client.aclose()
 
-    def submit(self, jobs: list[PushJob]) -> None:
+    def submit(self, jobs: Sequence[PushJob]) -> None:
         """Start the pushes of a call that just started."""
         for job in jobs:
             if job.provider not in self.clients:
-                self._count(job, "not_configured")
+                self._count(job, PushOutcome.NOT_CONFIGURED)
             elif self._nursery is None or self._open >= self.limit:
-                self._count(job, "dropped")
+                self._count(job, PushOutcome.DROPPED)
                 log.warning("push dropped %s", kv(call_id=job.call_id, device=job.device, reason="too many at once"))
             else:
                 self._open += 1
@@ -164,16 +164,16 @@ class Pusher:
             result = await self._deliver(job)
         except Exception as exc:  # the error boundary of one push
             log.exception("push failed %s", kv(call_id=job.call_id, device=job.device, error=repr(exc)))
-            result = "failed"
+            result = PushOutcome.FAILED
         finally:
             self._open -= 1
         self._count(job, result)
 
-    async def _deliver(self, job: PushJob) -> str:
+    async def _deliver(self, job: PushJob) -> PushOutcome:
         if not self.ringing(job.call_id):
-            return "ended"  # it ended before its push could go out
+            return PushOutcome.ENDED  # it ended before its push could go out
         if not await self.claim(job.node, push_claim_key(job.call_id, job.device)):
-            return "taken"  # another worker sends it
+            return PushOutcome.TAKEN  # another worker sends it
         client = self.clients[job.provider]
         renewed = False
         delay = _FIRST_RETRY
@@ -183,7 +183,7 @@ class Pusher:
             if answer.result is PushResult.SENT:
                 self.metrics.push_latency.labels(job.provider).observe(max(0.0, now - job.received))
                 self._note_sent(job, now)
-                return "sent"
+                return PushOutcome.SENT
             log.warning(
                 "push refused %s",
                 kv(call_id=job.call_id, device=job.device, provider=job.provider, status=answer.status,
@@ -191,20 +191,20 @@ class Pusher:
             )  # fmt: skip
             if answer.result in (PushResult.UNREGISTERED, PushResult.BAD_TOKEN):
                 self.book.forget(job.aor, job.device)
-                return str(answer.result.value)
+                return PushOutcome.of(answer.result)
             if answer.result is PushResult.AUTH and not renewed:
                 renewed = True
                 client.renew_token()
                 continue
             if answer.result is not PushResult.RETRY:
-                return str(answer.result.value)
+                return PushOutcome.of(answer.result)
             if now + delay - job.received > self.give_up_after:
-                return "gave_up"
+                return PushOutcome.GAVE_UP
             self.metrics.push_retries.labels(job.provider).inc()
             await trio.sleep(delay)
             delay = min(delay * 2, _MAX_RETRY)
             if not self.ringing(job.call_id):
-                return "ended"  # never after the call ended
+                return PushOutcome.ENDED  # never after the call ended
 
     def _note_sent(self, job: PushJob, now: float) -> None:
         if len(self._sent) >= _MAX_WAITING_WAKE:
@@ -213,7 +213,7 @@ class Pusher:
         if self.on_sent is not None:
             self.on_sent(job, now)
 
-    def _count(self, job: PushJob, result: str) -> None:
+    def _count(self, job: PushJob, result: PushOutcome) -> None:
         self.metrics.pushes.labels(job.provider, result).inc()
-        level = logging.INFO if result in ("sent", "taken", "ended") else logging.WARNING
+        level = logging.INFO if result in (PushOutcome.SENT, PushOutcome.TAKEN, PushOutcome.ENDED) else logging.WARNING
         log.log(level, "push_done %s", kv(call_id=job.call_id, device=job.device, provider=job.provider, result=result))

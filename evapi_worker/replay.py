@@ -6,7 +6,7 @@ received it (the event's ``ts`` otherwise). Records from several files are
 merged by receive time. Time is virtual: the engine is fed each event at its
 original receive time, and ticked in between, so settle delays and expiry
 happen as they did, without waiting. Events take the live worker's path
-(intake.py): a REGISTER belongs to the node whose connection brought it,
+(protocol.py): a REGISTER belongs to the node whose connection brought it,
 and its deadline counts from its timestamp. Nothing is sent anywhere.
 """
 
@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from .capture import CaptureError, PushNote, Record, read_capture
+from .clocks import NodeClocks
 from .config import ConfigError, with_changes
 from .engine import Act, Decision, Engine, EngineSettings, Reason
-from .events import Event, EventError, decode_event, event_type_name
-from .intake import Intake, NodeClocks
+from .events import TYPE_NAMES, Event, EventError, decode_event
+from .protocol import Protocol
 
 __all__ = [
     "ReplayResult",
@@ -183,7 +184,7 @@ def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> Repl
     by_type: dict[type, int] = {}
     # Virtual time is the wall clock of the receive times: a node's clock
     # is the wall clock, as it is for a live worker until a ping measures it.
-    feed = Intake(engine, NodeClocks(wall_offset=0.0)).feed
+    feed = Protocol(engine, NodeClocks(wall_offset=0.0)).feed
     # The loop runs for every record: names are bound locally, and the engine
     # is ticked only when it has something due.
     tick, next_deadline = engine.tick, engine.next_deadline
@@ -199,13 +200,13 @@ def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> Repl
             continue
         kind = type(event)
         by_type[kind] = by_type.get(kind, 0) + 1
-        decided = feed(node, event, now)
+        decided = feed(node, event, now).decisions
         if decided:
             out += decided
     out += tick(now + 86_400)  # let pending decisions settle
     result.records = count
     for kind, n in by_type.items():
-        result.events[event_type_name(kind)] += n
+        result.events[TYPE_NAMES[kind]] += n
     return result
 
 

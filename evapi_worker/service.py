@@ -1,9 +1,10 @@
-"""The worker service: wires connections, engine, dispatch, liveness,
+"""The worker service: wires connections, protocol, dispatch, liveness,
 state on disk and metrics.
 
 Frames arrive from each node's connection and are handled synchronously:
-parse, count, journal, feed the engine, dispatch its decisions. Nothing on
-that path awaits, so the readers never stop reading. Actions run as their
+protocol.py says what each means and what it leads to; the service counts,
+captures, journals and dispatches that. Nothing on that path awaits, so the
+readers never stop reading. Actions run as their
 own tasks (dispatch.py); a timer task feeds the engine the passage of time;
 health.py judges the nodes by their pings; persistence.py keeps the state
 on disk.
@@ -11,49 +12,36 @@ on disk.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
-import os
-import shutil
 import time
+from collections.abc import Sequence
 
 import trio
 
 from .capture import CaptureWriter, PushNote
+from .clocks import NodeClocks
 from .commands import Claim, Command, command_name
-from .config import Config, ConfigError
+from .config import Config
 from .devices import device_id
 from .dispatch import Dispatcher
 from .engine import Act, Decision, Engine
 from .evapi_client import CommandFailed, CommandFailure, ConnectionState, EvapiConnection
-from .events import (
-    ClaimUnused,
-    CommandResult,
-    Event,
-    EventError,
-    Refused,
-    Register,
-    UnknownEventError,
-    event_type,
-    parse_event,
-    peek_sequence,
-)
+from .events import TYPE_NAMES, ClaimUnused, CommandResult, Refused, Register, event_type
 from .fake_calls import ActionRunner
 from .health import Liveness
 from .http_server import serve_http
-from .intake import Intake, NodeClocks
 from .logs import Throttle, kv
 from .metrics import Metrics
-from .net import bind_error
-from .netstring import FramingError
+from .netstring import FramingFault
 from .persistence import StateStore
+from .protocol import Kind, Protocol
 from .push_book import PushBook, PushJob
 from .pusher import Pusher, push_clients
 from .sequence import SequenceTracker
 from .sipp_runner import SippRunner, remove_stale_folders
 
-__all__ = ["Service", "check_runtime"]
+__all__ = ["Service"]
 
 log = logging.getLogger("evapi_worker.service")
 
@@ -65,47 +53,6 @@ _HOUSEKEEPING = 0.5
 _LOST_LOG_EVERY = 1.0
 
 
-def tune_gc() -> None:
-    """Collect the young generation less often.
-
-    The worker keeps up to hundreds of thousands of small, acyclic state
-    objects while every event allocates a few short-lived ones; with
-    CPython's default thresholds the cyclic collector rescans that state so
-    often that it costs a third of the ingest rate (bench/ingest.py).
-    Reference counting still frees everything at once; this only spaces out
-    the search for cycles.
-    """
-    gc.set_threshold(50_000, 20, 100)
-
-
-def check_runtime(config: Config) -> None:
-    """Fail early, with the key to fix, when SIPp or its scenario is missing."""
-    if shutil.which(config.sipp.binary) is None:
-        raise ConfigError(
-            "sipp.binary", f"{config.sipp.binary!r} not found; install SIPp (Debian: apt-get install sip-tester)"
-        )
-    if config.sipp.scenario is not None and not config.sipp.scenario.is_file():
-        raise ConfigError("sipp.scenario", f"{str(config.sipp.scenario)!r} is not a file")
-    if not config.nodes:
-        raise ConfigError("kamailio", "no Kamailio node configured (give --kamailio HOST:PORT)")
-    if config.state_file is not None:
-        folder = config.state_file.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError("state_file", f"{str(folder)!r} is not a folder this worker can write in")
-    if config.capture is not None:
-        folder = config.capture.folder
-        try:
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as exc:
-            raise ConfigError("capture.folder", f"{str(folder)!r} cannot be made: {exc.strerror}") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError("capture.folder", f"{str(folder)!r} is not writable")
-    if config.metrics is not None:
-        host, port = config.metrics
-        if (problem := bind_error(host, port)) is not None:
-            raise ConfigError("metrics", f"cannot listen on {host}:{port}: {problem.strerror}")
-
-
 class Service:
     """One worker: ``await service.run()`` inside a nursery, or ``nursery.start``."""
 
@@ -113,7 +60,6 @@ class Service:
         self.config = config
         self.metrics = metrics or Metrics()
         self.engine = Engine(config.engine)
-        self.sequences = SequenceTracker(config.evapi.sequence_grace)
         self.runner = SippRunner(config.sipp)
         self.connections = {
             node.name: EvapiConnection(
@@ -122,8 +68,7 @@ class Service:
                 backoff=config.evapi.backoff,
                 max_frame=config.evapi.max_frame,
                 on_state=self._on_connection_state,
-                on_oversized=self._on_oversized,
-                on_framing_error=self._on_framing_error,
+                on_bad_frame=self._on_bad_frame,
                 on_shed=self._on_shed,
                 shed_above=config.evapi.shed_above,
                 shed_below=config.evapi.shed_below,
@@ -145,7 +90,7 @@ class Service:
         self.dispatcher = Dispatcher(self.actions, self.connections, self.metrics, config.action_queue)
         self.clocks = NodeClocks(wall_offset=0.0)  # set when running
         self.push_book = PushBook(config.engine.max_devices)
-        self.intake = Intake(self.engine, self.clocks, self.push_book)
+        self.protocol = Protocol(self.engine, self.clocks, self.push_book, SequenceTracker(config.evapi.sequence_grace))
         clients = push_clients(config.push)
         self.pusher = (
             Pusher(
@@ -211,8 +156,6 @@ class Service:
                 self.dispatcher.open(nursery)
                 if self.pusher is not None:
                     await nursery.start(self.pusher.run)
-                    # From now on, not while the journal was replayed.
-                    self.intake.on_push = self.pusher.submit
                 self.dispatcher.resume(*self._restored_actions)
                 self._restored_actions = ([], [])
                 await nursery.start(self._run_intake)
@@ -260,7 +203,7 @@ class Service:
         store = self.store
         if store is None:
             return
-        restored = store.restore(self.engine, trio.current_time(), self._replay_frame, self.push_book)
+        restored = store.restore(self.engine, trio.current_time(), self._restore_frame, self.push_book)
         if restored.snapshot_error is not None:
             # Keep the file aside for a look (it would fail again at every
             # start); what the journals hold is restored all the same.
@@ -288,14 +231,10 @@ class Service:
                skipped=restored.skipped),
         )  # fmt: skip
 
-    def _replay_frame(self, node: str, payload: bytes, now: float) -> list[Decision]:
-        """A journaled event, fed to the engine again; what it decides the
-        store keeps, to begin what never began."""
-        try:
-            event = parse_event(payload).event
-        except EventError:
-            return []
-        return self.intake.feed(node, event, now)
+    def _restore_frame(self, node: str, payload: bytes, now: float) -> Sequence[Decision]:
+        """A journaled event, fed again; what it decides the store keeps, to
+        begin what never began. Its pushes are not sent: that call is gone."""
+        return self.protocol.restore(node, payload, now).decisions
 
     async def _persist(self) -> None:
         """Journal the events at least every ``state_interval``; compact the
@@ -330,7 +269,7 @@ class Service:
             self._wake = trio.Event()
             now = trio.current_time()
             self.dispatcher.dispatch(self.engine.tick(now), now)
-            for node, lost in self.sequences.expire(now):
+            for node, lost in self.protocol.expire(now):
                 self._count_lost(node, lost)
             self._log_lost(now)
             self._say_unsaid(now)
@@ -340,78 +279,79 @@ class Service:
 
     def on_frame(self, node: str, payload: bytes, now: float) -> None:
         """Handle one frame from ``node`` received at ``now``. Never raises."""
+        got = self.protocol.receive(node, payload, now)
+        event = got.event
         m = self.metrics
-        try:
-            parsed = parse_event(payload)
-        except UnknownEventError as exc:
-            m.event_errors.labels(node, exc.reason).inc()
-            self._say(logging.INFO, "event skipped", node, exc.reason, now, detail=exc.detail)
+        if event is None:
+            error = got.error
+            assert error is not None
+            m.event_errors.labels(node, error.reason).inc()
+            if got.kind is Kind.SKIPPED:
+                self._say(logging.INFO, "event skipped", node, error.reason, now, detail=error.detail)
+            else:
+                self._say(
+                    logging.WARNING, "event rejected", node, error.reason, now,
+                    detail=error.detail, payload=payload[:200].decode("utf-8", "replace"),
+                )  # fmt: skip
             self._capture(node, None, payload, now)
             return
-        except EventError as exc:
-            m.event_errors.labels(node, exc.reason).inc()
-            self._say(
-                logging.WARNING, "event rejected", node, exc.reason, now,
-                detail=exc.detail, payload=payload[:200].decode("utf-8", "replace"),
-            )  # fmt: skip
-            self._capture(node, None, payload, now)
-            return
-        event = parsed.event
         if self.capture is not None:
             self._capture(node, event.seq, payload, now)
-        etype = event_type(event)
-        m.events.add(node, etype)
-        if parsed.unknown_fields:
-            m.unknown_fields.labels(node, etype).inc(len(parsed.unknown_fields))
-            log.debug("unknown fields %s", kv(node=node, type=etype, fields=",".join(parsed.unknown_fields)))
-        lost = self.sequences.observe(node, event.boot, event.seq, now)
-        if lost:
-            self._count_lost(node, lost)
-        if event.node != node:
+        # Counted inline: the one thing done for every event (metrics.EventCounter).
+        etype = TYPE_NAMES[type(event)]
+        counts = m.events.counts
+        counts[node, etype] = counts.get((node, etype), 0) + 1
+        if got.unknown_fields:
+            m.unknown_fields.labels(node, etype).inc(len(got.unknown_fields))
+            log.debug("unknown fields %s", kv(node=node, type=etype, fields=",".join(got.unknown_fields)))
+        if got.lost:
+            self._count_lost(node, got.lost)
+        if got.named is not None:
             self._say(
-                logging.WARNING, "node name differs", node, "node_name", now, event_node=event.node,
-                hint=f"name this node {event.node} (its EVW_NODE) in --kamailio or [[kamailio]]",
+                logging.WARNING, "node name differs", node, "node_name", now, event_node=got.named,
+                hint=f"name this node {got.named} (its EVW_NODE) in --kamailio or [[kamailio]]",
             )  # fmt: skip
-        if isinstance(event, CommandResult):
-            if not self.connections[node].resolve(event):
+        kind = got.kind
+        if kind is Kind.DECIDED:
+            # Its pushes, its journal entry, its decisions.
+            if got.pushes and self.pusher is not None:
+                self.pusher.submit(got.pushes)
+            if isinstance(event, Register):
+                if self.pusher is not None and event.expires:
+                    woke = self.pusher.woke(event.aor, device_id(event), now)
+                    if woke is not None:
+                        m.push_wakeup.observe(woke)
+            elif got.lost_end_ignored:
+                m.lost_ends_ignored.labels(node).inc()
+                self._say(
+                    logging.WARNING, "lost call end ignored", node, event_type(event), now,
+                    call_id=getattr(event, "call_id", ""),
+                )  # fmt: skip
+            if self.store is not None:
+                self.store.note_event(node, now, payload)
+                if isinstance(event, Register):
+                    # On disk before any action it led to begins: a crash, even
+                    # within the journal's interval, loses no late REGISTER
+                    # (a write to the page cache; a kill -9 cannot undo it).
+                    self.store.flush()
+            if got.decisions:
+                self.dispatcher.dispatch(got.decisions, now)
+            deadline = self.engine.next_deadline()
+            if deadline is not None and deadline < self._timer_at:
+                self._wake.set()
+        elif kind is Kind.ACK:
+            assert isinstance(event, CommandResult)
+            conn = self.connections.get(node)
+            if conn is None or not conn.resolve(event):
                 log.debug("acknowledgement for no waiting command %s", kv(node=node, id=event.id))
-            return
-        if isinstance(event, ClaimUnused):
+        elif kind is Kind.CLAIM_UNUSED:
+            assert isinstance(event, ClaimUnused)
             m.claims_unused.labels(node).inc()
             log.warning("claim unused %s", kv(node=node, claim=event.claim))
-            return
-        if isinstance(event, Refused):
+        elif kind is Kind.REFUSED:
+            assert isinstance(event, Refused)
             m.sip_refused.labels(node, event.reason).inc()
             self._say(logging.WARNING, "sip request refused", node, event.reason, now, src=event.src_ip)
-            return
-        decisions = self._feed(node, event, now)
-        if self.store is not None:
-            self.store.note_event(node, now, payload)
-            if isinstance(event, Register):
-                # On disk before any action it led to begins: a crash, even
-                # within the journal's interval, loses no late REGISTER
-                # (a write to the page cache; a kill -9 cannot undo it).
-                self.store.flush()
-        if decisions:
-            self.dispatcher.dispatch(decisions, now)
-        deadline = self.engine.next_deadline()
-        if deadline is not None and deadline < self._timer_at:
-            self._wake.set()
-
-    def _feed(self, node: str, event: Event, now: float) -> list[Decision]:
-        ignored = self.engine.lost_ends_ignored
-        decisions = self.intake.feed(node, event, now)
-        if self.pusher is not None and isinstance(event, Register) and event.expires:
-            woke = self.pusher.woke(event.aor, device_id(event), now)
-            if woke is not None:
-                self.metrics.push_wakeup.observe(woke)
-        if self.engine.lost_ends_ignored > ignored:
-            self.metrics.lost_ends_ignored.labels(node).inc()
-            self._say(
-                logging.WARNING, "lost call end ignored", node, event_type(event), now,
-                call_id=getattr(event, "call_id", ""),
-            )  # fmt: skip
-        return decisions
 
     def _capture(self, node: str, seq: int | None, payload: bytes, now: float) -> None:
         if self.capture is not None:
@@ -465,15 +405,15 @@ class Service:
         number noted (it is shed, not lost), nothing decided."""
         self.metrics.events_shed.labels(node).inc()
         self._capture(node, None, payload, now)
-        numbers = peek_sequence(payload)
-        if numbers is not None:
-            lost = self.sequences.observe(node, numbers[0], numbers[1], now)
-            if lost:
-                self._count_lost(node, lost)
+        lost = self.protocol.shed(node, payload, now)
+        if lost:
+            self._count_lost(node, lost)
 
-    def _on_oversized(self, node: str, length: int) -> None:
-        self.metrics.event_errors.labels(node, "oversized").inc()
-        self._say(logging.WARNING, "evapi frame skipped", node, "oversized", trio.current_time(), length=length)
+    def _on_bad_frame(self, node: str, reason: FramingFault, detail: str) -> None:
+        self.metrics.event_errors.labels(node, reason).inc()
+        if reason is FramingFault.OVERSIZED:
+            # Lost framing is logged by the connection, which reconnects.
+            self._say(logging.WARNING, "evapi frame skipped", node, reason, trio.current_time(), detail=detail)
 
     def _say(self, level: int, what: str, node: str, reason: str, now: float, **detail: object) -> None:
         """Log rejected input at most once per (what, node, reason) and
@@ -486,9 +426,6 @@ class Service:
     def _say_unsaid(self, now: float) -> None:
         for (level, what, node, reason), count in self._throttle.due(now):
             log.log(level, "%s %s", what, kv(node=node, reason=reason, count=count))
-
-    def _on_framing_error(self, node: str, exc: FramingError) -> None:
-        self.metrics.event_errors.labels(node, exc.reason).inc()
 
     def _count_lost(self, node: str, lost: int) -> None:
         self.metrics.events_lost.labels(node).inc(lost)

@@ -1,6 +1,7 @@
 """The docs name what the code has: every Kamailio define and route a
 config file documents is in docs/kamailio.md, with its default; every
-settings key in docs/configuration.md; every metric in docs/metrics.md."""
+settings key in docs/configuration.md; every metric in docs/metrics.md;
+every module in the README's layout."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import msgspec
 from evapi_worker.bundled import bundled
 from evapi_worker.config import Config
 from evapi_worker.evapi_client import CommandFailure
-from evapi_worker.metrics import EVENT_ERROR_REASONS, Metrics
+from evapi_worker.metrics import DECISIONS, EVENT_ERROR_REASONS, PUSH_RESULTS, Metrics
 from evapi_worker.outcomes import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,7 +116,20 @@ def test_every_label_value_the_code_counts_by_is_in_the_metrics_doc() -> None:
         ("evapi_worker_commands_failed_total", [f.value for f in CommandFailure]),
         ("evapi_worker_fake_calls_total", [o.value for o in Outcome]),
         ("evapi_worker_event_errors_total", list(EVENT_ERROR_REASONS)),
+        ("evapi_worker_pushes_total", list(PUSH_RESULTS)),
+        ("evapi_worker_decisions_total", sorted({f"{a}:{r}" for a, r in DECISIONS})),
     ]:
         row = _row(doc, metric)
         missing = [v for v in values if f"`{v}`" not in row]
         assert missing == [], (metric, missing)
+
+
+def test_every_module_is_in_the_readme_layout_and_only_those() -> None:
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed: set[str] = set()
+    for cell in re.findall(r"^\| (`[^|]+) \|", layout, re.M):
+        names = re.findall(r"`(?:evapi_worker/)?([\w]+)\.py`", cell)
+        listed |= set(names)
+    modules = {p.stem for p in (ROOT / "evapi_worker").glob("*.py")} - {"__init__", "__main__"}
+    assert sorted(modules - listed) == [] and sorted(listed - modules) == []

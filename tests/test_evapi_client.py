@@ -13,7 +13,7 @@ import trio
 from evapi_worker.commands import Ping
 from evapi_worker.evapi_client import Backoff, CommandFailed, ConnectionState, EvapiConnection, NodeAddress
 from evapi_worker.events import CommandResult, parse_event
-from evapi_worker.netstring import DEFAULT_MAX_FRAME, encode
+from evapi_worker.netstring import DEFAULT_MAX_FRAME, FramingFault, encode
 
 from .evapi_server import EvapiServer
 from .sipp_device import free_port
@@ -26,9 +26,16 @@ class Recorder:
         self.frames: list[tuple[str, bytes]] = []
         self.states: list[ConnectionState] = []
         self.framing_errors: list[str] = []
-        self.oversized: list[int] = []
+        self.oversized: list[str] = []
         self.changed = trio.Event()
         self.conn: EvapiConnection | None = None
+
+    def on_bad_frame(self, node: str, reason: FramingFault, detail: str) -> None:
+        if reason is FramingFault.OVERSIZED:
+            self.oversized.append(detail)
+        else:
+            self.framing_errors.append(reason)
+        self._kick()
 
     def on_frame(self, node: str, payload: bytes, now: float) -> None:
         self.frames.append((node, payload))
@@ -70,8 +77,7 @@ def connection(port: int, rec: Recorder, backoff: Backoff = FAST, **kw: object) 
         rec.on_frame,
         backoff=backoff,
         on_state=rec.on_state,
-        on_framing_error=lambda n, e: rec.framing_errors.append(e.reason),
-        on_oversized=lambda n, length: rec.oversized.append(length),
+        on_bad_frame=rec.on_bad_frame,
         rng=random.Random(1),
         **kw,  # type: ignore[arg-type]
     )
@@ -136,7 +142,7 @@ async def test_broken_framing_reconnects_and_oversized_frames_are_skipped() -> N
         await server.wait_for(lambda: server.streams)
         await server.send(encode(b"x" * 500) + server.event("call_answered", 1.0, call_id="ok1"))
         await rec.wait_for(lambda: len(rec.frames) == 1)
-        assert rec.oversized == [500]
+        assert rec.oversized == ["500 bytes, skipped"]
         await server.send(b"12x:garbage,")
         await rec.wait_for(lambda: rec.framing_errors == ["bad_length"])
         await server.wait_for(lambda: server.accepted == 2 and server.streams)

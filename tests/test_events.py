@@ -208,8 +208,9 @@ def test_any_bytes_parse_or_raise_event_error(data: bytes) -> None:
 def test_branch_reply_names_the_call_the_code_and_the_contact() -> None:
     raw = b'{"event":"branch_reply","node":"k","ts":"1.5","seq":"3","call_id":"c1@x","code":"180",'
     raw += b'"contact":"sip:dev@192.0.2.4:5060;pn-prid=AB"}'
-    (event, unknown) = parse_event(raw)
-    assert isinstance(event, BranchReply) and unknown == ()
+    parsed = parse_event(raw)
+    event = parsed.event
+    assert isinstance(event, BranchReply) and parsed.unknown_fields == ()
     assert (event.call_id, event.code, event.contact) == ("c1@x", 180, "sip:dev@192.0.2.4:5060;pn-prid=AB")
     with pytest.raises(EventError) as err:
         parse_event(raw.replace(b'"180"', b'"99"'))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -201,12 +202,19 @@ async def test_replay_decides_per_node_as_the_live_worker_did(tmp_path: Path) ->
         for n, (conn, named) in enumerate((("kam1", "edge-a"), ("kam2", "edge-b"))):
             call = f"c{n}"
             events: list[tuple[str, float, dict[str, object]]] = [
-                ("call_start", t0, {"call_id": call, "aor": f"u{n}@x", "from_user": "alice"}),
+                # A newer config's field, an acknowledgement nobody waits
+                # for, a refusal, an event type this version does not know:
+                # each is what it is in the replay as it was live.
+                ("call_start", t0, {"call_id": call, "aor": f"u{n}@x", "from_user": "alice", "newer": 1}),
+                ("cmd_result", t0 + 0.1, {"id": "gone-1", "ok": True}),
+                ("refused", t0 + 0.2, {"reason": "call_id_nul"}),
+                ("presence", t0 + 0.3, {}),
                 ("call_cancelled", t0 + 0.5, {"call_id": call}),
                 ("register", t0 + 1, {"aor": f"u{n}@x", "instance": f"<i{n}>", **register}),
             ]
             for seq, (event, ts, fields) in enumerate(events, 1):
                 service.on_frame(conn, frame(named, event, ts, seq, **fields), trio.current_time())
+            service.on_frame(conn, b'{"event": "register", "node": 7}', trio.current_time())
         await trio.sleep(0.3)
         nursery.cancel_scope.cancel()
     assert [json.loads(line)["node"] for line in live] == ["kam1", "kam2"]
@@ -214,3 +222,15 @@ async def test_replay_decides_per_node_as_the_live_worker_did(tmp_path: Path) ->
     replayed = replay(load_records(sorted((tmp_path / "cap").iterdir()), problems), config.engine)
     assert problems == []
     assert [decision_json(d) for d in replayed.decisions] == live
+    # What each frame was, live and replayed, per reason and type.
+    live_types: Counter[str] = Counter()
+    for (_node, etype), count in service.metrics.events.counts.items():
+        live_types[etype] += count
+    assert replayed.events == +live_types
+    live_errors: Counter[str] = Counter()
+    for family in service.metrics.registry.collect():
+        if family.name == "evapi_worker_event_errors":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.value:
+                    live_errors[sample.labels["reason"]] += int(sample.value)
+    assert replayed.errors == live_errors == {"unknown_type": 2, "bad_type": 2}

@@ -161,7 +161,7 @@ async def test_events_naming_another_node_are_handled_and_the_misnaming_is_logge
 async def test_sequence_gaps_are_counted_as_lost_events() -> None:
     async with world() as w:
         kam1 = w.servers["kam1"]
-        w.service.sequences.grace = 0.1
+        w.service.protocol.sequences.grace = 0.1
         first = kam1.event("call_answered", T0, call_id="a")
         kam1._seq += 5  # five events Kamailio emitted while nobody listened
         second = kam1.event("call_answered", T0 + 1, call_id="b")

@@ -99,7 +99,7 @@ async def test_a_stream_of_gaps_is_logged_once_a_second_not_once_per_gap(
     service = Service(Config(evapi=EvapiSettings(sequence_grace=0.2)))
     # A tracker full of open gaps counts each new one at once (the stalled
     # worker's case): still one line a second.
-    service.sequences = SequenceTracker(0.2, max_missing=10)
+    service.protocol.sequences = SequenceTracker(0.2, max_missing=10)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(service._timer)
         for i in range(500):  # every other event lost, for 5 seconds

@@ -1,30 +1,17 @@
-"""The one path from a node's event to the engine's decisions, taken by the
-live worker, by a restore from disk and by a replay alike, so that they
-cannot disagree.
+"""Each Kamailio node's clock against the clock the engine runs on.
 
-Two things happen on the way: a REGISTER is routed by the node it came in
-from (that node holds the device's connection and takes its fake call),
-and its timestamp, on the node's clock, is mapped onto the clock the
-engine runs on, so the fake call's deadline counts from the REGISTER and
-not from when the worker read it. The push book hears REGISTERs and call
-starts too: a call start gives the pushes it needs to ``on_push`` (unset
-while a restore replays the journal: those calls are long gone).
+Events carry their node's timestamp; a REGISTER's deadline counts from
+when it happened, so its ``ts`` is mapped onto the engine's clock
+(protocol.py). health.py measures each node's offset with its pings.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-import msgspec
-
-from .engine import Decision, Engine
-from .events import CallStarted, Event, Register
-from .push_book import PushBook, PushJob
-
-__all__ = ["Intake", "NodeClocks"]
+__all__ = ["NodeClocks"]
 
 # A ping answered in more than twice this says little about the clocks
 # (the worker or the node was busy): it is not used.
@@ -75,31 +62,3 @@ class NodeClocks:
         """The node's timestamp ``ts`` on the engine's clock (None: not a time)."""
         mapped = ts - self.offset(node)
         return mapped if math.isfinite(mapped) else None
-
-
-class Intake:
-    """Feeds events to the engine: :meth:`feed` is all there is."""
-
-    def __init__(self, engine: Engine, clocks: NodeClocks, book: PushBook | None = None) -> None:
-        self.engine = engine
-        self.clocks = clocks
-        self.book = book
-        self.on_push: Callable[[list[PushJob]], None] | None = None
-
-    def feed(self, node: str, event: Event, now: float) -> list[Decision]:
-        """The decisions ``event``, received from ``node`` at ``now``, leads to."""
-        if isinstance(event, CallStarted) and self.book is not None:
-            jobs = self.book.call_started(event, now)
-            if jobs and self.on_push is not None:
-                self.on_push(jobs)
-        if not isinstance(event, Register):
-            return self.engine.handle(event, now)
-        if event.node != node:
-            # Route by the connection the REGISTER came in on.
-            event = msgspec.structs.replace(event, node=node)
-        mapped = self.clocks.local(node, event.ts)
-        # Never later than it was read (a node's clock a little ahead).
-        happened = now if mapped is None else min(mapped, now)
-        if self.book is not None:
-            self.book.register(event, happened)
-        return self.engine.handle(event, now, happened)

@@ -1,0 +1,155 @@
+"""The worker's protocol: what a node's frame means and what follows from it.
+
+Sans-I/O, like h11's ``Connection``: :class:`Protocol` is fed a node's
+payloads with the time they were read and answers with a :class:`Received`
+saying what the frame was and what it led to (the engine's decisions, the
+pushes a call needs, events now known lost). It sends nothing, counts
+nothing and logs nothing; the service does that with the answer. The live
+worker (:meth:`Protocol.receive`), a restore from the journal
+(:meth:`Protocol.restore`) and a replay of a capture (:meth:`Protocol.feed`)
+all take this one path, so they cannot disagree.
+
+On the way, a REGISTER is routed by the node whose connection brought it
+(that node holds the device's connection and takes its fake call), and its
+timestamp, on the node's clock, is mapped onto the engine's clock
+(clocks.py), so its deadline counts from the REGISTER and not from when the
+worker read it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Final
+
+import msgspec
+
+from .clocks import NodeClocks
+from .engine import Decision, Engine
+from .events import (
+    CallStarted,
+    ClaimUnused,
+    CommandResult,
+    Event,
+    EventError,
+    Refused,
+    Register,
+    UnknownEventError,
+    parse_event,
+    peek_sequence,
+)
+from .push_book import PushBook, PushJob
+from .sequence import SequenceTracker
+
+__all__ = ["Kind", "Protocol", "Received"]
+
+
+class Kind(enum.Enum):
+    """What a frame was."""
+
+    DECIDED = "decided"  # an event the engine took (its decisions may be none)
+    ACK = "ack"  # a command's acknowledgement: for the connection that sent it
+    CLAIM_UNUSED = "claim_unused"  # a node says a claim was never used
+    REFUSED = "refused"  # a node refused SIP data (forged, or not carried intact)
+    SKIPPED = "skipped"  # a valid event of a type this version does not know
+    REJECTED = "rejected"  # not a valid event
+
+
+class Received(msgspec.Struct, gc=False):
+    """One frame's meaning and consequences.
+
+    A Struct, built positionally: one is made per event on the ingest path,
+    where a plain class's construction cost five times as much.
+    """
+
+    kind: Kind
+    event: Event | None = None  # None when skipped or rejected
+    decisions: Sequence[Decision] = ()
+    pushes: Sequence[PushJob] = ()  # a call start's pushes
+    named: str | None = None  # the node the event names, when not its connection's
+    lost_end_ignored: bool = False  # a call end the node sent after losing track, not believed
+    error: EventError | None = None  # why, when skipped or rejected
+    unknown_fields: tuple[str, ...] = ()  # left out: a newer config sends them
+    lost: int = 0  # events of this node now known lost (a gap, a restart)
+
+
+# Events that are not for the engine, by their class.
+_NOT_DECIDED: Final[dict[type, Kind]] = {
+    CommandResult: Kind.ACK,
+    ClaimUnused: Kind.CLAIM_UNUSED,
+    Refused: Kind.REFUSED,
+}
+
+
+class Protocol:
+    """Frames in, meanings out; time is passed in."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        clocks: NodeClocks,
+        book: PushBook | None = None,
+        sequences: SequenceTracker | None = None,
+    ) -> None:
+        self.engine = engine
+        self.clocks = clocks
+        self.book = book
+        self.sequences = sequences if sequences is not None else SequenceTracker()
+
+    def receive(self, node: str, payload: bytes, now: float) -> Received:
+        """A frame read live from ``node`` at ``now``: parsed, its sequence
+        number tracked, then :meth:`feed`."""
+        try:
+            parsed = parse_event(payload)
+        except UnknownEventError as exc:
+            return Received(Kind.SKIPPED, error=exc)
+        except EventError as exc:
+            return Received(Kind.REJECTED, error=exc)
+        event = parsed.event
+        got = self.feed(node, event, now)
+        got.unknown_fields = parsed.unknown_fields
+        got.lost = self.sequences.observe(node, event.boot, event.seq, now)
+        return got
+
+    def restore(self, node: str, payload: bytes, now: float) -> Received:
+        """A frame from the journal, fed again after a restart. Its sequence
+        number is not tracked: the journal holds only the events the engine
+        took, and the node's numbers go on from where the live ones are."""
+        try:
+            event = parse_event(payload).event
+        except EventError as exc:
+            return Received(Kind.SKIPPED if isinstance(exc, UnknownEventError) else Kind.REJECTED, error=exc)
+        return self.feed(node, event, now)
+
+    def shed(self, node: str, payload: bytes, now: float) -> int:
+        """A frame dropped unread under overload: its sequence number is
+        noted (shed, not lost); returns events now known lost."""
+        numbers = peek_sequence(payload)
+        return 0 if numbers is None else self.sequences.observe(node, numbers[0], numbers[1], now)
+
+    def expire(self, now: float) -> list[tuple[str, int]]:
+        """Sequence gaps that stayed open past the grace, as (node, lost)."""
+        return self.sequences.expire(now)
+
+    def feed(self, node: str, event: Event, now: float) -> Received:
+        """An event from ``node``, received at ``now``, and what it leads to."""
+        named = event.node if event.node != node else None
+        other = _NOT_DECIDED.get(type(event))
+        if other is not None:
+            return Received(other, event, (), (), named)
+        engine = self.engine
+        book = self.book
+        if not isinstance(event, Register):
+            pushes = book.call_started(event, now) if book is not None and isinstance(event, CallStarted) else ()
+            ignored = engine.lost_ends_ignored
+            decisions = engine.handle(event, now)
+            return Received(Kind.DECIDED, event, decisions, pushes, named, engine.lost_ends_ignored > ignored)
+        if named is not None:
+            # Route by the connection the REGISTER came in on.
+            event = msgspec.structs.replace(event, node=node)
+        mapped = self.clocks.local(node, event.ts)
+        # Never later than it was read (a node's clock a little ahead).
+        happened = now if mapped is None else min(mapped, now)
+        if book is not None:
+            book.register(event, happened)
+        return Received(Kind.DECIDED, event, engine.handle(event, now, happened), (), named)

@@ -1,0 +1,132 @@
+"""The protocol core: what a frame means and what follows from it (node
+routing, the nodes' clocks, sequence numbers), and rate-limited warnings."""
+
+from __future__ import annotations
+
+import json
+
+from evapi_worker.clocks import NodeClocks
+from evapi_worker.engine import Act, Engine, EngineSettings
+from evapi_worker.events import EventErrorReason
+from evapi_worker.logs import Throttle
+from evapi_worker.protocol import Kind, Protocol
+from evapi_worker.push_book import PushBook
+
+from .helpers import Wire
+
+T0 = 1_700_000_000.0
+
+
+def test_a_node_s_clock_is_the_wall_clock_until_a_quick_ping_measures_it() -> None:
+    clocks = NodeClocks(wall_offset=T0 - 100.0)  # engine time 100 is T0 on the wall
+    assert clocks.local("kam1", T0 + 2) == 102.0
+    # The node is 3 s ahead: it stamped its answer at our 200.05 + 3.
+    clocks.ping("kam1", 200.0, 200.1, T0 - 100 + 203.05)
+    assert abs(clocks.offset("kam1") - (T0 - 100 + 3)) < 1e-6
+    # A slow answer (1 s round trip) says little: the better measure stays.
+    clocks.ping("kam1", 300.0, 301.0, T0 - 100 + 300.0)
+    assert abs(clocks.offset("kam1") - (T0 - 100 + 3)) < 1e-6
+    assert clocks.local("kam2", T0) == 100.0  # other nodes unaffected
+    assert clocks.local("kam1", float("inf")) is None
+
+
+def test_a_register_read_late_has_its_deadline_from_when_it_happened() -> None:
+    wire, engine = Wire(), Engine(EngineSettings(deadline=5))
+    proto = Protocol(engine, NodeClocks(wall_offset=T0))  # engine time 0 is T0
+    proto.feed("kam1", wire.start(T0), 0.0)
+    proto.feed("kam1", wire.cancelled(T0 + 1), 0.0)
+    # Registered at T0 + 2, read 20 s later (a frozen worker).
+    (act,) = proto.feed("kam1", wire.register(T0 + 2), 22.0).decisions
+    assert isinstance(act, Act) and act.deadline == 7.0  # passed long ago
+    # Read in time, the deadline is 5 s after the REGISTER.
+    wire2, engine2 = Wire(), Engine(EngineSettings(deadline=5))
+    proto2 = Protocol(engine2, NodeClocks(wall_offset=T0))
+    proto2.feed("kam1", wire2.start(T0), 0.0)
+    proto2.feed("kam1", wire2.cancelled(T0 + 1), 1.0)
+    (act2,) = proto2.feed("kam1", wire2.register(T0 + 2), 2.1).decisions
+    assert isinstance(act2, Act) and act2.deadline == 7.0
+    # A stamp ahead of the worker's clock counts from when it was read.
+    wire3, engine3 = Wire(), Engine(EngineSettings(deadline=5))
+    proto3 = Protocol(engine3, NodeClocks(wall_offset=T0 - 50))  # the node runs 50 s ahead
+    proto3.feed("kam1", wire3.start(T0), 0.0)
+    proto3.feed("kam1", wire3.cancelled(T0 + 1), 0.0)
+    (act3,) = proto3.feed("kam1", wire3.register(T0 + 2), 0.5).decisions
+    assert isinstance(act3, Act) and act3.deadline == 5.5
+
+
+def test_a_register_belongs_to_the_node_whose_connection_brought_it() -> None:
+    wire, engine = Wire(node="edge-a"), Engine()
+    proto = Protocol(engine, NodeClocks(wall_offset=T0))
+    proto.feed("kam1", wire.start(T0), 0.0)
+    proto.feed("kam1", wire.cancelled(T0 + 1), 1.0)
+    (act,) = proto.feed("kam1", wire.register(T0 + 2), 2.0).decisions
+    assert act.node == "kam1"
+
+
+def test_a_throttle_says_one_line_per_key_and_second_and_counts_the_rest() -> None:
+    throttle: Throttle[str] = Throttle(every=1.0)
+    said = [throttle.note("bad", 10.0 + i / 1000) for i in range(500)]
+    assert said[0] == 1 and sum(1 for n in said if n) == 1
+    assert throttle.note("other", 10.2) == 1  # keys are independent
+    assert throttle.due(10.5) == []  # not a second yet
+    assert throttle.due(11.0) == [("bad", 499)]
+    assert throttle.due(12.0) == []
+    assert throttle.note("bad", 12.5) == 1
+
+
+def test_each_kind_of_frame_is_told_apart_and_only_events_reach_the_engine() -> None:
+    wire, engine = Wire(), Engine()
+    proto = Protocol(engine, NodeClocks(wall_offset=T0))
+    assert proto.receive("kam1", wire.raw("cmd_result", T0, id="a-1", ok=True), 0.0).kind is Kind.ACK
+    assert proto.receive("kam1", wire.raw("claim_unused", T0, claim="c/d"), 0.0).kind is Kind.CLAIM_UNUSED
+    refused = proto.receive("kam1", wire.raw("refused", T0, reason="forged_end", src_ip="192.0.2.1"), 0.0)
+    assert refused.kind is Kind.REFUSED and refused.decisions == ()
+    skipped = proto.receive("kam1", wire.raw("presence", T0), 0.0)
+    assert skipped.kind is Kind.SKIPPED and skipped.error is not None
+    assert skipped.error.reason is EventErrorReason.UNKNOWN_TYPE
+    rejected = proto.receive("kam1", b"{not json", 0.0)
+    assert rejected.kind is Kind.REJECTED and rejected.event is None
+    assert rejected.error is not None and rejected.error.reason is EventErrorReason.INVALID_JSON
+    newer = wire.obj("call_start", T0, call_id="c1", aor="bob@x", from_user="a", priority="urgent")
+    started = proto.receive("kam1", json.dumps(newer).encode(), 0.0)
+    assert started.kind is Kind.DECIDED and started.unknown_fields == ("priority",)
+    assert engine.call_count == 1
+
+
+def test_sequence_gaps_are_lost_events_but_shed_frames_and_restored_ones_are_not() -> None:
+    wire = Wire()
+    proto = Protocol(Engine(), NodeClocks(wall_offset=T0))
+    proto.sequences.grace = 1.0
+    assert proto.receive("kam1", wire.raw("call_answered", T0, call_id="a"), 0.0).lost == 0  # seq 1
+    shed = wire.raw("call_answered", T0, call_id="b")  # seq 2, dropped under overload
+    assert proto.shed("kam1", shed, 0.1) == 0
+    wire.seq += 2  # seq 3 and 4 never arrive
+    assert proto.receive("kam1", wire.raw("call_answered", T0, call_id="e"), 0.2).lost == 0  # seq 5
+    assert proto.expire(0.5) == []  # may still come, out of order
+    assert proto.expire(1.3) == [("kam1", 2)]
+    # The journal holds only some of a node's events: restoring them
+    # tracks no numbers (else the next live event would open a gap).
+    restored = Protocol(Engine(), NodeClocks(wall_offset=T0))
+    restored.restore("kam1", Wire().raw("call_answered", T0, call_id="a"), 0.0)
+    assert restored.expire(100.0) == []
+    assert restored.receive("kam1", wire.raw("call_answered", T0, call_id="f"), 0.0).lost == 0
+
+
+def test_a_call_start_brings_its_pushes_and_a_misnamed_event_is_told() -> None:
+    wire = Wire(node="edge-a")
+    book = PushBook(10)
+    proto = Protocol(Engine(), NodeClocks(wall_offset=T0), book)
+    reg = wire.register(T0, pn_provider="apns", pn_prid="0f" * 32, pn_param="TEAM.org.app.voip")
+    got = proto.feed("kam1", reg, 0.0)
+    assert got.named == "edge-a" and book.device_count == 1
+    started = proto.feed("kam1", wire.start(T0 + 1), 1.0)
+    (job,) = started.pushes
+    assert job.call_id == "call-1" and job.provider == "apns"
+
+
+def test_a_lost_call_end_the_engine_does_not_believe_is_told() -> None:
+    wire = Wire()
+    proto = Protocol(Engine(), NodeClocks(wall_offset=T0))
+    proto.feed("kam1", wire.start(T0), 0.0)
+    got = proto.feed("kam1", wire.event("call_cancelled", T0 + 1, call_id="call-1", lost=True), 1.0)
+    assert got.kind is Kind.DECIDED and got.lost_end_ignored
