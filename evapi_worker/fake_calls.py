@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -155,9 +155,10 @@ class ActionRunner:
         self.claim_ttl = claim_ttl
         # Told how every action ended (the demo's narration, tests).
         self.outcome_listeners: list[Callable[[Act, Outcome], None]] = []
-        # Told (call_id, device) as an action begins, before anything of it
-        # reaches Kamailio: the journal's record that it must not begin again.
-        self.on_begin: Callable[[str, str], None] | None = None
+        # Awaited with (call_id, device) as an action begins, before anything
+        # of it reaches Kamailio: the journal's record that it must not
+        # begin again, on disk first.
+        self.on_begin: Callable[[str, str], Awaitable[None]] | None = None
         # Actions that have not begun (no pin, no MESSAGE sent yet): what a
         # stopping worker saves to begin after its restart.
         self._not_begun: dict[int, Act] = {}
@@ -174,13 +175,13 @@ class ActionRunner:
         """The actions decided and not begun (waiting for a SIPp slot, say)."""
         return list(self._not_begun.values())
 
-    def _begin(self, key: int) -> bool:
+    async def _begin(self, key: int) -> bool:
         """The point of no return of an action; False once closed."""
         if self._closed:
             return False
         act = self._not_begun.pop(key)
         if self.on_begin is not None:
-            self.on_begin(act.call_id, act.device)
+            await self.on_begin(act.call_id, act.device)
         return True
 
     async def run(self, decision: Act, received: float, *, retry: bool = False) -> Outcome:
@@ -269,7 +270,7 @@ class ActionRunner:
             if place is None:
                 return Outcome.OVERDUE, None, "no SIPp process free for this Call-ID before the deadline"
             try:
-                if not self._begin(key):
+                if not await self._begin(key):
                     return Outcome.DEFERRED, None, "the worker stops; saved for its restart"
                 return await self._pin_and_run(decision, node, prepared, received, retry, place)
             finally:
@@ -321,7 +322,7 @@ class ActionRunner:
             )
         except UnsafeValue as exc:
             return Outcome.UNSAFE, str(exc)
-        if not self._begin(key):
+        if not await self._begin(key):
             return Outcome.DEFERRED, "the worker stops; saved for its restart"
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
         try:

@@ -29,9 +29,11 @@ torn record is skipped and counted, and reading goes on at the next mark.
 Every value read is checked before it reaches the engine (a time is finite
 and near the present): nothing on disk can stop the worker from starting.
 
-Journal writes land in the page cache (a crashed process cannot lose them);
-snapshots are synced before they replace the old one, so a power cut leaves
-the previous one.
+The event path only notes events: the service takes what was noted and
+appends it in a thread (:meth:`StateStore.take`, :meth:`StateStore.append`),
+so a slow disk holds up no event. Journal writes land in the page cache (a
+crashed process cannot lose them); snapshots are synced before they replace
+the old one, so a power cut leaves the previous one.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class StateStore:
         self._journal = 0  # number of the journal written to now
         self._fd: int | None = None
         self._events: list[tuple[str, float, bytes]] = []
+        self._queued: list[bytes] = []  # framed records not yet written, in order
         self._journal_bytes = 0  # written since the last snapshot
         self._snapshot_bytes = 0
         self._journal_re = re.compile(re.escape(path.name) + r"\.journal\.(\d{1,18})")
@@ -193,19 +196,37 @@ class StateStore:
 
     # -- while running -----------------------------------------------------
 
+    # The event path only notes: the service takes what was noted (cheap,
+    # no I/O) and appends it to the journal in a thread.
+
     def note_event(self, node: str, now: float, payload: bytes) -> None:
-        """An event the engine took at ``now``; written at the next :meth:`flush`."""
+        """An event the engine took at ``now``; in the next :meth:`take`."""
         self._events.append((node, now, payload))
 
     def note_action(self, call_id: str, device: str) -> None:
-        """Record that the action for (call, device) begins now (with every
-        event before it), before anything of it reaches Kamailio."""
-        self._write(self._pending() + _frame([_ACTION, call_id, device]))
+        """The action for (call, device) begins now: its record, after every
+        event before it, is in the next :meth:`take`; it must be appended
+        before anything of the action reaches Kamailio."""
+        self._queued.append(self._pending() + _frame([_ACTION, call_id, device]))
+
+    def take(self) -> bytes:
+        """Everything noted since the last take, framed, in order."""
+        if self._events:
+            self._queued.append(self._pending())
+        data = b"".join(self._queued)
+        self._queued.clear()
+        return data
+
+    def append(self, data: bytes) -> None:
+        """Append taken records to the journal (a thread may do it; one
+        at a time, never beside :meth:`snapshot`). Errors go to
+        ``on_error``."""
+        if data:
+            self._write(data)
 
     def flush(self) -> None:
-        """Write the events noted since the last flush."""
-        if self._events:
-            self._write(self._pending())
+        """Take and append at once."""
+        self.append(self.take())
 
     @property
     def wants_snapshot(self) -> bool:

@@ -116,6 +116,8 @@ class Service:
         )
         self.store: StateStore | None = None  # made when running (it needs the clock)
         self._state_lock = trio.Lock()
+        self._journal_io = trio.Lock()  # one journal append at a time, never beside a snapshot
+        self._journal_soon = trio.Event()
         self._restored_actions: tuple[list[Act], list[Act]] = ([], [])  # to begin, to retry
         self._intake = trio.CancelScope()
         # Captures store wall-clock receive times; the service runs on trio's clock.
@@ -138,7 +140,7 @@ class Service:
         self.clocks.wall_offset = self._wall_offset
         if self.config.state_file is not None:
             self.store = StateStore(self.config.state_file, self._wall_offset, self._on_state_error)
-            self.actions.on_begin = self.store.note_action
+            self.actions.on_begin = self._journal_action
         stale = remove_stale_folders()
         if stale:
             log.info("stale SIPp folders removed %s", kv(count=stale))
@@ -237,21 +239,45 @@ class Service:
         return self.protocol.restore(node, payload, now).decisions
 
     async def _persist(self) -> None:
-        """Journal the events at least every ``state_interval``; compact the
-        journal into a snapshot when it outgrew the last one."""
+        """Journal the events at least every ``state_interval`` (at once
+        after a REGISTER); compact the journal into a snapshot when it
+        outgrew the last one."""
         store = self.store
         assert store is not None
         while True:
-            await trio.sleep(self.config.state_interval)
-            store.flush()
+            with trio.move_on_after(self.config.state_interval):
+                await self._journal_soon.wait()
+            self._journal_soon = trio.Event()
+            await self._append_journal()
             if store.wants_snapshot:
                 await self._save_state(self.actions.waiting())
+
+    async def _append_journal(self) -> None:
+        """Append what was noted to the journal, in a thread: a slow or
+        failing disk never holds up the events."""
+        store = self.store
+        assert store is not None
+        async with self._journal_io:
+            data = store.take()
+            if data:
+                await trio.to_thread.run_sync(store.append, data)
+
+    async def _journal_action(self, call_id: str, device: str) -> None:
+        """An action begins: its record (and every event before it) is in
+        the page cache before anything of it reaches Kamailio, so a crash
+        never begins it twice."""
+        assert self.store is not None
+        self.store.note_action(call_id, device)
+        await self._append_journal()
 
     async def _save_state(self, deferred: list[Act] | None = None) -> bool:
         store = self.store
         assert store is not None
         async with self._state_lock:
-            snapshot = store.snapshot(self.engine, trio.current_time(), deferred, self.push_book)
+            async with self._journal_io:
+                await trio.to_thread.run_sync(store.append, store.take())
+                # What came meanwhile (a few events) is written by snapshot() itself.
+                snapshot = store.snapshot(self.engine, trio.current_time(), deferred, self.push_book)
             # Encoding and writing in a thread: the records are immutable.
             return await trio.to_thread.run_sync(store.write, snapshot)
 
@@ -330,10 +356,10 @@ class Service:
             if self.store is not None:
                 self.store.note_event(node, now, payload)
                 if isinstance(event, Register):
-                    # On disk before any action it led to begins: a crash, even
-                    # within the journal's interval, loses no late REGISTER
-                    # (a write to the page cache; a kill -9 cannot undo it).
-                    self.store.flush()
+                    # Journaled at once, not at the next interval: a crash
+                    # soon after loses no late REGISTER. (Before any action
+                    # it led to begins in any case: see _journal_action.)
+                    self._journal_soon.set()
             if got.decisions:
                 self.dispatcher.dispatch(got.decisions, now)
             deadline = self.engine.next_deadline()

@@ -97,7 +97,8 @@ def test_the_journal_keeps_an_action_begun_after_the_last_snapshot(tmp_path: Pat
     j.handle(j.wire.raw("call_cancelled", T0 + 1, call_id="c1"), 1.0)
     j.store.write(j.store.snapshot(j.engine, 1.5))
     (act,) = j.engine.handle(j.wire.register(T0 + 2), 2.0)  # not journaled as an event...
-    j.store.note_action(act.call_id, act.device)  # ...but its action is; then kill -9
+    j.store.note_action(act.call_id, act.device)  # ...but its action is...
+    j.store.flush()  # ...before its pin goes out; then kill -9
 
     def again(journal: bool) -> list[Decision]:
         if not journal:
@@ -137,6 +138,7 @@ def test_a_written_snapshot_removes_the_journals_it_contains(tmp_path: Path) -> 
     j.store.note_action("c1", "a")
     snapshot = j.store.snapshot(j.engine, 1.5)
     j.store.note_action("c1", "b")  # after the snapshot: in the next journal
+    j.store.flush()
     assert len(list(tmp_path.glob("state.journal.*"))) == 2
     assert j.store.write(snapshot)
     (left,) = tmp_path.glob("state.journal.*")

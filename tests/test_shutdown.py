@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,44 @@ async def test_a_state_file_that_cannot_be_read_is_set_aside_and_the_worker_star
         assert service.engine.call_count == 0
         nursery.cancel_scope.cancel()
     assert not state.exists() and (tmp_path / "state.msgpack.bad").is_file()
+
+
+async def test_a_disk_that_blocks_holds_up_no_event_and_loses_none(tmp_path: Path) -> None:
+    state = tmp_path / "state.msgpack"
+    service = Service(Config(state_file=state))
+    disk = threading.Event()  # the disk answers when set
+    appended_on: list[bool] = []  # whether each append ran on the event loop's thread
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        store = service.store
+        assert store is not None
+        write = store.append
+
+        def slow_append(data: bytes) -> None:
+            appended_on.append(threading.current_thread() is threading.main_thread())
+            disk.wait(10)
+            write(data)
+
+        store.append = slow_append  # type: ignore[method-assign]
+        for n in range(200):
+            now = trio.current_time()
+            call = f"c{n}"
+            service.on_frame("kam1", frame("call_start", T0, 3 * n + 1, call_id=call, aor="bob@x", from_user="a"), now)
+            service.on_frame("kam1", frame("register", T0 + 1, 3 * n + 2, **{**REG, "aor": f"u{n}@x"}), now)
+            service.on_frame("kam1", frame("call_answered", T0 + 2, 3 * n + 3, call_id=call), now)
+            await trio.lowlevel.checkpoint()
+        # Every event handled while the disk hangs; a REGISTER asked for a write at once.
+        assert service.engine.call_count == 200
+        with trio.fail_after(5):
+            while not appended_on:
+                await trio.sleep(0.01)
+        disk.set()
+        while_running = list(appended_on)
+        await service.stop()  # its snapshot writes what is left, on the way out
+        nursery.cancel_scope.cancel()
+    assert while_running and not any(while_running)
+    restarted = Service(Config(state_file=state))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(restarted.run)
+        assert restarted.engine.call_count == 200
+        nursery.cancel_scope.cancel()
