@@ -37,7 +37,7 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.demo import KamailioProcess
+from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.net import bind_error, free_media_port, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

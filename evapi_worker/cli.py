@@ -18,8 +18,9 @@ from . import __version__
 from .bundled import copy_kamailio_files, kamailio_files
 from .capture import PushNote, Record
 from .config import Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
-from .demo import DEMO_DOMAIN, DemoError, DemoOptions, check_demo_addresses, run_demo
+from .demo import DEMO_DOMAIN, DemoOptions, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
+from .kamailio_process import DemoError
 from .logs import kv, setup_logging
 from .replay import apply_what_if, decision_json, decision_text, differences, load_records, progress_stream, replay
 from .report import MAX_SECONDS, figures, render_html

@@ -4,52 +4,41 @@ Starts the bundled Kamailio config in a private runtime folder, connects a
 worker to it, plays two short stories with SIPp phones (a call answered on a
 desk phone, then a missed call, each with an iPhone that wakes up too late),
 tells what happened in plain words, and keeps running until Ctrl-C so you
-can send your own SIP traffic.
+can send your own SIP traffic. Kamailio is supervised by
+kamailio_process.py, the phones are phones.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import secrets
 import shutil
-import signal
-import socket
-import sqlite3
-import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import IO, Final, TextIO
+from typing import TextIO
 
 import msgspec
 import trio
 
 from .apns import ApnsSettings
-from .bundled import bundled
 from .config import Config, ConfigError
 from .engine import Act, Decision
 from .evapi_client import NodeAddress
-from .net import bind_error, free_port
+from .kamailio_process import DemoError, KamailioProcess, Subscriber
 from .outcomes import Outcome
+from .phones import DESK_UA, IPHONE_UA, Phones, phone_scenario, received
 from .push_standin import ApnsStandIn, ReceivedPush, make_apns_key, make_tls, serve_standin
 from .service import Service
 from .sip_values import bracketed
-from .sipp_runner import bundled_scenario
 
 __all__ = [
-    "DemoError",
+    "DEMO_DOMAIN",
     "DemoOptions",
-    "KamailioProcess",
-    "Phones",
-    "Subscriber",
     "Watch",
-    "bundled_kamailio_cfg",
-    "received",
+    "check_demo_addresses",
     "run_demo",
     "start_watched_worker",
 ]
@@ -61,266 +50,6 @@ INSTALL_HINT = (
 # The demo's SIP domain: a name, not the server's address, as in the field.
 DEMO_DOMAIN = "voip.example.org"
 DEMO_USERS = ("alice", "bob", "carol", "dave")
-IPHONE_UA = "LinphoneiOS/5.2.5 (iPhone; iOS 17.4) LinphoneSDK/5.3.0"
-DESK_UA = "Yealink SIP-T46U 108.86.0.45"
-
-
-class DemoError(Exception):
-    """Something the user can fix; the message says how."""
-
-
-def bundled_kamailio_cfg() -> Path:
-    return bundled("kamailio", "kamailio.cfg")
-
-
-def _scenario(name: str) -> Path:
-    return bundled_scenario().with_name(name)
-
-
-@dataclass(frozen=True)
-class Subscriber:
-    """An account for the bundled config's digest authentication."""
-
-    user: str
-    password: str
-
-
-@dataclass
-class KamailioProcess:
-    """A Kamailio running the bundled config in its own folder.
-
-    ``domain`` is the SIP domain it serves besides its address; ``sip6_host``
-    an IPv6 address it listens on too, on the same ports; ``tls_port``
-    adds a TLS listener with a throw-away self-signed certificate made in
-    ``folder``; ``subscribers`` turns digest authentication on, with a
-    SQLite subscriber table in ``folder``. ``defines`` are more ``-A``
-    settings (``EVW_PUSH_HOLD=5``, ``EVW_HOLD_KNOWN``).
-    """
-
-    sip_host: str
-    sip_port: int
-    evapi_host: str
-    evapi_port: int
-    node: str
-    worker_ip: str
-    folder: Path
-    domain: str | None = None
-    tls_port: int | None = None
-    subscribers: tuple[Subscriber, ...] | None = None
-    defines: tuple[str, ...] = ()
-    sip6_host: str | None = None
-    process: ChildProcess | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.folder / "kamailio.log"
-
-    @property
-    def database(self) -> Path:
-        return self.folder / "evw.sqlite"
-
-    @property
-    def control(self) -> str:
-        """Its control socket, for ``kamcmd -s``."""
-        return f"unix:{self.folder / 'kamailio_ctl'}"
-
-    async def wait_registered(self, aor: str, count: int = 1, timeout: float = 5.0) -> None:
-        """Return once ``aor`` has ``count`` Contacts registered."""
-        await wait_registered(self.control, aor, count, timeout)
-
-    def run_in_folder(self, config: Path) -> list[str]:
-        """Kamailio with ``config`` in the foreground, its runtime files
-        (pid, control socket) in :attr:`folder`."""
-        binary = shutil.which("kamailio") or "kamailio"
-        # -x tlsf: Kamailio's O(1) allocator; its default first-fit one
-        # cost a third of Kamailio's CPU in a burst of late phones (docs/deploy.md).
-        return [
-            binary, "-f", str(config), "-DD", "-E", "-x", "tlsf",
-            "-Y", str(self.folder), "-P", str(self.folder / "kamailio.pid"), "-w", str(self.folder),
-        ]  # fmt: skip
-
-    def command(self) -> list[str]:
-        cmd = [
-            *self.run_in_folder(bundled_kamailio_cfg()),
-            "-A", f"EVW_SIP_IP={bracketed(self.sip_host)}", "-A", f"EVW_SIP_PORT={self.sip_port}",
-            "-A", f'EVW_EVAPI_ADDR="{self.evapi_host}:{self.evapi_port}"',
-            "-A", f'EVW_NODE="{self.node}"', "-A", f'EVW_WORKER_ADDRS="{address_pattern(self.worker_ip)}"',
-            "-A", f'EVW_DB_URL="sqlite:///{self.database}"', "-A", f'EVW_SQL_CON="evw=>sqlite:///{self.database}"',
-            "-A", f'EVW_CTL="{self.control}"',
-        ]  # fmt: skip
-        if self.sip6_host is not None:
-            cmd += ["-A", f"EVW_SIP_IP6={bracketed(self.sip6_host)}"]
-        if self.domain:
-            cmd += ["-A", f"EVW_DOMAIN={self.domain}"]
-        if self.tls_port is not None:
-            cmd += [
-                "-A", "EVW_WITH_TLS", "-A", f"EVW_TLS_PORT={self.tls_port}",
-                "-A", f'EVW_TLS_CERT="{self.folder / "tls-cert.pem"}"',
-                "-A", f'EVW_TLS_KEY="{self.folder / "tls-key.pem"}"',
-            ]  # fmt: skip
-        if self.subscribers is not None:
-            cmd += ["-A", "EVW_WITH_AUTH"]
-        for define in self.defines:
-            cmd += ["-A", define]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            # Kamailio ends with the process that started it, even one killed
-            # with SIGKILL: no Kamailio is left holding the demo's ports.
-            cmd = [setpriv, "--pdeathsig", "TERM", *cmd]
-        return cmd
-
-    async def _prepare(self) -> None:
-        """The certificate and the database the command line points at."""
-        if self.tls_port is not None:
-            name = self.domain or self.sip_host
-            await make_certificate(self.folder / "tls-cert.pem", self.folder / "tls-key.pem", name)
-        write_database(self.database, self.subscribers or (), self.domain or self.sip_host)
-
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[KamailioProcess]:
-        """Start Kamailio, wait until evapi listens, stop it (and its children) after."""
-        ports = [
-            (self.sip_host, self.sip_port, socket.SOCK_DGRAM, "SIP (UDP)"),
-            (self.sip_host, self.sip_port, socket.SOCK_STREAM, "SIP (TCP)"),
-            (self.evapi_host, self.evapi_port, socket.SOCK_STREAM, "evapi"),
-        ]
-        if self.sip6_host is not None:
-            ports += [
-                (self.sip6_host, self.sip_port, socket.SOCK_DGRAM, "SIP (UDP, IPv6)"),
-                (self.sip6_host, self.sip_port, socket.SOCK_STREAM, "SIP (TCP, IPv6)"),
-            ]
-        if self.tls_port is not None:
-            ports += [
-                (host, self.tls_port, socket.SOCK_STREAM, "SIP (TLS)")
-                for host in (self.sip_host, self.sip6_host)
-                if host is not None
-            ]
-        for host, port, kind, what in ports:
-            if bind_error(host, port, kind) is not None:
-                raise DemoError(
-                    f"{what} port {host}:{port} is in use "
-                    "(a system Kamailio? stop it, or pick another with --sip/--evapi/--tls)"
-                )
-        await self._prepare()
-        with self.log.open("wb") as log:
-            self.process = ChildProcess.start(self.command(), log)
-        try:
-            with trio.move_on_after(15) as waiting:
-                while True:
-                    if self.process.returncode is not None:
-                        raise DemoError(f"Kamailio exited at start:\n{self.tail()}")
-                    try:
-                        stream = await trio.open_tcp_stream(self.evapi_host, self.evapi_port)
-                    except OSError:
-                        await trio.sleep(0.05)
-                        continue
-                    await stream.aclose()
-                    break
-            if waiting.cancelled_caught:
-                raise DemoError(f"Kamailio did not open evapi in 15 s:\n{self.tail()}")
-            yield self
-        finally:
-            self._stop()
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await self.process.wait()
-
-    def _stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
-
-
-def address_pattern(address: str) -> str:
-    """A POSIX regular expression (as Kamailio's ``=~`` takes it) that
-    matches exactly ``address``, an IPv4 or IPv6 address."""
-    if not re.fullmatch(r"[0-9A-Fa-f.:]+", address):
-        raise ValueError(f"not an IP address: {address!r}")
-    return "^" + address.replace(".", "[.]") + "$"
-
-
-class ChildProcess:
-    """A child process started from this process's main thread.
-
-    ``setpriv --pdeathsig`` ties a child's life to the *thread* that started
-    it. Trio starts processes from a worker thread, which ends after some
-    seconds idle and would take Kamailio with it in the middle of a demo;
-    the main thread lasts as long as the process.
-    """
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self._popen = popen
-        self.pid = popen.pid
-
-    @classmethod
-    def start(cls, command: list[str], log: IO[bytes]) -> ChildProcess:
-        """Start ``command`` in a session of its own, output to ``log``."""
-        popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        return cls(popen)
-
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.poll()
-
-    async def wait(self) -> int:
-        """Wait until it has exited (and reap it)."""
-        fd = os.pidfd_open(self.pid)
-        try:
-            while (code := self._popen.poll()) is None:
-                await trio.lowlevel.wait_readable(fd)
-        finally:
-            os.close(fd)
-        return code
-
-
-async def make_certificate(cert: Path, key: Path, name: str) -> None:
-    """A throw-away self-signed certificate for ``name`` (openssl)."""
-    binary = shutil.which("openssl")
-    if binary is None:
-        raise DemoError("openssl not found; install it with: apt-get install openssl")
-    result = await trio.run_process(
-        [
-            binary, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
-        ],
-        stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise DemoError(f"openssl could not make a certificate: {result.stderr.decode(errors='replace')[-300:]}")
-
-
-# The tables the bundled config reads: Kamailio's own subscriber schema
-# (version 7) and an htable table (version 2) for known push accounts.
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS version (
-    table_name VARCHAR(32) NOT NULL PRIMARY KEY, table_version INTEGER DEFAULT 0 NOT NULL);
-CREATE TABLE IF NOT EXISTS subscriber (
-    id INTEGER PRIMARY KEY NOT NULL, username VARCHAR(64) DEFAULT '' NOT NULL,
-    domain VARCHAR(64) DEFAULT '' NOT NULL, password VARCHAR(64) DEFAULT '' NOT NULL,
-    ha1 VARCHAR(128) DEFAULT '' NOT NULL, ha1b VARCHAR(128) DEFAULT '' NOT NULL,
-    CONSTRAINT subscriber_account_idx UNIQUE (username, domain));
-CREATE TABLE IF NOT EXISTS evw_push (
-    id INTEGER PRIMARY KEY NOT NULL, key_name VARCHAR(256) DEFAULT '' NOT NULL,
-    key_type INTEGER DEFAULT 0 NOT NULL, value_type INTEGER DEFAULT 0 NOT NULL,
-    key_value VARCHAR(128) DEFAULT '' NOT NULL, expires INTEGER DEFAULT 0 NOT NULL);
-CREATE UNIQUE INDEX IF NOT EXISTS evw_push_key_name_idx ON evw_push (key_name);
-INSERT OR IGNORE INTO version VALUES ('subscriber', 7), ('evw_push', 2);
-"""
-
-
-def write_database(path: Path, subscribers: tuple[Subscriber, ...], domain: str) -> None:
-    """Create (or extend) the bundled config's SQLite database."""
-    with contextlib.closing(sqlite3.connect(path)) as db, db:
-        db.executescript(_SCHEMA)
-        db.executemany(
-            "INSERT OR REPLACE INTO subscriber (username, domain, password) VALUES (?, ?, ?)",
-            [(s.user, domain.lower(), s.password) for s in subscribers],
-        )
 
 
 @dataclass
@@ -348,142 +77,6 @@ class Watch:
             while call_id not in self.outcomes:
                 await self.changed.wait()
         return self.outcomes.get(call_id)
-
-
-async def registered_contacts(control: str, aor: str) -> int:
-    """How many Contacts the Kamailio behind the control socket ``control``
-    has registered for ``aor`` (as an operator asks it: ``kamcmd ul.lookup``)."""
-    result = await trio.run_process(
-        ["kamcmd", "-s", control, "ul.lookup", "location", aor], capture_stdout=True, capture_stderr=True, check=False
-    )
-    return int(result.stdout.count(b"\tAddress: "))
-
-
-async def wait_registered(control: str, aor: str, count: int = 1, timeout: float = 5.0) -> None:
-    """Return once ``aor`` has ``count`` Contacts registered."""
-    with trio.fail_after(timeout):
-        while await registered_contacts(control, aor) < count:  # noqa: ASYNC110 (polls Kamailio, which tells no one)
-            await trio.sleep(0.05)
-
-
-class Phones:
-    """SIPp phones and callers for the stories; every run is bounded in time.
-
-    Phones register as ``user@domain`` through Kamailio's address, with a
-    Contact that names the device (``dev-<instance>``), not the account;
-    callers call from ``caller_domain``, a domain this Kamailio does not
-    serve (so its calls need no authentication).
-    """
-
-    def __init__(
-        self,
-        sip_host: str,
-        sip_port: int,
-        folder: Path,
-        domain: str | None = None,
-        *,
-        caller_domain: str = "caller.example.net",
-        passwords: dict[str, str] | None = None,
-    ) -> None:
-        self.sip_host = sip_host
-        self.target = f"{bracketed(sip_host)}:{sip_port}"
-        self.folder = folder
-        self.domain = domain or sip_host
-        self.caller_domain = caller_domain
-        self.passwords = passwords or {}
-
-    async def _sipp(self, args: list[str], timeout: float) -> int | None:
-        """Run SIPp; its exit code (0: every call went as scripted), None
-        when it ran out of time."""
-        binary = shutil.which("sipp") or "sipp"
-        with trio.move_on_after(timeout):
-            result = await trio.run_process(
-                [binary, self.target, "-i", self.sip_host, "-m", "1", "-nostdin", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                check=False,
-                cwd=str(self.folder),
-                start_new_session=True,
-            )
-            return result.returncode
-        return None
-
-    async def phone(
-        self,
-        user: str,
-        ua: str,
-        instance: str,
-        behaviour: str | Path,
-        stay_ms: int,
-        log: Path,
-        *,
-        transport: str = "u1",
-        contact_host: str | None = None,
-        port: int | None = None,
-        register: Path | None = None,
-    ) -> None:
-        """Register ``user``, handle calls with ``behaviour`` (a bundled phone
-        scenario's name, or a path) for ``stay_ms``, then unregister.
-        ``contact_host`` puts another host than the phone's address in its
-        Contact (a phone behind NAT); ``register`` replaces the bundled
-        register-stay-unregister scenario."""
-        calls = behaviour if isinstance(behaviour, Path) else _scenario(f"{behaviour}.xml")
-        auth = ["-au", user, "-ap", self.passwords[user]] if user in self.passwords else []
-        await self._sipp(
-            [
-                "-sf", str(register or _scenario("phone_register.xml")), "-oocsf", str(calls), "-t", transport,
-                "-p", str(port or free_port(self.sip_host)), "-d", str(stay_ms), *auth,
-                "-key", "user", user, "-key", "domain", self.domain, "-key", "ua", ua, "-key", "instance", instance,
-                "-key", "contact_user", f"dev-{instance}",
-                "-key", "contact_host", contact_host or bracketed(self.sip_host),
-                "-cid_str", f"reg-{instance}-%u-{secrets.token_hex(3)}", "-trace_logs", "-log_file", str(log),
-            ],
-            timeout=stay_ms / 1000 + 10,
-        )  # fmt: skip
-
-    async def call(
-        self,
-        caller: str,
-        caller_name: str,
-        callee: str,
-        call_id: str,
-        scenario: Path | None = None,
-        *,
-        transport: str = "u1",
-        log: Path | None = None,
-        timeout: float = 15,
-    ) -> int | None:
-        """``caller`` calls ``callee``: answered calls last a second, ringing
-        ones are given up after 2.5 s (or what ``scenario`` does). Returns
-        SIPp's exit code (0: the call went as scripted; None: out of time);
-        ``log`` keeps what the scenario logged."""
-        logging = ["-trace_logs", "-log_file", str(log)] if log is not None else []
-        return await self._sipp(
-            [
-                "-sf", str(scenario or _scenario("caller.xml")), "-t", transport,
-                "-p", str(free_port(self.sip_host)),
-                "-key", "caller", caller, "-key", "caller_name", caller_name,
-                "-key", "caller_domain", self.caller_domain, "-key", "callee", callee,
-                "-key", "domain", self.domain, "-cid_str", call_id, *logging,
-            ],
-            timeout=timeout,
-        )  # fmt: skip
-
-
-def received(log: Path) -> tuple[str | None, str | None]:
-    """(Call-ID of the INVITE, Reason of the CANCEL) a phone logged."""
-    call_id = reason = None
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return None, None
-    for line in lines:
-        if line.startswith("invite call_id= "):
-            call_id = line.split("call_id= ", 1)[1].split(" from=")[0].strip()
-        elif line.startswith("cancel call_id= "):
-            reason = line.split("reason=", 1)[1].strip() or None
-    return call_id, reason
 
 
 async def _story(
@@ -566,7 +159,7 @@ async def _push_story(
         "phone_rings",
         300,
         phones.folder / f"asleep-{callee}.log",
-        register=_scenario("iphone_push_sleeps.xml"),
+        register=phone_scenario("iphone_push_sleeps.xml"),
     )
     out(f"   {callee}'s iPhone registered with its push token, then iOS suspended the app")
     woken = trio.Event()
@@ -582,7 +175,7 @@ async def _push_story(
             "phone_answers" if in_time else "phone_rings",
             6000,
             iphone_log,
-            register=_scenario("iphone_push_register.xml"),
+            register=phone_scenario("iphone_push_register.xml"),
         )
 
     def on_push(push: ReceivedPush) -> None:
@@ -602,7 +195,7 @@ async def _push_story(
         )
         return
     out(f"   alice calls {callee}; the worker pushes the iPhone; alice gives up after 1.5 s of silence")
-    await phones.call("alice", "Alice Liddell", callee, call_id, _scenario("caller_gives_up.xml"))
+    await phones.call("alice", "Alice Liddell", callee, call_id, phone_scenario("caller_gives_up.xml"))
     outcome = await watch.outcome(call_id, timeout=15)
     out(f"   worker: late registration -> fake call (missed); outcome: {outcome.value if outcome else 'none in 15 s'}")
     got, reason = received(iphone_log)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from evapi_worker.config import ConfigError
-from evapi_worker.demo import DemoOptions, KamailioProcess, check_demo_addresses
+from evapi_worker.demo import DemoOptions, check_demo_addresses
+from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.sip_values import bracketed
 
 

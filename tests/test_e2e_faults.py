@@ -10,9 +10,11 @@ from pathlib import Path
 import trio
 
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.demo import KamailioProcess, Phones, Watch
+from evapi_worker.demo import Watch
 from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.outcomes import Outcome
+from evapi_worker.phones import Phones
 from evapi_worker.service import Service
 
 from .e2e_platform import HOST, Platform, late_iphone, needs_platform

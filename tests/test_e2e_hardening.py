@@ -11,10 +11,12 @@ from pathlib import Path
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.demo import DESK_UA, IPHONE_UA, KamailioProcess, Phones, received, start_watched_worker
+from evapi_worker.demo import start_watched_worker
 from evapi_worker.engine import EngineSettings
 from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.outcomes import Outcome
+from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones, received
 
 from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
 from .helpers import FAST_RECONNECT

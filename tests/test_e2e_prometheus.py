@@ -18,10 +18,12 @@ import pytest
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.demo import KamailioProcess, Phones, start_watched_worker
+from evapi_worker.demo import start_watched_worker
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.http_server import respond
+from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.outcomes import Outcome
+from evapi_worker.phones import Phones
 
 from .e2e_platform import DOMAIN, HOST, Platform, late_iphone
 from .helpers import FAST_RECONNECT

@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from evapi_worker.commands import Message, Pin
-from evapi_worker.demo import IPHONE_UA
 from evapi_worker.evapi_client import CommandFailed
+from evapi_worker.phones import IPHONE_UA
 from evapi_worker.service import Service
 
 from .e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform

@@ -24,8 +24,9 @@ import pytest
 import trio
 
 from evapi_worker.bundled import bundled, copy_kamailio_files
-from evapi_worker.demo import KamailioProcess, received
+from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.outcomes import Outcome
+from evapi_worker.phones import received
 
 from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
 from .sipp_device import SCENARIOS, free_port, free_sip_port

@@ -20,9 +20,10 @@ import trio
 
 from evapi_worker.commands import Pin
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.demo import IPHONE_UA, KamailioProcess, Phones
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.fake_calls import claim_key
+from evapi_worker.kamailio_process import KamailioProcess
+from evapi_worker.phones import IPHONE_UA, Phones
 from evapi_worker.service import Service
 
 from .e2e_platform import DOMAIN, HOST, needs_platform
