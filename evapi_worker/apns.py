@@ -31,7 +31,12 @@ from .http2_client import H2Client, H2Error
 from .push_answers import AnswerRules, PushAnswer, PushResult
 from .push_book import PushJob
 
-__all__ = ["ApnsClient", "ApnsSettings", "apns_payload"]
+__all__ = [
+    "ApnsClient",
+    "ApnsSettings",
+    "apns_payload",
+    "tls_context",
+]
 
 PRODUCTION: Final = "https://api.push.apple.com"
 SANDBOX: Final = "https://api.sandbox.push.apple.com"

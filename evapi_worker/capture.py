@@ -38,6 +38,7 @@ from .logs import kv
 
 __all__ = [
     "CAPTURE_FORMAT",
+    "CAPTURE_VERSION",
     "CaptureError",
     "CaptureSettings",
     "CaptureWriter",

@@ -28,12 +28,16 @@ from .runtime import check_runtime, tune_gc
 from .service import Service
 from .sip_values import bracketed
 
-__all__ = ["main"]
+__all__ = [
+    "build_config",
+    "build_parser",
+    "main",
+]
 
 log = logging.getLogger("evapi_worker")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evapi-worker",
         description="Give push-woken (iOS CallKit) devices that register late the call they missed.",
@@ -366,7 +370,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

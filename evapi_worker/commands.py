@@ -24,6 +24,7 @@ __all__ = [
     "Message",
     "Pin",
     "Ping",
+    "command_name",
     "encode_command",
 ]
 

@@ -37,11 +37,14 @@ __all__ = [
     "ConfigError",
     "EvapiSettings",
     "PushSettings",
+    "config_from",
     "load_config",
     "parse_hostport",
     "parse_metrics",
     "parse_node",
+    "read_toml",
     "with_changes",
+    "with_nodes",
 ]
 
 DEFAULT_EVAPI: Final = "127.0.0.1:8448"

@@ -19,7 +19,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from .logs import kv
 
-__all__ = ["serve_http"]
+__all__ = [
+    "accept_forever",
+    "respond",
+    "serve_http",
+]
 
 log = logging.getLogger("evapi_worker.http")
 
@@ -155,14 +159,14 @@ async def serve_http(
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept, listener, handle)
+                nursery.start_soon(accept_forever, listener, handle)
     finally:
         with trio.CancelScope(shield=True):
             for listener in listeners:
                 await listener.aclose()
 
 
-async def _accept(
+async def accept_forever(
     listener: trio.abc.Listener[trio.SocketStream],
     handle: Callable[[trio.SocketStream], Awaitable[None]],
 ) -> None:

@@ -21,7 +21,15 @@ from .netstring import FramingFault
 from .outcomes import Outcome
 from .push_answers import PushOutcome
 
-__all__ = ["Metrics"]
+__all__ = [
+    "COMMANDS",
+    "COMMAND_FAILURES",
+    "DECISIONS",
+    "EVENT_ERROR_REASONS",
+    "PUSH_PROVIDERS",
+    "PUSH_RESULTS",
+    "Metrics",
+]
 
 # Every label value comes from the enum that makes it.
 EVENT_ERROR_REASONS: tuple[str, ...] = tuple(EventErrorReason) + tuple(

@@ -34,8 +34,11 @@ __all__ = [
     "after_push",
     "apply_what_if",
     "decision_json",
+    "decision_text",
     "decode_records",
+    "differences",
     "load_records",
+    "progress_stream",
     "replay",
     "replay_decoded",
 ]

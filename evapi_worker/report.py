@@ -27,7 +27,11 @@ from .capture import Record
 from .engine import Act, Decision, EndKind, EngineSettings, Reason
 from .replay import ReplayResult, after_push, decode_records, replay_decoded
 
-__all__ = ["figures", "render_html"]
+__all__ = [
+    "MAX_SECONDS",
+    "figures",
+    "render_html",
+]
 
 # Wake-up delays are drawn in one-second bins up to this; later ones share a
 # last bin. The coverage curve covers the windows 1..MAX_SECONDS.

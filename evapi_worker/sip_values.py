@@ -20,6 +20,7 @@ from typing import Final
 
 __all__ = [
     "UnsafeValue",
+    "bracketed",
     "call_id",
     "display_name",
     "ip_host",

@@ -140,9 +140,9 @@ def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_run_flags_reach_the_config(tmp_path: Path) -> None:
-    from evapi_worker.cli import _parser, build_config
+    from evapi_worker.cli import build_config, build_parser
 
-    args = _parser().parse_args(
+    args = build_parser().parse_args(
         [
             "run",
             "--capture",

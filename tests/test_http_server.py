@@ -9,7 +9,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
-from evapi_worker.http_server import _accept, respond, serve_http
+from evapi_worker.http_server import accept_forever, respond, serve_http
 
 
 def registry() -> CollectorRegistry:
@@ -128,7 +128,7 @@ async def test_out_of_descriptors_on_accept_is_waited_out_not_an_end(caplog: pyt
         raise AssertionError
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_accept, listener, handle)
+        nursery.start_soon(accept_forever, listener, handle)
         with trio.fail_after(2):
             while not listener.accepted:
                 await trio.sleep(0.01)

@@ -1,7 +1,8 @@
-"""The test suite's own settings."""
+"""The test suite's own settings, the locked versions, and the package's API."""
 
 from __future__ import annotations
 
+import ast
 from importlib.metadata import version
 from pathlib import Path
 
@@ -26,3 +27,29 @@ def test_the_installed_versions_are_the_locked_ones() -> None:
     }
     moved = {name: (want, version(name)) for name, want in pins.items() if version(name) != want}
     assert moved == {}
+
+
+def test_each_module_s_all_is_what_others_import_from_it() -> None:
+    # __all__ is the package's API: a name another module (or a test, or a
+    # benchmark) imports from a module is in that module's __all__.
+    root = Path(__file__).parent.parent
+    exported: dict[str, set[str]] = {}
+    for path in (root / "evapi_worker").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+                exported[path.stem] = set(ast.literal_eval(node.value))
+    assert len(exported) > 30
+    outside = []
+    for folder in ("evapi_worker", "tests", "bench"):
+        for path in (root / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom) or node.module is None:
+                    continue
+                if folder == "evapi_worker" and node.level == 1:
+                    module = node.module
+                elif node.module.startswith("evapi_worker."):
+                    module = node.module.removeprefix("evapi_worker.")
+                else:
+                    continue
+                outside += [f"{path.name}: {module}.{a.name}" for a in node.names if a.name not in exported[module]]
+    assert outside == []
