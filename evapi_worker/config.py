@@ -26,10 +26,12 @@ import msgspec
 
 from .apns import ApnsSettings
 from .capture import CaptureSettings
-from .engine import EngineSettings
+from .engine import EngineSettings, Seconds
 from .evapi_client import Backoff, NodeAddress
 from .fcm import FcmSettings
+from .msgspec_errors import read_problem
 from .netstring import DEFAULT_MAX_FRAME
+from .sip_values import UnsafeValue, sip_host
 from .sipp_runner import SippSettings
 
 __all__ = [
@@ -51,11 +53,9 @@ DEFAULT_EVAPI: Final = "127.0.0.1:8448"
 DEFAULT_SIP_PORT: Final = 5060
 DEFAULT_METRICS: Final = "127.0.0.1:9848"
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
-_HOST_RE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.\-]{0,252})")
 
-# Seconds and counts: finite, never negative (TOML has inf and nan; no
-# setting means them).
-Seconds = Annotated[float, msgspec.Meta(ge=0, le=86_400)]
+# Durations (Seconds, from engine.py) and counts: finite, never negative
+# (TOML has inf and nan; no setting means them).
 Positive = Annotated[float, msgspec.Meta(ge=0.001, le=86_400)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -151,8 +151,10 @@ def parse_hostport(text: str, key: str, default_port: int | None = None) -> tupl
             raise ConfigError(key, f"{text!r}: write an IPv6 address as [addr]:port")
         if not host:
             raise ConfigError(key, f"{text!r} has no host")
-        if not _HOST_RE.fullmatch(host):
-            raise ConfigError(key, f"{host!r} is not a hostname or IP address")
+        try:
+            sip_host(key, host)
+        except UnsafeValue:
+            raise ConfigError(key, f"{host!r} is not a hostname or IP address") from None
     if not port_text:
         if default_port is None:
             raise ConfigError(key, f"{text!r} has no port")
@@ -231,15 +233,11 @@ def _convert(data: object, kind: type[T], prefix: str = "", names: Mapping[str, 
     try:
         return msgspec.convert(data, kind, dec_hook=_dec_hook, strict=False)
     except msgspec.ValidationError as exc:
-        problem, at, where = str(exc).rpartition(" - at `$")
-        if not at:
-            problem, where = str(exc), ""
-        path = [part for part in where.rstrip("`").split(".") if part]
+        found = read_problem(str(exc))
+        problem, path = found.text, found.path
         # Problems with one field of a table name it in the message.
-        if (field := re.match(r"Object contains unknown field `(\w+)`", problem)) is not None:
-            path, problem = [*path, field.group(1)], "unknown key"
-        elif (field := re.match(r"Object missing required field `(\w+)`", problem)) is not None:
-            path, problem = [*path, field.group(1)], "is required"
+        if found.field is not None:
+            path, problem = [*path, found.field], "unknown key" if found.kind == "unknown_field" else "is required"
         elif (field := re.match(r"(\w+): ", problem)) is not None:  # a check across fields
             path, problem = [*path, field.group(1)], problem[field.end() :]
         else:

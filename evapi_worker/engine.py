@@ -60,6 +60,7 @@ __all__ = [
     "EngineSettings",
     "EngineState",
     "Reason",
+    "Seconds",
     "Strategy",
 ]
 

@@ -27,6 +27,9 @@ import msgspec
 from msgspec import Meta, Struct
 from msgspec.structs import force_setattr
 
+from .msgspec_errors import read_problem
+from .sip_values import CALL_ID_PATTERN
+
 __all__ = [
     "EVENT_TYPES",
     "MAX_NAME",
@@ -57,9 +60,7 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 1
 
-# RFC 3261 callid = word [ "@" word ]; word characters as in section 25.1.
-_WORD: Final = r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+"
-CallId = Annotated[str, Meta(pattern=f"^{_WORD}(@{_WORD})?$", max_length=256)]
+CallId = Annotated[str, Meta(pattern=f"^{CALL_ID_PATTERN}$", max_length=256)]
 # Every string has a bound, so the memory a tracked call or device can take
 # is known (a 15 KB display name under the frame limit would otherwise be
 # kept as it is); longer values make the event invalid (bad_value).
@@ -434,19 +435,21 @@ def _parse_with_unknown_fields(payload: bytes | str) -> Parsed:
 
 def _classify(message: str) -> EventError:
     """Map msgspec's message to a reason code, keeping it as the detail."""
-    if message.startswith(("missing_field: ", "bad_version: ")):
-        reason, _, detail = message.partition(": ")
-        return EventError(EventErrorReason(reason), detail.split(" - at `")[0])
-    if "`$.event`" in message:
-        if message.startswith("Invalid value"):
-            value = message.removeprefix("Invalid value ").split(" - at")[0]
+    found = read_problem(message)
+    text = found.text
+    if text.startswith(("missing_field: ", "bad_version: ")):  # raised by the events' own checks
+        reason, _, detail = text.partition(": ")
+        return EventError(EventErrorReason(reason), detail)
+    if found.path == ["event"]:
+        if text.startswith("Invalid value"):
+            value = text.removeprefix("Invalid value ")
             return UnknownEventError(EventErrorReason.UNKNOWN_TYPE, f"event type {value[:40]} is not known")
         return EventError(EventErrorReason.MISSING_FIELD, "field 'event' is missing or not a string")
-    if message.startswith("Object missing required field"):
+    if found.kind == "missing_field":
         return EventError(EventErrorReason.MISSING_FIELD, message)
-    if message.startswith("Expected `object`") and " - at " not in message:
+    if text.startswith("Expected `object`") and not found.path:
         return EventError(EventErrorReason.NOT_OBJECT, f"payload is not a JSON object: {message}")
-    if message.startswith("Expected") and ", got " in message:
+    if text.startswith("Expected") and ", got " in text:
         return EventError(EventErrorReason.BAD_TYPE, message)
     return EventError(EventErrorReason.BAD_VALUE, message)
 

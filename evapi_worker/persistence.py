@@ -324,6 +324,7 @@ class StateStore:
 
 
 _encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
 
 
 def _frame(record: list[object]) -> bytes:
@@ -394,15 +395,16 @@ def _record_at(data: bytes, pos: int) -> tuple[object, int] | None:
     if zlib.crc32(payload) != crc:
         return None
     try:
-        value = msgpack.unpackb(payload, raw=False)
-    except ValueError:  # msgpack's format errors (FormatError, StackError, ExtraData)
+        value = _decode(payload)
+    except (msgspec.DecodeError, RecursionError):
         return None
     return value, start + length
 
 
 def _read_unframed(data: bytes) -> list[list[object] | None]:
     """A journal from before framing: msgpack records back to back, read
-    up to the first that is damaged."""
+    up to the first that is damaged (msgpack's streaming reader: msgspec
+    reads one whole value at a time)."""
     out: list[list[object] | None] = []
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1)
     unpacker.feed(data)

@@ -16,6 +16,7 @@ import heapq
 import json
 import math
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ __all__ = [
     "decision_text",
     "decode_records",
     "differences",
+    "iso_time",
     "load_records",
     "progress_stream",
     "replay",
@@ -233,14 +235,13 @@ def decision_json(d: Decision) -> str:
 def decision_text(d: Decision) -> str:
     end = "" if d.since_end is None else f", {d.since_end:.1f} s after it ended"
     return (
-        f"{_iso(d.ts)} {d.node} call={d.call_id} device={d.device}: {d.action.value} {d.reason} "
+        f"{iso_time(d.ts)} {d.node} call={d.call_id} device={d.device}: {d.action.value} {d.reason} "
         f"(registered {d.since_start:.1f} s after the call started{end})"
     )
 
 
-def _iso(ts: float) -> str:
-    import time
-
+def iso_time(ts: float) -> str:
+    """A Unix time as ISO 8601 UTC, to the millisecond."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -24,8 +23,8 @@ from typing import Final
 import msgspec
 
 from .capture import Record
-from .engine import Act, Decision, EndKind, EngineSettings, Reason
-from .replay import ReplayResult, after_push, decode_records, replay_decoded
+from .engine import Act, Decision, EngineSettings, Reason
+from .replay import ReplayResult, after_push, decode_records, iso_time, replay_decoded
 
 __all__ = [
     "MAX_SECONDS",
@@ -40,13 +39,6 @@ MAX_SECONDS: Final = 60
 PUSH_BIN: Final = 0.5
 PUSH_MAX_SECONDS: Final = 20
 _IN_TIME: Final = frozenset((Reason.RINGING, Reason.RANG))
-# How a call ended, as the charts name it.
-_ENDED: Final = {
-    EndKind.ANSWERED: "answered",
-    EndKind.DECLINED: "declined",
-    EndKind.CANCELLED: "missed",
-    EndKind.FAILED: "missed",
-}
 _SERIES: Final = ("in_time", "answered", "declined", "missed")
 _LABELS: Final = {
     "in_time": "in time for the real INVITE",
@@ -89,8 +81,8 @@ def _span(records: Sequence[Record], result: ReplayResult) -> dict[str, object]:
     first = records[0].received if records else None
     last = records[-1].received if records else None
     return {
-        "first": _iso(first) if first is not None else None,
-        "last": _iso(last) if last is not None else None,
+        "first": iso_time(first) if first is not None else None,
+        "last": iso_time(last) if last is not None else None,
         "seconds": round(last - first, 3) if first is not None and last is not None else 0,
         "records": result.records,
         "nodes": sorted({r.node for r in records}),
@@ -104,7 +96,7 @@ def _category(d: Decision) -> str | None:
         return None  # a second REGISTER of a device already decided
     if d.reason in _IN_TIME:
         return "in_time"
-    return _ENDED[d.end] if d.end is not None else None
+    return str(d.end.reason) if d.end is not None else None  # answered, declined or missed
 
 
 def _wakeup(decisions: Sequence[Decision]) -> dict[str, object]:
@@ -173,11 +165,7 @@ def _timeline(decisions: Sequence[Decision]) -> dict[str, object]:
     for d in late:
         name = "too_late" if d.reason is Reason.TOO_LATE else d.reason.value
         nodes[d.node][name][int((d.ts - start) // bucket)] += 1
-    return {"bucket_seconds": bucket, "start": _iso(start), "nodes": dict(sorted(nodes.items()))}
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+    return {"bucket_seconds": bucket, "start": iso_time(start), "nodes": dict(sorted(nodes.items()))}
 
 
 def _nice_step(raw: float) -> float:

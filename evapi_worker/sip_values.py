@@ -19,6 +19,7 @@ import re
 from typing import Final
 
 __all__ = [
+    "CALL_ID_PATTERN",
     "UnsafeValue",
     "bracketed",
     "call_id",
@@ -36,7 +37,11 @@ _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 # which SIPp would take as a field separator.
 _USER_SAFE: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()&=+$,?/")
 _HEX: Final = frozenset("0123456789abcdefABCDEF")
-_CALL_ID_RE: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+(@[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+)?")
+# RFC 3261 callid = word [ "@" word ]; word characters as in section 25.1.
+_WORD: Final = r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]+"
+CALL_ID_PATTERN: Final = f"{_WORD}(@{_WORD})?"
+"""A SIP Call-ID (the events' schema checks it too)."""
+_CALL_ID_RE: Final = re.compile(CALL_ID_PATTERN)
 _HOSTNAME_RE: Final = re.compile(
     r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.?"
 )

@@ -42,14 +42,14 @@ def test_each_module_s_all_is_what_others_import_from_it() -> None:
     outside = []
     for folder in ("evapi_worker", "tests", "bench"):
         for path in (root / folder).glob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if not isinstance(node, ast.ImportFrom) or node.module is None:
+            for found in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(found, ast.ImportFrom) or found.module is None:
                     continue
-                if folder == "evapi_worker" and node.level == 1:
-                    module = node.module
-                elif node.module.startswith("evapi_worker."):
-                    module = node.module.removeprefix("evapi_worker.")
+                if folder == "evapi_worker" and found.level == 1:
+                    module = found.module
+                elif found.module.startswith("evapi_worker."):
+                    module = found.module.removeprefix("evapi_worker.")
                 else:
                     continue
-                outside += [f"{path.name}: {module}.{a.name}" for a in node.names if a.name not in exported[module]]
+                outside += [f"{path.name}: {module}.{a.name}" for a in found.names if a.name not in exported[module]]
     assert outside == []
