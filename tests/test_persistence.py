@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,22 @@ def test_a_torn_last_journal_record_is_ignored(tmp_path: Path) -> None:
         f.write(b"\x92\xa1e\x91")  # a batch cut short by a crash
     _, result = restored(tmp_path / "state", 5.0)
     assert (result.events, result.actions_begun) == (1, 1)
+
+
+def test_a_well_framed_record_nested_past_any_depth_is_skipped_not_an_end(tmp_path: Path) -> None:
+    j = Journaled(tmp_path / "state")
+    j.handle(j.wire.raw("call_start", T0, call_id="c1", aor="bob@example.com", from_user="alice"), 0.0)
+    j.store.close()
+    (journal,) = tmp_path.glob("state.journal.*")
+    payload = b"\x91" * 100_000 + b"\xc0"  # a list in a list... 100,000 deep: the CRC is right
+    with journal.open("ab") as f:
+        f.write(struct.pack(">4sII", b"\xe5EVJ", len(payload), zlib.crc32(payload)) + payload)
+    j2 = Journaled(tmp_path / "state")  # restores, then journals on
+    j2.handle(j2.wire.raw("call_start", T0 + 1, call_id="c2", aor="bob@example.com", from_user="alice"), 1.0)
+    j2.store.close()
+    engine, result = restored(tmp_path / "state", 5.0)
+    assert (result.events, result.skipped) == (2, 1)
+    assert engine.call_count == 2
 
 
 def test_a_written_snapshot_removes_the_journals_it_contains(tmp_path: Path) -> None:
