@@ -11,6 +11,8 @@ import trio
 
 from evapi_worker.netstring import NEED_DATA, NetstringDecoder, encode
 
+from .helpers import frame
+
 
 class EvapiServer:
     """Accepts worker connections on 127.0.0.1, records commands, acks them."""
@@ -84,8 +86,7 @@ class EvapiServer:
 
     def event(self, event: str, ts: float, **fields: Any) -> bytes:
         self._seq += 1
-        obj = {"event": event, "node": self.node, "ts": ts, "seq": self._seq, "boot": 1, **fields}
-        return encode(json.dumps(obj).encode())
+        return encode(frame(event, ts, self._seq, node=self.node, **fields))
 
     async def send(self, data: bytes, stream: trio.SocketStream | None = None) -> None:
         async with self._send_lock:

@@ -20,6 +20,11 @@ from evapi_worker.events import Event, parse_event
 FAST_RECONNECT = EvapiSettings(reconnect_initial=0.01, reconnect_max=0.1)
 
 
+def frame(event: str, ts: float, seq: int, *, node: str = "kam1", boot: int = 1, **fields: Any) -> bytes:
+    """One v1 event's payload, as Kamailio's routes write it."""
+    return json.dumps({"event": event, "node": node, "ts": ts, "seq": seq, "boot": boot, **fields}).encode()
+
+
 class Wire:
     """Builds v1 events for one node, numbering them like Kamailio does."""
 
@@ -33,7 +38,8 @@ class Wire:
         return {"event": event, "node": self.node, "ts": ts, "seq": self.seq, "boot": self.boot, **fields}
 
     def raw(self, event: str, ts: float, **fields: Any) -> bytes:
-        return json.dumps(self.obj(event, ts, **fields)).encode()
+        self.seq += 1
+        return frame(event, ts, self.seq, node=self.node, boot=self.boot, **fields)
 
     def event(self, event: str, ts: float, **fields: Any) -> Event:
         return parse_event(self.raw(event, ts, **fields)).event

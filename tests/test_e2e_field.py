@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
 
 import trio
@@ -259,7 +260,13 @@ async def test_kamailio_outlives_the_thread_that_started_it(tmp_path: Path) -> N
     sip, evapi = free_sip_port(), free_port(socket.SOCK_STREAM)
     kam = KamailioProcess(HOST, sip, HOST, evapi, "outlives", HOST, tmp_path)
     async with kam.running():
-        await trio.sleep(13)
+        # Until every thread there was as Kamailio started has ended (trio's
+        # idle worker threads end after 10 s): none of them may take it along.
+        others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+        with trio.fail_after(30):
+            while any(t.is_alive() for t in others):
+                await trio.sleep(0.2)
+        await trio.sleep(0.5)  # a parent-death signal's delivery
         assert kam.process is not None and kam.process.returncode is None, kam.tail()
         stream = await trio.open_tcp_stream(HOST, evapi)
         await stream.aclose()

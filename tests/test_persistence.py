@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import struct
 import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -23,7 +21,7 @@ from evapi_worker.sipp_runner import SippSettings
 from evapi_worker.state import decode_snapshot
 
 from .evapi_server import EvapiServer
-from .helpers import Wire
+from .helpers import Wire, frame
 from .sipp_device import fake_sipp
 
 T0 = 1_700_000_000.0
@@ -173,10 +171,6 @@ def test_a_failed_snapshot_is_reported_and_keeps_the_previous_file(tmp_path: Pat
     assert not j.store.write(j.store.snapshot(j.engine, 1.5))
     assert [file for file, _ in j.errors] == ["snapshot"]
     assert (tmp_path / "state").read_bytes() == before
-
-
-def frame(event: str, ts: float, seq: int, **fields: Any) -> bytes:
-    return json.dumps({"event": event, "node": "kam1", "ts": ts, "seq": seq, "boot": 1, **fields}).encode()
 
 
 async def test_a_running_worker_keeps_its_state_on_disk_within_the_interval(tmp_path: Path) -> None:

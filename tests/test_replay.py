@@ -6,6 +6,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -16,6 +17,8 @@ from evapi_worker.config import Config
 from evapi_worker.engine import EngineSettings, Strategy
 from evapi_worker.replay import decision_json, load_records, replay
 from evapi_worker.service import Service
+
+from .helpers import frame
 
 DATA = Path(__file__).parent / "data"
 STORY = DATA / "story.evcap"
@@ -192,16 +195,13 @@ async def test_replay_decides_per_node_as_the_live_worker_did(tmp_path: Path) ->
     service.decision_listeners.append(lambda d: live.append(decision_json(d)))
     t0 = time.time()
 
-    def frame(node: str, event: str, ts: float, seq: int, **fields: object) -> bytes:
-        return json.dumps({"event": event, "node": node, "ts": ts, "seq": seq, "boot": 1, **fields}).encode()
-
     register = {"contact": "sip:d@127.0.0.1:7000", "src_ip": "127.0.0.1", "src_port": 7000, "proto": "udp",
                 "expires": 600, "user_agent": "LinphoneiOS/5"}  # fmt: skip
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
         for n, (conn, named) in enumerate((("kam1", "edge-a"), ("kam2", "edge-b"))):
             call = f"c{n}"
-            events: list[tuple[str, float, dict[str, object]]] = [
+            events: list[tuple[str, float, dict[str, Any]]] = [
                 # A newer config's field, an acknowledgement nobody waits
                 # for, a refusal, an event type this version does not know:
                 # each is what it is in the replay as it was live.
@@ -213,7 +213,7 @@ async def test_replay_decides_per_node_as_the_live_worker_did(tmp_path: Path) ->
                 ("register", t0 + 1, {"aor": f"u{n}@x", "instance": f"<i{n}>", **register}),
             ]
             for seq, (event, ts, fields) in enumerate(events, 1):
-                service.on_frame(conn, frame(named, event, ts, seq, **fields), trio.current_time())
+                service.on_frame(conn, frame(event, ts, seq, node=named, **fields), trio.current_time())
             service.on_frame(conn, b'{"event": "register", "node": 7}', trio.current_time())
         await trio.sleep(0.3)
         nursery.cancel_scope.cancel()

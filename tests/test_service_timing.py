@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import random
 import socket
@@ -19,14 +18,11 @@ from evapi_worker.evapi_client import Backoff, ConnectionState, EvapiConnection,
 from evapi_worker.sequence import SequenceTracker
 from evapi_worker.service import Service
 
+from .helpers import frame
 from .sipp_device import free_port
 
 T0 = 1_700_000_000.0
 STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
-
-
-def frame(event: str, ts: float, seq: int, **fields: Any) -> bytes:
-    return json.dumps({"event": event, "node": "kam1", "ts": ts, "seq": seq, "boot": 1, **fields}).encode()
 
 
 async def test_settle_and_expiry_run_on_the_service_timer(autojump_clock: trio.testing.MockClock) -> None:
@@ -37,7 +33,13 @@ async def test_settle_and_expiry_run_on_the_service_timer(autojump_clock: trio.t
         nursery.start_soon(service._timer)
         now = trio.current_time()
         service.on_frame("kam1", frame("call_start", T0, 1, call_id="c1", aor="bob@x", from_user="a"), now)
-        reg = {"aor": "bob@x", "contact": "sip:bob@h", "src_ip": "127.0.0.1", "src_port": 5060, "proto": "udp"}
+        reg: dict[str, Any] = {
+            "aor": "bob@x",
+            "contact": "sip:bob@h",
+            "src_ip": "127.0.0.1",
+            "src_port": 5060,
+            "proto": "udp",
+        }
         service.on_frame(
             "kam1", frame("register", T0 + 1, 2, expires=60, user_agent="LinphoneiOS", instance="<i1>", **reg), now
         )

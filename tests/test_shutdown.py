@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -19,17 +18,14 @@ from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 
 from .evapi_server import EvapiServer
+from .helpers import frame
 from .sipp_device import alive, fake_runs, fake_sipp, fake_starts
 
 T0 = 1_700_000_000.0
 STAMPED_FROM_NOW = True  # T0 is set as each test starts (conftest.py)
 
 
-def frame(event: str, ts: float, seq: int, **fields: Any) -> bytes:
-    return json.dumps({"event": event, "node": "kam1", "ts": ts, "seq": seq, "boot": 1, **fields}).encode()
-
-
-REG = {
+REG: dict[str, Any] = {
     "aor": "bob@x",
     "contact": "sip:bob@127.0.0.1:5099",
     "src_ip": "127.0.0.1",
