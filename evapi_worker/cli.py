@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Kamailio node's evapi socket, and its SIP address for fake calls "
         "(default SIP: same host, port 5060; default NAME: HOST:PORT); repeat for several nodes",
     )
+    run.add_argument(
+        "--redis",
+        metavar="URL",
+        help="read the nodes' events from their Redis streams at URL (redis://host:port/db), for Kamailio "
+        "started with EVW_REDIS; commands still go over evapi (default: events over evapi)",
+    )
     add_run_options(run)
     demo = sub.add_parser(
         "demo", help="start Kamailio, the worker and SIPp phones on loopback and show a late iPhone get its call"
@@ -181,6 +187,7 @@ _FLAGS = {
     "metrics": "metrics",
     "capture": "capture.folder",
     "state": "state_file",
+    "redis": "redis.url",
 }
 
 

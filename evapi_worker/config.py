@@ -31,6 +31,7 @@ from .evapi_client import Backoff, NodeAddress
 from .fcm import FcmSettings
 from .msgspec_errors import read_problem
 from .netstring import DEFAULT_MAX_FRAME
+from .redis_client import RedisAddress
 from .sip_values import UnsafeValue, sip_host
 from .sipp_runner import SippSettings
 
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigError",
     "EvapiSettings",
     "PushSettings",
+    "RedisSettings",
     "config_from",
     "load_config",
     "parse_hostport",
@@ -110,6 +112,24 @@ class PushSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 1000  # pushes at once; more are dropped (counted)
 
 
+class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[redis]``: the nodes' events read from Redis streams, for nodes
+    whose routes append them there (``EVW_REDIS``); commands still go over
+    evapi."""
+
+    url: str  # redis://[[user]:password@]host[:port][/db]
+
+    def __post_init__(self) -> None:
+        try:
+            RedisAddress.parse(self.url)
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
+
+    @property
+    def address(self) -> RedisAddress:
+        return RedisAddress.parse(self.url)
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything a worker needs; the top level of the settings file.
 
@@ -129,6 +149,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     shutdown_grace: Seconds = 10.0  # how long running fake calls may finish at shutdown
     action_queue: Annotated[int, msgspec.Meta(ge=1)] = 10_000  # actions at once; more are dropped (counted)
     push: PushSettings = msgspec.field(default_factory=PushSettings)
+    redis: RedisSettings | None = None  # events from Redis streams instead of evapi; None: evapi
 
 
 def parse_hostport(text: str, key: str, default_port: int | None = None) -> tuple[str, int]:

@@ -143,6 +143,14 @@ class Metrics:
             registry=r,
         )
         self.push_devices = Gauge(p + "push_devices", "Push devices known, to push when a call starts.", registry=r)
+        self.redis_connected = Gauge(
+            p + "redis_connected",
+            "1 while the events' Redis stream is read, 0 while it is not (only with [redis]).",
+            registry=r,
+        )
+        self.redis_connects = Counter(
+            p + "redis_connects", "Connections made to read the events' Redis stream.", registry=r
+        )
         self.wakeup_delay = Histogram(
             p + "wakeup_delay_seconds",
             "From call start (the push) to the late REGISTER.",

@@ -45,10 +45,10 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeGuard
+from typing import Any, Final, TypeGuard
 
 import msgpack
 import msgspec
@@ -70,6 +70,9 @@ returns what the engine decided."""
 _CLOCK: Final = "w"  # ["w", wall clock minus engine clock]: first in every journal
 _EVENTS: Final = "e"  # ["e", [[node, engine time, payload], ...]]: a batch of events
 _ACTION: Final = "a"  # ["a", call_id, device]: an action begins
+_POSITIONS: Final = "p"  # ["p", {node: entry id}]: how far each node's Redis stream was read
+# A Redis stream entry id: milliseconds, a dash, a sequence number.
+_ENTRY_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
 
 # Compact once the journals since the last snapshot outgrow it, or this.
 _MIN_COMPACT: Final = 1 << 20
@@ -91,6 +94,7 @@ class _Tally:
     begun: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     events: int = 0
     skipped: int = 0
+    positions: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,8 @@ class Restored:
     in_doubt: list[Act] = dataclasses.field(default_factory=list)
     snapshot_error: str | None = None  # the snapshot could not be used at all
     dropped: int = 0  # snapshot records with impossible values, skipped
+    # The last entry handled of each node's Redis stream, to read on from.
+    positions: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class StateStore:
@@ -117,6 +123,8 @@ class StateStore:
         self._fd: int | None = None
         self._events: list[tuple[str, float, bytes]] = []
         self._queued: list[bytes] = []  # framed records not yet written, in order
+        self._positions: dict[str, str] = {}  # node -> last stream entry handled
+        self._positions_moved = False
         self._journal_bytes = 0  # written since the last snapshot
         self._snapshot_bytes = 0
         self._journal_re = re.compile(re.escape(path.name) + r"\.journal\.(\d{1,18})")
@@ -154,12 +162,17 @@ class StateStore:
             waiting = {(a.call_id, a.device): a for a in snapshot.actions}
             self._snapshot_bytes = len(data)
         tally = _Tally(waiting)
+        if snapshot is not None:
+            tally.positions.update(_sound_positions(snapshot.positions))
         for number, path in journals:
             if number >= first:
                 self._replay(path, engine, replay, now, tally)
         deferred = [act for key, act in tally.waiting.items() if key not in tally.begun]
         in_doubt = [act for key, act in tally.waiting.items() if key in tally.begun]
-        return Restored(calls, tally.events, len(tally.begun), deferred, tally.skipped, in_doubt, error, dropped)
+        self._positions = dict(tally.positions)
+        return Restored(
+            calls, tally.events, len(tally.begun), deferred, tally.skipped, in_doubt, error, dropped, tally.positions
+        )
 
     def set_aside(self) -> Path:
         """Move an unusable snapshot out of the way (it would fail again at
@@ -191,6 +204,8 @@ class StateStore:
             elif kind == _ACTION and len(record) == 3 and isinstance(record[1], str) and isinstance(record[2], str):
                 engine.mark_decided(record[1], record[2])
                 tally.begun.add((record[1], record[2]))
+            elif kind == _POSITIONS and len(record) == 2 and isinstance(record[1], dict):
+                tally.positions.update(_sound_positions(record[1]))
             else:
                 tally.skipped += 1
 
@@ -209,10 +224,20 @@ class StateStore:
         before anything of the action reaches Kamailio."""
         self._queued.append(self._pending() + _frame([_ACTION, call_id, device]))
 
+    def note_position(self, node: str, entry_id: str) -> None:
+        """``node``'s Redis stream was read up to ``entry_id`` (with every
+        event noted before); in the next :meth:`take`."""
+        self._positions[node] = entry_id
+        self._positions_moved = True
+
     def take(self) -> bytes:
         """Everything noted since the last take, framed, in order."""
         if self._events:
             self._queued.append(self._pending())
+        if self._positions_moved:
+            # After the events: a position never runs ahead of them on disk.
+            self._queued.append(_frame([_POSITIONS, dict(self._positions)]))
+            self._positions_moved = False
         data = b"".join(self._queued)
         self._queued.clear()
         return data
@@ -252,7 +277,10 @@ class StateStore:
             if enabled:
                 gc.enable()
         pushes = book.export() if book is not None else []
-        return Snapshot(STATE_VERSION, now + self._wall_offset, now, self._journal, state, actions or [], pushes)
+        return Snapshot(
+            STATE_VERSION, now + self._wall_offset, now, self._journal, state, actions or [], pushes,
+            dict(self._positions),
+        )  # fmt: skip
 
     def write(self, snapshot: Snapshot) -> bool:
         """Encode ``snapshot`` and replace the file atomically, then remove
@@ -330,6 +358,15 @@ _decode = msgspec.msgpack.Decoder().decode
 def _frame(record: list[object]) -> bytes:
     payload = _encode(record)
     return _HEAD.pack(_MARK, len(payload), zlib.crc32(payload)) + payload
+
+
+def _sound_positions(value: Mapping[Any, object]) -> dict[str, str]:
+    """The entries of a positions record that are a node and an entry id."""
+    return {
+        node: entry
+        for node, entry in value.items()
+        if isinstance(node, str) and isinstance(entry, str) and _ENTRY_ID.fullmatch(entry)
+    }
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -40,6 +40,7 @@ from .push_book import PushBook, PushJob
 from .pusher import Pusher, push_clients
 from .sequence import SequenceTracker
 from .sipp_runner import SippRunner, remove_stale_folders
+from .stream_source import StreamSource
 
 __all__ = ["Service"]
 
@@ -88,6 +89,16 @@ class Service:
             ),
         )
         self.dispatcher = Dispatcher(self.actions, self.connections, self.metrics, config.action_queue)
+        # With [redis], events come from the nodes' streams; evapi carries
+        # the commands (and events too, from a node without EVW_REDIS).
+        self.source = (
+            StreamSource(
+                config.redis.address, [node.name for node in config.nodes], self.on_entry,
+                backoff=config.evapi.backoff, on_connected=self._on_redis,
+            )
+            if config.redis is not None
+            else None
+        )  # fmt: skip
         self.clocks = NodeClocks(wall_offset=0.0)  # set when running
         self.push_book = PushBook(config.engine.max_devices)
         self.protocol = Protocol(self.engine, self.clocks, self.push_book, SequenceTracker(config.evapi.sequence_grace))
@@ -175,6 +186,8 @@ class Service:
                 for conn in self.connections.values():
                     await nursery.start(conn.run)
                     nursery.start_soon(self.liveness.watch, conn)
+                if self.source is not None:
+                    await nursery.start(self.source.run)
                 nursery.start_soon(self._timer)
                 task_status.started()
 
@@ -217,6 +230,11 @@ class Service:
             log.warning("snapshot not restored %s", kv(error=restored.snapshot_error, kept=kept))
             self.metrics.state_skipped.labels("snapshot").inc()
         self._restored_actions = (restored.deferred, restored.in_doubt)
+        if self.source is not None:
+            # Read on from the last entry handled before the restart.
+            self.source.positions.update(
+                {node: entry for node, entry in restored.positions.items() if node in self.source.nodes}
+            )
         if restored.skipped or restored.dropped:
             self.metrics.state_skipped.labels("journal").inc(restored.skipped)
             self.metrics.state_skipped.labels("snapshot").inc(restored.dropped)
@@ -378,6 +396,18 @@ class Service:
             assert isinstance(event, Refused)
             m.sip_refused.labels(node, event.reason).inc()
             self._say(logging.WARNING, "sip request refused", node, event.reason, now, src=event.src_ip)
+
+    def on_entry(self, node: str, entry_id: str, payload: bytes, now: float) -> None:
+        """An entry of ``node``'s Redis stream: a frame like evapi's, and
+        the stream's position (journaled with the events before it)."""
+        self.on_frame(node, payload, now)
+        if self.store is not None:
+            self.store.note_position(node, entry_id)
+
+    def _on_redis(self, connected: bool) -> None:
+        self.metrics.redis_connected.set(1 if connected else 0)
+        if connected:
+            self.metrics.redis_connects.inc()
 
     def _capture(self, node: str, seq: int | None, payload: bytes, now: float) -> None:
         if self.capture is not None:

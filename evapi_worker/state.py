@@ -36,6 +36,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     engine: EngineState
     actions: list[Act] = []  # decided, not begun when the snapshot was taken
     push_devices: list[PushDevice] = []  # whom to push when a call starts
+    positions: dict[str, str] = {}  # node -> the last entry of its Redis stream handled
 
     def rebased(self, offset: float) -> Snapshot:
         """This snapshot with every engine time moved by ``offset`` (onto

@@ -39,6 +39,13 @@ if ((${#missing[@]})); then
             echo "setup: stopped and disabled the kamailio service the package started" >&2
         fi
     fi
+    # Likewise redis-server's service (the tests start redis-servers of their
+    # own on ports they choose); one that ran before is never touched.
+    if [[ " ${missing[*]} " == *" redis-server "* ]] && command -v systemctl >/dev/null \
+        && systemctl is-active --quiet redis-server 2>/dev/null; then
+        $sudo systemctl disable --now redis-server >/dev/null 2>&1 || true
+        echo "setup: stopped and disabled the redis-server service the package started" >&2
+    fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -5,8 +5,10 @@ cd "$(dirname "$0")/.."
 # Test-only packages: linphone-cli, a real liblinphone phone (linphonec) for
 # the end-to-end tests; systemd, for systemd-analyze verify of the unit;
 # chromium, which renders the replay report in its test; patch, which applies
-# kamailio/examples/debian-stock.patch to the stock config in its test.
-./scripts/setup.sh --test linphone-cli systemd chromium patch
+# kamailio/examples/debian-stock.patch to the stock config in its test;
+# redis-server and kamailio-redis-modules, for the events-through-Redis tests
+# (each starts its own redis-server on a port of its own).
+./scripts/setup.sh --test linphone-cli systemd chromium patch redis-server kamailio-redis-modules
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

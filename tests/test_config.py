@@ -73,6 +73,9 @@ ack_timeout = 0.5
         ("engine = 3", "engine"),
         ("[capture]\nkeep = 3", "capture.folder"),
         ("[capture]\nfolder = '/tmp/x'\nkeep = 0", "capture.keep"),
+        ("[redis]\nurl = 'http://127.0.0.1:6379'", "redis.url"),
+        ("[redis]\nurl = 'redis://127.0.0.1:6379/zero'", "redis.url"),
+        ("[redis]\nhost = '127.0.0.1'", "redis.host"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:

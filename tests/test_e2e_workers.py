@@ -145,15 +145,16 @@ async def test_two_workers_two_nodes_call_on_one_phone_on_the_other(tmp_path: Pa
 
 @asynccontextmanager
 async def worker_process(
-    folder: Path, name: str, kam: KamailioProcess, metrics: str = "off"
+    folder: Path, name: str, kam: KamailioProcess, metrics: str = "off", *options: str
 ) -> AsyncIterator[trio.Process]:
-    """A real ``evapi-worker run`` connected to ``kam``; stopped after."""
+    """A real ``evapi-worker run`` connected to ``kam`` (with more
+    ``options``); stopped after."""
     binary = Path(sys.executable).with_name("evapi-worker")
     node = f"{kam.node}={kam.evapi_host}:{kam.evapi_port},sip={kam.sip_host}:{kam.sip_port}"
     log = folder / f"{name}.log"
     with log.open("wb") as out:
         proc = await trio.lowlevel.open_process(
-            [str(binary), "run", "--kamailio", node, "--metrics", metrics],
+            [str(binary), "run", "--kamailio", node, "--metrics", metrics, *options],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,

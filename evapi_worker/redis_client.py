@@ -1,0 +1,184 @@
+"""Trio adapter for one connection to a Redis server (resp.py's codec).
+
+Commands are pipelined: :meth:`RedisConnection.call` queues a command's
+bytes (one writer task sends them; a caller never waits for the socket)
+and waits for its reply, which the reader task hands over in order. A
+caller cancelled while it waits leaves its place in the line: its reply,
+when it comes, is dropped, and the replies after it still go to theirs.
+"""
+
+from __future__ import annotations
+
+import collections
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from .outbox import Outbox, OutboxFull
+from .resp import NEED_DATA, RedisError, Reply, RespDecoder, RespProtocolError, encode_command
+
+__all__ = ["RedisAddress", "RedisConnection", "RedisUnavailable", "open_redis"]
+
+_READ_SIZE = 1 << 16
+
+
+class RedisUnavailable(Exception):
+    """No connection to Redis: refused, lost, or out of sync."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where Redis is: ``redis://[[user]:password@]host[:port][/db]``."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> RedisAddress:
+        """The address a ``redis://`` URL names; ValueError says what is wrong."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "redis":
+            raise ValueError(f"{url!r}: the URL must start with redis://")
+        if not parts.hostname:
+            raise ValueError(f"{url!r} names no host")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError(f"{url!r}: the port is not a number from 1 to 65535") from None
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"{url!r}: the database ({path!r}) is not a number")
+        password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+        username = urllib.parse.unquote(parts.username) if parts.username else None
+        return cls(parts.hostname, port, int(path or 0), username, password)
+
+    def __str__(self) -> str:
+        """Where, without the password (for logs)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/{self.db}"
+
+
+class _Pending:
+    __slots__ = ("event", "reply")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply: Reply | RedisUnavailable | None = None
+
+
+class RedisConnection:
+    """One open connection; made by :func:`open_redis`."""
+
+    def __init__(self, stream: trio.SocketStream, address: RedisAddress) -> None:
+        self.address = address
+        self._stream = stream
+        self._outbox = Outbox()
+        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._lost: str | None = None  # why the connection is gone
+
+    @property
+    def open(self) -> bool:
+        return self._lost is None
+
+    async def call(self, *args: bytes | str | int | float) -> Reply:
+        """Send one command and return its reply; an error reply raises
+        :class:`~.resp.RedisError`, a lost connection RedisUnavailable."""
+        if self._lost is not None:
+            raise RedisUnavailable(self._lost)
+        pending = _Pending()
+        try:
+            self._outbox.put(encode_command(*args))
+        except OutboxFull as exc:
+            raise RedisUnavailable(f"Redis does not read: {exc}") from None
+        except trio.ClosedResourceError:
+            raise RedisUnavailable(self._lost or "closed") from None
+        self._waiting.append(pending)
+        await pending.event.wait()
+        reply = pending.reply
+        if isinstance(reply, RedisUnavailable | RedisError):
+            raise reply
+        return reply
+
+    def _fail(self, why: str) -> None:
+        if self._lost is None:
+            self._lost = why
+        while self._waiting:
+            pending = self._waiting.popleft()
+            pending.reply = RedisUnavailable(why)
+            pending.event.set()
+
+    async def _write(self) -> None:
+        try:
+            await self._outbox.write_to(self._stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(f"write failed: {exc}")
+
+    async def _read(self) -> None:
+        decoder = RespDecoder()
+        try:
+            while True:
+                data = await self._stream.receive_some(_READ_SIZE)
+                if not data:
+                    self._fail("closed by Redis")
+                    return
+                decoder.receive_data(data)
+                while (reply := decoder.next_reply()) is not NEED_DATA:
+                    if not self._waiting:
+                        raise RespProtocolError("a reply no command asked for")
+                    pending = self._waiting.popleft()
+                    pending.reply = reply
+                    pending.event.set()
+        except RespProtocolError as exc:
+            self._fail(f"not Redis's protocol: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(f"connection lost: {exc}")
+
+
+@asynccontextmanager
+async def open_redis(address: RedisAddress, timeout: float = 5.0) -> AsyncIterator[RedisConnection]:
+    """A connection to ``address``, logged in and on its database, for the
+    ``async with`` block; RedisUnavailable when there is none in ``timeout``."""
+    with trio.move_on_after(timeout) as connecting:
+        try:
+            stream = await trio.open_tcp_stream(address.host, address.port)
+        except OSError as exc:
+            raise RedisUnavailable(f"cannot connect to {address}: {exc}") from None
+    if connecting.cancelled_caught:
+        raise RedisUnavailable(f"no connection to {address} in {timeout:g} s")
+    conn = RedisConnection(stream, address)
+    # What the login or the block raises is raised after the nursery, as it
+    # is: raised inside, trio would wrap it in an exception group.
+    raised: BaseException | None = None
+    async with stream, trio.open_nursery() as nursery:
+        nursery.start_soon(conn._write)
+        nursery.start_soon(conn._read)
+        try:
+            await _log_in(conn, address, timeout)
+            yield conn
+        except BaseException as exc:  # raised again below, unchanged
+            raised = exc
+        finally:
+            conn._fail("closed")
+            nursery.cancel_scope.cancel()
+    if raised is not None:
+        raise raised
+
+
+async def _log_in(conn: RedisConnection, address: RedisAddress, timeout: float) -> None:
+    try:
+        with trio.fail_after(timeout):
+            if address.password is not None:
+                auth = (address.username, address.password) if address.username else (address.password,)
+                await conn.call("AUTH", *auth)
+            if address.db:
+                await conn.call("SELECT", address.db)
+    except trio.TooSlowError:
+        raise RedisUnavailable(f"{address} did not answer in {timeout:g} s") from None
+    except RedisError as exc:
+        raise RedisUnavailable(f"{address} refused the login or database: {exc}") from None

@@ -1,0 +1,177 @@
+"""Events from Redis: each Kamailio node's stream, read from where this
+worker stopped.
+
+With ``EVW_REDIS`` set, a node's timer process appends every event to the
+stream ``evw:events:<node>`` (``XADD ... MAXLEN ~``) instead of writing it
+to evapi. A stream keeps its entries for every reader: a worker that is
+frozen holds up no one, and one that restarts reads on from the last entry
+it handled (its position, kept in the state file), losing nothing the
+stream still holds. Each entry's payload takes the same path as an evapi
+frame (``on_entry`` is the service's).
+
+The reader blocks in ``XREAD`` on a connection of its own; a lost or
+refused connection is logged, and reading resumes from the same positions
+after a backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from .evapi_client import Backoff
+from .logs import kv
+from .redis_client import RedisAddress, RedisConnection, RedisUnavailable, open_redis
+from .resp import RedisError, Reply
+
+__all__ = ["STREAM_PREFIX", "StreamSource", "entries_of", "stream_key"]
+
+log = logging.getLogger("evapi_worker.redis")
+
+STREAM_PREFIX: Final = "evw:events:"
+# Entries read at once: a burst is taken a thousand at a time.
+_BATCH: Final = 1000
+# How long one XREAD waits for entries (the server answers at once when
+# some come); short enough that a vanished server is noticed.
+_BLOCK_MS: Final = 1000
+_FRAMES_PER_CHECKPOINT: Final = 32
+
+EntryHandler = Callable[[str, str, bytes, float], None]
+"""Called with (node, entry id, payload, receive time) for every entry."""
+
+
+def stream_key(node: str) -> str:
+    """The stream a node's events are appended to (its ``EVW_NODE``)."""
+    return STREAM_PREFIX + node
+
+
+class StreamSource:
+    """Reads the nodes' event streams; start it with ``nursery.start``."""
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        nodes: list[str],
+        on_entry: EntryHandler,
+        *,
+        backoff: Backoff | None = None,
+        on_connected: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.address = address
+        self.nodes = nodes
+        self._on_entry = on_entry
+        self._backoff = backoff or Backoff()
+        self._on_connected = on_connected
+        # The last entry handled of each node's stream; "$" until known.
+        self.positions: dict[str, str] = {}
+        self.entries = 0  # entries handed over, over every connection
+        self.connects = 0
+        self.connected = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read until cancelled; reports started at once (not when connected)."""
+        task_status.started()
+        rng = random.Random()
+        attempt = 0
+        while True:
+            try:
+                async with open_redis(self.address) as redis:
+                    self._set_connected(True)
+                    entries = self.entries
+                    try:
+                        await self._read(redis)
+                    finally:
+                        if self.entries > entries:
+                            attempt = 0  # it was a working connection: retry at once
+            except RedisUnavailable as exc:
+                log.warning("redis stream unavailable %s", kv(addr=str(self.address), error=str(exc)))
+            except RedisError as exc:
+                # Not a stream (a key of another type, a server refusing
+                # reads): said, and tried again.
+                log.error("redis stream refused %s", kv(addr=str(self.address), error=str(exc)))
+            finally:
+                self._set_connected(False)
+            await trio.sleep(self._backoff.delay(attempt, rng))
+            attempt += 1
+
+    def _set_connected(self, up: bool) -> None:
+        if up == self.connected:
+            return
+        self.connected = up
+        if up:
+            self.connects += 1
+            log.info("redis stream connected %s", kv(addr=str(self.address), positions=self._positions_text()))
+        if self._on_connected is not None:
+            self._on_connected(up)
+
+    def _positions_text(self) -> str:
+        return ",".join(f"{node}:{self.positions.get(node, '$')}" for node in self.nodes)
+
+    async def _start_positions(self, redis: RedisConnection) -> None:
+        """A stream never read yet is read from its current end (its last
+        entry's id, so nothing appended while reconnecting is skipped)."""
+        for node in self.nodes:
+            if node in self.positions:
+                continue
+            last = await redis.call("XREVRANGE", stream_key(node), "+", "-", "COUNT", 1)
+            self.positions[node] = _entry_ids(last)[-1] if _entry_ids(last) else "0-0"
+
+    async def _read(self, redis: RedisConnection) -> None:
+        await self._start_positions(redis)
+        keys = [stream_key(node) for node in self.nodes]
+        node_of = {key.encode(): node for key, node in zip(keys, self.nodes, strict=True)}
+        on_entry = self._on_entry
+        while True:
+            ids = [self.positions[node] for node in self.nodes]
+            reply = await redis.call("XREAD", "COUNT", _BATCH, "BLOCK", _BLOCK_MS, "STREAMS", *keys, *ids)
+            if reply is None:
+                continue  # nothing new within the block time
+            now = trio.current_time()
+            handled = 0
+            for key, entries in entries_of(reply):
+                node = node_of.get(key)
+                if node is None:
+                    continue
+                for entry_id, payload in entries:
+                    self.positions[node] = entry_id
+                    self.entries += 1
+                    # An entry without the event field (written by something
+                    # else) is rejected as the empty frame it is, and counted.
+                    on_entry(node, entry_id, payload or b"", now)
+                    handled += 1
+                    if handled % _FRAMES_PER_CHECKPOINT == 0:
+                        # Let the fake calls decided meanwhile start.
+                        await trio.lowlevel.checkpoint()
+
+
+def _entry_ids(reply: Reply) -> list[str]:
+    if not isinstance(reply, list):
+        return []
+    return [entry[0].decode() for entry in reply if isinstance(entry, list) and entry and isinstance(entry[0], bytes)]
+
+
+def entries_of(reply: Reply) -> list[tuple[bytes, list[tuple[str, bytes | None]]]]:
+    """XREAD's reply as (stream key, [(entry id, payload)]); an entry with no
+    ``e`` field (written by something else) has payload None."""
+    out: list[tuple[bytes, list[tuple[str, bytes | None]]]] = []
+    if not isinstance(reply, list):
+        return out
+    for stream in reply:
+        if not (isinstance(stream, list) and len(stream) == 2 and isinstance(stream[0], bytes)):
+            continue
+        entries: list[tuple[str, bytes | None]] = []
+        for entry in stream[1] if isinstance(stream[1], list) else []:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], bytes)):
+                continue
+            fields = entry[1] if isinstance(entry[1], list) else []
+            payload = next(
+                (v for k, v in zip(fields[::2], fields[1::2], strict=False) if k == b"e" and isinstance(v, bytes)),
+                None,
+            )
+            entries.append((entry[0].decode(), payload))
+        out.append((stream[0], entries))
+    return out

@@ -1,0 +1,121 @@
+"""Events through Redis, end to end: real Kamailio appending to a real
+redis-server's stream (EVW_REDIS), the real worker reading it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import trio
+
+from evapi_worker.config import Config, RedisSettings
+from evapi_worker.demo import start_watched_worker
+from evapi_worker.kamailio_process import KamailioProcess
+from evapi_worker.phones import Phones
+from evapi_worker.redis_client import RedisAddress, open_redis
+from evapi_worker.service import Service
+from evapi_worker.stream_source import stream_key
+
+from .e2e_platform import DOMAIN, HOST, needs_platform
+from .helpers import FAST_RECONNECT
+from .redis_server import needs_redis, redis_server
+from .sipp_device import free_port
+from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls, relayed, worker_process
+from .test_hostile_process import metrics_text, sample
+
+pytestmark = [needs_platform, needs_redis]
+
+
+def redis_kamailio(folder: Path, node: str, redis_port: int) -> KamailioProcess:
+    return kamailio(folder, node, f'EVW_REDIS="name=evw;addr=127.0.0.1;port={redis_port}"')
+
+
+async def reading(service: Service) -> None:
+    """Until the worker reads its Redis stream."""
+    assert service.source is not None
+    with trio.fail_after(10):
+        while not service.source.connected:
+            await trio.sleep(0.02)
+
+
+async def test_events_wait_in_redis_for_a_stopped_worker_and_none_is_read_twice(tmp_path: Path) -> None:
+    async with redis_server(tmp_path) as redis:
+        kam = redis_kamailio(tmp_path / "k", "r1", redis.port)
+        config = Config(
+            nodes=(address(kam),), evapi=FAST_RECONNECT, redis=RedisSettings(url=redis.url),
+            state_file=tmp_path / "state",
+        )  # fmt: skip
+        async with kam.running():
+            phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+            # Events come through Redis, the pin goes over evapi, its
+            # acknowledgement comes back through Redis: a late iPhone gets
+            # its fake call.
+            async with trio.open_nursery() as nursery:
+                first, _ = await start_watched_worker(nursery, config)
+                await reading(first)
+                before = await missed_calls(phones, ["ann"], "before")
+                await late_iphones(phones, ["ann"], tmp_path)
+                assert invites(tmp_path / "iphone-ann.log") == [before["ann"]]
+                await first.stop()
+                nursery.cancel_scope.cancel()
+            # No worker runs: three calls ring and are given up; their events
+            # wait in the stream.
+            away = await missed_calls(phones, ["bob", "cat", "dan"], "away")
+            async with trio.open_nursery() as nursery:
+                second, _ = await start_watched_worker(nursery, config)
+                await reading(second)
+                # It reads on from where the first stopped: the phone of a
+                # call that ended while no worker ran gets its fake call.
+                await late_iphones(phones, ["bob"], tmp_path)
+                assert invites(tmp_path / "iphone-bob.log") == [away["bob"]]
+                assert second.metrics.value("evapi_worker_events_lost_total", {"node": kam.node}) == 0
+                assert second.metrics.value("evapi_worker_events_total", {"node": kam.node, "type": "call_start"}) >= 3
+                assert first.source is not None and second.source is not None
+                # Every entry read once, across the restart: none skipped,
+                # none twice (counted up to where the second has read).
+                read, upto = first.source.entries + second.source.entries, second.source.positions[kam.node]
+                async with open_redis(RedisAddress.parse(redis.url)) as conn:
+                    entries = await conn.call("XRANGE", stream_key(kam.node), "-", upto)
+                assert isinstance(entries, list) and read == len(entries)
+                nursery.cancel_scope.cancel()
+
+
+async def scrape(port: int, name: str, **labels: str) -> float:
+    text = await trio.to_thread.run_sync(metrics_text, port)
+    return sample(text, name, **labels)
+
+
+async def test_a_frozen_worker_holds_up_no_one_and_catches_up_without_a_second_fake_call(tmp_path: Path) -> None:
+    async with redis_server(tmp_path) as redis:
+        kam = redis_kamailio(tmp_path / "k", "r2", redis.port)
+        ports = [free_port(socket.SOCK_STREAM) for _ in range(2)]
+        async with kam.running(), AsyncExitStack() as stack:
+            procs = [
+                await stack.enter_async_context(
+                    worker_process(tmp_path, f"worker{i}", kam, f"127.0.0.1:{port}", "--redis", redis.url)
+                )
+                for i, port in enumerate(ports)
+            ]
+            phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+            call_ids = await missed_calls(phones, ["eve", "fay"], "frozen")
+            os.killpg(procs[0].pid, signal.SIGSTOP)  # frozen (swapped out, stuck): it reads nothing
+            try:
+                # Its evapi socket fills with nothing: Kamailio writes events
+                # to Redis. The other worker serves both late iPhones.
+                await late_iphones(phones, ["eve", "fay"], tmp_path)
+                for user in ("eve", "fay"):
+                    assert invites(tmp_path / f"iphone-{user}.log") == [call_ids[user]], user
+                appended = await scrape(ports[1], "evapi_worker_events_total", node=kam.node, type="register")
+            finally:
+                os.killpg(procs[0].pid, signal.SIGCONT)
+            # Thawed, it reads on: every event, none lost, and no second
+            # fake call (the node's claims were won by the other).
+            with trio.fail_after(15):
+                while await scrape(ports[0], "evapi_worker_events_total", node=kam.node, type="register") < appended:
+                    await trio.sleep(0.2)
+            assert await scrape(ports[0], "evapi_worker_events_lost_total", node=kam.node) == 0
+            for user in ("eve", "fay"):
+                assert relayed(kam, call_ids[user]) == 1, user
