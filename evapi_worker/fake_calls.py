@@ -25,6 +25,7 @@ from .events import CommandResult, Register
 from .logs import kv
 from .metrics import Metrics
 from .outcomes import Outcome
+from .shared_claims import ClaimResult, SharedClaims
 from .sip_values import UnsafeValue
 from .sipp_runner import Reservation, RunResult, SippJob, SippRunner
 
@@ -159,6 +160,8 @@ class ActionRunner:
         # of it reaches Kamailio: the journal's record that it must not
         # begin again, on disk first.
         self.on_begin: Callable[[str, str], Awaitable[None]] | None = None
+        # With [redis]: claims shared by every node, made before the node's.
+        self.shared_claims: SharedClaims | None = None
         # Actions that have not begun (no pin, no MESSAGE sent yet): what a
         # stopping worker saves to begin after its restart.
         self._not_begun: dict[int, Act] = {}
@@ -282,6 +285,8 @@ class ActionRunner:
         self, decision: Act, node: NodeAddress, prepared: PreparedCall, received: float, retry: bool, place: Reservation
     ) -> tuple[Outcome, RunResult | None, str]:
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
+        if not await self._claim_shared(decision, retry):
+            return Outcome.TAKEN, None, "another worker claimed this fake call (shared claim)"
         pin = Pin(
             key=prepared.pin_key, ruri=prepared.ruri, dst=prepared.dst, ttl=self.pin_ttl, aor=prepared.aor,
             claim=claim_key(decision.call_id, decision.device), claim_ttl=self.claim_ttl, retry=int(retry),
@@ -325,6 +330,8 @@ class ActionRunner:
         if not await self._begin(key):
             return Outcome.DEFERRED, "the worker stops; saved for its restart"
         self.metrics.decision_latency.observe(max(0.0, trio.current_time() - received))
+        if not await self._claim_shared(decision, retry=False):
+            return Outcome.TAKEN, "another worker claimed this MESSAGE (shared claim)"
         try:
             result = await self.send_command(node.name, message)
         except CommandFailed as exc:
@@ -332,6 +339,15 @@ class ActionRunner:
         if not self._won(node.name, result):
             return Outcome.TAKEN, "another worker claimed this MESSAGE"
         return Outcome.COMPLETED, ""
+
+    async def _claim_shared(self, decision: Act, retry: bool) -> bool:
+        """False when another worker, on any node, holds the claim in Redis."""
+        shared = self.shared_claims
+        if shared is None:
+            return True
+        result = await shared.claim(decision.call_id, decision.device, self.claim_ttl, retry=retry)
+        self.metrics.shared_claims.labels(result).inc()
+        return result is not ClaimResult.TAKEN
 
     def _won(self, node: str, result: CommandResult) -> bool:
         """Whether this worker won the claim; a node whose routes predate

@@ -20,6 +20,7 @@ from .events import EVENT_TYPES, EventErrorReason
 from .netstring import FramingFault
 from .outcomes import Outcome
 from .push_answers import PushOutcome
+from .shared_claims import ClaimResult
 
 __all__ = [
     "COMMANDS",
@@ -28,6 +29,7 @@ __all__ = [
     "EVENT_ERROR_REASONS",
     "PUSH_PROVIDERS",
     "PUSH_RESULTS",
+    "SHARED_CLAIM_RESULTS",
     "Metrics",
 ]
 
@@ -39,6 +41,7 @@ COMMANDS = COMMAND_NAMES
 PUSH_PROVIDERS = ("apns", "apns.dev", "fcm")
 PUSH_RESULTS: tuple[str, ...] = tuple(PushOutcome)
 COMMAND_FAILURES: tuple[str, ...] = tuple(CommandFailure)
+SHARED_CLAIM_RESULTS: tuple[str, ...] = tuple(ClaimResult)
 _ENDS = tuple(dict.fromkeys(kind.reason for kind in EndKind))
 DECISIONS = tuple((a.value, str(r)) for a in Action if a is not Action.NONE for r in _ENDS) + tuple(
     (Action.NONE.value, str(r)) for r in Reason if r not in _ENDS
@@ -229,6 +232,13 @@ class Metrics:
             ["node", "result"],
             registry=r,
         )
+        self.shared_claims = Counter(
+            p + "shared_claims",
+            "Fake calls (or MESSAGEs) claimed in Redis, shared by every node: won, taken, or unavailable "
+            "(Redis out of reach: the node's claim decides).",
+            ["result"],
+            registry=r,
+        )
         self.claims_unused = Counter(
             p + "claims_unused",
             "Won claims whose fake call never came (a worker died between claiming and calling), told by the node.",
@@ -276,6 +286,8 @@ class Metrics:
             self.push_retries.labels(provider)
             for result in PUSH_RESULTS:
                 self.pushes.labels(provider, result)
+        for claim in SHARED_CLAIM_RESULTS:
+            self.shared_claims.labels(claim)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value, 0.0 when it was never set (for tests and summaries)."""

@@ -81,6 +81,7 @@ class RedisConnection:
         self._outbox = Outbox()
         self._waiting: collections.deque[_Pending] = collections.deque()
         self._lost: str | None = None  # why the connection is gone
+        self._closed = trio.Event()
 
     @property
     def open(self) -> bool:
@@ -105,9 +106,14 @@ class RedisConnection:
             raise reply
         return reply
 
+    async def wait_closed(self) -> None:
+        """Return once the connection is gone (lost, or closed)."""
+        await self._closed.wait()
+
     def _fail(self, why: str) -> None:
         if self._lost is None:
             self._lost = why
+        self._closed.set()
         while self._waiting:
             pending = self._waiting.popleft()
             pending.reply = RedisUnavailable(why)

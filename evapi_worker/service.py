@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import secrets
+import socket
 import time
 from collections.abc import Sequence
 
@@ -39,6 +42,7 @@ from .protocol import Kind, Protocol
 from .push_book import PushBook, PushJob
 from .pusher import Pusher, push_clients
 from .sequence import SequenceTracker
+from .shared_claims import SharedClaims
 from .sipp_runner import SippRunner, remove_stale_folders
 from .stream_source import StreamSource
 
@@ -52,6 +56,14 @@ _HOUSEKEEPING = 0.5
 # Lost events are counted at once but logged at most this often per node: a
 # node dropping events under load would otherwise log a line per gap.
 _LOST_LOG_EVERY = 1.0
+
+
+def _holder(config: Config) -> str:
+    """This worker's name in shared claims: stable across its restarts while
+    its state file is (a retry after a crash finds its own claim)."""
+    if config.state_file is not None:
+        return f"{socket.gethostname()}:{config.state_file.resolve()}"
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class Service:
@@ -99,6 +111,12 @@ class Service:
             if config.redis is not None
             else None
         )  # fmt: skip
+        self.shared_claims = (
+            SharedClaims(config.redis.address, _holder(config), backoff=config.evapi.backoff)
+            if config.redis is not None
+            else None
+        )
+        self.actions.shared_claims = self.shared_claims
         self.clocks = NodeClocks(wall_offset=0.0)  # set when running
         self.push_book = PushBook(config.engine.max_devices)
         self.protocol = Protocol(self.engine, self.clocks, self.push_book, SequenceTracker(config.evapi.sequence_grace))
@@ -166,6 +184,8 @@ class Service:
                         serve_http, host, port, self.metrics.registry, self.liveness.healthy
                     )
                 await nursery.start(self.runner.serve)
+                if self.shared_claims is not None:
+                    await nursery.start(self.shared_claims.run)
                 self.dispatcher.open(nursery)
                 if self.pusher is not None:
                     await nursery.start(self.pusher.run)

@@ -14,7 +14,7 @@ import msgspec
 from evapi_worker.bundled import bundled
 from evapi_worker.config import Config
 from evapi_worker.evapi_client import CommandFailure
-from evapi_worker.metrics import DECISIONS, EVENT_ERROR_REASONS, PUSH_RESULTS, Metrics
+from evapi_worker.metrics import DECISIONS, EVENT_ERROR_REASONS, PUSH_RESULTS, SHARED_CLAIM_RESULTS, Metrics
 from evapi_worker.outcomes import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,6 +117,7 @@ def test_every_label_value_the_code_counts_by_is_in_the_metrics_doc() -> None:
         ("evapi_worker_fake_calls_total", [o.value for o in Outcome]),
         ("evapi_worker_event_errors_total", list(EVENT_ERROR_REASONS)),
         ("evapi_worker_pushes_total", list(PUSH_RESULTS)),
+        ("evapi_worker_shared_claims_total", list(SHARED_CLAIM_RESULTS)),
         ("evapi_worker_decisions_total", sorted({f"{a}:{r}" for a, r in DECISIONS})),
     ]:
         row = _row(doc, metric)
