@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -11,10 +12,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from evapi_worker.config import EvapiSettings
 from evapi_worker.events import Event, parse_event
+
+needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
 # Reconnect at once in tests: nodes there start and stop on purpose.
 FAST_RECONNECT = EvapiSettings(reconnect_initial=0.01, reconnect_max=0.1)

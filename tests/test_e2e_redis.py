@@ -16,12 +16,12 @@ from evapi_worker.demo import start_watched_worker
 from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.phones import Phones
 from evapi_worker.redis_client import RedisAddress, open_redis
+from evapi_worker.redis_process import redis_process
 from evapi_worker.service import Service
 from evapi_worker.stream_source import stream_key
 
 from .e2e_platform import DOMAIN, HOST, needs_platform
-from .helpers import FAST_RECONNECT
-from .redis_server import needs_redis, redis_server
+from .helpers import FAST_RECONNECT, needs_redis
 from .sipp_device import free_port
 from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls, relayed, worker_process
 from .test_hostile_process import metrics_text, sample
@@ -42,7 +42,7 @@ async def reading(service: Service) -> None:
 
 
 async def test_events_wait_in_redis_for_a_stopped_worker_and_none_is_read_twice(tmp_path: Path) -> None:
-    async with redis_server(tmp_path) as redis:
+    async with redis_process(tmp_path) as redis:
         kam = redis_kamailio(tmp_path / "k", "r1", redis.port)
         config = Config(
             nodes=(address(kam),), evapi=FAST_RECONNECT, redis=RedisSettings(url=redis.url),
@@ -89,7 +89,7 @@ async def scrape(port: int, name: str, **labels: str) -> float:
 
 
 async def test_a_frozen_worker_holds_up_no_one_and_catches_up_without_a_second_fake_call(tmp_path: Path) -> None:
-    async with redis_server(tmp_path) as redis:
+    async with redis_process(tmp_path) as redis:
         kam = redis_kamailio(tmp_path / "k", "r2", redis.port)
         ports = [free_port(socket.SOCK_STREAM) for _ in range(2)]
         async with kam.running(), AsyncExitStack() as stack:

@@ -9,9 +9,10 @@ import pytest
 import trio
 
 from evapi_worker.redis_client import RedisAddress, RedisUnavailable, open_redis
+from evapi_worker.redis_process import redis_process
 from evapi_worker.resp import RedisError
 
-from .redis_server import needs_redis, redis_server
+from .helpers import needs_redis
 
 pytestmark = needs_redis
 
@@ -31,7 +32,7 @@ def test_a_redis_url_names_host_port_database_and_login() -> None:
 
 
 async def test_pipelined_commands_get_their_own_replies(tmp_path: Path) -> None:
-    async with redis_server(tmp_path) as server, open_redis(RedisAddress.parse(server.url)) as redis:
+    async with redis_process(tmp_path) as server, open_redis(RedisAddress.parse(server.url)) as redis:
         got: dict[int, object] = {}
 
         async def incr(n: int) -> None:
@@ -49,14 +50,14 @@ async def test_pipelined_commands_get_their_own_replies(tmp_path: Path) -> None:
 
 
 async def test_a_caller_cancelled_while_waiting_leaves_the_others_their_replies(tmp_path: Path) -> None:
-    async with redis_server(tmp_path) as server, open_redis(RedisAddress.parse(server.url)) as redis:
+    async with redis_process(tmp_path) as server, open_redis(RedisAddress.parse(server.url)) as redis:
         with trio.move_on_after(0.2):
             await redis.call("BLPOP", "nothing", 1)  # blocks a second on the server
         assert await redis.call("ECHO", "after") == b"after"
 
 
 async def test_a_server_that_goes_away_fails_the_waiting_calls(tmp_path: Path) -> None:
-    async with redis_server(tmp_path) as server, open_redis(RedisAddress.parse(server.url)) as redis:
+    async with redis_process(tmp_path) as server, open_redis(RedisAddress.parse(server.url)) as redis:
         async with trio.open_nursery() as nursery:
             failures: list[str] = []
 
@@ -75,7 +76,7 @@ async def test_a_server_that_goes_away_fails_the_waiting_calls(tmp_path: Path) -
 
 
 async def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
-    async with redis_server(tmp_path) as server:
+    async with redis_process(tmp_path) as server:
         url = server.url
     with pytest.raises(RedisUnavailable, match="cannot connect"):
         async with open_redis(RedisAddress.parse(url)):
@@ -83,7 +84,7 @@ async def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
 
 
 async def test_a_refused_login_or_database_is_a_clear_error(tmp_path: Path) -> None:
-    async with redis_server(tmp_path) as server:
+    async with redis_process(tmp_path) as server:
         for url in (f"redis://:secret@127.0.0.1:{server.port}", f"redis://127.0.0.1:{server.port}/99"):
             with pytest.raises(RedisUnavailable, match="refused the login or database"):
                 async with open_redis(RedisAddress.parse(url)):

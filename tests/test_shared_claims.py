@@ -12,12 +12,13 @@ from evapi_worker.config import Config, EvapiSettings, RedisSettings
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.outcomes import Outcome
 from evapi_worker.redis_client import RedisAddress
+from evapi_worker.redis_process import RedisProcess, redis_process
 from evapi_worker.service import Service
 from evapi_worker.shared_claims import ClaimResult, SharedClaims
 from evapi_worker.sipp_runner import SippSettings
 
 from .evapi_server import EvapiServer
-from .redis_server import RedisServer, needs_redis, redis_server
+from .helpers import needs_redis
 from .sipp_device import device, needs_sipp
 from .test_service import T0, register, start
 
@@ -34,7 +35,7 @@ async def connected(claims: SharedClaims) -> None:
 
 
 async def test_one_holder_wins_its_own_retry_finds_it_and_no_redis_is_no_end(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path)
+    server = RedisProcess(tmp_path)
     await server.start()
     address = RedisAddress.parse(server.url)
     a, b = SharedClaims(address, "worker-a", backoff=FAST), SharedClaims(address, "worker-b", backoff=FAST)
@@ -69,7 +70,7 @@ async def test_a_device_heard_on_two_nodes_gets_one_fake_call_from_two_workers(t
     # node alone would let its own through (claims are node-local). The
     # claim in Redis lets one through.
     async with (
-        redis_server(tmp_path) as redis,
+        redis_process(tmp_path) as redis,
         device("phone_rings", tmp_path) as dev,
         trio.open_nursery() as nursery,
     ):

@@ -9,10 +9,11 @@ import trio
 
 from evapi_worker.evapi_client import Backoff
 from evapi_worker.redis_client import RedisAddress, open_redis
+from evapi_worker.redis_process import RedisProcess
 from evapi_worker.resp import Reply
 from evapi_worker.stream_source import StreamSource, entries_of, stream_key
 
-from .redis_server import RedisServer, needs_redis
+from .helpers import needs_redis
 
 pytestmark = needs_redis
 
@@ -35,7 +36,7 @@ def test_entries_are_read_whatever_else_the_reply_holds() -> None:
 
 
 async def test_a_reader_reads_on_from_its_position_through_a_redis_restart(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path)
+    server = RedisProcess(tmp_path)
     await server.start()
     got: list[tuple[str, bytes]] = []
     try:
