@@ -20,7 +20,7 @@ import trio
 from .outbox import Outbox, OutboxFull
 from .resp import NEED_DATA, RedisError, Reply, RespDecoder, RespProtocolError, encode_command
 
-__all__ = ["RedisAddress", "RedisConnection", "RedisUnavailable", "open_redis"]
+__all__ = ["RedisAddress", "RedisConnection", "RedisUnavailable", "Request", "open_redis"]
 
 _READ_SIZE = 1 << 16
 
@@ -64,12 +64,23 @@ class RedisAddress:
         return f"redis://{host}:{self.port}/{self.db}"
 
 
-class _Pending:
+class Request:
+    """A command sent, its reply to come (:meth:`RedisConnection.request`)."""
+
     __slots__ = ("event", "reply")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.reply: Reply | RedisUnavailable | None = None
+
+    async def result(self) -> Reply:
+        """The reply; an error reply raises RedisError, a lost connection
+        RedisUnavailable."""
+        await self.event.wait()
+        reply = self.reply
+        if isinstance(reply, RedisUnavailable | RedisError):
+            raise reply
+        return reply
 
 
 class RedisConnection:
@@ -79,7 +90,7 @@ class RedisConnection:
         self.address = address
         self._stream = stream
         self._outbox = Outbox()
-        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._waiting: collections.deque[Request] = collections.deque()
         self._lost: str | None = None  # why the connection is gone
         self._closed = trio.Event()
 
@@ -90,9 +101,14 @@ class RedisConnection:
     async def call(self, *args: bytes | str | int | float) -> Reply:
         """Send one command and return its reply; an error reply raises
         :class:`~.resp.RedisError`, a lost connection RedisUnavailable."""
+        return await self.request(*args).result()
+
+    def request(self, *args: bytes | str | int | float) -> Request:
+        """Send one command now; await its reply later (``result()``), so
+        that Redis works on it meanwhile."""
         if self._lost is not None:
             raise RedisUnavailable(self._lost)
-        pending = _Pending()
+        pending = Request()
         try:
             self._outbox.put(encode_command(*args))
         except OutboxFull as exc:
@@ -100,11 +116,7 @@ class RedisConnection:
         except trio.ClosedResourceError:
             raise RedisUnavailable(self._lost or "closed") from None
         self._waiting.append(pending)
-        await pending.event.wait()
-        reply = pending.reply
-        if isinstance(reply, RedisUnavailable | RedisError):
-            raise reply
-        return reply
+        return pending
 
     async def wait_closed(self) -> None:
         """Return once the connection is gone (lost, or closed)."""

@@ -16,7 +16,7 @@ without limit.
 from __future__ import annotations
 
 import enum
-from typing import Final, TypeAlias
+from typing import Any, Final, NoReturn, TypeAlias
 
 __all__ = [
     "MAX_ARRAY",
@@ -36,6 +36,8 @@ __all__ = [
 MAX_BULK: Final = 64 * 1024 * 1024
 MAX_ARRAY: Final = 1 << 20
 MAX_DEPTH: Final = 8
+# Bytes waiting for one reply to be whole; more is a broken stream.
+MAX_BUFFER: Final = 256 * 1024 * 1024
 # A status, error or number line longer than this has lost its CRLF.
 _MAX_LINE: Final = 64 * 1024
 
@@ -74,19 +76,18 @@ def encode_command(*args: bytes | str | int | float) -> bytes:
     return b"".join(parts)
 
 
-class _Incomplete(Exception):
-    """Not all of the reply is here yet; ``need``: bytes the buffer must reach."""
-
-    def __init__(self, need: int) -> None:
-        self.need = need
-
-
 class RespDecoder:
-    """Turns the bytes a Redis server sends into replies."""
+    """Turns the bytes a Redis server sends into replies.
+
+    Resumable: a reply that arrives in many reads (a thousand stream entries
+    are 300 KB) is parsed once, as its bytes come, not again from its start
+    at each read. Arrays being filled wait on a stack.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._need = 0  # the buffer's size before a parse can finish
+        self._pos = 0  # where parsing goes on in _buf
+        self._stack: list[list[Any]] = []  # [items so far, items still to come] of the open arrays
         self._broken = False
 
     @property
@@ -97,80 +98,85 @@ class RespDecoder:
         if self._broken:
             raise RespProtocolError("decoder already failed; open a new connection")
         self._buf += data
+        if len(self._buf) > MAX_BUFFER:
+            self._fail(f"a reply of more than {MAX_BUFFER} bytes")
+
+    def _fail(self, why: str) -> NoReturn:
+        self._broken = True
+        self._buf.clear()
+        self._stack.clear()
+        raise RespProtocolError(why)
 
     def next_reply(self) -> Reply | NeedData:
         """The next whole reply, or NEED_DATA."""
         if self._broken:
             raise RespProtocolError("decoder already failed; open a new connection")
-        if not self._buf or len(self._buf) < self._need:
-            return NEED_DATA
-        try:
-            reply, end = self._parse(0, 0)
-        except _Incomplete as missing:
-            # A large reply arrives in many reads: not parsed again from its
-            # start until the bytes it is known to need are here.
-            self._need = missing.need
-            return NEED_DATA
-        except RespProtocolError:
-            self._broken = True
-            self._buf.clear()
-            raise
-        del self._buf[:end]
-        self._need = 0
-        return reply
+        buf, pos, stack = self._buf, self._pos, self._stack
+        size = len(buf)
+        value: Reply
+        while True:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                if size - pos > _MAX_LINE:
+                    self._fail(f"a line of more than {_MAX_LINE} bytes")
+                self._pos = pos
+                return NEED_DATA
+            kind = buf[pos]
+            if kind == 0x24:  # $ bulk string
+                length = self._number(buf, pos, end)
+                if length < 0:
+                    if length != -1:
+                        self._fail(f"bulk length {length} is out of bounds")
+                    value, pos = None, end + 2
+                else:
+                    if length > MAX_BULK:
+                        self._fail(f"bulk length {length} is out of bounds")
+                    start = end + 2
+                    stop = start + length
+                    if size < stop + 2:
+                        self._pos = pos  # its header is read again with the rest
+                        return NEED_DATA
+                    if buf[stop : stop + 2] != b"\r\n":
+                        self._fail("bulk string not followed by CRLF")
+                    value, pos = bytes(buf[start:stop]), stop + 2
+            elif kind == 0x2A:  # * array
+                count = self._number(buf, pos, end)
+                pos = end + 2
+                if not -1 <= count <= MAX_ARRAY:
+                    self._fail(f"array length {count} is out of bounds")
+                if count < 0:
+                    value = None
+                elif count == 0:
+                    value = []
+                else:
+                    if len(stack) >= MAX_DEPTH:
+                        self._fail(f"arrays nested more than {MAX_DEPTH} deep")
+                    stack.append([[], count])
+                    continue
+            elif kind == 0x3A:  # : integer
+                value, pos = self._number(buf, pos, end), end + 2
+            elif kind == 0x2B:  # + status
+                value, pos = buf[pos + 1 : end].decode("utf-8", "replace"), end + 2
+            elif kind == 0x2D:  # - error
+                value, pos = RedisError(buf[pos + 1 : end].decode("utf-8", "replace")), end + 2
+            else:
+                self._fail(f"unknown reply type {bytes([kind])!r}")
+            # The value completes the arrays it closes, innermost first.
+            while stack:
+                top = stack[-1]
+                top[0].append(value)
+                top[1] -= 1
+                if top[1]:
+                    break
+                stack.pop()
+                value = top[0]
+            else:
+                del buf[:pos]
+                self._pos = 0
+                return value
 
-    def _line(self, pos: int) -> tuple[bytes, int]:
-        buf = self._buf
-        end = buf.find(b"\r\n", pos)
-        if end < 0:
-            if len(buf) - pos > _MAX_LINE:
-                raise RespProtocolError(f"a line of more than {_MAX_LINE} bytes")
-            raise _Incomplete(len(buf) + 1)
-        return bytes(buf[pos:end]), end + 2
-
-    def _length(self, text: bytes, limit: int, what: str) -> int:
+    def _number(self, buf: bytearray, pos: int, end: int) -> int:
         try:
-            value = int(text)
+            return int(buf[pos + 1 : end])
         except ValueError:
-            raise RespProtocolError(f"{what} length {text[:20]!r} is not a number") from None
-        if not -1 <= value <= limit:
-            raise RespProtocolError(f"{what} length {value} is out of bounds")
-        return value
-
-    def _parse(self, pos: int, depth: int) -> tuple[Reply, int]:
-        buf = self._buf
-        if pos >= len(buf):
-            raise _Incomplete(pos + 1)
-        kind = buf[pos]
-        line, after = self._line(pos + 1)
-        if kind == 0x2B:  # + status
-            return line.decode("utf-8", "replace"), after
-        if kind == 0x2D:  # - error
-            return RedisError(line.decode("utf-8", "replace")), after
-        if kind == 0x3A:  # : integer
-            try:
-                return int(line), after
-            except ValueError:
-                raise RespProtocolError(f"integer {line[:20]!r} is not a number") from None
-        if kind == 0x24:  # $ bulk string
-            length = self._length(line, MAX_BULK, "bulk")
-            if length < 0:
-                return None, after
-            end = after + length
-            if len(buf) < end + 2:
-                raise _Incomplete(end + 2)
-            if buf[end : end + 2] != b"\r\n":
-                raise RespProtocolError("bulk string not followed by CRLF")
-            return bytes(buf[after:end]), end + 2
-        if kind == 0x2A:  # * array
-            count = self._length(line, MAX_ARRAY, "array")
-            if count < 0:
-                return None, after
-            if depth >= MAX_DEPTH:
-                raise RespProtocolError(f"arrays nested more than {MAX_DEPTH} deep")
-            items: list[Reply] = []
-            for _ in range(count):
-                item, after = self._parse(after, depth + 1)
-                items.append(item)
-            return items, after
-        raise RespProtocolError(f"unknown reply type {bytes([kind])!r}")
+            self._fail(f"{bytes(buf[pos + 1 : end][:20])!r} is not a number")

@@ -25,7 +25,7 @@ import trio
 
 from .evapi_client import Backoff
 from .logs import kv
-from .redis_client import RedisAddress, RedisConnection, RedisUnavailable, open_redis
+from .redis_client import RedisAddress, RedisConnection, RedisUnavailable, Request, open_redis
 from .resp import RedisError, Reply
 
 __all__ = ["STREAM_PREFIX", "StreamSource", "entries_of", "stream_key"]
@@ -125,19 +125,28 @@ class StreamSource:
         keys = [stream_key(node) for node in self.nodes]
         node_of = {key.encode(): node for key, node in zip(keys, self.nodes, strict=True)}
         on_entry = self._on_entry
+        positions = self.positions
+
+        def read_on() -> Request:
+            ids = [positions[node] for node in self.nodes]
+            return redis.request("XREAD", "COUNT", _BATCH, "BLOCK", _BLOCK_MS, "STREAMS", *keys, *ids)
+
+        request = read_on()
         while True:
-            ids = [self.positions[node] for node in self.nodes]
-            reply = await redis.call("XREAD", "COUNT", _BATCH, "BLOCK", _BLOCK_MS, "STREAMS", *keys, *ids)
-            if reply is None:
-                continue  # nothing new within the block time
+            reply = await request.result()
+            batch = [(node_of.get(key), entries) for key, entries in entries_of(reply)]
+            for node, entries in batch:
+                if node is not None and entries:
+                    positions[node] = entries[-1][0]
+            # The next batch is asked for before this one is handled: Redis
+            # makes it while the worker works.
+            request = read_on()
             now = trio.current_time()
             handled = 0
-            for key, entries in entries_of(reply):
-                node = node_of.get(key)
+            for node, entries in batch:
                 if node is None:
                     continue
                 for entry_id, payload in entries:
-                    self.positions[node] = entry_id
                     self.entries += 1
                     # An entry without the event field (written by something
                     # else) is rejected as the empty frame it is, and counted.
