@@ -16,7 +16,7 @@ from evapi_worker.demo import start_watched_worker
 from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.phones import Phones
 from evapi_worker.redis_client import RedisAddress, open_redis
-from evapi_worker.redis_process import redis_process
+from evapi_worker.redis_process import RedisProcess, redis_process
 from evapi_worker.service import Service
 from evapi_worker.stream_source import stream_key
 
@@ -119,3 +119,34 @@ async def test_a_frozen_worker_holds_up_no_one_and_catches_up_without_a_second_f
             assert await scrape(ports[0], "evapi_worker_events_lost_total", node=kam.node) == 0
             for user in ("eve", "fay"):
                 assert relayed(kam, call_ids[user]) == 1, user
+
+
+async def test_redis_restarted_under_calls_costs_no_event(tmp_path: Path) -> None:
+    redis = RedisProcess(tmp_path)
+    await redis.start()
+    try:
+        kam = redis_kamailio(tmp_path / "k", "r3", redis.port)
+        config = Config(nodes=(address(kam),), evapi=FAST_RECONNECT, redis=RedisSettings(url=redis.url))
+        async with kam.running(), trio.open_nursery() as nursery:
+            worker, _ = await start_watched_worker(nursery, config)
+            await reading(worker)
+            phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+            await missed_calls(phones, ["gil"], "up")
+            await redis.stop()  # Redis goes away (nothing saved: it comes back empty)
+            # Calls go on meanwhile: Kamailio keeps their events (the timer
+            # process holds the one Redis did not take, the queue the rest).
+            down = await missed_calls(phones, ["hal", "ivy"], "down")
+            await redis.start()
+            with trio.fail_after(20):
+                while (
+                    worker.metrics.value("evapi_worker_events_total", {"node": kam.node, "type": "call_cancelled"}) < 3
+                ):
+                    await trio.sleep(0.1)
+            assert worker.metrics.value("evapi_worker_events_lost_total", {"node": kam.node}) == 0
+            assert worker.metrics.value("evapi_worker_redis_connects_total") == 2
+            # The late iPhone of a call that ended while Redis was away gets its fake call.
+            await late_iphones(phones, ["hal"], tmp_path)
+            assert invites(tmp_path / "iphone-hal.log") == [down["hal"]]
+            nursery.cancel_scope.cancel()
+    finally:
+        await redis.stop()
