@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the worker sends VoIP pushes through a local APNs stand-in; two more stories show iPhones it wakes",
     )
+    demo.add_argument(
+        "--redis",
+        action="store_true",
+        dest="local_redis",
+        help="events through a local redis-server's stream (started and stopped with the demo; needs "
+        "redis-server and kamailio-redis-modules), claims shared there",
+    )
     add_run_options(demo)
     files = sub.add_parser(
         "kamailio-files",
@@ -360,6 +367,7 @@ def _demo(args: argparse.Namespace) -> int:
         auth=args.auth,
         play=not args.no_scenario,
         push=args.push,
+        redis=args.local_redis,
     )
     check_demo_addresses(options)
     config = build_config(args)

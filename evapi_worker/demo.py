@@ -24,15 +24,17 @@ import msgspec
 import trio
 
 from .apns import ApnsSettings
-from .config import Config, ConfigError
+from .config import Config, ConfigError, RedisSettings
 from .engine import Act, Decision
 from .evapi_client import NodeAddress
 from .kamailio_process import DemoError, KamailioProcess, Subscriber
 from .outcomes import Outcome
 from .phones import DESK_UA, IPHONE_UA, Phones, phone_scenario, received
 from .push_standin import ApnsStandIn, ReceivedPush, make_apns_key, make_tls, serve_standin
+from .redis_process import RedisProcess
 from .service import Service
 from .sip_values import bracketed
+from .stream_source import stream_key
 
 __all__ = [
     "DEMO_DOMAIN",
@@ -43,6 +45,7 @@ __all__ = [
     "start_watched_worker",
 ]
 
+REDIS_HINT = "redis-server kamailio-redis-modules"
 INSTALL_HINT = (
     "apt-get install kamailio kamailio-extra-modules kamailio-json-modules kamailio-tls-modules "
     "kamailio-sqlite-modules sip-tester openssl"
@@ -231,6 +234,7 @@ class DemoOptions:
     auth: bool = False  # digest authentication, with the DEMO_USERS accounts
     play: bool = True  # play the scripted stories first
     push: bool = False  # the worker pushes through a local APNs stand-in, with two stories of its own
+    redis: bool = False  # events through a local redis-server's stream, claims shared there
 
 
 async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
@@ -251,60 +255,102 @@ async def run_demo(config: Config, options: DemoOptions, out: TextIO) -> None:
 
     with tempfile.TemporaryDirectory(prefix="evapi-worker-demo-") as tmp:
         folder = Path(tmp)
+        redis = RedisProcess(folder) if options.redis else None
+        defines: tuple[str, ...] = ()
+        if redis is not None:
+            if shutil.which("redis-server") is None:
+                raise DemoError(f"redis-server not found; install it with: {REDIS_HINT}")
+            try:
+                await redis.start()
+            except RuntimeError as exc:
+                raise DemoError(str(exc)) from None
+            defines = (f'EVW_REDIS="name=evw;addr=127.0.0.1;port={redis.port}"',)
+            config = msgspec.structs.replace(config, redis=RedisSettings(url=redis.url))
         kam = KamailioProcess(
             sip[0], sip[1], evapi[0], evapi[1], "demo", config.sipp.local_ip, folder,
             domain=options.domain, tls_port=options.tls[1] if options.tls else None, subscribers=subscribers,
-            sip6_host=options.sip6,
+            sip6_host=options.sip6, defines=defines,
         )  # fmt: skip
-        async with kam.running(), trio.open_nursery() as nursery:
-            apns: ApnsStandIn | None = None
-            if options.push:
-                apns, config = await _start_apns_standin(nursery, folder, config)
-            service, watch = await start_watched_worker(nursery, config)
-            hosts = [bracketed(sip[0])] + ([bracketed(options.sip6)] if options.sip6 else [])
-            transports = " and ".join(f"UDP and TCP on {host}:{sip[1]}" for host in hosts)
-            if options.tls:
-                tls_on = " and ".join(f"{host}:{options.tls[1]}" for host in hosts)
-                transports += f", TLS on {tls_on} (a throw-away self-signed certificate)"
-            say(f"Kamailio serves the SIP domain {options.domain}: {transports}.")
-            say(f"The worker connects to its evapi socket on {evapi[0]}:{evapi[1]}.")
-            if subscribers:
-                accounts = ", ".join(f"{s.user} / {s.password}" for s in subscribers)
-                say(f"Digest authentication is on; accounts: {accounts}")
-            else:
-                say("No authentication: anyone may register as anyone (loopback trials only; --auth turns it on).")
-            e = config.engine
-            say(f"The worker is connected; late window {e.window:g} s from the call's {e.anchor.value}.")
-            if config.metrics is not None and service.metrics_port is not None:
-                host = config.metrics[0]
-                say(
-                    f"Metrics: http://{host}:{service.metrics_port}/metrics, health: http://{host}:{service.metrics_port}/healthz"
-                )
-            if options.play:
-                passwords = {s.user: s.password for s in subscribers or ()}
-                phones = Phones(sip[0], sip[1], folder, options.domain, passwords=passwords)
-                await _story(
-                    say, kam, phones, watch, number=1, callee="bob", desk="phone_answers",
-                    title="A call answered on another device",
-                )  # fmt: skip
-                await _story(
-                    say, kam, phones, watch, number=2, callee="carol", desk="phone_rings",
-                    title="A missed call",
-                )  # fmt: skip
-                if apns is not None:
-                    await _push_story(
-                        say, phones, watch, apns, nursery, number=3, callee="dave", wakes_after=0.5, in_time=True
-                    )
-                    await _push_story(
-                        say, phones, watch, apns, nursery, number=4, callee="erin", wakes_after=2.5, in_time=False
-                    )
+        try:
+            await _run(config, options, kam, folder, subscribers, say)
+        except DemoError as exc:
+            if redis is not None and "ndb_redis" in str(exc):
+                raise DemoError(
+                    f"{exc}\n(--redis needs Kamailio's Redis module: apt-get install {REDIS_HINT})"
+                ) from None
+            raise
+        finally:
+            if redis is not None:
+                await redis.stop()
+
+
+async def _run(
+    config: Config,
+    options: DemoOptions,
+    kam: KamailioProcess,
+    folder: Path,
+    subscribers: tuple[Subscriber, ...] | None,
+    say: Callable[[str], None],
+) -> None:
+    """Kamailio and the worker running, the stories told, until cancelled."""
+    sip, evapi = options.sip, options.evapi
+    async with kam.running(), trio.open_nursery() as nursery:
+        apns: ApnsStandIn | None = None
+        if options.push:
+            apns, config = await _start_apns_standin(nursery, folder, config)
+        service, watch = await start_watched_worker(nursery, config)
+        hosts = [bracketed(sip[0])] + ([bracketed(options.sip6)] if options.sip6 else [])
+        transports = " and ".join(f"UDP and TCP on {host}:{sip[1]}" for host in hosts)
+        if options.tls:
+            tls_on = " and ".join(f"{host}:{options.tls[1]}" for host in hosts)
+            transports += f", TLS on {tls_on} (a throw-away self-signed certificate)"
+        say(f"Kamailio serves the SIP domain {options.domain}: {transports}.")
+        say(f"The worker connects to its evapi socket on {evapi[0]}:{evapi[1]}.")
+        if config.redis is not None and service.source is not None:
+            with trio.fail_after(10):
+                while not service.source.connected:  # noqa: ASYNC110 (a short wait at start)
+                    await trio.sleep(0.02)
             say(
-                f"\nReady. Register phones as USER@{options.domain} through {bracketed(sip[0])}:{sip[1]} "
-                "and call each other; "
-                f"a User-Agent matching {', '.join(config.engine.user_agents)} or a pn-provider=apns Contact "
-                f"counts as an iPhone. Kamailio's log: {kam.log}. Ctrl-C stops."
+                f"Events go through Redis ({config.redis.url}, stream {stream_key('demo')}), "
+                "which every worker reads on its own; evapi carries the worker's commands."
             )
-            await trio.sleep_forever()
+        if subscribers:
+            accounts = ", ".join(f"{s.user} / {s.password}" for s in subscribers)
+            say(f"Digest authentication is on; accounts: {accounts}")
+        else:
+            say("No authentication: anyone may register as anyone (loopback trials only; --auth turns it on).")
+        e = config.engine
+        say(f"The worker is connected; late window {e.window:g} s from the call's {e.anchor.value}.")
+        if config.metrics is not None and service.metrics_port is not None:
+            host = config.metrics[0]
+            say(
+                f"Metrics: http://{host}:{service.metrics_port}/metrics, health: http://{host}:{service.metrics_port}/healthz"
+            )
+        if options.play:
+            passwords = {s.user: s.password for s in subscribers or ()}
+            phones = Phones(sip[0], sip[1], folder, options.domain, passwords=passwords)
+            await _story(
+                say, kam, phones, watch, number=1, callee="bob", desk="phone_answers",
+                title="A call answered on another device",
+            )  # fmt: skip
+            await _story(
+                say, kam, phones, watch, number=2, callee="carol", desk="phone_rings",
+                title="A missed call",
+            )  # fmt: skip
+            if apns is not None:
+                await _push_story(
+                    say, phones, watch, apns, nursery, number=3, callee="dave", wakes_after=0.5, in_time=True
+                )
+                await _push_story(
+                    say, phones, watch, apns, nursery, number=4, callee="erin", wakes_after=2.5, in_time=False
+                )
+        say(
+            f"\nReady. Register phones as USER@{options.domain} through {bracketed(sip[0])}:{sip[1]} "
+            "and call each other; "
+            f"a User-Agent matching {', '.join(config.engine.user_agents)} or a pn-provider=apns Contact "
+            f"counts as an iPhone. Kamailio's log: {kam.log}. Ctrl-C stops."
+        )
+        await trio.sleep_forever()
 
 
 async def _start_apns_standin(nursery: trio.Nursery, folder: Path, config: Config) -> tuple[ApnsStandIn, Config]:

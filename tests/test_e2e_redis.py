@@ -9,6 +9,7 @@ import socket
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
 import trio
 
 from evapi_worker.config import Config, RedisSettings
@@ -21,8 +22,8 @@ from evapi_worker.service import Service
 from evapi_worker.stream_source import stream_key
 
 from .e2e_platform import DOMAIN, HOST, needs_platform
-from .helpers import FAST_RECONNECT, needs_redis
-from .sipp_device import free_port
+from .helpers import FAST_RECONNECT, needs_redis, running_demo
+from .sipp_device import free_port, free_sip_port
 from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls, relayed, worker_process
 from .test_hostile_process import metrics_text, sample
 
@@ -150,3 +151,21 @@ async def test_redis_restarted_under_calls_costs_no_event(tmp_path: Path) -> Non
             nursery.cancel_scope.cancel()
     finally:
         await redis.stop()
+
+
+async def test_the_demo_tells_its_stories_through_redis(tmp_path: Path) -> None:
+    """The installed ``evapi-worker demo --redis``: a local redis-server
+    carries the events; both stories' late iPhones get the original call."""
+    sip, evapi = free_sip_port(), free_port(socket.SOCK_STREAM)
+    out = tmp_path / "demo.out"
+    async with running_demo(
+        out, "--redis", "--metrics", "off", "--sip", f"{HOST}:{sip}", "--evapi", f"{HOST}:{evapi}", ready_within=60
+    ):
+        text = out.read_text()
+    assert "Events go through Redis (redis://127.0.0.1:" in text, text
+    assert text.count("(the original call's)") == 2, text
+    assert text.count("fake call outcome: completed") == 2, text
+    # The redis-server the demo started ended with it.
+    port = int(text.split("Events go through Redis (redis://127.0.0.1:", 1)[1].split("/", 1)[0])
+    with pytest.raises(OSError, match="connect"):
+        await trio.open_tcp_stream("127.0.0.1", port)
