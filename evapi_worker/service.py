@@ -423,6 +423,11 @@ class Service:
         self.on_frame(node, payload, now)
         if self.store is not None:
             self.store.note_position(node, entry_id)
+        conn = self.connections.get(node)
+        if conn is not None:
+            # The node talks through its stream (evapi brings it nothing):
+            # a ping answered late behind a backlog is no dead node.
+            conn.last_data = now
 
     def _on_redis(self, connected: bool) -> None:
         self.metrics.redis_connected.set(1 if connected else 0)

@@ -4,11 +4,14 @@ redis-server's stream (EVW_REDIS), the real worker reading it."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -19,11 +22,11 @@ from evapi_worker.phones import Phones
 from evapi_worker.redis_client import RedisAddress, open_redis
 from evapi_worker.redis_process import RedisProcess, redis_process
 from evapi_worker.service import Service
-from evapi_worker.stream_source import stream_key
+from evapi_worker.stream_source import entries_of, stream_key
 
 from .e2e_platform import DOMAIN, HOST, needs_platform
 from .helpers import FAST_RECONNECT, needs_redis, running_demo
-from .sipp_device import free_port, free_sip_port
+from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls, relayed, worker_process
 from .test_hostile_process import metrics_text, sample
 
@@ -169,3 +172,69 @@ async def test_the_demo_tells_its_stories_through_redis(tmp_path: Path) -> None:
     port = int(text.split("Events go through Redis (redis://127.0.0.1:", 1)[1].split("/", 1)[0])
     with pytest.raises(OSError, match="connect"):
         await trio.open_tcp_stream("127.0.0.1", port)
+
+
+FLOOD = 25_000
+
+
+async def registers_in_stream(url: str, node: str) -> int:
+    """REGISTER events in the node's stream, as Redis holds them."""
+    async with open_redis(RedisAddress.parse(url)) as conn:
+        entries = await conn.call("XRANGE", stream_key(node), "-", "+")
+    assert isinstance(entries, list)
+    return sum(
+        1
+        for entry_id, fields in entries_of([[stream_key(node).encode(), entries]])[0][1]
+        if fields is not None and msgspec.json.decode(fields).get("event") == "register"
+    )
+
+
+async def test_a_worker_frozen_under_a_flood_of_registrations_holds_up_no_one(tmp_path: Path) -> None:
+    # The story evapi alone could not tell: two workers, one frozen for 25 s
+    # while 25,000 iPhones try to register; the other hears every event and serves the
+    # late iPhones meanwhile; the frozen one, thawed, reads every event it
+    # missed (none lost) and sends no fake call the other sent.
+    async with redis_process(tmp_path) as redis:
+        kam = redis_kamailio(tmp_path / "k", "r4", redis.port)
+        ports = [free_port(socket.SOCK_STREAM) for _ in range(2)]
+        async with kam.running(), AsyncExitStack() as stack:
+            procs = [
+                await stack.enter_async_context(
+                    worker_process(tmp_path, f"worker{i}", kam, f"127.0.0.1:{port}", "--redis", redis.url)
+                )
+                for i, port in enumerate(ports)
+            ]
+            phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+            users = [f"late{i}" for i in range(5)]
+            call_ids = await missed_calls(phones, users, "flood")
+            os.killpg(procs[0].pid, signal.SIGSTOP)
+            frozen_at = trio.current_time()
+            try:
+                flood = [
+                    shutil.which("sipp") or "sipp", f"{HOST}:{kam.sip_port}", "-sf",
+                    str(SCENARIOS / "register_flood.xml"), "-key", "domain", DOMAIN, "-m", str(FLOOD), "-r", "5000",
+                    "-l", "5000", "-i", HOST, "-p", str(free_port()), "-nostdin", "-timeout", "60s",
+                ]  # fmt: skip
+                with trio.move_on_after(70):
+                    await trio.run_process(flood, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+                # The other worker has heard the flood and serves the late iPhones.
+                await late_iphones(phones, users, tmp_path)
+                for user in users:
+                    assert invites(tmp_path / f"iphone-{user}.log") == [call_ids[user]], user
+                # Every REGISTER event the node appended, the other worker heard.
+                emitted = await registers_in_stream(redis.url, kam.node)
+                assert emitted >= FLOOD // 2, emitted  # most of the flood got through (UDP, no retransmission)
+                with trio.fail_after(30):
+                    while await scrape(ports[1], "evapi_worker_events_total", node=kam.node, type="register") < emitted:
+                        await trio.sleep(0.2)
+                # Frozen 25 s in all, as a paused VM may be.
+                await trio.sleep_until(frozen_at + 25)
+            finally:
+                os.killpg(procs[0].pid, signal.SIGCONT)
+            with trio.fail_after(60):
+                while await scrape(ports[0], "evapi_worker_events_total", node=kam.node, type="register") < emitted:
+                    await trio.sleep(0.5)
+            assert await scrape(ports[0], "evapi_worker_events_lost_total", node=kam.node) == 0
+            assert await scrape(ports[1], "evapi_worker_events_lost_total", node=kam.node) == 0
+            for user in users:
+                assert relayed(kam, call_ids[user]) == 1, user
