@@ -8,7 +8,9 @@ import shutil
 import signal
 import socket
 import subprocess
-from contextlib import AsyncExitStack
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import msgspec
@@ -18,14 +20,14 @@ import trio
 from evapi_worker.config import Config, RedisSettings
 from evapi_worker.demo import start_watched_worker
 from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.phones import Phones
+from evapi_worker.phones import IPHONE_UA, Phones
 from evapi_worker.redis_client import RedisAddress, open_redis
 from evapi_worker.redis_process import RedisProcess, redis_process
 from evapi_worker.service import Service
 from evapi_worker.stream_source import entries_of, stream_key
 
 from .e2e_platform import DOMAIN, HOST, needs_platform
-from .helpers import FAST_RECONNECT, needs_redis, running_demo
+from .helpers import FAST_RECONNECT, needs_redis, running_demo, stop_group
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls, relayed, worker_process
 from .test_hostile_process import metrics_text, sample
@@ -238,3 +240,71 @@ async def test_a_worker_frozen_under_a_flood_of_registrations_holds_up_no_one(tm
             assert await scrape(ports[1], "evapi_worker_events_lost_total", node=kam.node) == 0
             for user in users:
                 assert relayed(kam, call_ids[user]) == 1, user
+
+
+@asynccontextmanager
+async def redis_worker(folder: Path, name: str, nodes: list[KamailioProcess], url: str) -> AsyncIterator[trio.Process]:
+    """A real ``evapi-worker run --redis URL`` on ``nodes``, in that order."""
+    binary = Path(sys.executable).with_name("evapi-worker")
+    options = [
+        arg
+        for kam in nodes
+        for arg in ("--kamailio", f"{kam.node}={kam.evapi_host}:{kam.evapi_port},sip={kam.sip_host}:{kam.sip_port}")
+    ]
+    log = folder / f"{name}.log"
+    with log.open("wb") as out:
+        proc = await trio.lowlevel.open_process(
+            [str(binary), "run", *options, "--redis", url, "--metrics", "off"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+        )  # fmt: skip
+    try:
+        with trio.fail_after(10):
+            while log.read_bytes().count(b"evapi connected") < len(nodes) or b"redis stream connected" not in (
+                log.read_bytes()
+            ):
+                assert proc.returncode is None, log.read_text()
+                await trio.sleep(0.05)
+        yield proc
+    finally:
+        await stop_group(proc)
+
+
+def fake_call_nodes(log: Path) -> list[str]:
+    """The nodes a worker decided fake calls through, as it logged them."""
+    lines = log.read_text(errors="replace").splitlines()
+    return [line.split(" node=")[1].split()[0] for line in lines if "action=fake_call" in line]
+
+
+async def test_a_device_registered_on_two_nodes_at_once_gets_one_fake_call(tmp_path: Path) -> None:
+    # Two nodes, two workers that each hear both, listed in the other order.
+    # The iPhone registers on node one, then on node two. Worker A reads
+    # them as they come and decides the fake call through node one. Worker
+    # B is frozen meanwhile (long enough for its waiting read to end empty):
+    # thawed, it reads both REGISTERs in one batch, node two's first (its
+    # order), and decides the fake call through node two. Each node's claim
+    # alone would let both through; the claim in Redis lets one.
+    async with redis_process(tmp_path) as redis:
+        one = redis_kamailio(tmp_path / "one", "one", redis.port)
+        two = redis_kamailio(tmp_path / "two", "two", redis.port)
+        async with one.running(), two.running(), AsyncExitStack() as stack:
+            a = await stack.enter_async_context(redis_worker(tmp_path, "a", [one, two], redis.url))
+            b = await stack.enter_async_context(redis_worker(tmp_path, "b", [two, one], redis.url))
+            call_ids = await missed_calls(Phones(HOST, one.sip_port, tmp_path, DOMAIN), ["joy"], "twice")
+            os.killpg(b.pid, signal.SIGSTOP)
+            try:
+                await trio.sleep(1.5)  # past its XREAD's BLOCK (1 s): its next read is sent thawed
+                async with trio.open_nursery() as nursery:
+                    for kam in (one, two):
+                        phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+                        log = tmp_path / f"iphone-{kam.node}.log"
+                        nursery.start_soon(phones.phone, "joy", IPHONE_UA, "iphone-joy", "phone_rings", 4000, log)
+                        await kam.wait_registered(f"joy@{DOMAIN}")
+                    os.killpg(b.pid, signal.SIGCONT)
+            finally:
+                os.killpg(b.pid, signal.SIGCONT)
+            assert a.returncode is None
+            decided = {name: fake_call_nodes(tmp_path / f"{name}.log") for name in ("a", "b")}
+            assert decided == {"a": ["one"], "b": ["two"]}, decided  # the race this test is about
+            got = invites(tmp_path / "iphone-one.log") + invites(tmp_path / "iphone-two.log")
+            assert got == [call_ids["joy"]], got
+            assert relayed(one, call_ids["joy"]) + relayed(two, call_ids["joy"]) == 1
