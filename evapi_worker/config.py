@@ -31,7 +31,7 @@ from .evapi_client import Backoff, NodeAddress
 from .fcm import FcmSettings
 from .msgspec_errors import read_problem
 from .netstring import DEFAULT_MAX_FRAME
-from .redis_client import RedisAddress
+from .redis_client import RedisAddress, RedisTarget
 from .sip_values import UnsafeValue, sip_host
 from .sipp_runner import SippSettings
 
@@ -118,16 +118,28 @@ class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     evapi."""
 
     url: str  # redis://[[user]:password@]host[:port][/db]
+    # With sentinels ("HOST:PORT"), the primary they name `master` is used
+    # (the URL gives the database and login), and followed after a failover.
+    sentinels: tuple[str, ...] = ()
+    master: str = ""
 
     def __post_init__(self) -> None:
         try:
             RedisAddress.parse(self.url)
         except ValueError as exc:
             raise ValueError(f"url: {exc}") from None
+        for sentinel in self.sentinels:
+            try:
+                parse_hostport(sentinel, "sentinels")
+            except ConfigError as exc:
+                raise ValueError(f"sentinels: {exc.problem}") from None
+        if self.sentinels and not self.master:
+            raise ValueError("master: the sentinels need the name of the primary they watch")
 
     @property
-    def address(self) -> RedisAddress:
-        return RedisAddress.parse(self.url)
+    def target(self) -> RedisTarget:
+        sentinels = tuple(parse_hostport(s, "sentinels") for s in self.sentinels)
+        return RedisTarget(RedisAddress.parse(self.url), sentinels, self.master)
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

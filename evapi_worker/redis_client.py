@@ -10,6 +10,7 @@ when it comes, is dropped, and the replies after it still go to theirs.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ import trio
 from .outbox import Outbox, OutboxFull
 from .resp import NEED_DATA, RedisError, Reply, RespDecoder, RespProtocolError, encode_command
 
-__all__ = ["RedisAddress", "RedisConnection", "RedisUnavailable", "Request", "open_redis"]
+__all__ = ["RedisAddress", "RedisConnection", "RedisTarget", "RedisUnavailable", "Request", "open_redis", "open_target"]
 
 _READ_SIZE = 1 << 16
 
@@ -62,6 +63,50 @@ class RedisAddress:
         """Where, without the password (for logs)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"redis://{host}:{self.port}/{self.db}"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Which Redis to use: ``address``, or, with ``sentinels``, the primary
+    they name ``master`` (reached with ``address``'s database and login)."""
+
+    address: RedisAddress
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+
+    async def locate(self, timeout: float = 2.0) -> RedisAddress:
+        """The address of the primary now (asked of each sentinel in turn)."""
+        if not self.sentinels:
+            return self.address
+        problems = []
+        for host, port in self.sentinels:
+            try:
+                async with open_redis(RedisAddress(host, port), timeout) as sentinel:
+                    with trio.fail_after(timeout):
+                        reply = await sentinel.call("SENTINEL", "get-master-addr-by-name", self.master)
+            except (RedisUnavailable, RedisError, trio.TooSlowError) as exc:
+                problems.append(f"{host}:{port}: {exc or 'no answer'}")
+                continue
+            if isinstance(reply, list) and len(reply) == 2 and all(isinstance(v, bytes) for v in reply):
+                found_host, found_port = (v.decode() if isinstance(v, bytes) else "" for v in reply)
+                if found_port.isdigit():
+                    return dataclasses.replace(self.address, host=found_host, port=int(found_port))
+            problems.append(f"{host}:{port}: knows no primary named {self.master!r}")
+        raise RedisUnavailable("no sentinel named the primary: " + "; ".join(problems))
+
+
+@asynccontextmanager
+async def open_target(target: RedisTarget, timeout: float = 5.0) -> AsyncIterator[RedisConnection]:
+    """A connection to the primary ``target`` names (found again at each
+    call: after a failover, the new one). A server that is no longer the
+    primary (an old one come back as a replica) is not used."""
+    address = await target.locate()
+    async with open_redis(address, timeout) as conn:
+        if target.sentinels:
+            role = await conn.call("ROLE")
+            if not (isinstance(role, list) and role and role[0] == b"master"):
+                raise RedisUnavailable(f"{address} is not the primary")
+        yield conn
 
 
 class Request:

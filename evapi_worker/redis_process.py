@@ -21,9 +21,10 @@ __all__ = ["RedisProcess", "redis_process"]
 class RedisProcess:
     """One redis-server on 127.0.0.1; :meth:`start` and :meth:`stop` it."""
 
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, *options: str) -> None:
         self.folder = folder
         self.port = port or free_port("127.0.0.1", socket.SOCK_STREAM)
+        self.options = options  # more of redis-server's options (--replicaof HOST PORT, --sentinel...)
         self.process: trio.Process | None = None
 
     @property
@@ -42,8 +43,8 @@ class RedisProcess:
         with self.log.open("ab") as log:
             self.process = await trio.lowlevel.open_process(
                 [
-                    binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                    "--dir", str(self.folder), "--daemonize", "no",
+                    binary, *self.options, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", str(self.folder), "--daemonize", "no",
                 ],
                 stdout=log, stderr=log, start_new_session=True,
             )  # fmt: skip

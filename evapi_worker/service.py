@@ -105,14 +105,14 @@ class Service:
         # the commands (and events too, from a node without EVW_REDIS).
         self.source = (
             StreamSource(
-                config.redis.address, [node.name for node in config.nodes], self.on_entry,
+                config.redis.target, [node.name for node in config.nodes], self.on_entry,
                 backoff=config.evapi.backoff, on_connected=self._on_redis,
             )
             if config.redis is not None
             else None
         )  # fmt: skip
         self.shared_claims = (
-            SharedClaims(config.redis.address, _holder(config), backoff=config.evapi.backoff)
+            SharedClaims(config.redis.target, _holder(config), backoff=config.evapi.backoff)
             if config.redis is not None
             else None
         )

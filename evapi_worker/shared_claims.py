@@ -26,7 +26,7 @@ import trio
 
 from .evapi_client import Backoff
 from .logs import kv
-from .redis_client import RedisAddress, RedisConnection, RedisUnavailable, open_redis
+from .redis_client import RedisConnection, RedisTarget, RedisUnavailable, open_target
 from .resp import RedisError
 
 __all__ = ["CLAIM_PREFIX", "ClaimResult", "SharedClaims"]
@@ -49,8 +49,8 @@ class ClaimResult(enum.StrEnum):
 class SharedClaims:
     """Claims in Redis over one connection, kept up; ``nursery.start(run)``."""
 
-    def __init__(self, address: RedisAddress, holder: str, *, backoff: Backoff | None = None) -> None:
-        self.address = address
+    def __init__(self, target: RedisTarget, holder: str, *, backoff: Backoff | None = None) -> None:
+        self.target = target
         self.holder = holder  # names this worker (stable across its restarts)
         self._backoff = backoff or Backoff()
         self._conn: RedisConnection | None = None
@@ -61,12 +61,12 @@ class SharedClaims:
         attempt = 0
         while True:
             try:
-                async with open_redis(self.address) as conn:
+                async with open_target(self.target) as conn:
                     self._conn = conn
                     attempt = 0
                     await conn.wait_closed()
             except RedisUnavailable as exc:
-                log.warning("redis claims unavailable %s", kv(addr=str(self.address), error=str(exc)))
+                log.warning("redis claims unavailable %s", kv(addr=str(self.target.address), error=str(exc)))
             finally:
                 self._conn = None
             await trio.sleep(self._backoff.delay(attempt, rng))

@@ -25,7 +25,7 @@ import trio
 
 from .evapi_client import Backoff
 from .logs import kv
-from .redis_client import RedisAddress, RedisConnection, RedisUnavailable, Request, open_redis
+from .redis_client import RedisConnection, RedisTarget, RedisUnavailable, Request, open_target
 from .resp import RedisError, Reply
 
 __all__ = ["STREAM_PREFIX", "StreamSource", "entries_of", "stream_key"]
@@ -54,14 +54,14 @@ class StreamSource:
 
     def __init__(
         self,
-        address: RedisAddress,
+        target: RedisTarget,
         nodes: list[str],
         on_entry: EntryHandler,
         *,
         backoff: Backoff | None = None,
         on_connected: Callable[[bool], None] | None = None,
     ) -> None:
-        self.address = address
+        self.target = target
         self.nodes = nodes
         self._on_entry = on_entry
         self._backoff = backoff or Backoff()
@@ -79,7 +79,7 @@ class StreamSource:
         attempt = 0
         while True:
             try:
-                async with open_redis(self.address) as redis:
+                async with open_target(self.target) as redis:
                     self._set_connected(True)
                     entries = self.entries
                     try:
@@ -88,11 +88,11 @@ class StreamSource:
                         if self.entries > entries:
                             attempt = 0  # it was a working connection: retry at once
             except RedisUnavailable as exc:
-                log.warning("redis stream unavailable %s", kv(addr=str(self.address), error=str(exc)))
+                log.warning("redis stream unavailable %s", kv(addr=str(self.target.address), error=str(exc)))
             except RedisError as exc:
                 # Not a stream (a key of another type, a server refusing
                 # reads): said, and tried again.
-                log.error("redis stream refused %s", kv(addr=str(self.address), error=str(exc)))
+                log.error("redis stream refused %s", kv(addr=str(self.target.address), error=str(exc)))
             finally:
                 self._set_connected(False)
             await trio.sleep(self._backoff.delay(attempt, rng))
@@ -104,7 +104,7 @@ class StreamSource:
         self.connected = up
         if up:
             self.connects += 1
-            log.info("redis stream connected %s", kv(addr=str(self.address), positions=self._positions_text()))
+            log.info("redis stream connected %s", kv(addr=str(self.target.address), positions=self._positions_text()))
         if self._on_connected is not None:
             self._on_connected(up)
 

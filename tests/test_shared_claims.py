@@ -11,7 +11,7 @@ import trio
 from evapi_worker.config import Config, EvapiSettings, RedisSettings
 from evapi_worker.evapi_client import Backoff, NodeAddress
 from evapi_worker.outcomes import Outcome
-from evapi_worker.redis_client import RedisAddress
+from evapi_worker.redis_client import RedisAddress, RedisTarget
 from evapi_worker.redis_process import RedisProcess, redis_process
 from evapi_worker.service import Service
 from evapi_worker.shared_claims import ClaimResult, SharedClaims
@@ -37,7 +37,7 @@ async def connected(claims: SharedClaims) -> None:
 async def test_one_holder_wins_its_own_retry_finds_it_and_no_redis_is_no_end(tmp_path: Path) -> None:
     server = RedisProcess(tmp_path)
     await server.start()
-    address = RedisAddress.parse(server.url)
+    address = RedisTarget(RedisAddress.parse(server.url))
     a, b = SharedClaims(address, "worker-a", backoff=FAST), SharedClaims(address, "worker-b", backoff=FAST)
     try:
         async with trio.open_nursery() as nursery:
