@@ -11,17 +11,33 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
+import random
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import trio
 
+from .evapi_client import Backoff
+from .logs import kv
 from .outbox import Outbox, OutboxFull
 from .resp import NEED_DATA, RedisError, Reply, RespDecoder, RespProtocolError, encode_command
 
-__all__ = ["RedisAddress", "RedisConnection", "RedisTarget", "RedisUnavailable", "Request", "open_redis", "open_target"]
+__all__ = [
+    "RedisAddress",
+    "RedisConnection",
+    "RedisTarget",
+    "RedisUnavailable",
+    "Request",
+    "open_redis",
+    "open_target",
+    "stay_connected",
+]
+
+log = logging.getLogger("evapi_worker.redis")
 
 _READ_SIZE = 1 << 16
 
@@ -103,10 +119,45 @@ async def open_target(target: RedisTarget, timeout: float = 5.0) -> AsyncIterato
     address = await target.locate()
     async with open_redis(address, timeout) as conn:
         if target.sentinels:
-            role = await conn.call("ROLE")
+            try:
+                role = await conn.call("ROLE")
+            except RedisError as exc:
+                raise RedisUnavailable(f"{address} did not say its role: {exc}") from None
             if not (isinstance(role, list) and role and role[0] == b"master"):
                 raise RedisUnavailable(f"{address} is not the primary")
         yield conn
+
+
+async def stay_connected(
+    target: RedisTarget,
+    what: str,
+    session: Callable[[RedisConnection], Awaitable[None]],
+    progress: Callable[[], int],
+    backoff: Backoff | None = None,
+) -> NoReturn:
+    """Run ``session`` on a connection to ``target`` until it ends or the
+    connection fails, then connect again: at once (after the shortest
+    backoff) when ``progress()`` grew meanwhile, after a growing backoff
+    while attempts keep failing. Failures are logged, never raised:
+    ``what`` names the connection in the log lines."""
+    backoff = backoff or Backoff()
+    rng = random.Random()
+    attempt = 0
+    while True:
+        before = progress()
+        try:
+            async with open_target(target) as conn:
+                await session(conn)
+        except RedisUnavailable as exc:
+            log.warning("redis %s unavailable %s", what, kv(addr=str(target.address), error=str(exc)))
+        except RedisError as exc:
+            # Refused (a key of another type, a server refusing the command):
+            # said, and tried again.
+            log.error("redis %s refused %s", what, kv(addr=str(target.address), error=str(exc)))
+        if progress() > before:
+            attempt = 0
+        await trio.sleep(backoff.delay(attempt, rng))
+        attempt += 1
 
 
 class Request:

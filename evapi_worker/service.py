@@ -103,18 +103,17 @@ class Service:
         self.dispatcher = Dispatcher(self.actions, self.connections, self.metrics, config.action_queue)
         # With [redis], events come from the nodes' streams; evapi carries
         # the commands (and events too, from a node without EVW_REDIS).
+        redis = config.redis.target if config.redis is not None else None
         self.source = (
             StreamSource(
-                config.redis.target, [node.name for node in config.nodes], self.on_entry,
+                redis, [node.name for node in config.nodes], self.on_entry,
                 backoff=config.evapi.backoff, on_connected=self._on_redis,
             )
-            if config.redis is not None
+            if redis is not None
             else None
         )  # fmt: skip
         self.shared_claims = (
-            SharedClaims(config.redis.target, _holder(config), backoff=config.evapi.backoff)
-            if config.redis is not None
-            else None
+            SharedClaims(redis, _holder(config), backoff=config.evapi.backoff) if redis is not None else None
         )
         self.actions.shared_claims = self.shared_claims
         self.clocks = NodeClocks(wall_offset=0.0)  # set when running

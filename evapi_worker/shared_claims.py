@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import enum
 import logging
-import random
 from typing import Final
 
 import trio
 
 from .evapi_client import Backoff
 from .logs import kv
-from .redis_client import RedisConnection, RedisTarget, RedisUnavailable, open_target
+from .redis_client import RedisConnection, RedisTarget, RedisUnavailable, stay_connected
 from .resp import RedisError
 
 __all__ = ["CLAIM_PREFIX", "ClaimResult", "SharedClaims"]
@@ -52,25 +51,23 @@ class SharedClaims:
     def __init__(self, target: RedisTarget, holder: str, *, backoff: Backoff | None = None) -> None:
         self.target = target
         self.holder = holder  # names this worker (stable across its restarts)
-        self._backoff = backoff or Backoff()
+        self.connects = 0
+        self._backoff = backoff
         self._conn: RedisConnection | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        rng = random.Random()
-        attempt = 0
-        while True:
-            try:
-                async with open_target(self.target) as conn:
-                    self._conn = conn
-                    attempt = 0
-                    await conn.wait_closed()
-            except RedisUnavailable as exc:
-                log.warning("redis claims unavailable %s", kv(addr=str(self.target.address), error=str(exc)))
-            finally:
-                self._conn = None
-            await trio.sleep(self._backoff.delay(attempt, rng))
-            attempt += 1
+        # A connection made is progress: the next one is tried at once.
+        await stay_connected(self.target, "claims", self._hold, lambda: self.connects, self._backoff)
+
+    async def _hold(self, conn: RedisConnection) -> None:
+        """Claim over ``conn`` until it closes."""
+        self._conn = conn
+        self.connects += 1
+        try:
+            await conn.wait_closed()
+        finally:
+            self._conn = None
 
     async def claim(self, call_id: str, device: str, ttl: float, *, retry: bool = False) -> ClaimResult:
         """Claim the fake call of (``call_id``, ``device``) for ``ttl``

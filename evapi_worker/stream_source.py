@@ -17,7 +17,6 @@ after a backoff.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
 from typing import Final
 
@@ -25,8 +24,8 @@ import trio
 
 from .evapi_client import Backoff
 from .logs import kv
-from .redis_client import RedisConnection, RedisTarget, RedisUnavailable, Request, open_target
-from .resp import RedisError, Reply
+from .redis_client import RedisConnection, RedisTarget, Request, stay_connected
+from .resp import Reply
 
 __all__ = ["STREAM_PREFIX", "StreamSource", "entries_of", "stream_key"]
 
@@ -64,7 +63,7 @@ class StreamSource:
         self.target = target
         self.nodes = nodes
         self._on_entry = on_entry
-        self._backoff = backoff or Backoff()
+        self._backoff = backoff
         self._on_connected = on_connected
         # The last entry handled of each node's stream; "$" until known.
         self.positions: dict[str, str] = {}
@@ -75,28 +74,16 @@ class StreamSource:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read until cancelled; reports started at once (not when connected)."""
         task_status.started()
-        rng = random.Random()
-        attempt = 0
-        while True:
-            try:
-                async with open_target(self.target) as redis:
-                    self._set_connected(True)
-                    entries = self.entries
-                    try:
-                        await self._read(redis)
-                    finally:
-                        if self.entries > entries:
-                            attempt = 0  # it was a working connection: retry at once
-            except RedisUnavailable as exc:
-                log.warning("redis stream unavailable %s", kv(addr=str(self.target.address), error=str(exc)))
-            except RedisError as exc:
-                # Not a stream (a key of another type, a server refusing
-                # reads): said, and tried again.
-                log.error("redis stream refused %s", kv(addr=str(self.target.address), error=str(exc)))
-            finally:
-                self._set_connected(False)
-            await trio.sleep(self._backoff.delay(attempt, rng))
-            attempt += 1
+        # Entries read are progress: after a working connection, the next
+        # one is tried at once.
+        await stay_connected(self.target, "stream", self._session, lambda: self.entries, self._backoff)
+
+    async def _session(self, redis: RedisConnection) -> None:
+        self._set_connected(True)
+        try:
+            await self._read(redis)
+        finally:
+            self._set_connected(False)
 
     def _set_connected(self, up: bool) -> None:
         if up == self.connected:
