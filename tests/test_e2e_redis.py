@@ -8,9 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import msgspec
@@ -27,7 +25,7 @@ from evapi_worker.service import Service
 from evapi_worker.stream_source import entries_of, stream_key
 
 from .e2e_platform import DOMAIN, HOST, needs_platform
-from .helpers import FAST_RECONNECT, needs_redis, running_demo, stop_group
+from .helpers import FAST_RECONNECT, needs_redis, running_demo
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls, relayed, worker_process
 from .test_hostile_process import metrics_text, sample
@@ -89,6 +87,18 @@ async def test_events_wait_in_redis_for_a_stopped_worker_and_none_is_read_twice(
                 nursery.cancel_scope.cancel()
 
 
+async def two_workers(
+    stack: AsyncExitStack, folder: Path, kam: KamailioProcess, url: str
+) -> tuple[list[trio.Process], list[int]]:
+    """Two real workers reading ``kam``'s stream, and their /metrics ports."""
+    ports = [free_port(socket.SOCK_STREAM) for _ in range(2)]
+    procs = [
+        await stack.enter_async_context(worker_process(folder, f"worker{i}", kam, f"127.0.0.1:{port}", "--redis", url))
+        for i, port in enumerate(ports)
+    ]
+    return procs, ports
+
+
 async def scrape(port: int, name: str, **labels: str) -> float:
     text = await trio.to_thread.run_sync(metrics_text, port)
     return sample(text, name, **labels)
@@ -97,14 +107,8 @@ async def scrape(port: int, name: str, **labels: str) -> float:
 async def test_a_frozen_worker_holds_up_no_one_and_catches_up_without_a_second_fake_call(tmp_path: Path) -> None:
     async with redis_process(tmp_path) as redis:
         kam = redis_kamailio(tmp_path / "k", "r2", redis.port)
-        ports = [free_port(socket.SOCK_STREAM) for _ in range(2)]
         async with kam.running(), AsyncExitStack() as stack:
-            procs = [
-                await stack.enter_async_context(
-                    worker_process(tmp_path, f"worker{i}", kam, f"127.0.0.1:{port}", "--redis", redis.url)
-                )
-                for i, port in enumerate(ports)
-            ]
+            procs, ports = await two_workers(stack, tmp_path, kam, redis.url)
             phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
             call_ids = await missed_calls(phones, ["eve", "fay"], "frozen")
             os.killpg(procs[0].pid, signal.SIGSTOP)  # frozen (swapped out, stuck): it reads nothing
@@ -198,14 +202,8 @@ async def test_a_worker_frozen_under_a_flood_of_registrations_holds_up_no_one(tm
     # missed (none lost) and sends no fake call the other sent.
     async with redis_process(tmp_path) as redis:
         kam = redis_kamailio(tmp_path / "k", "r4", redis.port)
-        ports = [free_port(socket.SOCK_STREAM) for _ in range(2)]
         async with kam.running(), AsyncExitStack() as stack:
-            procs = [
-                await stack.enter_async_context(
-                    worker_process(tmp_path, f"worker{i}", kam, f"127.0.0.1:{port}", "--redis", redis.url)
-                )
-                for i, port in enumerate(ports)
-            ]
+            procs, ports = await two_workers(stack, tmp_path, kam, redis.url)
             phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
             users = [f"late{i}" for i in range(5)]
             call_ids = await missed_calls(phones, users, "flood")
@@ -242,33 +240,6 @@ async def test_a_worker_frozen_under_a_flood_of_registrations_holds_up_no_one(tm
                 assert relayed(kam, call_ids[user]) == 1, user
 
 
-@asynccontextmanager
-async def redis_worker(folder: Path, name: str, nodes: list[KamailioProcess], url: str) -> AsyncIterator[trio.Process]:
-    """A real ``evapi-worker run --redis URL`` on ``nodes``, in that order."""
-    binary = Path(sys.executable).with_name("evapi-worker")
-    options = [
-        arg
-        for kam in nodes
-        for arg in ("--kamailio", f"{kam.node}={kam.evapi_host}:{kam.evapi_port},sip={kam.sip_host}:{kam.sip_port}")
-    ]
-    log = folder / f"{name}.log"
-    with log.open("wb") as out:
-        proc = await trio.lowlevel.open_process(
-            [str(binary), "run", *options, "--redis", url, "--metrics", "off"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-        )  # fmt: skip
-    try:
-        with trio.fail_after(10):
-            while log.read_bytes().count(b"evapi connected") < len(nodes) or b"redis stream connected" not in (
-                log.read_bytes()
-            ):
-                assert proc.returncode is None, log.read_text()
-                await trio.sleep(0.05)
-        yield proc
-    finally:
-        await stop_group(proc)
-
-
 def fake_call_nodes(log: Path) -> list[str]:
     """The nodes a worker decided fake calls through, as it logged them."""
     lines = log.read_text(errors="replace").splitlines()
@@ -287,8 +258,8 @@ async def test_a_device_registered_on_two_nodes_at_once_gets_one_fake_call(tmp_p
         one = redis_kamailio(tmp_path / "one", "one", redis.port)
         two = redis_kamailio(tmp_path / "two", "two", redis.port)
         async with one.running(), two.running(), AsyncExitStack() as stack:
-            a = await stack.enter_async_context(redis_worker(tmp_path, "a", [one, two], redis.url))
-            b = await stack.enter_async_context(redis_worker(tmp_path, "b", [two, one], redis.url))
+            a = await stack.enter_async_context(worker_process(tmp_path, "a", [one, two], "off", "--redis", redis.url))
+            b = await stack.enter_async_context(worker_process(tmp_path, "b", [two, one], "off", "--redis", redis.url))
             call_ids = await missed_calls(Phones(HOST, one.sip_port, tmp_path, DOMAIN), ["joy"], "twice")
             os.killpg(b.pid, signal.SIGSTOP)
             try:

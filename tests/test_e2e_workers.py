@@ -145,16 +145,23 @@ async def test_two_workers_two_nodes_call_on_one_phone_on_the_other(tmp_path: Pa
 
 @asynccontextmanager
 async def worker_process(
-    folder: Path, name: str, kam: KamailioProcess, metrics: str = "off", *options: str
+    folder: Path, name: str, kam: KamailioProcess | Sequence[KamailioProcess], metrics: str = "off", *options: str
 ) -> AsyncIterator[trio.Process]:
-    """A real ``evapi-worker run`` connected to ``kam`` (with more
-    ``options``); stopped after."""
+    """A real ``evapi-worker run`` connected to ``kam`` (or to several
+    nodes, in that order), with more ``options``; stopped after."""
     binary = Path(sys.executable).with_name("evapi-worker")
-    node = f"{kam.node}={kam.evapi_host}:{kam.evapi_port},sip={kam.sip_host}:{kam.sip_port}"
+    nodes = [kam] if isinstance(kam, KamailioProcess) else list(kam)
+    specs = [
+        arg
+        for k in nodes
+        for arg in ("--kamailio", f"{k.node}={k.evapi_host}:{k.evapi_port},sip={k.sip_host}:{k.sip_port}")
+    ]
+    # Ready once every node is connected (and the Redis stream, when read).
+    ready = [(b"evapi connected", len(nodes))] + ([(b"redis stream connected", 1)] if "--redis" in options else [])
     log = folder / f"{name}.log"
     with log.open("wb") as out:
         proc = await trio.lowlevel.open_process(
-            [str(binary), "run", "--kamailio", node, "--metrics", metrics, *options],
+            [str(binary), "run", *specs, "--metrics", metrics, *options],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -162,7 +169,7 @@ async def worker_process(
         )
     try:
         with trio.fail_after(10):
-            while b"evapi connected" not in log.read_bytes():
+            while any(log.read_bytes().count(line) < count for line, count in ready):
                 assert proc.returncode is None, log.read_text()
                 await trio.sleep(0.05)
         yield proc
