@@ -194,6 +194,11 @@ class Metrics:
             registry=r,
         )
         self.events_lost = Counter(p + "events_lost", "Events missing from a node's sequence.", ["node"], registry=r)
+        self.paused = Counter(
+            p + "paused_seconds",
+            "Seconds the worker did not run when it should have (stopped, swapped out, starved).",
+            registry=r,
+        )
         self.events_shed = Counter(
             p + "events_shed", "Events dropped unread because the worker fell behind (overload).", ["node"], registry=r
         )

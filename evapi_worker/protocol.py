@@ -131,6 +131,11 @@ class Protocol:
         """Sequence gaps that stayed open past the grace, as (node, lost)."""
         return self.sequences.expire(now)
 
+    def paused(self, seconds: float) -> None:
+        """The worker did not run for ``seconds``: what it has not read yet
+        may fill the gaps open now, so they do not age meanwhile."""
+        self.sequences.paused(seconds)
+
     def feed(self, node: str, event: Event, now: float) -> Received:
         """An event from ``node``, received at ``now``, and what it leads to."""
         named = event.node if event.node != node else None

@@ -4,7 +4,10 @@ Every event carries its node's sequence number and the node's start time
 (``boot``). evapi drops events while no client is connected, so a gap in the
 numbers is lost events. But events from different Kamailio SIP workers
 arrive out of order, so a gap is only counted once it stayed open for a
-grace period. Pure: time is passed in.
+grace period of the worker's own running time: while the worker was stopped
+(SIGSTOP, swapped out, a paused VM) the event that fills a gap may be
+waiting unread in its socket, so that time does not count (:meth:`paused`).
+Pure: time is passed in.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ class SequenceTracker:
         self.grace = grace
         self.max_missing = max_missing
         self._nodes: dict[str, _Node] = {}
+        # Seconds the worker did not run: gaps are timed on ``now - _paused``.
+        self._paused = 0.0
+
+    def paused(self, seconds: float) -> None:
+        """The worker did not run for ``seconds``: open gaps did not age."""
+        if seconds > 0:
+            self._paused += seconds
 
     def observe(self, node: str, boot: int, seq: int, now: float) -> int:
         """Record one event; returns events now known lost (beyond waiting)."""
@@ -56,8 +66,9 @@ class SequenceTracker:
             if gap > room:
                 # Too many to wait for one by one: count the gap at once.
                 return gap
+            running = now - self._paused
             for missing in range(seq - gap, seq):
-                state.missing[missing] = now
+                state.missing[missing] = running
             return 0
         state.missing.pop(seq, None)  # a reordered event filled its gap
         return 0
@@ -65,7 +76,7 @@ class SequenceTracker:
     def expire(self, now: float) -> list[tuple[str, int]]:
         """Gaps open longer than the grace period, as (node, lost) pairs."""
         out: list[tuple[str, int]] = []
-        deadline = now - self.grace
+        deadline = now - self._paused - self.grace
         for name, state in self._nodes.items():
             if not state.missing:
                 continue

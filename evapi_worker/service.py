@@ -53,6 +53,10 @@ log = logging.getLogger("evapi_worker.service")
 # How often lost-sequence gaps and gauges are looked at when nothing else
 # wakes the timer.
 _HOUSEKEEPING = 0.5
+# The timer woke this much later than asked: the worker did not run (stopped,
+# swapped out, starved), which is counted and logged, and does not age the
+# open sequence gaps (their events may be waiting unread in a socket).
+_PAUSED = 0.25
 # Lost events are counted at once but logged at most this often per node: a
 # node dropping events under load would otherwise log a line per gap.
 _LOST_LOG_EVERY = 1.0
@@ -331,6 +335,12 @@ class Service:
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
+            paused = now - self._timer_at
+            if paused >= _PAUSED:
+                self.protocol.paused(paused)
+                self.metrics.paused.inc(paused)
+                if paused >= 1.0:  # a busy loop's fraction of a second is not news
+                    log.warning("worker paused %s", kv(seconds=round(paused, 3)))
             self.dispatcher.dispatch(self.engine.tick(now), now)
             for node, lost in self.protocol.expire(now):
                 self._count_lost(node, lost)

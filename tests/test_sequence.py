@@ -71,3 +71,19 @@ def test_a_new_boot_id_smaller_than_the_old_one_is_still_a_restart() -> None:
     s.observe("a", 1795724634_900, 5, 0.0)
     assert s.observe("a", 1795724634_120, 3, 1.0) == 2  # same second, lower pid
     assert s.observe("a", 1795724634_900, 6, 1.1) == 0  # straggler of the old boot
+
+
+def test_a_gap_does_not_age_while_the_worker_is_paused() -> None:
+    # Stopped for 25 s with a gap open: the event that fills it was waiting
+    # unread, and is not counted lost when the worker looks again first.
+    s = SequenceTracker(grace=2.0)
+    s.observe("a", 1, 1, 0.0)
+    s.observe("a", 1, 3, 1.0)
+    s.paused(25.0)
+    assert s.expire(26.5) == []
+    assert s.observe("a", 1, 2, 26.6) == 0
+    # A gap that stays open still counts, after the grace of running time.
+    s.observe("a", 1, 5, 27.0)
+    s.paused(10.0)
+    assert s.expire(38.9) == []
+    assert s.expire(39.0) == [("a", 1)]

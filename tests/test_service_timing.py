@@ -68,6 +68,27 @@ async def test_lost_events_are_counted_after_the_grace_on_the_timer(autojump_clo
         nursery.cancel_scope.cancel()
 
 
+async def test_a_paused_worker_counts_no_gap_lost_that_the_unread_events_fill(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # SIGSTOP with seq 2 still in the socket: when the worker runs again its
+    # timer is 25 s late, and must not count seq 2 lost before reading it.
+    service = Service(Config(evapi=EvapiSettings(sequence_grace=2.0)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service._timer)
+        service.on_frame("kam1", frame("call_answered", T0, 1, call_id="a"), trio.current_time())
+        service.on_frame("kam1", frame("call_answered", T0, 3, call_id="b"), trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        autojump_clock.jump(25)  # the process is stopped: the timer wakes late
+        await trio.testing.wait_all_tasks_blocked()
+        assert service.metrics.value("evapi_worker_paused_seconds_total") >= 24.5
+        service.on_frame("kam1", frame("call_answered", T0, 2, call_id="c"), trio.current_time())
+        service.on_frame("kam1", frame("call_answered", T0, 5, call_id="d"), trio.current_time())
+        await trio.sleep(3)  # seq 4 never comes: lost after the grace
+        assert service.metrics.value("evapi_worker_events_lost_total", {"node": "kam1"}) == 1
+        nursery.cancel_scope.cancel()
+
+
 async def test_reconnect_attempts_back_off_up_to_the_cap(autojump_clock: trio.testing.MockClock) -> None:
     port = free_port(socket.SOCK_STREAM)  # nothing listens here: every attempt is refused
     attempts: list[float] = []
