@@ -289,6 +289,7 @@ class Metrics:
             self.state_skipped.labels(file)
         for provider in PUSH_PROVIDERS:
             self.push_retries.labels(provider)
+            self.push_latency.labels(provider)
             for result in PUSH_RESULTS:
                 self.pushes.labels(provider, result)
         for claim in SHARED_CLAIM_RESULTS:
