@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,17 +17,18 @@ import pytest
 import trio
 
 from evapi_worker.capture import CaptureSettings
-from evapi_worker.config import Config, PushSettings
+from evapi_worker.config import Config, PushSettings, RedisSettings
 from evapi_worker.demo import Watch, start_watched_worker
 from evapi_worker.engine import EngineSettings
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.kamailio_process import KamailioProcess, Subscriber
 from evapi_worker.outcomes import Outcome
 from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones
+from evapi_worker.redis_process import redis_process
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 
-from .helpers import FAST_RECONNECT
+from .helpers import FAST_RECONNECT, needs_redis
 from .sipp_device import free_port, free_sip_port
 
 needs_platform = pytest.mark.skipif(
@@ -39,6 +40,10 @@ HOST = "127.0.0.1"
 # A SIP domain that is not the server's address: accounts are bob@DOMAIN,
 # contacts are dev-...@127.0.0.1, as in a real deployment.
 DOMAIN = "voip.example.org"
+
+# The two ways events reach the worker, for a story told over both:
+# ``@pytest.mark.parametrize("redis", EVENT_PATHS)`` and ``platform(redis=redis)``.
+EVENT_PATHS = [pytest.param(False, id="evapi"), pytest.param(True, id="redis", marks=needs_redis)]
 
 
 @dataclass
@@ -63,6 +68,14 @@ class Platform:
         await self.kamailio.wait_registered(f"{user}@{self.phones.domain}", count)
 
 
+async def reading(service: Service) -> None:
+    """Until the worker reads its Redis stream."""
+    assert service.source is not None
+    with trio.fail_after(10):
+        while not service.source.connected:
+            await trio.sleep(0.02)
+
+
 @asynccontextmanager
 async def platform(
     tmp_path: Path,
@@ -76,34 +89,51 @@ async def platform(
     push: PushSettings | None = None,
     capture: CaptureSettings | None = None,
     kamailio: KamailioProcess | None = None,
+    redis: bool = False,
     **engine: Any,
 ) -> AsyncIterator[Platform]:
     """The bundled Kamailio (serving ``domain``, with TLS, authentication,
     an IPv6 address besides 127.0.0.1 (``sip6``) and more ``-A`` defines
     when asked), or the ``kamailio`` given, and a worker connected to it,
     whose fake calls go out from ``worker_sip`` (127.0.0.1, or the IPv6
-    address)."""
-    if kamailio is None:
-        tls_port = free_port(socket.SOCK_STREAM) if tls else None
-        kamailio = KamailioProcess(
-            HOST, free_sip_port(), HOST, free_port(socket.SOCK_STREAM), "e2e", worker_sip, tmp_path,
-            domain=domain, tls_port=tls_port, subscribers=subscribers, defines=defines, sip6_host=sip6,
-        )  # fmt: skip
-    kam, sip_port, evapi_port = kamailio, kamailio.sip_port, kamailio.evapi_port
-    node = NodeAddress(kam.node, HOST, evapi_port, worker_sip, sip_port)
-    passwords = {s.user: s.password for s in subscribers or ()}
-    async with kam.running(), trio.open_nursery() as nursery:
+    address). With ``redis``, a redis-server of its own carries the events
+    (EVW_REDIS) and the shared claims."""
+    async with AsyncExitStack() as stack:
+        settings = None
+        if redis:
+            server = await stack.enter_async_context(redis_process(tmp_path))
+            settings = RedisSettings(url=server.url)
+            defines += (f'EVW_REDIS="name=evw;addr={HOST};port={server.port}"',)
+        if kamailio is None:
+            tls_port = free_port(socket.SOCK_STREAM) if tls else None
+            kamailio = KamailioProcess(
+                HOST, free_sip_port(), HOST, free_port(socket.SOCK_STREAM), "e2e", worker_sip, tmp_path,
+                domain=domain, tls_port=tls_port, subscribers=subscribers, defines=defines, sip6_host=sip6,
+            )  # fmt: skip
+        else:
+            assert not redis, "a Kamailio given is started as it was made"
+        kam = kamailio
+        await stack.enter_async_context(kam.running())
+        nursery = await stack.enter_async_context(trio.open_nursery())
         config = Config(
-            nodes=(node,),
+            nodes=(NodeAddress(kam.node, HOST, kam.evapi_port, worker_sip, kam.sip_port),),
             engine=EngineSettings(**engine),
             sipp=SippSettings(local_ip=worker_sip),
             evapi=FAST_RECONNECT,
             push=push or PushSettings(),
             capture=capture,
+            redis=settings,
         )
         service, watch = await start_watched_worker(nursery, config)
-        phones = Phones(HOST, sip_port, tmp_path, domain, passwords=passwords)
+        if redis:
+            await reading(service)
+        passwords = {s.user: s.password for s in subscribers or ()}
+        phones = Phones(HOST, kam.sip_port, tmp_path, domain, passwords=passwords)
         yield Platform(service, phones, watch, tmp_path, kam)
+        if redis:
+            # Every event of the story came through the stream, none by evapi.
+            assert service.source is not None and service.source.entries > 0
+            assert sum(service.metrics.events.counts.values()) == service.source.entries
         nursery.cancel_scope.cancel()
 
 

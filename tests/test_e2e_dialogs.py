@@ -25,7 +25,7 @@ import trio
 from evapi_worker.outcomes import Outcome
 from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones, received
 
-from .e2e_platform import DOMAIN, Platform, needs_platform, platform
+from .e2e_platform import DOMAIN, EVENT_PATHS, Platform, needs_platform, platform
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS
 from .test_e2e_field import linphone
@@ -186,11 +186,12 @@ async def test_held_call_on_ipv6_completes_its_dialog(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("contact_host", [None, "iphone.invalid"], ids=["direct", "nat"])
+@pytest.mark.parametrize("redis", EVENT_PATHS)
 async def test_late_iphone_that_answers_the_fake_call_gets_its_ack_and_bye(
-    tmp_path: Path, contact_host: str | None
+    tmp_path: Path, contact_host: str | None, redis: bool
 ) -> None:
-    async with platform(tmp_path) as p:
-        call_id = f"dlg-late-{contact_host}@caller.example.net"
+    async with platform(tmp_path, redis=redis) as p:
+        call_id = f"dlg-late-{contact_host}-{redis}@caller.example.net"
         iphone = tmp_path / "iphone.log"
         async with trio.open_nursery() as nursery:
             nursery.start_soon(p.phones.phone, "pia", DESK_UA, "desk", "phone_answers", 4000, tmp_path / "desk.log")
@@ -206,11 +207,12 @@ async def test_late_iphone_that_answers_the_fake_call_gets_its_ack_and_bye(
 
 
 @needs_linphonec
-async def test_linphone_on_tls_woken_in_time_answers_and_keeps_a_completed_call(tmp_path: Path) -> None:
+@pytest.mark.parametrize("redis", EVENT_PATHS)
+async def test_linphone_on_tls_woken_in_time_answers_and_keeps_a_completed_call(tmp_path: Path, redis: bool) -> None:
     """The phone is liblinphone over TLS: held, it registers 0.8 s into the
     call, answers, the caller puts it on hold and hangs up. Its call history
     has a successful call with a duration."""
-    async with platform(tmp_path, tls=True) as p:
+    async with platform(tmp_path, tls=True, redis=redis) as p:
         call_id = "dlg-linphone-tls@caller.example.net"
         phone: Linphone = linphone(p, "quinn", "tls")
         phone.auto_answer = True

@@ -12,6 +12,7 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
 import trio
 
 from evapi_worker.config import Config
@@ -22,7 +23,7 @@ from evapi_worker.kamailio_process import KamailioProcess, Subscriber, wait_regi
 from evapi_worker.outcomes import Outcome
 from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones, received
 
-from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
+from .e2e_platform import DOMAIN, EVENT_PATHS, HOST, Platform, late_iphone, needs_platform, platform
 from .helpers import FAST_RECONNECT, demo_folder, running_demo
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS, free_port, free_sip_port
@@ -57,8 +58,9 @@ async def late_linphone(p: Platform, user: str, desk: str | Path, call_id: str, 
 
 
 @needs_linphonec
-async def test_linphone_on_tls_answered_elsewhere(tmp_path: Path) -> None:
-    async with platform(tmp_path, tls=True) as p:
+@pytest.mark.parametrize("redis", EVENT_PATHS)
+async def test_linphone_on_tls_answered_elsewhere(tmp_path: Path, redis: bool) -> None:
+    async with platform(tmp_path, tls=True, redis=redis) as p:
         call_id = "field-tls-answered@caller.example.net"
         got = await late_linphone(p, "bob", "phone_answers", call_id, linphone(p, "bob", "tls"))
         assert got == (call_id, "accepted elsewhere / answered elsewhere")

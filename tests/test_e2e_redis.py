@@ -21,10 +21,9 @@ from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.phones import IPHONE_UA, Phones
 from evapi_worker.redis_client import RedisAddress, open_redis
 from evapi_worker.redis_process import RedisProcess, redis_process
-from evapi_worker.service import Service
 from evapi_worker.stream_source import entries_of, stream_key
 
-from .e2e_platform import DOMAIN, HOST, needs_platform
+from .e2e_platform import DOMAIN, HOST, needs_platform, reading
 from .helpers import FAST_RECONNECT, needs_redis, running_demo
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls, relayed, worker_process
@@ -35,14 +34,6 @@ pytestmark = [needs_platform, needs_redis]
 
 def redis_kamailio(folder: Path, node: str, redis_port: int) -> KamailioProcess:
     return kamailio(folder, node, f'EVW_REDIS="name=evw;addr=127.0.0.1;port={redis_port}"')
-
-
-async def reading(service: Service) -> None:
-    """Until the worker reads its Redis stream."""
-    assert service.source is not None
-    with trio.fail_after(10):
-        while not service.source.connected:
-            await trio.sleep(0.02)
 
 
 async def test_events_wait_in_redis_for_a_stopped_worker_and_none_is_read_twice(tmp_path: Path) -> None:
