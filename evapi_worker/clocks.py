@@ -1,4 +1,5 @@
-"""Each Kamailio node's clock against the clock the engine runs on.
+"""Each Kamailio node's clock against the clock the engine runs on, and
+the worker's own pauses.
 
 Events carry their node's timestamp; a REGISTER's deadline counts from
 when it happened, so its ``ts`` is mapped onto the engine's clock
@@ -11,7 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["NodeClocks"]
+__all__ = ["PAUSED", "NodeClocks"]
+
+# A timer that fires this much later than asked says the worker itself did
+# not run meanwhile (SIGSTOP, swapped out, a paused VM, a starved CPU):
+# what it waited for may be waiting unread, so it is not a timeout.
+PAUSED: Final = 0.25
 
 # A ping answered in more than twice this says little about the clocks
 # (the worker or the node was busy): it is not used.

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import trio
 
 from .capture import CaptureWriter, PushNote
-from .clocks import NodeClocks
+from .clocks import PAUSED, NodeClocks
 from .commands import Claim, Command, command_name
 from .config import Config
 from .devices import device_id
@@ -53,10 +53,6 @@ log = logging.getLogger("evapi_worker.service")
 # How often lost-sequence gaps and gauges are looked at when nothing else
 # wakes the timer.
 _HOUSEKEEPING = 0.5
-# The timer woke this much later than asked: the worker did not run (stopped,
-# swapped out, starved), which is counted and logged, and does not age the
-# open sequence gaps (their events may be waiting unread in a socket).
-_PAUSED = 0.25
 # Lost events are counted at once but logged at most this often per node: a
 # node dropping events under load would otherwise log a line per gap.
 _LOST_LOG_EVERY = 1.0
@@ -336,7 +332,9 @@ class Service:
             self._wake = trio.Event()
             now = trio.current_time()
             paused = now - self._timer_at
-            if paused >= _PAUSED:
+            if paused >= PAUSED:
+                # Counted, logged, and not ageing the open sequence gaps:
+                # their events may be waiting unread in a socket.
                 self.protocol.paused(paused)
                 self.metrics.paused.inc(paused)
                 if paused >= 1.0:  # a busy loop's fraction of a second is not news

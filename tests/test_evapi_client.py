@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+import trio.testing
 
 from evapi_worker.commands import Ping
 from evapi_worker.evapi_client import Backoff, CommandFailed, ConnectionState, EvapiConnection, NodeAddress
@@ -185,6 +186,44 @@ async def test_command_refused_unanswered_or_disconnected() -> None:
         nursery.start_soon(drop_soon)
         with pytest.raises(CommandFailed, match="disconnected"):
             await conn.send_command(Ping(), timeout=5)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_that_came_while_the_worker_was_stopped_is_not_a_timeout(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # Stopped (SIGSTOP) with a pin in flight: on waking, the deadline has
+    # long passed and the answer waits unread. The command is answered; a
+    # node that really does not answer still times out.
+    server, rec = EvapiServer(auto_ack=False), Recorder()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        conn = connection(server.port, rec)
+        await nursery.start(conn.run)
+        await rec.wait_for(lambda: conn.connected)
+        results: list[CommandResult | CommandFailed] = []
+
+        async def send() -> None:
+            try:
+                results.append(await conn.send_command(Ping(id="p1"), timeout=2))
+            except CommandFailed as exc:
+                results.append(exc)
+
+        nursery.start_soon(send)
+        await server.wait_for(lambda: len(server.commands) == 1)
+        mock_clock.jump(25)  # the worker was stopped this long
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == []  # still waiting: the worker, not the node, was away
+        await server.ack("p1")
+        await rec.wait_for(lambda: rec.frames)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(results) == 1 and isinstance(results[0], CommandResult) and results[0].ok
+        nursery.start_soon(send)
+        await server.wait_for(lambda: len(server.commands) == 2)
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(2)  # on time, and nothing came
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(results) == 2 and isinstance(results[1], CommandFailed) and results[1].reason == "timeout"
         nursery.cancel_scope.cancel()
 
 
