@@ -4,6 +4,8 @@ ports for SIPp processes, the demo and the tests."""
 from __future__ import annotations
 
 import socket
+import threading
+from collections import deque
 
 __all__ = ["bind_error", "free_media_port", "free_port"]
 
@@ -22,6 +24,28 @@ def bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> OSError 
     return None
 
 
+# Ports handed out lately: a port found free is free again until its user
+# binds it, and the system hands the same number out again meanwhile (a
+# SIP port and an evapi port picked one after the other were seen to be one
+# port). Remembered for the last few thousand, not forever: a long-running
+# worker picks ports for every fake call.
+_RECENT: deque[int] = deque(maxlen=4096)
+_RECENT_SET: set[int] = set()
+_RECENT_LOCK = threading.Lock()
+
+
+def _hand_out(port: int) -> bool:
+    """Whether ``port`` may be handed out now (not lately); notes it if so."""
+    with _RECENT_LOCK:
+        if port in _RECENT_SET:
+            return False
+        if len(_RECENT) == _RECENT.maxlen:
+            _RECENT_SET.discard(_RECENT[0])
+        _RECENT.append(port)
+        _RECENT_SET.add(port)
+        return True
+
+
 def free_media_port(host: str) -> int:
     """A UDP port ``p`` with ``p + 2`` free too on ``host`` now: SIPp binds
     its audio and video sockets there. Left to itself every SIPp tries
@@ -33,15 +57,20 @@ def free_media_port(host: str) -> int:
             port: int = audio.getsockname()[1]
             if port + 2 > 65535 or bind_error(host, port + 2, socket.SOCK_DGRAM) is not None:
                 continue
-            return port
+            if _hand_out(port) and _hand_out(port + 2):
+                return port
     raise OSError(f"no free pair of media ports on {host}")
 
 
 def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:
-    """A port the system considers free on ``host`` now (it may be taken
-    again before it is used: good enough for loopback tools and tests)."""
+    """A port the system considers free on ``host`` now, and not handed out
+    lately by this process (another process may still take it before it is
+    used: good enough for loopback tools and tests)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    for _ in range(100):
+        with socket.socket(family, kind) as s:
+            s.bind((host, 0))
+            port: int = s.getsockname()[1]
+        if _hand_out(port):
+            return port
+    raise OSError(f"no free port on {host} that was not handed out lately")
