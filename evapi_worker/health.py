@@ -40,9 +40,14 @@ class Liveness:
         metrics: Metrics,
         ping_interval: float,
         clocks: NodeClocks | None = None,
+        answers_read: trio.Event | None = None,
     ) -> None:
         self.connections = connections
         self.clocks = clocks
+        # Set once the pings' answers can be read (with [redis] they come
+        # through the streams: a ping sent before the reader has its
+        # position could be answered before it, unread).
+        self.answers_read = answers_read
         self.send_command = send_command
         self.metrics = metrics
         self.ping_interval = ping_interval  # 0: no pings, up follows the connection
@@ -56,6 +61,8 @@ class Liveness:
         name = conn.node.name
         if self.ping_interval <= 0:
             return
+        if self.answers_read is not None:
+            await self.answers_read.wait()
         while True:
             await conn.wait_connected()
             generation = conn.connects

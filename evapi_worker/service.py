@@ -130,8 +130,9 @@ class Service:
             else None
         )  # fmt: skip
         self.liveness = Liveness(
-            self.connections, self.send_command, self.metrics, config.evapi.ping_interval, self.clocks
-        )
+            self.connections, self.send_command, self.metrics, config.evapi.ping_interval, self.clocks,
+            answers_read=self.source.positioned if self.source is not None else None,
+        )  # fmt: skip
         self._wake = trio.Event()
         self._timer_at = math.inf
         self._evicted = (0, 0)

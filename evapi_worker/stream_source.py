@@ -70,6 +70,9 @@ class StreamSource:
         self.entries = 0  # entries handed over, over every connection
         self.connects = 0
         self.connected = False
+        # Set once every stream has its position: what a node appends from
+        # then on is read (the answer to a command sent after it, say).
+        self.positioned = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read until cancelled; reports started at once (not when connected)."""
@@ -109,6 +112,7 @@ class StreamSource:
 
     async def _read(self, redis: RedisConnection) -> None:
         await self._start_positions(redis)
+        self.positioned.set()
         keys = [stream_key(node) for node in self.nodes]
         node_of = {key.encode(): node for key, node in zip(keys, self.nodes, strict=True)}
         on_entry = self._on_entry

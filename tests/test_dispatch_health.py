@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any, cast
 
 import trio
+import trio.testing
 
+from evapi_worker.commands import Command
 from evapi_worker.dispatch import Dispatcher
 from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Strategy
-from evapi_worker.evapi_client import ConnectionState, EvapiConnection
+from evapi_worker.evapi_client import ConnectionState, EvapiConnection, NodeAddress
+from evapi_worker.events import CommandResult
 from evapi_worker.fake_calls import ActionRunner
 from evapi_worker.health import Liveness
 from evapi_worker.metrics import Metrics
@@ -105,6 +108,13 @@ class Connection:
     def __init__(self) -> None:
         self.connected = False
         self.connects = 0
+        self.node = NodeAddress("kam1", "127.0.0.1", 8448, "127.0.0.1", 5060)
+
+    async def wait_connected(self) -> None:
+        pass
+
+    async def wait_disconnected(self) -> None:
+        await trio.sleep_forever()
 
 
 def test_a_node_is_healthy_only_connected_and_answering() -> None:
@@ -125,6 +135,32 @@ def test_a_node_is_healthy_only_connected_and_answering() -> None:
     conn.connected, conn.connects = True, 2
     liveness.on_state("kam1", ConnectionState.CONNECTED)
     assert m.value("evapi_worker_reconnects_total", {"node": "kam1"}) == 1
+
+
+async def test_with_answers_through_a_stream_the_first_ping_waits_for_the_reader(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # With [redis] the answer comes through the node's stream; a reader with
+    # no position yet starts at the stream's end, and a ping answered before
+    # it would be answered unread (the node seen down for a whole timeout).
+    conn, positioned, pinged = Connection(), trio.Event(), trio.Event()
+    conn.connected, conn.connects = True, 1
+
+    async def send_command(node: str, command: Command) -> CommandResult:
+        pinged.set()
+        return CommandResult(node=node, ts=1.0, seq=1, boot=1, id=command.id or "p1", ok=True)
+
+    liveness = Liveness(
+        {"kam1": cast(EvapiConnection, conn)}, send_command, Metrics(), ping_interval=5, answers_read=positioned
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(liveness.watch, cast(EvapiConnection, conn))
+        await trio.sleep(30)
+        assert not pinged.is_set()
+        positioned.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert pinged.is_set() and liveness.healthy() == (True, [])
+        nursery.cancel_scope.cancel()
 
 
 def test_without_pings_up_follows_the_connection() -> None:
