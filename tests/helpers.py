@@ -17,8 +17,46 @@ import trio
 
 from evapi_worker.config import EvapiSettings
 from evapi_worker.events import Event, parse_event
+from evapi_worker.redis_client import RedisAddress, open_redis
+from evapi_worker.redis_process import RedisProcess
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+
+@asynccontextmanager
+async def redis_with_sentinel(folder: Path) -> AsyncIterator[tuple[RedisProcess, RedisProcess, RedisProcess]]:
+    """A real primary, its replica, and a sentinel watching them as ``evw``
+    (which calls the primary down after half a second); all stopped after."""
+    primary = RedisProcess(folder / "p")
+    replica = RedisProcess(folder / "r", None, "--replicaof", "127.0.0.1", str(primary.port))
+    sentinel_folder = folder / "s"
+    for sub in (primary.folder, replica.folder, sentinel_folder):
+        sub.mkdir(parents=True)
+    config = sentinel_folder / "sentinel.conf"  # a sentinel rewrites its file: its own
+    config.write_text(
+        f"sentinel monitor evw 127.0.0.1 {primary.port} 1\n"
+        "sentinel down-after-milliseconds evw 500\nsentinel failover-timeout evw 5000\n"
+    )
+    sentinel = RedisProcess(sentinel_folder, None, str(config), "--sentinel")
+    try:
+        for server in (primary, replica, sentinel):
+            await server.start()
+        yield primary, replica, sentinel
+    finally:
+        for server in (sentinel, replica, primary):
+            await server.stop()
+
+
+async def promoted(server: RedisProcess) -> None:
+    """Until ``server`` is a primary (the sentinel promoted it)."""
+    with trio.fail_after(20):
+        while True:
+            async with open_redis(RedisAddress.parse(server.url)) as conn:
+                role = await conn.call("ROLE")
+            if isinstance(role, list) and role[0] == b"master":
+                return
+            await trio.sleep(0.2)
+
 
 # Reconnect at once in tests: nodes there start and stop on purpose.
 FAST_RECONNECT = EvapiSettings(reconnect_initial=0.01, reconnect_max=0.1)

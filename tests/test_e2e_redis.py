@@ -24,7 +24,7 @@ from evapi_worker.redis_process import RedisProcess, redis_process
 from evapi_worker.stream_source import entries_of, stream_key
 
 from .e2e_platform import DOMAIN, HOST, needs_platform, reading
-from .helpers import FAST_RECONNECT, needs_redis, running_demo
+from .helpers import FAST_RECONNECT, needs_redis, promoted, redis_with_sentinel, running_demo
 from .sipp_device import SCENARIOS, free_port, free_sip_port
 from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls, relayed, worker_process
 from .test_hostile_process import metrics_text, sample
@@ -151,6 +151,39 @@ async def test_redis_restarted_under_calls_costs_no_event(tmp_path: Path) -> Non
             nursery.cancel_scope.cancel()
     finally:
         await redis.stop()
+
+
+async def test_a_node_and_its_worker_follow_a_sentinel_failover(tmp_path: Path) -> None:
+    # Kamailio's ndb_redis and the worker both ask the sentinel for the
+    # primary; the primary stops, the sentinel promotes the replica, and
+    # both follow: the late iPhone of a call made after the failover gets
+    # its fake call, and no event is lost (Kamailio held them meanwhile).
+    async with redis_with_sentinel(tmp_path / "redis") as (primary, replica, sentinel):
+        at = f"127.0.0.1:{sentinel.port}"
+        kam = kamailio(tmp_path / "k", "r5", f'EVW_REDIS="name=evw;sentinel_group=evw;sentinel_master=1;sentinel={at}"')
+        settings = RedisSettings(url=primary.url, sentinels=(at,), master="evw")
+        config = Config(nodes=(address(kam),), evapi=FAST_RECONNECT, redis=settings)
+        async with kam.running(), trio.open_nursery() as nursery:
+            worker, _ = await start_watched_worker(nursery, config)
+            await reading(worker)
+            phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+            before = await missed_calls(phones, ["kim"], "primary")
+            await late_iphones(phones, ["kim"], tmp_path)
+            assert invites(tmp_path / "iphone-kim.log") == [before["kim"]]
+            await primary.stop()
+            await promoted(replica)
+            after = await missed_calls(phones, ["lee"], "promoted")
+            await late_iphones(phones, ["lee"], tmp_path)
+            assert invites(tmp_path / "iphone-lee.log") == [after["lee"]]
+            # The node appended them to the new primary.
+            async with open_redis(RedisAddress.parse(replica.url)) as conn:
+                entries = await conn.call("XRANGE", stream_key(kam.node), "-", "+")
+            assert isinstance(entries, list)
+            appended = entries_of([[stream_key(kam.node).encode(), entries]])[0][1]
+            assert any(f is not None and msgspec.json.decode(f).get("call_id") == after["lee"] for _, f in appended)
+            assert worker.metrics.value("evapi_worker_events_lost_total", {"node": kam.node}) == 0
+            assert worker.metrics.value("evapi_worker_redis_connects_total") >= 2
+            nursery.cancel_scope.cancel()
 
 
 async def test_the_demo_tells_its_stories_through_redis(tmp_path: Path) -> None:

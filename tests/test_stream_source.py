@@ -14,7 +14,7 @@ from evapi_worker.resp import Reply
 from evapi_worker.shared_claims import ClaimResult, SharedClaims
 from evapi_worker.stream_source import StreamSource, entries_of, stream_key
 
-from .helpers import needs_redis
+from .helpers import needs_redis, promoted, redis_with_sentinel
 
 pytestmark = needs_redis
 
@@ -73,22 +73,9 @@ async def test_a_reader_reads_on_from_its_position_through_a_redis_restart(tmp_p
 
 
 async def test_the_reader_and_the_claims_follow_a_sentinel_failover(tmp_path: Path) -> None:
-    primary = RedisProcess(tmp_path / "p")
-    replica = RedisProcess(tmp_path / "r", None, "--replicaof", "127.0.0.1", str(primary.port))
-    sentinel_folder = tmp_path / "s"
-    for folder in (primary.folder, replica.folder, sentinel_folder):
-        folder.mkdir()
-    config = sentinel_folder / "sentinel.conf"  # a sentinel rewrites its file: its own
-    config.write_text(
-        f"sentinel monitor evw 127.0.0.1 {primary.port} 1\n"
-        "sentinel down-after-milliseconds evw 500\nsentinel failover-timeout evw 5000\n"
-    )
-    sentinel = RedisProcess(sentinel_folder, None, str(config), "--sentinel")
     got: list[bytes] = []
-    try:
-        for server in (primary, replica, sentinel):
-            await server.start()
-        url = f"redis://127.0.0.1:{primary.port}/0"  # the sentinel is asked; this host is not used
+    async with redis_with_sentinel(tmp_path) as (primary, replica, sentinel):
+        url = primary.url  # the sentinel is asked; this host is not used
         target = RedisTarget(RedisAddress.parse(url), (("127.0.0.1", sentinel.port),), "evw")
         source = StreamSource(target, ["k1"], lambda _n, _i, payload, _t: got.append(payload), backoff=FAST)
         claims = SharedClaims(target, "worker-a", backoff=FAST)
@@ -104,15 +91,8 @@ async def test_the_reader_and_the_claims_follow_a_sentinel_failover(tmp_path: Pa
                     await trio.sleep(0.01)
             assert await claims.claim("c@x", "d", 30) is ClaimResult.WON
             await primary.stop()  # the sentinel promotes the replica
-            new_url = f"redis://127.0.0.1:{replica.port}/0"
-            with trio.fail_after(20):
-                while True:
-                    async with open_redis(RedisAddress.parse(new_url)) as conn:
-                        role = await conn.call("ROLE")
-                    if isinstance(role, list) and role[0] == b"master":
-                        break
-                    await trio.sleep(0.2)
-            await append(new_url, "k1", b"after")
+            await promoted(replica)
+            await append(replica.url, "k1", b"after")
             with trio.fail_after(15):
                 while got != [b"before", b"after"]:
                     await trio.sleep(0.05)
@@ -124,6 +104,3 @@ async def test_the_reader_and_the_claims_follow_a_sentinel_failover(tmp_path: Pa
                     await trio.sleep(0.1)
             assert result is ClaimResult.WON
             nursery.cancel_scope.cancel()
-    finally:
-        for server in (sentinel, replica, primary):
-            await server.stop()
