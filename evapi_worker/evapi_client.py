@@ -64,6 +64,9 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 # Acknowledgements are never shed: a lost ack fails a command, and a lost
 # ping answer would drop the connection.
 _ACK_MARK = b'"cmd_result"'
+# A command's deadline that the worker slept through is given again this
+# many times at most: a loop starved without end must not wait without end.
+_REGRANTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,18 +426,20 @@ class EvapiConnection:
             except OutboxFull as exc:
                 raise CommandFailed(CommandFailure.BACKLOG, f"Kamailio does not read its commands: {exc}") from None
             deadline = trio.current_time() + timeout
+            regrants = _REGRANTS
             while True:
                 with trio.move_on_at(deadline):
                     await waiter.event.wait()
                 if waiter.event.is_set():
                     break
                 now = trio.current_time()
-                if now - deadline < PAUSED:
+                if now - deadline < PAUSED or regrants == 0:
                     late = f"{command_name(command)} {cmd_id} not acknowledged in {timeout:g}s"
                     raise CommandFailed(CommandFailure.TIMEOUT, late)
                 # This worker did not run past the deadline: the answer may
                 # be waiting unread (in this socket or a Redis stream).
                 deadline = now + timeout
+                regrants -= 1
         finally:
             del self._waiters[cmd_id]
         result = waiter.result

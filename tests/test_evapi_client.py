@@ -224,6 +224,15 @@ async def test_an_answer_that_came_while_the_worker_was_stopped_is_not_a_timeout
         mock_clock.jump(2)  # on time, and nothing came
         await trio.testing.wait_all_tasks_blocked()
         assert len(results) == 2 and isinstance(results[1], CommandFailed) and results[1].reason == "timeout"
+        # A worker late at every deadline (starved without end) still gives
+        # up, after a few: a dead node is not waited for forever.
+        nursery.start_soon(send)
+        await server.wait_for(lambda: len(server.commands) == 3)
+        for _ in range(4):
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(results) == 3 and isinstance(results[2], CommandFailed) and results[2].reason == "timeout"
         nursery.cancel_scope.cancel()
 
 
