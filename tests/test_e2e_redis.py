@@ -294,6 +294,12 @@ async def test_a_device_registered_on_two_nodes_at_once_gets_one_fake_call(tmp_p
                         log = tmp_path / f"iphone-{kam.node}.log"
                         nursery.start_soon(phones.phone, "joy", IPHONE_UA, "iphone-joy", "phone_rings", 4000, log)
                         await kam.wait_registered(f"joy@{DOMAIN}")
+                    # Registered is not yet appended (the node's timer
+                    # process does that a moment later): both REGISTER
+                    # events wait in the streams before B thaws.
+                    with trio.fail_after(5):
+                        while min([await registers_in_stream(redis.url, kam.node) for kam in (one, two)]) < 1:
+                            await trio.sleep(0.01)
                     os.killpg(b.pid, signal.SIGCONT)
             finally:
                 os.killpg(b.pid, signal.SIGCONT)
