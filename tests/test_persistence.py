@@ -227,8 +227,12 @@ async def test_actions_waiting_at_stop_are_saved_and_begin_after_the_restart(tmp
                     for i in range(3)
                 )
             )
+            # One pinned and in SIPp (its pin acknowledged), two waiting.
             with trio.fail_after(5):
-                while first.runner.running + first.runner.waiting < 3:
+                while (
+                    first.runner.running + first.runner.waiting < 3
+                    or first.metrics.value("evapi_worker_commands_acked_total", {"node": "kam1", "command": "pin"}) < 1
+                ):
                     await trio.sleep(0.01)
             await first.stop()
             nursery.cancel_scope.cancel()
