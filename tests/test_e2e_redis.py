@@ -95,6 +95,13 @@ async def scrape(port: int, name: str, **labels: str) -> float:
     return sample(text, name, **labels)
 
 
+async def heard_registers(port: int, node: str, count: float, within: float) -> None:
+    """Until the worker metered at ``port`` has read ``count`` REGISTER events of ``node``."""
+    with trio.fail_after(within):
+        while await scrape(port, "evapi_worker_events_total", node=node, type="register") < count:
+            await trio.sleep(0.2)
+
+
 async def test_a_frozen_worker_holds_up_no_one_and_catches_up_without_a_second_fake_call(tmp_path: Path) -> None:
     async with redis_process(tmp_path) as redis:
         kam = redis_kamailio(tmp_path / "k", "r2", redis.port)
@@ -114,9 +121,7 @@ async def test_a_frozen_worker_holds_up_no_one_and_catches_up_without_a_second_f
                 os.killpg(procs[0].pid, signal.SIGCONT)
             # Thawed, it reads on: every event, none lost, and no second
             # fake call (the node's claims were won by the other).
-            with trio.fail_after(15):
-                while await scrape(ports[0], "evapi_worker_events_total", node=kam.node, type="register") < appended:
-                    await trio.sleep(0.2)
+            await heard_registers(ports[0], kam.node, appended, within=15)
             assert await scrape(ports[0], "evapi_worker_events_lost_total", node=kam.node) == 0
             for user in ("eve", "fay"):
                 assert relayed(kam, call_ids[user]) == 1, user
@@ -248,16 +253,12 @@ async def test_a_worker_frozen_under_a_flood_of_registrations_holds_up_no_one(tm
                 # Every REGISTER event the node appended, the other worker heard.
                 emitted = await registers_in_stream(redis.url, kam.node)
                 assert emitted >= FLOOD // 2, emitted  # most of the flood got through (UDP, no retransmission)
-                with trio.fail_after(30):
-                    while await scrape(ports[1], "evapi_worker_events_total", node=kam.node, type="register") < emitted:
-                        await trio.sleep(0.2)
+                await heard_registers(ports[1], kam.node, emitted, within=30)
                 # Frozen 25 s in all, as a paused VM may be.
                 await trio.sleep_until(frozen_at + 25)
             finally:
                 os.killpg(procs[0].pid, signal.SIGCONT)
-            with trio.fail_after(60):
-                while await scrape(ports[0], "evapi_worker_events_total", node=kam.node, type="register") < emitted:
-                    await trio.sleep(0.5)
+            await heard_registers(ports[0], kam.node, emitted, within=60)
             assert await scrape(ports[0], "evapi_worker_events_lost_total", node=kam.node) == 0
             assert await scrape(ports[1], "evapi_worker_events_lost_total", node=kam.node) == 0
             for user in users:
