@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections import deque
 
 __all__ = ["bind_error", "free_media_port", "free_port"]
 
@@ -29,20 +28,19 @@ def bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> OSError 
 # SIP port and an evapi port picked one after the other were seen to be one
 # port). Remembered for the last few thousand, not forever: a long-running
 # worker picks ports for every fake call.
-_RECENT: deque[int] = deque(maxlen=4096)
-_RECENT_SET: set[int] = set()
+_RECENT: dict[int, None] = {}  # in the order handed out
+_RECENT_MAX = 4096
 _RECENT_LOCK = threading.Lock()
 
 
 def _hand_out(port: int) -> bool:
     """Whether ``port`` may be handed out now (not lately); notes it if so."""
     with _RECENT_LOCK:
-        if port in _RECENT_SET:
+        if port in _RECENT:
             return False
-        if len(_RECENT) == _RECENT.maxlen:
-            _RECENT_SET.discard(_RECENT[0])
-        _RECENT.append(port)
-        _RECENT_SET.add(port)
+        if len(_RECENT) == _RECENT_MAX:
+            del _RECENT[next(iter(_RECENT))]
+        _RECENT[port] = None
         return True
 
 
