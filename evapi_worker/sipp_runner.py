@@ -145,6 +145,7 @@ class Reservation:
 _IDLE_STOP: Final = 60.0  # seconds an idle process (not a node's first) is kept
 _START_TIMEOUT: Final = 5.0  # seconds for a new SIPp to open its twin socket
 _START_ATTEMPTS: Final = 3  # a port taken between our check and SIPp's bind
+_EXIT_WAIT: Final = 1.0  # seconds to let SIPp be reaped once its twin socket closed
 
 
 class _Sipp:
@@ -364,7 +365,11 @@ class SippRunner:
                     "sipp started %s", kv(pid=process.pid, remote=f"{sipp.remote[0]}:{sipp.remote[1]}", port=sipp.port)
                 )
                 await self._read(sipp, stream, process)
-                code = process.poll()
+                # SIPp's socket closes a moment before the process is reaped: wait
+                # briefly so the failure names the exit code and SIPp's own words.
+                code = None
+                with trio.move_on_after(_EXIT_WAIT):
+                    code = await process.wait()
                 sipp.fail_all(
                     f"SIPp exited: {_exit_text(code, folder)}" if code is not None else "SIPp's twin socket closed"
                 )
