@@ -52,7 +52,8 @@ class Dispatcher:
         self._nursery = nursery
 
     def close(self) -> None:
-        """Start no more actions (the worker stops)."""
+        """Start no more actions (the worker stops): each decided from now
+        on is deferred, for the saved state."""
         self._stopping = True
 
     def dispatch(self, decisions: Sequence[Decision], received: float) -> None:
@@ -84,9 +85,8 @@ class Dispatcher:
                 continue
             m.late_registrations.labels(d.call.end.value).inc()
             if self._stopping or self._nursery is None:
-                # Its REGISTER is journaled (with --state): a restart decides it again.
-                count_outcome(m, d, Outcome.DEFERRED)
-                log.warning("action not started %s", kv(call_id=d.call_id, device=d.device, reason="stopping"))
+                # Decided during the stop's grace: the saved state keeps it.
+                self.actions.defer(d)
             elif self._open < self.limit:
                 self.start(d, received)
             else:

@@ -38,6 +38,11 @@ log = logging.getLogger("evapi_worker.actions")
 _GOOD = frozenset((Outcome.COMPLETED, Outcome.ANSWERED, Outcome.REJECTED, Outcome.TAKEN, Outcome.DEFERRED))
 
 
+def _what(act: Act) -> str:
+    """The log message of an action's end."""
+    return "message_done" if act.action is Action.MESSAGE else "fake_call_done"
+
+
 def count_outcome(metrics: Metrics, act: Act, outcome: Outcome) -> None:
     """Count how an action ended: MESSAGEs apart from fake calls."""
     counter = metrics.messages if act.action is Action.MESSAGE else metrics.fake_calls
@@ -165,24 +170,46 @@ class ActionRunner:
         # Actions that have not begun (no pin, no MESSAGE sent yet): what a
         # stopping worker saves to begin after its restart.
         self._not_begun: dict[int, Act] = {}
+        # Those a stopping worker refused to begin: saved the same way.
+        self._deferred: list[Act] = []
         self._keys = itertools.count()
         self._closed = False
+        self._begun = 0  # begun and not ended
+        self._ended = trio.Event()  # set when a begun action ends
 
-    def close(self) -> list[Act]:
-        """Begin no more actions; returns those that had not begun (each
-        ends as ``deferred`` once cancelled, or when it would begin)."""
+    def close(self) -> None:
+        """Begin no more actions: each not begun ends as ``deferred`` when it
+        would begin (or once cancelled) and is listed by :meth:`waiting`;
+        those begun run on (see :meth:`wait_begun`)."""
         self._closed = True
-        return self.waiting()
+
+    def defer(self, act: Act) -> None:
+        """An action decided while the worker stops: saved, never started."""
+        self._deferred.append(act)
+        self._done(act, _what(act), Outcome.DEFERRED, None, "the worker stops; saved for its restart")
 
     def waiting(self) -> list[Act]:
-        """The actions decided and not begun (waiting for a SIPp slot, say)."""
-        return list(self._not_begun.values())
+        """The actions decided and not begun: waiting for a SIPp slot, say,
+        or deferred by a stopping worker (what its state keeps)."""
+        return [*self._deferred, *self._not_begun.values()]
+
+    @property
+    def begun(self) -> int:
+        """Actions past their point of no return and not ended yet."""
+        return self._begun
+
+    async def wait_begun(self) -> None:
+        """Until no begun action is running (the caller bounds the wait)."""
+        while self._begun:
+            self._ended = trio.Event()
+            await self._ended.wait()
 
     async def _begin(self, key: int) -> bool:
         """The point of no return of an action; False once closed."""
         if self._closed:
             return False
         act = self._not_begun.pop(key)
+        self._begun += 1
         if self.on_begin is not None:
             await self.on_begin(act.call_id, act.device)
         return True
@@ -194,7 +221,7 @@ class ActionRunner:
         Whatever goes wrong is this action's outcome (``failed``, logged
         with the error), never the service's end."""
         duration: float | None = None
-        what = "message_done" if decision.action is Action.MESSAGE else "fake_call_done"
+        what = _what(decision)
         key = next(self._keys)
         self._not_begun[key] = decision
         outcome: Outcome | None = None
@@ -213,6 +240,11 @@ class ActionRunner:
             outcome, detail = Outcome.FAILED, f"{type(exc).__name__}: {exc}"
         finally:
             begun = self._not_begun.pop(key, None) is None
+            if begun:
+                self._begun -= 1
+                self._ended.set()
+            elif outcome in (None, Outcome.DEFERRED):
+                self._deferred.append(decision)  # the state keeps it; a restart begins it
             if outcome is None:
                 # Cancelled: the worker stops. An action that had not begun
                 # is saved by the caller and begins after a restart; one

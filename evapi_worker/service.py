@@ -149,6 +149,7 @@ class Service:
         self._journal_soon = trio.Event()
         self._restored_actions: tuple[list[Act], list[Act]] = ([], [])  # to begin, to retry
         self._intake = trio.CancelScope()
+        self._intake_ended: trio.Event | None = None  # made as the intake starts
         # Captures store wall-clock receive times; the service runs on trio's clock.
         self._wall_offset = 0.0  # set when running
         # Observers of every decision (replay output, tests); called synchronously.
@@ -201,30 +202,41 @@ class Service:
 
     async def _run_intake(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The evapi connections and the engine's timer: what :meth:`stop` ends first."""
-        with self._intake:
-            async with trio.open_nursery() as nursery:
-                for conn in self.connections.values():
-                    await nursery.start(conn.run)
-                    nursery.start_soon(self.liveness.watch, conn)
-                if self.source is not None:
-                    await nursery.start(self.source.run)
-                nursery.start_soon(self._timer)
-                task_status.started()
+        self._intake_ended = trio.Event()
+        try:
+            with self._intake:
+                async with trio.open_nursery() as nursery:
+                    for conn in self.connections.values():
+                        await nursery.start(conn.run)
+                        nursery.start_soon(self.liveness.watch, conn)
+                    if self.source is not None:
+                        await nursery.start(self.source.run)
+                    nursery.start_soon(self._timer)
+                    task_status.started()
+        finally:
+            self._intake_ended.set()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: stop taking events, give running fake calls up to
-        ``grace`` seconds to finish, then save the state with the actions that
-        have not begun (they begin after a restart). The caller then cancels
-        :meth:`run`, which kills any SIPp still running."""
+        """Graceful shutdown: begin no more actions, give those begun up to
+        ``grace`` seconds to finish, then stop taking events and save the
+        state with the actions that have not begun (they begin after a
+        restart). The caller then cancels :meth:`run`, which kills any SIPp
+        still running.
+
+        The connections stay open through the grace: a running fake call
+        still needs its pin acknowledged, and the events that come
+        meanwhile still update the state (what they decide is deferred)."""
         grace = self.config.shutdown_grace if grace is None else grace
-        self._intake.cancel()
         self.dispatcher.close()
-        self._log_lost(math.inf)
-        log.info("stopping %s", kv(running=self.runner.running, waiting=self.runner.waiting, grace=grace))
+        self.actions.close()
+        log.info("stopping %s", kv(running=self.actions.begun, waiting=len(self.actions.waiting()), grace=grace))
         with trio.move_on_after(grace):
-            while self.runner.running or self.runner.waiting:  # noqa: ASYNC110 (polls the limiter, no event for it)
-                await trio.sleep(0.05)
-        deferred = self.actions.close()
+            await self.actions.wait_begun()
+        self._intake.cancel()
+        if self._intake_ended is not None:
+            await self._intake_ended.wait()  # no event handled after the state is taken
+        self._log_lost(math.inf)
+        deferred = self.actions.waiting()
         if self.store is not None and await self._save_state(deferred):
             log.info(
                 "state saved %s",

@@ -28,7 +28,11 @@ class Runner:
 
     def __init__(self, hold: bool = False) -> None:
         self.ran: list[Act] = []
+        self.deferred: list[Act] = []
         self.hold = hold
+
+    def defer(self, act: Act) -> None:
+        self.deferred.append(act)
 
     async def run(self, act: Act, received: float, *, retry: bool = False) -> Outcome:
         self.ran.append(act)
@@ -78,16 +82,16 @@ async def test_past_the_limit_actions_are_dropped_and_counted() -> None:
     assert m.value("evapi_worker_fake_calls_total", {"outcome": "overdue"}) == 3
 
 
-async def test_after_close_no_action_starts_and_each_is_counted_deferred() -> None:
+async def test_after_close_no_action_starts_and_each_is_deferred() -> None:
     runner = Runner()
-    m = Metrics()
-    dispatcher = Dispatcher(cast(ActionRunner, runner), {}, m, limit=10)
+    dispatcher = Dispatcher(cast(ActionRunner, runner), {}, Metrics(), limit=10)
+    decisions = late_iphones(2)
     async with trio.open_nursery() as nursery:
         dispatcher.open(nursery)
         dispatcher.close()
-        dispatcher.dispatch(late_iphones(1), 2.0)
+        dispatcher.dispatch(decisions, 2.0)
     assert runner.ran == []
-    assert m.value("evapi_worker_fake_calls_total", {"outcome": "deferred"}) == 1
+    assert runner.deferred == [d for d in decisions if isinstance(d, Act)] and len(runner.deferred) == 2
 
 
 async def test_dropped_messages_are_counted_as_messages_not_fake_calls() -> None:
