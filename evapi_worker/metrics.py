@@ -148,7 +148,7 @@ class Metrics:
         self.push_devices = Gauge(p + "push_devices", "Push devices known, to push when a call starts.", registry=r)
         self.redis_connected = Gauge(
             p + "redis_connected",
-            "1 while the events' Redis stream is read, 0 while it is not (only with [redis]).",
+            "1 while the events' Redis stream is read, 0 while it is not (exported only with [redis]).",
             registry=r,
         )
         self.redis_connects = Counter(
@@ -254,9 +254,13 @@ class Metrics:
             p + "dispatch_dropped", "Actions dropped because the action queue was full.", registry=r
         )
 
-    def init_series(self, nodes: Sequence[str]) -> None:
+    def init_series(self, nodes: Sequence[str], *, redis: bool = False) -> None:
         """Create every labelled series at zero, so dashboards and alerts see
-        0 rather than nothing before the first occurrence."""
+        0 rather than nothing before the first occurrence. Without ``redis``
+        the Redis series are not exported: a 0 would read as Redis down."""
+        if not redis:
+            for unused in (self.redis_connected, self.redis_connects):
+                self.registry.unregister(unused)
         for node in nodes:
             for etype in EVENT_TYPES:
                 self.events.init(node, etype)

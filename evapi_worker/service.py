@@ -161,7 +161,7 @@ class Service:
         m.tracked_calls.set_function(lambda: self.engine.call_count)
         m.tracked_devices.set_function(lambda: self.engine.device_count)
         m.push_devices.set_function(lambda: self.push_book.device_count)
-        m.init_series([node.name for node in config.nodes])
+        m.init_series([node.name for node in config.nodes], redis=self.source is not None)
 
     # -- running -------------------------------------------------------
 

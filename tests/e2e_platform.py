@@ -90,6 +90,7 @@ async def platform(
     capture: CaptureSettings | None = None,
     kamailio: KamailioProcess | None = None,
     redis: bool = False,
+    metrics: tuple[str, int] | None = None,
     **engine: Any,
 ) -> AsyncIterator[Platform]:
     """The bundled Kamailio (serving ``domain``, with TLS, authentication,
@@ -123,6 +124,7 @@ async def platform(
             push=push or PushSettings(),
             capture=capture,
             redis=settings,
+            metrics=metrics,
         )
         service, watch = await start_watched_worker(nursery, config)
         if redis:

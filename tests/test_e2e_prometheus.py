@@ -18,16 +18,12 @@ import pytest
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.demo import start_watched_worker
-from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.http_server import respond
-from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import Phones
 
-from .e2e_platform import DOMAIN, HOST, Platform, late_iphone
-from .helpers import FAST_RECONNECT
-from .sipp_device import free_port, free_sip_port
+from .e2e_platform import DOMAIN, HOST, late_iphone, platform
+from .helpers import needs_redis
+from .sipp_device import free_port
 
 ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "grafana" / "dashboards" / "evapi-worker.json"
@@ -60,7 +56,7 @@ def test_dashboard_names_only_metrics_and_labels_the_worker_exports() -> None:
     from evapi_worker.metrics import Metrics
 
     metrics = Metrics()
-    metrics.init_series(["n1"])
+    metrics.init_series(["n1"], redis=True)
     exposition = respond("GET", "/metrics", metrics.registry, lambda: (True, [])).decode().split("\r\n\r\n", 1)[1]
     samples: dict[str, set[str]] = {}
     for line in exposition.splitlines():
@@ -80,6 +76,24 @@ def test_dashboard_names_only_metrics_and_labels_the_worker_exports() -> None:
         # Prometheus adds the target's own labels at each scrape.
         exported = set().union(*(samples[n] for n in names), {"instance", "job"})
         assert used <= exported, f"{title}: labels {used - exported} are not exported"
+
+
+def test_redis_series_are_exported_only_by_a_worker_with_redis() -> None:
+    """A 0 from a worker without [redis] would read as Redis down (and fire
+    EvapiWorkerRedisDisconnected); a worker with it that never connected
+    must read 0."""
+    from evapi_worker.config import RedisSettings
+    from evapi_worker.service import Service
+
+    def exported(config: Config) -> set[str]:
+        return {m.name for m in Service(config).metrics.registry.collect() if m.name.startswith("evapi_worker_redis")}
+
+    assert exported(Config()) == set()
+    with_redis = Service(Config(redis=RedisSettings(url="redis://127.0.0.1:1/0")))
+    assert with_redis.metrics.value("evapi_worker_redis_connected") == 0
+    assert exported(Config(redis=RedisSettings(url="redis://127.0.0.1:1/0"))) == {
+        "evapi_worker_redis_connected", "evapi_worker_redis_connects",
+    }  # fmt: skip
 
 
 @asynccontextmanager
@@ -135,29 +149,26 @@ async def query(port: int, expr: str) -> list[Any]:
 
 
 @needs
+@needs_redis
 async def test_every_dashboard_panel_returns_data_from_a_real_prometheus(tmp_path: Path) -> None:
-    sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
+    # With [redis]: the Redis panel's series exist only then.
     metrics_port = free_port(socket.SOCK_STREAM)
-    kam = KamailioProcess(HOST, sip_port, HOST, evapi_port, "prom", HOST, tmp_path, domain=DOMAIN)
-    node = NodeAddress("prom", HOST, evapi_port, HOST, sip_port)
-    config = Config(nodes=(node,), evapi=FAST_RECONNECT, metrics=(HOST, metrics_port))
-    async with kam.running(), trio.open_nursery() as nursery:
-        service, watch = await start_watched_worker(nursery, config)
-        async with prometheus(tmp_path, metrics_port) as prom:
-            # Prometheus must see the counters at zero before the story moves them.
-            with trio.fail_after(20):
-                while not await query(prom, 'up{job="evapi-worker"} == 1'):
-                    await trio.sleep(0.2)
-            p = Platform(service, Phones(HOST, sip_port, tmp_path, DOMAIN), watch, tmp_path, kam)
-            outcome, _ = await late_iphone(p, "bob", "phone_answers", "prom-answered-1@127.0.0.1")
-            assert outcome is Outcome.COMPLETED
-            with trio.fail_after(20):
-                while not await query(prom, "increase(evapi_worker_fake_calls_sent_total[20s]) > 0"):
-                    await trio.sleep(0.5)
-            for title, expr in dashboard_exprs():
-                assert await query(prom, concrete(expr)), f"panel {title!r}: no data for {expr}"
-            up = await query(prom, 'up{job="evapi-worker"}')
-            assert up[0]["value"][1] == "1"
-            alerts = await query(prom, "ALERTS")
-            assert [a for a in alerts if a["metric"]["alertstate"] == "firing"] == []
-        nursery.cancel_scope.cancel()
+    async with (
+        platform(tmp_path, DOMAIN, redis=True, metrics=(HOST, metrics_port)) as p,
+        prometheus(tmp_path, metrics_port) as prom,
+    ):
+        # Prometheus must see the counters at zero before the story moves them.
+        with trio.fail_after(20):
+            while not await query(prom, 'up{job="evapi-worker"} == 1'):
+                await trio.sleep(0.2)
+        outcome, _ = await late_iphone(p, "bob", "phone_answers", "prom-answered-1@127.0.0.1")
+        assert outcome is Outcome.COMPLETED
+        with trio.fail_after(20):
+            while not await query(prom, "increase(evapi_worker_fake_calls_sent_total[20s]) > 0"):
+                await trio.sleep(0.5)
+        for title, expr in dashboard_exprs():
+            assert await query(prom, concrete(expr)), f"panel {title!r}: no data for {expr}"
+        up = await query(prom, 'up{job="evapi-worker"}')
+        assert up[0]["value"][1] == "1"
+        alerts = await query(prom, "ALERTS")
+        assert [a for a in alerts if a["metric"]["alertstate"] == "firing"] == []
