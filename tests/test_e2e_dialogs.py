@@ -151,9 +151,10 @@ async def test_held_call_woken_after_the_wait_timer_still_rings(tmp_path: Path) 
         assert lines(iphone)[1:] == PHONE_SAW
 
 
-async def test_held_call_the_phone_hangs_up(tmp_path: Path) -> None:
-    async with platform(tmp_path) as p:
-        call_id = "dlg-held-phone-bye@caller.example.net"
+@pytest.mark.parametrize("redis", EVENT_PATHS)
+async def test_held_call_the_phone_hangs_up(tmp_path: Path, redis: bool) -> None:
+    async with platform(tmp_path, redis=redis) as p:
+        call_id = f"dlg-held-phone-bye-{redis}@caller.example.net"
         d = await woken_in_time(p, "mia", call_id, forked=False, phone_hangs_up=True, contact_host="iphone.invalid")
         assert_complete(d, call_id, phone_hangs_up=True)
 
