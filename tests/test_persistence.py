@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from evapi_worker.config import Config
 from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Reason
@@ -195,38 +196,59 @@ REG = {
 }  # fmt: skip
 
 
+def stopping_worker(node: NodeAddress, state: Path, sipp: Path, grace: float) -> Config:
+    """A worker with one SIPp slot, its state in ``state``."""
+    return Config(
+        nodes=(node,), engine=EngineSettings(deadline=30), state_file=state, shutdown_grace=grace,
+        sipp=SippSettings(binary=str(sipp), max_concurrent=1),
+    )  # fmt: skip
+
+
+def answered_call(server: EvapiServer) -> bytes:
+    """bob's call c1, answered elsewhere."""
+    start = server.event("call_start", T0, call_id="c1", aor="bob@x", from_user="alice")
+    return start + server.event("call_answered", T0 + 1, call_id="c1")
+
+
+def late_iphones(server: EvapiServer, devices: range) -> bytes:
+    """REGISTERs of bob's iPhones ``<i0>``, ``<i1>``… after c1 ended."""
+    return b"".join(
+        server.event("register", T0 + 2, aor="bob@x", src_port=6000 + i, instance=f"<i{i}>", **REG) for i in devices
+    )
+
+
+def outcomes_of(service: Service, outcomes: list[tuple[str, Outcome]]) -> None:
+    """Record how each of ``service``'s actions ends, by device."""
+    service.actions.outcome_listeners.append(lambda act, outcome: outcomes.append((act.device, outcome)))
+
+
+async def run_until(service: Service, count: int, outcomes: list[tuple[str, Outcome]]) -> None:
+    """Run ``service`` until ``count`` of its actions ended, into ``outcomes``."""
+    outcomes_of(service, outcomes)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        with trio.fail_after(10):
+            while len(outcomes) < count:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
 async def test_actions_waiting_at_stop_are_saved_and_begin_after_the_restart(tmp_path: Path) -> None:
     state = tmp_path / "state"
     slow, quick = tmp_path / "slow", tmp_path / "quick"
     slow.mkdir()
     quick.mkdir()
     server = EvapiServer()
+    outcomes: list[tuple[str, Outcome]] = []
     async with trio.open_nursery() as outer:
         await server.start(outer)
         node = NodeAddress("kam1", "127.0.0.1", server.port, "127.0.0.1", 5099)
-
-        def config(sipp: Path) -> Config:
-            return Config(
-                nodes=(node,), engine=EngineSettings(deadline=30), state_file=state, shutdown_grace=0.3,
-                sipp=SippSettings(binary=str(sipp), max_concurrent=1),
-            )  # fmt: skip
-
-        first = Service(config(fake_sipp(slow, "--silent")))
-        deferred: list[str] = []
-        first.actions.outcome_listeners.append(
-            lambda act, outcome: deferred.append(act.device) if outcome is Outcome.DEFERRED else None
-        )
+        first = Service(stopping_worker(node, state, fake_sipp(slow, "--silent"), grace=0.3))
+        outcomes_of(first, outcomes)
         async with trio.open_nursery() as nursery:
             await nursery.start(first.run)
             await server.wait_for(lambda: bool(server.streams))
-            await server.send(
-                server.event("call_start", T0, call_id="c1", aor="bob@x", from_user="alice")
-                + server.event("call_answered", T0 + 1, call_id="c1")
-                + b"".join(
-                    server.event("register", T0 + 2, aor="bob@x", src_port=6000 + i, instance=f"<i{i}>", **REG)
-                    for i in range(3)
-                )
-            )
+            await server.send(answered_call(server) + late_iphones(server, range(3)))
             # One pinned and in SIPp (its pin acknowledged), two waiting.
             with trio.fail_after(5):
                 while (
@@ -240,18 +262,61 @@ async def test_actions_waiting_at_stop_are_saved_and_begin_after_the_restart(tmp
         assert m.value("evapi_worker_fake_calls_total", {"outcome": "killed"}) == 1  # SIPp was running
         assert m.value("evapi_worker_fake_calls_total", {"outcome": "deferred"}) == 2
         assert len(decode_snapshot(state.read_bytes(), str(state))[0].actions) == 2
+        deferred = sorted(device for device, outcome in outcomes if outcome is Outcome.DEFERRED)
 
-        done: list[str] = []
-        second = Service(config(fake_sipp(quick)))
-        second.actions.outcome_listeners.append(
-            lambda act, outcome: done.append(act.device) if outcome is Outcome.COMPLETED else None
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(second.run)
-            with trio.fail_after(5):
-                while len(done) < 2:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+        outcomes.clear()
+        await run_until(Service(stopping_worker(node, state, fake_sipp(quick), grace=0.3)), 2, outcomes)
         outer.cancel_scope.cancel()
     assert len(deferred) == 2
-    assert sorted(done) == sorted(deferred)  # the killed one is not sent again
+    assert sorted(outcomes) == [(device, Outcome.COMPLETED) for device in deferred]  # the killed one is not sent again
+
+
+async def test_a_stop_in_a_burst_finishes_the_begun_fake_call_and_saves_the_rest(tmp_path: Path) -> None:
+    """The pin in flight is acknowledged over the connection kept through the
+    grace; the actions waiting for SIPp and those decided during the grace are
+    saved, not failed, and the restart begins each of them once."""
+    state = tmp_path / "state"
+    slow, quick = tmp_path / "slow", tmp_path / "quick"
+    slow.mkdir()
+    quick.mkdir()
+    server = EvapiServer(auto_ack=False)
+    outcomes: list[tuple[str, Outcome]] = []
+    async with trio.open_nursery() as outer:
+        await server.start(outer)
+        node = NodeAddress("kam1", "127.0.0.1", server.port, "127.0.0.1", 5099)
+        first = Service(stopping_worker(node, state, fake_sipp(slow, "--delay", "0.3"), grace=5))
+        outcomes_of(first, outcomes)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run)
+            await server.wait_for(lambda: bool(server.streams))
+            await server.send(answered_call(server) + late_iphones(server, range(3)))
+            await server.wait_for(lambda: [c["cmd"] for c in server.actions] == ["pin"])  # one pin, not acked
+            stopped = trio.Event()
+
+            async def stop() -> None:
+                await first.stop()
+                stopped.set()
+
+            nursery.start_soon(stop)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not stopped.is_set()
+            await server.send(late_iphones(server, range(3, 4)))  # a late iPhone during the grace
+            await server.ack(server.actions[0]["id"])
+            with trio.fail_after(5):
+                await stopped.wait()
+            nursery.cancel_scope.cancel()
+        m = first.metrics
+        assert m.value("evapi_worker_fake_calls_total", {"outcome": "completed"}) == 1
+        assert m.value("evapi_worker_fake_calls_total", {"outcome": "deferred"}) == 3
+        assert m.value("evapi_worker_fake_calls_total", {"outcome": "failed"}) == 0
+        assert [c["cmd"] for c in server.actions] == ["pin"]  # nothing of the deferred reached the node
+        [done] = [device for device, outcome in outcomes if outcome is Outcome.COMPLETED]
+        deferred = sorted(device for device, outcome in outcomes if outcome is Outcome.DEFERRED)
+        assert deferred == sorted({"i0", "i1", "i2", "i3"} - {done})
+        assert sorted(a.device for a in decode_snapshot(state.read_bytes(), str(state))[0].actions) == deferred
+
+        outcomes.clear()
+        server.auto_ack = True
+        await run_until(Service(stopping_worker(node, state, fake_sipp(quick), grace=5)), 3, outcomes)
+        outer.cancel_scope.cancel()
+    assert sorted(outcomes) == [(device, Outcome.COMPLETED) for device in deferred]

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import trio
-import trio.testing
 
 from evapi_worker.config import Config
-from evapi_worker.engine import Action, Decision, EngineSettings
+from evapi_worker.engine import Action, Decision
 from evapi_worker.evapi_client import NodeAddress
-from evapi_worker.outcomes import Outcome
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
-from evapi_worker.state import decode_snapshot
 
 from .evapi_server import EvapiServer
 from .helpers import frame
@@ -75,40 +74,16 @@ async def test_a_broken_state_file_is_reported_and_the_worker_starts_empty(tmp_p
         nursery.cancel_scope.cancel()
 
 
-async def test_stop_closes_intake_and_waits_for_running_fake_calls_within_the_grace(tmp_path: Path) -> None:
-    fake = fake_sipp(tmp_path, "--delay", "0.5")
+@asynccontextmanager
+async def a_fake_call_in_sipp(tmp_path: Path, *sipp: str, grace: float) -> AsyncIterator[tuple[Service, EvapiServer]]:
+    """A worker whose one fake call (a late iPhone of an answered call) is in
+    SIPp, the fake SIPp run with ``sipp``."""
+    fake = fake_sipp(tmp_path, *sipp)
     server = EvapiServer()
     async with trio.open_nursery() as outer:
         await server.start(outer)
         node = NodeAddress("kam1", "127.0.0.1", server.port, "127.0.0.1", 5099)
-        service = Service(Config(nodes=(node,), sipp=SippSettings(binary=str(fake)), shutdown_grace=5))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(service.run)
-            await server.wait_for(lambda: bool(server.streams))
-            await server.send(
-                server.event("call_start", T0, call_id="c1", aor="bob@x", from_user="alice")
-                + server.event("call_answered", T0 + 1, call_id="c1")
-                + server.event("register", T0 + 2, **REG)
-            )
-            with trio.fail_after(5):
-                while service.runner.running == 0:
-                    await trio.sleep(0.01)
-            started = trio.current_time()
-            await service.stop()
-            assert service.runner.running == 0  # the fake call finished
-            assert trio.current_time() - started < 2
-            await server.wait_for(lambda: not server.streams)  # intake closed
-            nursery.cancel_scope.cancel()
-        outer.cancel_scope.cancel()
-
-
-async def test_stop_gives_up_at_the_grace_and_the_cancel_kills_sipp(tmp_path: Path) -> None:
-    fake = fake_sipp(tmp_path, "--silent")
-    server = EvapiServer()
-    async with trio.open_nursery() as outer:
-        await server.start(outer)
-        node = NodeAddress("kam1", "127.0.0.1", server.port, "127.0.0.1", 5099)
-        service = Service(Config(nodes=(node,), sipp=SippSettings(binary=str(fake)), shutdown_grace=0.3))
+        service = Service(Config(nodes=(node,), sipp=SippSettings(binary=str(fake)), shutdown_grace=grace))
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
             await server.wait_for(lambda: bool(server.streams))
@@ -120,90 +95,32 @@ async def test_stop_gives_up_at_the_grace_and_the_cancel_kills_sipp(tmp_path: Pa
             with trio.fail_after(5):
                 while not fake_runs(tmp_path):
                     await trio.sleep(0.01)
-            started = trio.current_time()
-            await service.stop()
-            assert 0.3 <= trio.current_time() - started < 2
-            assert service.actions.begun == 1  # still in SIPp
-            [(pid, _)] = fake_starts(tmp_path)
+            yield service, server
             nursery.cancel_scope.cancel()
         outer.cancel_scope.cancel()
+
+
+async def test_stop_closes_intake_and_waits_for_running_fake_calls_within_the_grace(tmp_path: Path) -> None:
+    async with a_fake_call_in_sipp(tmp_path, "--delay", "0.5", grace=5) as (service, server):
+        started = trio.current_time()
+        await service.stop()
+        assert service.actions.begun == 0  # the fake call finished
+        assert trio.current_time() - started < 2
+        await server.wait_for(lambda: not server.streams)  # intake closed
+    assert service.metrics.value("evapi_worker_fake_calls_total", {"outcome": "completed"}) == 1
+
+
+async def test_stop_gives_up_at_the_grace_and_the_cancel_kills_sipp(tmp_path: Path) -> None:
+    async with a_fake_call_in_sipp(tmp_path, "--silent", grace=0.3) as (service, _):
+        started = trio.current_time()
+        await service.stop()
+        assert 0.3 <= trio.current_time() - started < 2
+        assert service.actions.begun == 1  # still in SIPp
+        [(pid, _)] = fake_starts(tmp_path)
     assert service.metrics.value("evapi_worker_fake_calls_total", {"outcome": "killed"}) == 1
     with trio.fail_after(5):  # its SIPp ended with it
         while alive(pid):
             await trio.sleep(0.02)
-
-
-async def test_a_stop_in_a_burst_finishes_the_begun_fake_call_and_saves_the_rest(tmp_path: Path) -> None:
-    """The pin in flight is acknowledged over the connection kept through the
-    grace; the actions waiting for SIPp and those decided during the grace are
-    saved, not failed, and the restart begins each of them once."""
-    state = tmp_path / "state"
-    slow, quick = tmp_path / "slow", tmp_path / "quick"
-    slow.mkdir()
-    quick.mkdir()
-    server = EvapiServer(auto_ack=False)
-    outcomes: list[tuple[str, Outcome]] = []
-    async with trio.open_nursery() as outer:
-        await server.start(outer)
-        node = NodeAddress("kam1", "127.0.0.1", server.port, "127.0.0.1", 5099)
-
-        def config(sipp: Path) -> Config:
-            return Config(
-                nodes=(node,), engine=EngineSettings(deadline=30), state_file=state, shutdown_grace=5,
-                sipp=SippSettings(binary=str(sipp), max_concurrent=1),
-            )  # fmt: skip
-
-        def register(i: int) -> bytes:
-            fields = {**REG, "src_port": 6000 + i, "instance": f"<urn:uuid:i{i}>"}
-            return server.event("register", T0 + 2, **fields)
-
-        first = Service(config(fake_sipp(slow, "--delay", "0.3")))
-        first.actions.outcome_listeners.append(lambda act, outcome: outcomes.append((act.device, outcome)))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(first.run)
-            await server.wait_for(lambda: bool(server.streams))
-            await server.send(
-                server.event("call_start", T0, call_id="c1", aor="bob@x", from_user="alice")
-                + server.event("call_answered", T0 + 1, call_id="c1")
-                + b"".join(register(i) for i in range(3))
-            )
-            await server.wait_for(lambda: [c["cmd"] for c in server.actions] == ["pin"])  # one pin, not acked
-            stopped = trio.Event()
-
-            async def stop() -> None:
-                await first.stop()
-                stopped.set()
-
-            nursery.start_soon(stop)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not stopped.is_set()
-            await server.send(register(3))  # a late iPhone during the grace
-            await server.ack(server.actions[0]["id"])
-            with trio.fail_after(5):
-                await stopped.wait()
-            nursery.cancel_scope.cancel()
-        m = first.metrics
-        assert m.value("evapi_worker_fake_calls_total", {"outcome": "completed"}) == 1
-        assert m.value("evapi_worker_fake_calls_total", {"outcome": "deferred"}) == 3
-        assert m.value("evapi_worker_fake_calls_total", {"outcome": "failed"}) == 0
-        assert [c["cmd"] for c in server.actions] == ["pin"]  # nothing of the deferred reached the node
-        [(done, _)] = [o for o in outcomes if o[1] is Outcome.COMPLETED]
-        deferred = sorted(device for device, outcome in outcomes if outcome is Outcome.DEFERRED)
-        assert deferred == sorted({"urn:uuid:i0", "urn:uuid:i1", "urn:uuid:i2", "urn:uuid:i3"} - {done})
-        assert sorted(a.device for a in decode_snapshot(state.read_bytes(), str(state))[0].actions) == deferred
-
-        outcomes.clear()
-        server.auto_ack = True
-        second = Service(config(fake_sipp(quick)))
-        second.actions.outcome_listeners.append(lambda act, outcome: outcomes.append((act.device, outcome)))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(second.run)
-            with trio.fail_after(10):
-                while len(outcomes) < 3:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
-        outer.cancel_scope.cancel()
-    assert sorted(outcomes) == [(device, Outcome.COMPLETED) for device in deferred]
 
 
 async def test_sigterm_to_the_command_stops_gracefully_and_writes_the_state(tmp_path: Path) -> None:
