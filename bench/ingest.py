@@ -18,20 +18,18 @@ import argparse
 import multiprocessing
 import os
 import socket
-import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import trio
 
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.engine import Act
 from evapi_worker.evapi_client import NodeAddress
-from evapi_worker.outcomes import Outcome
 from evapi_worker.runtime import tune_gc
 from evapi_worker.service import Service
 
 from .events import stream
+from .timing import BatchClock
 
 
 def _kamailio(calls: int, ready: Connection) -> None:
@@ -52,35 +50,15 @@ async def _worker(port: int, events: int, state: Path | None) -> tuple[float, in
     # sender here outruns the worker on purpose.
     config = Config(nodes=(node,), action_queue=1_000_000, evapi=EvapiSettings(shed_above=0), state_file=state)
     service = Service(config)
-    seen = 0
-    first = last = 0.0
-    actions = 0
-    original = service.on_frame
-
-    def on_frame(name: str, payload: bytes, now: float) -> None:
-        nonlocal seen, first, last
-        if seen == 0:
-            first = time.perf_counter()
-        original(name, payload, now)
-        seen += 1
-        if seen == events:
-            last = time.perf_counter()
-            done.set()
-
-    async def count_action(decision: Act, received: float, *, retry: bool = False) -> Outcome:
-        nonlocal actions
-        actions += 1
-        return Outcome.COMPLETED
-
-    done = trio.Event()
-    service.connections["kam1"]._on_frame = on_frame
-    service.actions.run = count_action  # type: ignore[method-assign]
+    clock = BatchClock(events)
+    service.connections["kam1"]._on_frame = clock.timed(service.on_frame)
+    service.actions.run = clock.count_action  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        await done.wait()
+        await clock.done.wait()
         await trio.sleep(0.1)  # let the action tasks drain
         nursery.cancel_scope.cancel()
-    return last - first, seen, actions, service
+    return clock.elapsed, clock.seen, clock.actions, service
 
 
 def main() -> None:

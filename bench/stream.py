@@ -43,6 +43,7 @@ from evapi_worker.service import Service
 from evapi_worker.stream_source import stream_key
 
 from .events import stream
+from .timing import BatchClock
 
 
 def _payloads(calls: int, start: float | None = None) -> list[bytes]:
@@ -65,36 +66,16 @@ def _service(redis_url: str) -> Service:
 
 async def _batch(redis_url: str, events: int) -> tuple[float, int]:
     service = _service(redis_url)
-    seen = 0
-    first = last = 0.0
-    done = trio.Event()
-    original = service.on_entry
-    actions = 0
-
-    def on_entry(node: str, entry_id: str, payload: bytes, now: float) -> None:
-        nonlocal seen, first, last
-        if seen == 0:
-            first = time.perf_counter()
-        original(node, entry_id, payload, now)
-        seen += 1
-        if seen == events:
-            last = time.perf_counter()
-            done.set()
-
-    async def count_action(decision: Act, received: float, *, retry: bool = False) -> Outcome:
-        nonlocal actions
-        actions += 1
-        return Outcome.COMPLETED
-
-    service.actions.run = count_action  # type: ignore[method-assign]
+    clock = BatchClock(events)
+    service.actions.run = clock.count_action  # type: ignore[method-assign]
     assert service.source is not None
-    service.source._on_entry = on_entry
+    service.source._on_entry = clock.timed(service.on_entry)
     service.source.positions["kam1"] = "0-0"  # from the stream's start
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        await done.wait()
+        await clock.done.wait()
         nursery.cancel_scope.cancel()
-    return last - first, actions
+    return clock.elapsed, clock.actions
 
 
 def _stampable(payloads: list[bytes]) -> list[tuple[bytes, bytes]]:
