@@ -37,7 +37,7 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.kamailio_process import KamailioProcess
+from evapi_worker.kamailio_process import KamailioProcess, control_socket
 from evapi_worker.net import bind_error, free_media_port, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,13 +174,16 @@ async def sipp(folder: Path, name: str, sip_port: int, *args: str) -> trio.Proce
 
 @asynccontextmanager
 async def platform(
-    folder: Path, worker_toml: str = "", udp_buffer: int = UDP_BUFFER
+    folder: Path, worker_toml: str = "", udp_buffer: int = UDP_BUFFER, shm_mib: int = 0
 ) -> AsyncIterator[tuple[int, trio.Process, int]]:
-    """Kamailio (asking for ``udp_buffer`` bytes of UDP buffer; 0: its
-    default) and the real worker beside it: (SIP port, worker, metrics port)."""
+    """Kamailio (asking for ``udp_buffer`` bytes of UDP buffer, ``shm_mib``
+    of shared memory; 0: its defaults) and the real worker beside it: (SIP
+    port, worker, metrics port)."""
     sip_port, evapi_port, metrics_port = free_port(HOST), free_port(HOST, socket.SOCK_STREAM), 0
     defines = (f"EVW_UDP_BUFFER={udp_buffer}",) if udp_buffer else ()
-    kamailio = KamailioProcess(HOST, sip_port, HOST, evapi_port, "crowd", HOST, folder, domain=DOMAIN, defines=defines)
+    kamailio = KamailioProcess(
+        HOST, sip_port, HOST, evapi_port, "crowd", HOST, folder, domain=DOMAIN, defines=defines, shm_mib=shm_mib or None
+    )
     metrics_port = free_port(HOST, socket.SOCK_STREAM)
     (folder / "worker.toml").write_text(worker_toml)
     log = folder / "worker.log"
@@ -256,15 +259,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+async def shm_mib(folder: Path) -> dict[str, float]:
+    """Kamailio's shared memory, in MiB: its size and the most it used."""
+    reply = await trio.run_process(
+        ["kamcmd", "-s", control_socket(folder), "core.shmmem"], capture_stdout=True, check=False
+    )
+    fields = dict(re.findall(r"(\w+):\s*(\d+)", reply.stdout.decode()))
+    return {name: round(int(fields.get(name, 0)) / 2**20, 1) for name in ("total", "max_used")}
+
+
 async def run(
-    accounts: int, devices: int, ring_delay: int, folder: Path, stay_ms: int = 20_000, udp_buffer: int = UDP_BUFFER
+    accounts: int,
+    devices: int,
+    ring_delay: int,
+    folder: Path,
+    stay_ms: int = 20_000,
+    udp_buffer: int = UDP_BUFFER,
+    shm: int = 0,
 ) -> dict[str, object]:
     """The whole story; ``stay_ms``: how long the phones stay registered
     (the burst must be over by then)."""
     names = [account(a) for a in range(accounts)]
     groups = [[(account(a), device(a, d)) for a in range(accounts)] for d in range(devices)]
     peak = Peak()
-    async with platform(folder, udp_buffer=udp_buffer) as (sip_port, worker, metrics_port):
+    async with platform(folder, udp_buffer=udp_buffer, shm_mib=shm) as (sip_port, worker, metrics_port):
         await missed_calls(folder, sip_port, names)
         await trio.sleep(0.5)
         cpu_before = cpu_seconds(worker.pid)
@@ -279,6 +297,7 @@ async def run(
                 await trio.sleep(0.1)
         outcomes = scrape(metrics_port)
         cpu_after = cpu_seconds(worker.pid)
+        kamailio_shm = await shm_mib(folder)
     crowd = read_phones([folder / f"phones-{k}.log" for k in range(devices)])
     problems: list[str] = []
     delays: list[float] = []
@@ -309,6 +328,8 @@ async def run(
             "worker_rss_mib": round(peak.worker_kib / 1024, 1),
             "sipp_processes": peak.sipp_processes,
             "sipp_rss_mib": round(peak.sipp_kib / 1024, 1),
+            # Kamailio's shared memory: each held call and transaction lives there.
+            "kamailio_shm_mib": kamailio_shm,
         },
     }
 
@@ -322,13 +343,14 @@ def main() -> None:
     parser.add_argument(
         "--udp-buffer", type=int, default=UDP_BUFFER, help="Kamailio's UDP buffer (EVW_UDP_BUFFER); 0: its default"
     )
+    parser.add_argument("--shm", type=int, default=0, help="Kamailio's shared memory in MiB (-m); 0: its default, 64")
     args = parser.parse_args()
     if shutil.which("sipp") is None or shutil.which("kamailio") is None:
         sys.exit("bench.burst needs sipp and kamailio (./scripts/setup.sh --test)")
     folder = Path(tempfile.mkdtemp(prefix="evapi-burst-")) if args.keep is None else args.keep
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        result = trio.run(run, args.accounts, args.devices, args.ring_delay, folder, 20_000, args.udp_buffer)
+        result = trio.run(run, args.accounts, args.devices, args.ring_delay, folder, 20_000, args.udp_buffer, args.shm)
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)

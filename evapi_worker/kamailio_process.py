@@ -33,6 +33,7 @@ __all__ = [
     "Subscriber",
     "address_pattern",
     "bundled_kamailio_cfg",
+    "control_socket",
     "make_certificate",
     "registered_contacts",
     "wait_registered",
@@ -56,6 +57,11 @@ class Subscriber:
     password: str
 
 
+def control_socket(folder: Path) -> str:
+    """The control socket of the Kamailio run in ``folder``, for ``kamcmd -s``."""
+    return f"unix:{folder / 'kamailio_ctl'}"
+
+
 @dataclass
 class KamailioProcess:
     """A Kamailio running the bundled config in its own folder.
@@ -65,7 +71,8 @@ class KamailioProcess:
     adds a TLS listener with a throw-away self-signed certificate made in
     ``folder``; ``subscribers`` turns digest authentication on, with a
     SQLite subscriber table in ``folder``. ``defines`` are more ``-A``
-    settings (``EVW_PUSH_HOLD=5``, ``EVW_HOLD_KNOWN``).
+    settings (``EVW_PUSH_HOLD=5``, ``EVW_HOLD_KNOWN``); ``shm_mib`` its
+    shared memory (``-m``; Kamailio's default is 64 MiB).
     """
 
     sip_host: str
@@ -80,6 +87,7 @@ class KamailioProcess:
     subscribers: tuple[Subscriber, ...] | None = None
     defines: tuple[str, ...] = ()
     sip6_host: str | None = None
+    shm_mib: int | None = None
     process: ChildProcess | None = None
 
     @property
@@ -93,7 +101,7 @@ class KamailioProcess:
     @property
     def control(self) -> str:
         """Its control socket, for ``kamcmd -s``."""
-        return f"unix:{self.folder / 'kamailio_ctl'}"
+        return control_socket(self.folder)
 
     async def wait_registered(self, aor: str, count: int = 1, timeout: float = 5.0) -> None:
         """Return once ``aor`` has ``count`` Contacts registered."""
@@ -105,8 +113,9 @@ class KamailioProcess:
         binary = shutil.which("kamailio") or "kamailio"
         # -x tlsf: Kamailio's O(1) allocator; its default first-fit one
         # cost a third of Kamailio's CPU in a burst of late phones (docs/deploy.md).
+        memory = ["-m", str(self.shm_mib)] if self.shm_mib else []
         return [
-            binary, "-f", str(config), "-DD", "-E", "-x", "tlsf",
+            binary, "-f", str(config), "-DD", "-E", "-x", "tlsf", *memory,
             "-Y", str(self.folder), "-P", str(self.folder / "kamailio.pid"), "-w", str(self.folder),
         ]  # fmt: skip
 
