@@ -2,6 +2,7 @@
 real worker (``evapi-worker run``) and real SIPp on both sides.
 
     .venv/bin/python -m bench.burst --accounts 100 --devices 10 --ring-delay 300
+    .venv/bin/python -m bench.burst --accounts 100 --devices 10 --ring-delay 300 --redis
 
 Kamailio asks for a 4 MiB UDP buffer (``EVW_UDP_BUFFER``; ``--udp-buffer
 0`` for its default 256 KiB, where the burst overflows it and waits for
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import trio
 
 from evapi_worker.kamailio_process import KamailioProcess, control_socket
 from evapi_worker.net import bind_error, free_media_port, free_port
+from evapi_worker.redis_process import redis_process
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent / "sipp"
@@ -174,30 +176,40 @@ async def sipp(folder: Path, name: str, sip_port: int, *args: str) -> trio.Proce
 
 @asynccontextmanager
 async def platform(
-    folder: Path, worker_toml: str = "", udp_buffer: int = UDP_BUFFER, shm_mib: int = 0
+    folder: Path, worker_toml: str = "", udp_buffer: int = UDP_BUFFER, shm_mib: int = 0, redis: bool = False
 ) -> AsyncIterator[tuple[int, trio.Process, int]]:
     """Kamailio (asking for ``udp_buffer`` bytes of UDP buffer, ``shm_mib``
-    of shared memory; 0: its defaults) and the real worker beside it: (SIP
-    port, worker, metrics port)."""
-    sip_port, evapi_port, metrics_port = free_port(HOST), free_port(HOST, socket.SOCK_STREAM), 0
-    defines = (f"EVW_UDP_BUFFER={udp_buffer}",) if udp_buffer else ()
-    kamailio = KamailioProcess(
-        HOST, sip_port, HOST, evapi_port, "crowd", HOST, folder, domain=DOMAIN, defines=defines, shm_mib=shm_mib or None
-    )
-    metrics_port = free_port(HOST, socket.SOCK_STREAM)
-    (folder / "worker.toml").write_text(worker_toml)
-    log = folder / "worker.log"
-    args = [
-        sys.executable, "-m", "evapi_worker.cli", "run", "--kamailio",
-        f"crowd=127.0.0.1:{evapi_port},sip={HOST}:{sip_port}", "--metrics", f"{HOST}:{metrics_port}",
-        "--config", str(folder / "worker.toml"),
-    ]  # fmt: skip
-    async with kamailio.running():
+    of shared memory; 0: its defaults) and the real worker beside it, the
+    events through a redis-server of their own with ``redis``: (SIP port,
+    worker, metrics port)."""
+    async with AsyncExitStack() as stack:
+        sip_port, evapi_port, metrics_port = free_port(HOST), free_port(HOST, socket.SOCK_STREAM), 0
+        defines: tuple[str, ...] = (f"EVW_UDP_BUFFER={udp_buffer}",) if udp_buffer else ()
+        more: list[str] = []
+        ready = ["evapi connected"]
+        if redis:
+            server = await stack.enter_async_context(redis_process(folder))
+            defines += (f'EVW_REDIS="name=evw;addr={HOST};port={server.port}"',)
+            more += ["--redis", server.url]
+            ready.append("redis stream connected")
+        kamailio = KamailioProcess(
+            HOST, sip_port, HOST, evapi_port, "crowd", HOST, folder, domain=DOMAIN, defines=defines,
+            shm_mib=shm_mib or None,
+        )  # fmt: skip
+        metrics_port = free_port(HOST, socket.SOCK_STREAM)
+        (folder / "worker.toml").write_text(worker_toml)
+        log = folder / "worker.log"
+        args = [
+            sys.executable, "-m", "evapi_worker.cli", "run", "--kamailio",
+            f"crowd=127.0.0.1:{evapi_port},sip={HOST}:{sip_port}", "--metrics", f"{HOST}:{metrics_port}",
+            "--config", str(folder / "worker.toml"), *more,
+        ]  # fmt: skip
+        await stack.enter_async_context(kamailio.running())
         with log.open("ab") as sink:
             worker = await trio.lowlevel.open_process(args, stdout=subprocess.DEVNULL, stderr=sink, cwd=folder)
         try:
             with trio.fail_after(15):
-                while "evapi connected" not in log.read_text():
+                while not all(line in log.read_text() for line in ready):
                     if worker.poll() is not None:
                         raise RuntimeError(f"the worker ended: {log.read_text()[-2000:]}")
                     await trio.sleep(0.05)
@@ -276,13 +288,14 @@ async def run(
     stay_ms: int = 20_000,
     udp_buffer: int = UDP_BUFFER,
     shm: int = 0,
+    redis: bool = False,
 ) -> dict[str, object]:
     """The whole story; ``stay_ms``: how long the phones stay registered
     (the burst must be over by then)."""
     names = [account(a) for a in range(accounts)]
     groups = [[(account(a), device(a, d)) for a in range(accounts)] for d in range(devices)]
     peak = Peak()
-    async with platform(folder, udp_buffer=udp_buffer, shm_mib=shm) as (sip_port, worker, metrics_port):
+    async with platform(folder, udp_buffer=udp_buffer, shm_mib=shm, redis=redis) as (sip_port, worker, metrics_port):
         await missed_calls(folder, sip_port, names)
         await trio.sleep(0.5)
         cpu_before = cpu_seconds(worker.pid)
@@ -314,6 +327,7 @@ async def run(
                 delays.append((invites[0][1] - crowd.registered[dev]) / 1000)
     total = accounts * devices
     return {
+        "events_through": "redis" if redis else "evapi",
         "devices": total,
         "served": total - len({p.split(":")[0] for p in problems}),
         "problems": problems[:20],
@@ -344,13 +358,16 @@ def main() -> None:
         "--udp-buffer", type=int, default=UDP_BUFFER, help="Kamailio's UDP buffer (EVW_UDP_BUFFER); 0: its default"
     )
     parser.add_argument("--shm", type=int, default=0, help="Kamailio's shared memory in MiB (-m); 0: its default, 64")
+    parser.add_argument("--redis", action="store_true", help="the events through a Redis stream (EVW_REDIS, --redis)")
     args = parser.parse_args()
     if shutil.which("sipp") is None or shutil.which("kamailio") is None:
         sys.exit("bench.burst needs sipp and kamailio (./scripts/setup.sh --test)")
     folder = Path(tempfile.mkdtemp(prefix="evapi-burst-")) if args.keep is None else args.keep
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        result = trio.run(run, args.accounts, args.devices, args.ring_delay, folder, 20_000, args.udp_buffer, args.shm)
+        result = trio.run(
+            run, args.accounts, args.devices, args.ring_delay, folder, 20_000, args.udp_buffer, args.shm, args.redis
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
