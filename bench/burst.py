@@ -255,15 +255,20 @@ async def devices_wake(
     return processes
 
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int) -> tuple[dict[str, float], str]:
+    """The worker's fake-call outcomes, and where it read its events: "redis"
+    while it reads the stream (the node then writes none to evapi)."""
     text = urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5).read().decode()
     values: dict[str, float] = {}
+    through = "evapi"
     for line in text.splitlines():
         if line.startswith("evapi_worker_fake_calls_total{"):
             outcome = re.search(r'outcome="([^"]+)"', line)
             if outcome:
                 values[outcome[1]] = float(line.rsplit(" ", 1)[1])
-    return values
+        elif line == "evapi_worker_redis_connected 1.0":
+            through = "redis"
+    return values, through
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -308,7 +313,7 @@ async def run(
                 if not cpu_burst and trio.current_time() - woke >= BURST_WINDOW:
                     cpu_burst = cpu_seconds(worker.pid)
                 await trio.sleep(0.1)
-        outcomes = scrape(metrics_port)
+        outcomes, through = scrape(metrics_port)
         cpu_after = cpu_seconds(worker.pid)
         kamailio_shm = await shm_mib(folder)
     crowd = read_phones([folder / f"phones-{k}.log" for k in range(devices)])
@@ -327,7 +332,7 @@ async def run(
                 delays.append((invites[0][1] - crowd.registered[dev]) / 1000)
     total = accounts * devices
     return {
-        "events_through": "redis" if redis else "evapi",
+        "events_through": through,
         "devices": total,
         "served": total - len({p.split(":")[0] for p in problems}),
         "problems": problems[:20],

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from bench.burst import account, call_id, device, devices_wake, missed_calls, platform, read_phones, run
 
-from .e2e_platform import needs_platform
+from .e2e_platform import EVENT_PATHS, needs_platform
 
 pytestmark = needs_platform
 
 
-async def test_three_hundred_late_iphones_at_once_each_get_exactly_one_fake_call(tmp_path: Path) -> None:
-    result = await run(accounts=30, devices=10, ring_delay=300, folder=tmp_path, stay_ms=6000)
+@pytest.mark.parametrize("redis", EVENT_PATHS)
+async def test_three_hundred_late_iphones_at_once_each_get_exactly_one_fake_call(tmp_path: Path, redis: bool) -> None:
+    result = await run(accounts=30, devices=10, ring_delay=300, folder=tmp_path, stay_ms=6000, redis=redis)
+    assert result["events_through"] == ("redis" if redis else "evapi")
     assert result["problems"] == [] and result["served"] == 300, result
     outcomes = result["worker_outcomes"]
     assert isinstance(outcomes, dict) and outcomes["completed"] == 300, outcomes
