@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from bench import burst
 from evapi_worker.commands import Pin
 from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.evapi_client import NodeAddress
@@ -248,3 +249,43 @@ async def test_the_node_arbitrates_claims_and_reports_one_never_used(tmp_path: P
             while (await second.send_command("arb", pin(second))).claim != "won":
                 await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_stopped_in_a_burst_serves_every_phone_once_after_its_restart(tmp_path: Path) -> None:
+    # SIGTERM while sixty late iPhones wait for the worker's ten SIPp slots:
+    # the fake calls running finish in the grace, the rest are saved, and
+    # the restarted worker begins them. Each phone gets exactly one.
+    accounts, devices = 12, 5
+    kam = KamailioProcess(
+        HOST, free_sip_port(), HOST, free_port(socket.SOCK_STREAM), "stop", HOST, tmp_path,
+        domain=burst.DOMAIN, defines=(f"EVW_UDP_BUFFER={burst.UDP_BUFFER}",),
+    )  # fmt: skip
+    (tmp_path / "worker.toml").write_text("[engine]\ndeadline = 30.0\n\n[sipp]\nmax_concurrent = 10\n")
+    options = ("--config", str(tmp_path / "worker.toml"), "--state", str(tmp_path / "state"))
+    names = [burst.account(a) for a in range(accounts)]
+    groups = [[(burst.account(a), burst.device(a, d)) for a in range(accounts)] for d in range(devices)]
+    async with kam.running():
+        async with worker_process(tmp_path, "first", kam, "off", *options) as first:
+            await burst.missed_calls(tmp_path, kam.sip_port, names)
+            await trio.sleep(0.5)
+            phones = await burst.devices_wake(tmp_path, kam.sip_port, groups, 1500, 25_000)
+            with trio.fail_after(20):  # the first round of fake calls is done, the next runs
+                while "outcome=completed" not in (tmp_path / "first.log").read_text():
+                    await trio.sleep(0.05)
+            os.killpg(first.pid, signal.SIGTERM)
+            with trio.fail_after(15):
+                await first.wait()
+        assert first.returncode == 0
+        async with worker_process(tmp_path, "second", kam, "off", *options):
+            with trio.fail_after(40):
+                for phone in phones:
+                    await phone.wait()
+    crowd = burst.read_phones([tmp_path / f"phones-{d}.log" for d in range(devices)])
+    for a in range(accounts):
+        for d in range(devices):
+            dev = burst.device(a, d)
+            assert [c for c, _ in crowd.invites.get(dev, [])] == [burst.call_id(a)], dev
+            assert crowd.cancels.get(dev) == [(burst.call_id(a), "")], dev
+    before, after = outcomes(tmp_path / "first.log"), outcomes(tmp_path / "second.log")
+    assert set(before) == {"completed", "deferred"} and set(after) == {"completed"}, (before, after)
+    assert before.count("deferred") == len(after) and before.count("completed") + len(after) == accounts * devices
