@@ -164,8 +164,9 @@ async def sipp(folder: Path, name: str, sip_port: int, *args: str) -> trio.Proce
         process = await trio.lowlevel.open_process(
             command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        kind = socket.SOCK_STREAM if "tn" in args else socket.SOCK_DGRAM  # the socket SIPp listens on
         with trio.move_on_after(5):
-            while process.poll() is None and bind_error(HOST, port, socket.SOCK_DGRAM) is None:  # noqa: ASYNC110 (another process binding: no event for it)
+            while process.poll() is None and bind_error(HOST, port, kind) is None:  # noqa: ASYNC110 (another process binding: no event for it)
                 await trio.sleep(0.005)
         errors = folder / f"{name}.errors"
         if process.poll() is None or not errors.exists() or "bind" not in errors.read_text(errors="replace"):
@@ -176,15 +177,18 @@ async def sipp(folder: Path, name: str, sip_port: int, *args: str) -> trio.Proce
 
 @asynccontextmanager
 async def platform(
-    folder: Path, worker_toml: str = "", udp_buffer: int = UDP_BUFFER, shm_mib: int = 0, redis: bool = False
-) -> AsyncIterator[tuple[int, trio.Process, int]]:
+    folder: Path, worker_toml: str = "", udp_buffer: int = UDP_BUFFER, shm_mib: int = 0, redis: bool = False,
+    tcp_connections: int = 0,
+) -> AsyncIterator[tuple[int, trio.Process, int]]:  # fmt: skip
     """Kamailio (asking for ``udp_buffer`` bytes of UDP buffer, ``shm_mib``
-    of shared memory; 0: its defaults) and the real worker beside it, the
+    of shared memory, ``tcp_connections`` at most; 0: its defaults) and the real worker beside it, the
     events through a redis-server of their own with ``redis``: (SIP port,
     worker, metrics port)."""
     async with AsyncExitStack() as stack:
         sip_port, evapi_port, metrics_port = free_port(HOST), free_port(HOST, socket.SOCK_STREAM), 0
         defines: tuple[str, ...] = (f"EVW_UDP_BUFFER={udp_buffer}",) if udp_buffer else ()
+        if tcp_connections:
+            defines += (f"EVW_TCP_MAX_CONNECTIONS={tcp_connections}",)
         more: list[str] = []
         ready = ["evapi connected"]
         if redis:
@@ -237,10 +241,11 @@ async def missed_calls(folder: Path, sip_port: int, accounts: list[str]) -> None
 
 async def devices_wake(
     folder: Path, sip_port: int, devices: list[list[tuple[str, str]]], ring_delay: int, stay_ms: int,
-    ignore_cancel: bool = False, name: str = "phones",
+    ignore_cancel: bool = False, name: str = "phones", transport: str = "udp",
 ) -> list[trio.Process]:  # fmt: skip
     """Every device registers at once, one phone process per list of
-    (account, device); the processes end after ``stay_ms``."""
+    (account, device), over UDP or each device on a TCP connection of its
+    own (``transport`` "tcp"); the processes end after ``stay_ms``."""
     processes = []
     for k, group in enumerate(devices):
         csv = folder / f"{name}-{k}.csv"
@@ -250,6 +255,7 @@ async def devices_wake(
             "-inf", str(csv), "-m", str(len(group)), "-r", "10000", "-l", str(len(group)),
             "-d", str(stay_ms), "-timeout", str(stay_ms // 1000 + 30),
             "-key", "ring_delay", str(ring_delay), "-key", "ignore_cancel", "1" if ignore_cancel else "0",
+            *(["-t", "tn", "-max_socket", str(len(group) + 100)] if transport == "tcp" else []),
         ]  # fmt: skip
         processes.append(await sipp(folder, f"{name}-{k}", sip_port, *args))
     return processes
@@ -294,17 +300,24 @@ async def run(
     udp_buffer: int = UDP_BUFFER,
     shm: int = 0,
     redis: bool = False,
+    transport: str = "udp",
 ) -> dict[str, object]:
     """The whole story; ``stay_ms``: how long the phones stay registered
     (the burst must be over by then)."""
     names = [account(a) for a in range(accounts)]
     groups = [[(account(a), device(a, d)) for a in range(accounts)] for d in range(devices)]
     peak = Peak()
-    async with platform(folder, udp_buffer=udp_buffer, shm_mib=shm, redis=redis) as (sip_port, worker, metrics_port):
+    # Each TCP phone holds a connection: room for them all (and the callers').
+    connections = accounts * devices + 1000 if transport == "tcp" else 0
+    async with platform(folder, udp_buffer=udp_buffer, shm_mib=shm, redis=redis, tcp_connections=connections) as (
+        sip_port,
+        worker,
+        metrics_port,
+    ):
         await missed_calls(folder, sip_port, names)
         await trio.sleep(0.5)
         cpu_before = cpu_seconds(worker.pid)
-        phones = await devices_wake(folder, sip_port, groups, ring_delay, stay_ms)
+        phones = await devices_wake(folder, sip_port, groups, ring_delay, stay_ms, transport=transport)
         woke = trio.current_time()
         cpu_burst: dict[str, float] = {}
         with trio.fail_after(stay_ms / 1000 + 40):
@@ -333,6 +346,7 @@ async def run(
     total = accounts * devices
     return {
         "events_through": through,
+        "phones_transport": transport,
         "devices": total,
         "served": total - len({p.split(":")[0] for p in problems}),
         "problems": problems[:20],
@@ -364,6 +378,9 @@ def main() -> None:
     )
     parser.add_argument("--shm", type=int, default=0, help="Kamailio's shared memory in MiB (-m); 0: its default, 64")
     parser.add_argument("--redis", action="store_true", help="the events through a Redis stream (EVW_REDIS, --redis)")
+    parser.add_argument(
+        "--transport", choices=("udp", "tcp"), default="udp", help="the phones': tcp gives each its own connection"
+    )
     args = parser.parse_args()
     if shutil.which("sipp") is None or shutil.which("kamailio") is None:
         sys.exit("bench.burst needs sipp and kamailio (./scripts/setup.sh --test)")
@@ -371,7 +388,16 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         result = trio.run(
-            run, args.accounts, args.devices, args.ring_delay, folder, 20_000, args.udp_buffer, args.shm, args.redis
+            run,
+            args.accounts,
+            args.devices,
+            args.ring_delay,
+            folder,
+            20_000,
+            args.udp_buffer,
+            args.shm,
+            args.redis,
+            args.transport,
         )
     finally:
         if args.keep is None:

@@ -12,15 +12,27 @@ import trio
 
 from bench.burst import account, call_id, device, devices_wake, missed_calls, platform, read_phones, run
 
-from .e2e_platform import EVENT_PATHS, needs_platform
+from .e2e_platform import needs_platform
+from .helpers import needs_redis
 
 pytestmark = needs_platform
 
 
-@pytest.mark.parametrize("redis", EVENT_PATHS)
-async def test_three_hundred_late_iphones_at_once_each_get_exactly_one_fake_call(tmp_path: Path, redis: bool) -> None:
-    result = await run(accounts=30, devices=10, ring_delay=300, folder=tmp_path, stay_ms=6000, redis=redis)
+@pytest.mark.parametrize(
+    ("redis", "transport"),
+    [(False, "udp"), (False, "tcp"), pytest.param(True, "udp", marks=needs_redis)],
+    ids=["evapi", "evapi-tcp-phones", "redis"],
+)
+async def test_three_hundred_late_iphones_at_once_each_get_exactly_one_fake_call(
+    tmp_path: Path, redis: bool, transport: str
+) -> None:
+    # Over TCP each phone registers on a connection of its own, and its fake
+    # call comes back on it.
+    result = await run(
+        accounts=30, devices=10, ring_delay=300, folder=tmp_path, stay_ms=6000, redis=redis, transport=transport
+    )
     assert result["events_through"] == ("redis" if redis else "evapi")
+    assert result["phones_transport"] == transport
     assert result["problems"] == [] and result["served"] == 300, result
     outcomes = result["worker_outcomes"]
     assert isinstance(outcomes, dict) and outcomes["completed"] == 300, outcomes

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="needs 
         ["EVW_DOMAIN=voip.example.org", "EVW_WITH_TLS", "EVW_TLS_PORT=5071", "EVW_PUSH_HOLD=45"],
         ['EVW_EVAPI_CLIENTS="^(127[.]0[.]0[.]1|192[.]0[.]2[.]5)$"', "EVW_QUEUE_SIZE=1000", 'EVW_CTL="unix:/tmp/c"'],
         ["EVW_WITH_AUTH", 'EVW_DB_URL="sqlite:////tmp/evw-check.sqlite"', "EVW_USE_DOMAIN=0"],
+        ["EVW_UDP_BUFFER=4194304", "EVW_TCP_MAX_CONNECTIONS=8192", "EVW_WITH_TLS"],
         [
             "EVW_WITH_AUTH",
             "EVW_HOLD_KNOWN",
