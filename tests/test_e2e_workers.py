@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
 from bench import burst
@@ -25,9 +26,10 @@ from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.fake_calls import claim_key
 from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.phones import IPHONE_UA, Phones
+from evapi_worker.redis_process import redis_process
 from evapi_worker.service import Service
 
-from .e2e_platform import DOMAIN, HOST, needs_platform
+from .e2e_platform import DOMAIN, EVENT_PATHS, HOST, needs_platform
 from .helpers import stop_group
 from .sipp_device import free_port, free_sip_port
 
@@ -251,20 +253,29 @@ async def test_the_node_arbitrates_claims_and_reports_one_never_used(tmp_path: P
         nursery.cancel_scope.cancel()
 
 
-async def test_a_worker_stopped_in_a_burst_serves_every_phone_once_after_its_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("redis", EVENT_PATHS)
+async def test_a_worker_stopped_in_a_burst_serves_every_phone_once_after_its_restart(
+    tmp_path: Path, redis: bool
+) -> None:
     # SIGTERM while sixty late iPhones wait for the worker's ten SIPp slots:
     # the fake calls running finish in the grace, the rest are saved, and
     # the restarted worker begins them. Each phone gets exactly one.
     accounts, devices = 12, 5
-    kam = KamailioProcess(
-        HOST, free_sip_port(), HOST, free_port(socket.SOCK_STREAM), "stop", HOST, tmp_path,
-        domain=burst.DOMAIN, defines=(f"EVW_UDP_BUFFER={burst.UDP_BUFFER}",),
-    )  # fmt: skip
-    (tmp_path / "worker.toml").write_text("[engine]\ndeadline = 30.0\n\n[sipp]\nmax_concurrent = 10\n")
-    options = ("--config", str(tmp_path / "worker.toml"), "--state", str(tmp_path / "state"))
     names = [burst.account(a) for a in range(accounts)]
     groups = [[(burst.account(a), burst.device(a, d)) for a in range(accounts)] for d in range(devices)]
-    async with kam.running():
+    (tmp_path / "worker.toml").write_text("[engine]\ndeadline = 30.0\n\n[sipp]\nmax_concurrent = 10\n")
+    options = ["--config", str(tmp_path / "worker.toml"), "--state", str(tmp_path / "state")]
+    defines = [f"EVW_UDP_BUFFER={burst.UDP_BUFFER}"]
+    async with AsyncExitStack() as stack:
+        if redis:
+            server = await stack.enter_async_context(redis_process(tmp_path))
+            defines.append(f'EVW_REDIS="name=evw;addr={HOST};port={server.port}"')
+            options += ["--redis", server.url]
+        kam = KamailioProcess(
+            HOST, free_sip_port(), HOST, free_port(socket.SOCK_STREAM), "stop", HOST, tmp_path,
+            domain=burst.DOMAIN, defines=tuple(defines),
+        )  # fmt: skip
+        await stack.enter_async_context(kam.running())
         async with worker_process(tmp_path, "first", kam, "off", *options) as first:
             await burst.missed_calls(tmp_path, kam.sip_port, names)
             await trio.sleep(0.5)
