@@ -78,6 +78,15 @@ _REPORTED: Final = {
         Outcome.GAVE_UP,
     )
 }
+# What an outcome the scenario reports means, for the log line of a call
+# that went wrong (an operator reads this, not the scenario).
+_MEANING: Final = {
+    Outcome.UNREACHABLE: "Kamailio answered 477: it could not send to the device (its TCP/TLS connection is gone, "
+    "or Kamailio is short of shared memory or of TCP connections: docs/deploy.md)",
+    Outcome.TIMEOUT: "the device did not ring in time; cancelled",
+    Outcome.NO_RESPONSE: "nothing came back from Kamailio, not even 100 Trying",
+    Outcome.GAVE_UP: "the CANCEL got no final response in time",
+}
 # SIPp's documented exit codes (sipp(1)): anything but 0 is a failure.
 _EXIT_MEANING: Final = {
     0: "all calls succeeded",
@@ -447,6 +456,8 @@ class SippRunner:
             call.outcome = _REPORTED.get(reply.outcome or "", Outcome.FAILED)
             if call.outcome is Outcome.FAILED:
                 call.detail = f"unknown outcome {reply.outcome!r} from the scenario"
+            else:
+                call.detail = _MEANING.get(call.outcome, "")
         call.done.set()
 
     async def _stop_when_idle(self, sipp: _Sipp, scope: trio.CancelScope) -> None:

@@ -120,6 +120,14 @@ async def test_silent_device_ends_with_no_response(tmp_path: Path) -> None:
     assert 6 <= result.duration < 10
 
 
+async def test_a_call_that_went_wrong_says_what_its_outcome_means(tmp_path: Path) -> None:
+    fake = fake_sipp(tmp_path, "--outcome", "unreachable")
+    async with serving(SippSettings(binary=str(fake))) as runner:
+        result = await run(runner, job(5060))
+    assert result.outcome is Outcome.UNREACHABLE
+    assert "477" in result.detail and "shared memory" in result.detail, result
+
+
 async def test_many_fake_calls_share_one_sipp_process_each_with_its_own_call_id(tmp_path: Path) -> None:
     calls = 60
     async with serving(SippSettings()) as runner, device("phone_rings", tmp_path, calls=calls) as dev:
