@@ -150,9 +150,12 @@ def read_phones(logs: list[Path]) -> Crowd:
     return crowd
 
 
-async def sipp(folder: Path, name: str, sip_port: int, *args: str) -> trio.Process:
+async def sipp(
+    folder: Path, name: str, sip_port: int, *args: str, listens: socket.SocketKind = socket.SOCK_DGRAM
+) -> trio.Process:
     """A SIPp against the node, its log and errors beside the run's files;
-    started again on other ports when one it was given was taken meanwhile."""
+    started again on other ports when one it was given was taken meanwhile
+    (``listens``: the kind of socket it binds, a TCP one with ``-t tn``)."""
     for _ in range(5):
         port = free_port(HOST)
         command = [
@@ -164,9 +167,8 @@ async def sipp(folder: Path, name: str, sip_port: int, *args: str) -> trio.Proce
         process = await trio.lowlevel.open_process(
             command, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        kind = socket.SOCK_STREAM if "tn" in args else socket.SOCK_DGRAM  # the socket SIPp listens on
         with trio.move_on_after(5):
-            while process.poll() is None and bind_error(HOST, port, kind) is None:  # noqa: ASYNC110 (another process binding: no event for it)
+            while process.poll() is None and bind_error(HOST, port, listens) is None:  # noqa: ASYNC110 (another process binding: no event for it)
                 await trio.sleep(0.005)
         errors = folder / f"{name}.errors"
         if process.poll() is None or not errors.exists() or "bind" not in errors.read_text(errors="replace"):
@@ -257,7 +259,8 @@ async def devices_wake(
             "-key", "ring_delay", str(ring_delay), "-key", "ignore_cancel", "1" if ignore_cancel else "0",
             *(["-t", "tn", "-max_socket", str(len(group) + 100)] if transport == "tcp" else []),
         ]  # fmt: skip
-        processes.append(await sipp(folder, f"{name}-{k}", sip_port, *args))
+        listens = socket.SOCK_STREAM if transport == "tcp" else socket.SOCK_DGRAM
+        processes.append(await sipp(folder, f"{name}-{k}", sip_port, *args, listens=listens))
     return processes
 
 
