@@ -49,6 +49,7 @@ __all__ = [
     "EventErrorReason",
     "Parsed",
     "Refused",
+    "RefusedReason",
     "Register",
     "UnknownEventError",
     "decode_event",
@@ -73,6 +74,12 @@ Uri = Annotated[str, Meta(max_length=MAX_URI)]
 # Any later time is garbage, not a timestamp (year 5138).
 Timestamp = Annotated[float, Meta(ge=0, le=1e11)]
 Count = Annotated[int, Meta(ge=0)]
+# Kamailio's counters are C ints: a node's sequence number goes from
+# 2**31 - 1 to -2**31 (seen on Kamailio 5.6 after 2**31 events) and on.
+# Anything outside a 32-bit int was never sent by a node.
+SEQ_MIN: Final = -(2**31)
+SEQ_MAX: Final = 2**31 - 1
+Sequence = Annotated[int, Meta(ge=SEQ_MIN, le=SEQ_MAX)]
 # Kamailio prints an unset pseudo-variable as "<null>" when it builds strings.
 _NULLS: Final = frozenset(("", "<null>"))
 
@@ -110,6 +117,7 @@ class EventErrorReason(enum.StrEnum):
     BAD_TYPE = "bad_type"  # a field of the wrong JSON type
     BAD_VALUE = "bad_value"  # a field out of its range, pattern or length
     BAD_VERSION = "bad_version"  # another protocol version
+    BAD_SEQUENCE = "bad_sequence"  # a sequence number the node cannot have reached
     UNKNOWN_TYPE = "unknown_type"  # an event type this version does not know (skipped)
 
 
@@ -135,7 +143,7 @@ def _optional(event: Struct, *names: str) -> None:
 class _Base(Struct, frozen=True, tag_field="event", forbid_unknown_fields=True, kw_only=True, gc=False):
     node: Short
     ts: Timestamp
-    seq: Count
+    seq: Sequence
     boot: Count = 0
     v: int = PROTOCOL_VERSION
 
@@ -171,15 +179,31 @@ class CallStarted(_Base, frozen=True, tag="call_start"):
 
 
 class _CallEvent(_Base, frozen=True):
-    """An event about one call, named by its Call-ID."""
+    """An event about one call, named by its Call-ID and the account it
+    calls: Call-IDs are chosen by callers, so one Call-ID can name calls to
+    two accounts. ``aor`` is None only from routes older than it (the
+    Call-ID alone then names the call)."""
 
     call_id: CallId
+    aor: Name | None = None
 
     def __post_init__(self) -> None:
         if self.node in _NULLS or self.v != PROTOCOL_VERSION:
             self._check_header()
         if self.call_id in _NULLS:
             _required(self, "call_id")
+        self._normalize_aor()
+
+    def _normalize_aor(self) -> None:
+        aor = self.aor
+        if aor is None:
+            return
+        if aor in _NULLS:
+            force_setattr(self, "aor", None)
+            return
+        key = normalize_aor(aor)
+        if key is not aor:
+            force_setattr(self, "aor", key)
 
 
 class _EndEvent(_CallEvent, frozen=True):
@@ -204,7 +228,7 @@ class CallFailed(_EndEvent, frozen=True, kw_only=True, tag="call_failed"):
     code: Annotated[int, Meta(ge=300, le=699)]
 
 
-class BranchReply(_CallEvent, frozen=True, tag="branch_reply"):
+class BranchReply(_CallEvent, frozen=True, kw_only=True, tag="branch_reply"):
     """A device answered something on its branch of the call's INVITE.
 
     ``contact`` is the branch's Request-URI, the device's registered Contact.
@@ -220,6 +244,7 @@ class BranchReply(_CallEvent, frozen=True, tag="branch_reply"):
             self._check_header()
         if self.call_id in _NULLS or self.contact in _NULLS:
             _required(self, "call_id", "contact")
+        self._normalize_aor()
 
 
 class Register(_Base, frozen=True, tag="register"):
@@ -287,21 +312,45 @@ class ClaimUnused(_Base, frozen=True, tag="claim_unused"):
             _required(self, "claim")
 
 
+class RefusedReason(enum.StrEnum):
+    """Why a node refused SIP data or held something back (a metric label:
+    a reason the node sends that this version does not know is ``other``)."""
+
+    CALL_ID_NUL = "call_id_nul"  # a Call-ID with a NUL byte
+    FORGED_CALL_ENDED = "forged_call_ended"  # a call-ended MESSAGE from the network
+    CONTACT_UNREADABLE = "contact_unreadable"  # a contact no event can carry intact
+    TOO_MANY_CONTACTS = "too_many_contacts"  # an account past EVW_MAX_CONTACTS
+    TOO_MANY_BRANCHES = "too_many_branches"  # a call given EVW_MAX_BRANCHES devices
+    TOO_MANY_HELD = "too_many_held"  # an account with EVW_MAX_HELD calls held
+    WAKE_RATE = "wake_rate"  # an account's REGISTERs past EVW_WAKE_RATE a second
+    OTHER = "other"  # a reason this version does not know
+
+
+_REFUSED_REASONS: Final = frozenset(RefusedReason)
+
+
 class Refused(_Base, frozen=True, tag="refused"):
     """SIP data Kamailio would not pass on (a Call-ID with a NUL byte, a
-    forged call-ended MESSAGE, a contact an event cannot carry intact);
-    counted by ``reason``."""
+    forged call-ended MESSAGE, a contact an event cannot carry intact), or
+    a bound it applied to one account; counted by ``reason``. ``aor`` is
+    the account a bound was applied to."""
 
     reason: Short
     src_ip: Short | None = None
+    aor: Name | None = None
+
+    @property
+    def label(self) -> RefusedReason:
+        """The reason as a metric label: one this version knows, or ``other``."""
+        return RefusedReason(self.reason) if self.reason in _REFUSED_REASONS else RefusedReason.OTHER
 
     def __post_init__(self) -> None:
         if self.node in _NULLS or self.v != PROTOCOL_VERSION:
             self._check_header()
         if self.reason in _NULLS:
             _required(self, "reason")
-        if self.src_ip in _NULLS:
-            _optional(self, "src_ip")
+        if self.src_ip in _NULLS or self.aor in _NULLS:
+            _optional(self, "src_ip", "aor")
 
 
 CallEnded: TypeAlias = CallAnswered | CallCancelled | CallFailed
@@ -384,21 +433,25 @@ def parse_event(payload: bytes | str) -> Parsed:
 
 
 class _Sequence(Struct, gc=False):
-    seq: int = -1
+    seq: int | None = None
     boot: int = 0
+    ts: float = 0.0
 
 
 _SEQUENCE: Final = msgspec.json.Decoder(_Sequence, strict=False)
 
 
-def peek_sequence(payload: bytes) -> tuple[int, int] | None:
-    """(boot, seq) of a frame, read without validating the event (for
+def peek_sequence(payload: bytes) -> tuple[int, int, float] | None:
+    """(boot, seq, ts) of a frame, read without validating the event (for
     frames shed under overload, so their numbers are not taken as lost)."""
     try:
         found = _SEQUENCE.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
-    return (found.boot, found.seq) if found.seq >= 0 else None
+    seq = found.seq
+    if seq is None or not SEQ_MIN <= seq <= SEQ_MAX:
+        return None
+    return found.boot, seq, found.ts
 
 
 def decode_event(payload: bytes | str) -> Event:

@@ -32,6 +32,7 @@ from .events import (
     CommandResult,
     Event,
     EventError,
+    EventErrorReason,
     Refused,
     Register,
     UnknownEventError,
@@ -39,7 +40,7 @@ from .events import (
     peek_sequence,
 )
 from .push_book import PushBook, PushJob
-from .sequence import SequenceTracker
+from .sequence import REJECTED, SequenceTracker
 
 __all__ = ["Kind", "Protocol", "Received"]
 
@@ -106,9 +107,13 @@ class Protocol:
         except EventError as exc:
             return Received(Kind.REJECTED, error=exc)
         event = parsed.event
+        lost = self.sequences.observe(node, event.boot, event.seq, now, event.ts)
+        if lost == REJECTED:
+            why = f"sequence number {event.seq} is further from the last one than the node can have counted"
+            return Received(Kind.REJECTED, error=EventError(EventErrorReason.BAD_SEQUENCE, why))
         got = self.feed(node, event, now)
         got.unknown_fields = parsed.unknown_fields
-        got.lost = self.sequences.observe(node, event.boot, event.seq, now)
+        got.lost = lost
         return got
 
     def restore(self, node: str, payload: bytes, now: float) -> Received:
@@ -125,7 +130,9 @@ class Protocol:
         """A frame dropped unread under overload: its sequence number is
         noted (shed, not lost); returns events now known lost."""
         numbers = peek_sequence(payload)
-        return 0 if numbers is None else self.sequences.observe(node, numbers[0], numbers[1], now)
+        if numbers is None:
+            return 0
+        return max(0, self.sequences.observe(node, numbers[0], numbers[1], now, numbers[2]))
 
     def expire(self, now: float) -> list[tuple[str, int]]:
         """Sequence gaps that stayed open past the grace, as (node, lost)."""

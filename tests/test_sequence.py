@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evapi_worker.sequence import SequenceTracker
+from evapi_worker.sequence import REJECTED, SequenceTracker
 
 
 def test_first_event_of_a_node_counts_nothing_before_it() -> None:
@@ -87,3 +87,42 @@ def test_a_gap_does_not_age_while_the_worker_is_paused() -> None:
     s.paused(10.0)
     assert s.expire(38.9) == []
     assert s.expire(39.0) == [("a", 1)]
+
+
+def test_the_wrap_of_kamailio_s_32_bit_counter_is_no_gap() -> None:
+    # Seen on Kamailio 5.6: after 2**31 - 1 its counter reads -2**31.
+    s = SequenceTracker(grace=1.0)
+    s.observe("a", 1, 2**31 - 2, 0.0, 100.0)
+    assert s.observe("a", 1, 2**31 - 1, 0.1, 100.1) == 0
+    assert s.observe("a", 1, -(2**31), 0.2, 100.2) == 0
+    assert s.observe("a", 1, -(2**31) + 2, 0.3, 100.3) == 0  # one missing, across nothing
+    assert s.pending("a") == 1
+    assert s.observe("a", 1, -(2**31) + 1, 0.4, 100.4) == 0  # it came, reordered
+    assert s.observe("a", 1, 2**31 - 1, 0.5, 100.5) == 0  # an old one, before the wrap
+    assert s.expire(10.0) == []
+
+
+def test_a_gap_across_the_wrap_is_counted_once_the_grace_passed() -> None:
+    s = SequenceTracker(grace=1.0)
+    s.observe("a", 1, 2**31 - 2, 0.0, 100.0)
+    s.observe("a", 1, -(2**31) + 1, 0.1, 100.1)  # 2**31 - 1 and -2**31 missing
+    assert s.pending("a") == 2
+    assert s.expire(5.0) == [("a", 2)]
+
+
+def test_a_number_no_node_can_have_reached_is_rejected_not_counted_lost() -> None:
+    s = SequenceTracker()
+    s.observe("a", 1, 10, 0.0, 1000.0)
+    # A forged 2**31 - 1 a moment later: two billion events in a millisecond.
+    assert s.observe("a", 1, 2**31 - 1, 0.001, 1000.001) == REJECTED
+    assert s.observe("a", 1, 11, 0.002, 1000.002) == 0  # the node goes on as before
+    assert s.expire(100.0) == []
+    # A real gap of a long outage is a loss: its events' stamps are minutes apart.
+    assert s.observe("a", 1, 3_000_012, 600.0, 1600.0) == 3_000_000
+
+
+def test_a_new_boot_that_cannot_have_counted_so_far_is_rejected() -> None:
+    s = SequenceTracker()
+    s.observe("a", 1, 10, 0.0, 1000.0)
+    assert s.observe("a", 2, 2**31 - 1, 0.1, 1000.1) == REJECTED
+    assert s.observe("a", 2, 3, 5.0, 1005.0) == 2  # a real restart
