@@ -99,7 +99,7 @@ async def _run(ca: str, port: int, key: Path, pushes: int, rate: float) -> tuple
         return True
 
     metrics = Metrics()
-    pusher = Pusher({"apns": timed}, PushBook(), metrics, lambda call_id: True, claim, limit=100_000)
+    pusher = Pusher({"apns": timed}, PushBook(), metrics, lambda call_id, aor: True, claim, limit=100_000)
     async with trio.open_nursery() as nursery:
         await nursery.start(pusher.run)
         pusher.submit([_job(-1)])  # the connection made, the token signed

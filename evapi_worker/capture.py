@@ -5,7 +5,7 @@ frame received, and one note per push the worker had accepted::
 
     {"format": "evapi-worker-capture", "version": 2, "created": <unix time>}
     [node, seq or None, received (unix time), payload bytes]
-    {"push": [sent (unix time), call_id, device, provider]}
+    {"push": [sent (unix time), call_id, device, provider, account]}
     ...
 
 The push notes let a replay measure how long each phone took to wake after
@@ -71,6 +71,7 @@ class PushNote(NamedTuple):
     call_id: str
     device: str
     provider: str
+    aor: str = ""  # the account called ("" in notes written before it was kept)
 
 
 _Item = tuple[str, int | None, float, bytes] | PushNote
@@ -254,12 +255,12 @@ def read_capture(
 
 
 def _push_note(value: object) -> PushNote | None:
-    if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, str) for v in value[1:])):
+    if not (isinstance(value, list) and len(value) in (4, 5) and all(isinstance(v, str) for v in value[1:])):
         return None
     sent = value[0]
     if not isinstance(sent, int | float) or isinstance(sent, bool):
         return None
-    return PushNote(float(sent), value[1], value[2], value[3])
+    return PushNote(float(sent), *value[1:])
 
 
 def _record_like(item: object) -> bool:

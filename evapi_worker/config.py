@@ -109,7 +109,12 @@ class PushSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # Seconds a push is still worth sending (retries stop then, and at the
     # call's end whichever comes first).
     give_up_after: Annotated[float, msgspec.Meta(ge=1, le=600)] = 60.0
-    max_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 1000  # pushes at once; more are dropped (counted)
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 1000  # pushes at once; more wait their account's turn
+    # One account's share: pushes at once, and devices kept (past it, the
+    # account's least recently registered device is dropped, counted).
+    max_in_flight_per_account: Annotated[int, msgspec.Meta(ge=1)] = 32
+    max_devices_per_account: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
+    max_devices: Annotated[int, msgspec.Meta(ge=1)] = 100_000  # in all; past it new devices are not kept (counted)
 
 
 class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -68,6 +68,7 @@ class Dispatcher:
                         ts=d.ts,
                         node=d.node,
                         call_id=d.call_id,
+                        account=d.aor,
                         device=d.device,
                         action=d.action.value,
                         reason=d.reason,

@@ -22,10 +22,12 @@ service and replay under a virtual clock.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import heapq
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Final
 
@@ -118,6 +120,9 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     push_providers: tuple[Annotated[str, msgspec.Meta(min_length=1)], ...] = ("apns",)
     max_calls: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     max_devices: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    # One account's share of those: past it, that account's oldest goes.
+    max_calls_per_account: Annotated[int, msgspec.Meta(ge=1)] = 128
+    max_devices_per_account: Annotated[int, msgspec.Meta(ge=1)] = 256
 
     def __post_init__(self) -> None:
         # What a single field's constraint cannot say; the message starts
@@ -178,6 +183,7 @@ class Decision:
     ts: float  # Kamailio time of the REGISTER
     node: str  # node the device registered on (the fake call goes there)
     call_id: str
+    aor: str  # the account called: with the Call-ID, it names the call
     device: str
     action: Action
     reason: Reason
@@ -237,10 +243,10 @@ class EngineState(msgspec.Struct, frozen=True):
         )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Call:
     call_id: str
-    aor: str
+    aor: str  # "" until known: an end event from routes older than its aor field came first
     started: CallStarted | None
     end_ts: float | None = None
     end: EndKind | None = None
@@ -252,6 +258,9 @@ class _Call:
     # Contacts (and their pn-prid) that responded on a branch of the real
     # INVITE: those devices saw the call. Created lazily as well.
     rang: set[str] | None = None
+    # The next call with the same Call-ID to another account (Call-IDs are
+    # the callers' choice: one can name calls to several accounts).
+    other: _Call | None = None
 
 
 @dataclass(slots=True)
@@ -260,8 +269,9 @@ class _Device:
     dev: str
     arrival: float
     expires: float
-    # Calls that were ringing when this device registered, waiting for the
-    # settle delay in case an earlier end event is still on its way.
+    # Calls that were ringing when this device registered (by Call-ID: they
+    # are calls to its account), waiting for the settle delay in case an
+    # earlier end event is still on its way.
     pending: set[str] = field(default_factory=set)
 
 
@@ -271,32 +281,49 @@ _EXPIRY_STEP: Final = 0.25
 MAX_RANG: Final = 16
 _DEVICE: Final = 1
 _SETTLE: Final = 2
+# Accounts named in one eviction report at most (the rest are counted as "*").
+_EVICTION_ACCOUNTS: Final = 64
 
 
 class Engine:
-    """Call and device state; feed it events with :meth:`handle`, time with :meth:`tick`."""
+    """Call and device state; feed it events with :meth:`handle`, time with :meth:`tick`.
+
+    A call is named by its Call-ID and the account it calls: a caller
+    choosing another call's Call-ID makes a call of its own, never one
+    that ends or changes the other. Every table an account can grow
+    (its calls, its devices, the contacts remembered for it) is bounded per
+    account: past the bound that account's oldest entry goes, never
+    another's. What is evicted is reported by :meth:`take_evictions`.
+    """
 
     def __init__(self, settings: EngineSettings | None = None) -> None:
         self.settings = settings or EngineSettings()
         self._push = PushDetector(self.settings.user_agents, self.settings.push_providers)
+        # Calls by Call-ID; calls sharing a Call-ID are chained (_Call.other).
         self._calls: dict[str, _Call] = {}
+        self._call_count = 0
         self._calls_by_aor: dict[str, list[str]] = {}
         self._devices: dict[str, dict[str, _Device]] = {}
         self._device_count = 0
-        # The device behind each push device's Contact, for as long as it may
-        # be registered: a branch reply names a Contact, and a phone that
-        # rang often re-registers from another one (same +sip.instance).
-        self._contact_devices: dict[str, str] = {}
+        # The device behind each push device's Contact, per account, for as
+        # long as it may be registered: a branch reply names a Contact, and
+        # a phone that rang often re-registers from another one (same
+        # +sip.instance). Least recently registered first.
+        self._contact_devices: dict[str, dict[str, str]] = {}
+        self._contact_count = 0
         # Device expiry and settle delays: a heap, exact to the moment.
         self._timers: list[tuple[float, int, int, str, str]] = []
         self._timer_seq = 0
         # Call expiry, two per call: a timing wheel of _EXPIRY_STEP slots, so
         # a call costs a list append instead of heap operations. A call is
         # forgotten up to one step late, which no decision depends on.
-        self._expiry_slots: dict[int, list[tuple[float, str]]] = {}
+        self._expiry_slots: dict[int, list[tuple[float, _Call]]] = {}
         self._expiry_heap: list[int] = []
         self.evicted_calls = 0
         self.evicted_devices = 0
+        self.evicted_contacts = 0
+        # (table, account) -> evictions not yet reported
+        self._evictions: dict[tuple[str, str], int] = {}
         # Ends with no transaction ("lost") from a node whose current run
         # saw the call start: that node still has the call, so the end is
         # not believed (anyone can send a CANCEL that matches nothing).
@@ -306,16 +333,21 @@ class Engine:
 
     @property
     def call_count(self) -> int:
-        return len(self._calls)
+        return self._call_count
 
     @property
     def device_count(self) -> int:
         return self._device_count
 
-    def ringing(self, call_id: str) -> bool:
-        """Whether the call has started and no end of it is known."""
+    def ringing(self, call_id: str, aor: str | None = None) -> bool:
+        """Whether the call has started and no end of it is known (any call
+        with this Call-ID when ``aor`` is None)."""
         call = self._calls.get(call_id)
-        return call is not None and call.started is not None and call.end_ts is None
+        while call is not None:
+            if (aor is None or call.aor == aor) and call.started is not None and call.end_ts is None:
+                return True
+            call = call.other
+        return False
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work (may be early, never late)."""
@@ -324,6 +356,12 @@ class Engine:
             return timer
         slot = self._expiry_heap[0] * _EXPIRY_STEP
         return slot if timer is None or slot < timer else timer
+
+    def take_evictions(self) -> dict[tuple[str, str], int]:
+        """Evictions since the last call: (table, account) -> how many; at
+        most a few dozen accounts are named, the rest count under ``*``."""
+        out, self._evictions = self._evictions, {}
+        return out
 
     # -- persistence (see state.py) --------------------------------------
 
@@ -334,7 +372,8 @@ class Engine:
                 c.call_id, c.aor, c.started, c.end_ts, c.end, c.end_code, c.expires,
                 dict(c.decided) if c.decided else {}, sorted(c.rang) if c.rang else [],
             )
-            for c in self._calls.values()
+            for head in self._calls.values()
+            for c in _chain(head)
         ]  # fmt: skip
         devices = [
             DeviceRecord(d.reg, d.dev, d.arrival, d.expires, sorted(d.pending))
@@ -348,33 +387,33 @@ class Engine:
         clock), on top of what the engine knows; a call or device it knows
         already is replaced."""
         for c in state.calls:
-            known = self._calls.get(c.call_id)
+            known = self._find(c.call_id, c.aor)
             if known is not None:
                 self._drop_call(known)
-            call = self._new_call(c.call_id, c.expires_at)
-            call.aor, call.started, call.end_ts, call.end, call.end_code = c.aor, c.started, c.end_ts, c.end, c.end_code
+            call = self._new_call(c.call_id, c.aor)
+            call.started, call.end_ts, call.end, call.end_code = c.started, c.end_ts, c.end, c.end_code
             call.decided = dict(c.decided) or None
             call.rang = set(c.rang) or None
-            if c.aor:
-                self._calls_by_aor.setdefault(c.aor, []).append(c.call_id)
             self._set_call_expiry(call, c.expires_at)
         for d in state.devices:
             device = _Device(d.register, d.device, d.arrived_at, d.expires_at, set(d.pending))
             self._store_device(device)
-            self._remember_contact(d.register.contact, d.device)
+            self._remember_contact(d.register, d.device)
             if device.pending:
                 self._push_timer(device.arrival + self.settings.settle, _SETTLE, d.register.aor, d.device)
 
-    def mark_decided(self, call_id: str, device: str) -> bool:
-        """Record that ``device`` was given an action for ``call_id`` (a
-        journal replayed after a crash); False when the call is unknown."""
-        call = self._calls.get(call_id)
-        if call is None:
-            return False
-        if call.decided is None:
-            call.decided = {}
-        call.decided[device] = True
-        return True
+    def mark_decided(self, call_id: str, device: str, aor: str | None = None) -> bool:
+        """Record that ``device`` was given an action for the call (a
+        journal replayed after a crash; ``aor`` None: a record from before
+        calls were named by their account, every call with that Call-ID);
+        False when the call is unknown."""
+        marked = False
+        for call in self._named(call_id, aor):
+            if call.decided is None:
+                call.decided = {}
+            call.decided[device] = True
+            marked = True
+        return marked
 
     # -- input ---------------------------------------------------------
 
@@ -390,12 +429,12 @@ class Engine:
             self.lost_ends_ignored += 1
             return []
         if isinstance(event, CallAnswered):
-            return self._on_end(event.call_id, event.ts, EndKind.ANSWERED, None, now)
+            return self._on_end(event, EndKind.ANSWERED, None, now)
         if isinstance(event, CallCancelled):
-            return self._on_end(event.call_id, event.ts, EndKind.CANCELLED, None, now)
+            return self._on_end(event, EndKind.CANCELLED, None, now)
         if isinstance(event, CallFailed):
             kind = EndKind.DECLINED if event.code >= 600 else EndKind.FAILED
-            return self._on_end(event.call_id, event.ts, kind, event.code, now)
+            return self._on_end(event, kind, event.code, now)
         if isinstance(event, BranchReply):
             return self._on_branch_reply(event, now)
         if isinstance(event, CommandResult | ClaimUnused | Refused):
@@ -416,7 +455,7 @@ class Engine:
                 dev = self._devices.get(key, {}).get(sub)
                 if dev is not None and dev.pending:
                     for call_id in sorted(dev.pending):
-                        call = self._calls.get(call_id)
+                        call = self._find(call_id, key)
                         if call is None or call.started is None:
                             continue
                         if call.decided is not None and dev.dev in call.decided:
@@ -425,27 +464,41 @@ class Engine:
                     dev.pending.clear()
         slots = self._expiry_heap
         while slots and slots[0] * _EXPIRY_STEP <= now:
-            for when, call_id in self._expiry_slots.pop(heapq.heappop(slots)):
-                call = self._calls.get(call_id)
-                if call is not None and call.expires == when:
+            for when, call in self._expiry_slots.pop(heapq.heappop(slots)):
+                if call.expires == when and self._find(call.call_id, call.aor) is call:
                     self._drop_call(call)
         return out
 
     # -- calls ---------------------------------------------------------
 
+    def _find(self, call_id: str, aor: str) -> _Call | None:
+        call = self._calls.get(call_id)
+        while call is not None and call.aor != aor:
+            call = call.other
+        return call
+
+    def _named(self, call_id: str, aor: str | None) -> list[_Call]:
+        """The calls an event names: the one call to ``aor``, or, from
+        routes that do not say the account, every call with that Call-ID."""
+        if aor is not None:
+            call = self._find(call_id, aor)
+            return [] if call is None else [call]
+        head = self._calls.get(call_id)
+        return [] if head is None else list(_chain(head))
+
     def _on_start(self, ev: CallStarted, now: float) -> list[Decision]:
-        call = self._calls.get(ev.call_id)
+        call = self._find(ev.call_id, ev.aor)
         if call is None:
-            call = self._new_call(ev.call_id, now)
+            # An end with no account may have come first (older routes).
+            call = self._find(ev.call_id, "")
+            if call is not None:
+                call.aor = ev.aor
+                self._note_account(call)
+            else:
+                call = self._new_call(ev.call_id, ev.aor)
         elif call.started is not None:
             return []  # a retransmission or a second branch's event
         call.started = ev
-        call.aor = ev.aor
-        ids = self._calls_by_aor.get(ev.aor)
-        if ids is None:
-            self._calls_by_aor[ev.aor] = [ev.call_id]
-        else:
-            ids.append(ev.call_id)
         if call.end_ts is None:
             self._set_call_expiry(call, now + self.settings.ring_timeout)
         else:
@@ -458,41 +511,48 @@ class Engine:
     def _lost_end_believed(self, event: CallEnded) -> bool:
         """A lost end tells of a call started on another node, or on an
         earlier run of this one (whose transactions a restart took)."""
-        call = self._calls.get(event.call_id)
-        if call is None or call.started is None:
+        calls = [c for c in self._named(event.call_id, event.aor) if c.started is not None]
+        if not calls:
             return False  # no call to end: nothing a lost end could be about
-        return call.started.node != event.node or call.started.boot != event.boot
+        return all(
+            c.started is not None and (c.started.node != event.node or c.started.boot != event.boot) for c in calls
+        )
 
-    def _on_end(self, call_id: str, ts: float, kind: EndKind, code: int | None, now: float) -> list[Decision]:
-        call = self._calls.get(call_id)
-        if call is None:
+    def _on_end(self, ev: CallEnded, kind: EndKind, code: int | None, now: float) -> list[Decision]:
+        calls = self._named(ev.call_id, ev.aor)
+        if not calls:
             # The end arrived before the start (reordered) or the call is not
             # one we track; keep it briefly so a late start can join it.
-            call = self._new_call(call_id, now)
-        if call.end_ts is not None and call.end_ts <= ts:
-            return []  # the earliest end decides how the call ended
-        call.end_ts = ts
-        call.end = kind
-        call.end_code = code
-        self._set_call_expiry(call, self._ended_expiry(now))
-        if call.started is None or call.aor not in self._devices:
-            return []  # no push device of this account registered lately
-        return self._reevaluate(call, now)
+            calls = [self._new_call(ev.call_id, ev.aor or "")]
+        out: list[Decision] = []
+        for call in calls:
+            if call.end_ts is not None and call.end_ts <= ev.ts:
+                continue  # the earliest end decides how the call ended
+            call.end_ts = ev.ts
+            call.end = kind
+            call.end_code = code
+            self._set_call_expiry(call, self._ended_expiry(now))
+            if call.started is not None and call.aor in self._devices:
+                out += self._reevaluate(call, now)
+        return out
 
     def _on_branch_reply(self, ev: BranchReply, now: float) -> list[Decision]:
-        call = self._calls.get(ev.call_id)
-        if call is None:
+        calls = self._named(ev.call_id, ev.aor)
+        if not calls:
             # Before its call_start (reordered); kept like an early end.
-            call = self._new_call(ev.call_id, now)
+            call = self._new_call(ev.call_id, ev.aor or "")
             self._set_call_expiry(call, now + self.settings.ring_timeout)
-        if call.rang is None:
-            call.rang = set()
-        elif len(call.rang) >= MAX_RANG:
-            return []  # bounded: a call forks to a few devices, not hundreds
-        call.rang.update(contact_keys(ev.contact))
-        dev = self._contact_devices.get(ev.contact)
-        if dev is not None:
-            call.rang.add(dev)
+            calls = [call]
+        keys = contact_keys(ev.contact)
+        for call in calls:
+            if call.rang is None:
+                call.rang = set()
+            elif len(call.rang) >= MAX_RANG:
+                continue  # bounded: a call forks to a few devices, not hundreds
+            call.rang.update(keys)
+            dev = self._contact_devices.get(call.aor, {}).get(ev.contact)
+            if dev is not None:
+                call.rang.add(dev)
         return []
 
     def _ended_expiry(self, now: float) -> float:
@@ -501,30 +561,71 @@ class Engine:
         s = self.settings
         return now + s.window + s.settle
 
-    def _new_call(self, call_id: str, now: float) -> _Call:
-        if len(self._calls) >= self.settings.max_calls:
-            oldest = next(iter(self._calls.values()))
-            self._drop_call(oldest)
+    def _new_call(self, call_id: str, aor: str) -> _Call:
+        s = self.settings
+        if aor:
+            ids = self._calls_by_aor.get(aor)
+            if ids is not None and len(ids) >= s.max_calls_per_account:
+                # The account's oldest call goes, never another account's.
+                oldest = self._find(ids[0], aor)
+                if oldest is not None:
+                    self._drop_call(oldest)
+                else:
+                    ids.pop(0)
+                self._evicted("calls", aor)
+                self.evicted_calls += 1
+        if self._call_count >= s.max_calls:
+            oldest_call = next(iter(self._calls.values()))
+            self._drop_call(oldest_call)
+            self._evicted("calls", oldest_call.aor or "*")
             self.evicted_calls += 1
-        call = _Call(call_id, "", None)  # the AOR comes with call_start
-        self._calls[call_id] = call
+        call = _Call(call_id, aor, None)
+        head = self._calls.get(call_id)
+        if head is None:
+            self._calls[call_id] = call
+        else:
+            call.other = head.other
+            head.other = call
+        self._call_count += 1
+        self._note_account(call)
         return call
+
+    def _note_account(self, call: _Call) -> None:
+        if call.aor:
+            ids = self._calls_by_aor.get(call.aor)
+            if ids is None:
+                self._calls_by_aor[call.aor] = [call.call_id]
+            else:
+                ids.append(call.call_id)
 
     def _set_call_expiry(self, call: _Call, when: float) -> None:
         call.expires = when
         slot = math.ceil(when / _EXPIRY_STEP)
         entries = self._expiry_slots.get(slot)
         if entries is None:
-            self._expiry_slots[slot] = [(when, call.call_id)]
+            self._expiry_slots[slot] = [(when, call)]
             heapq.heappush(self._expiry_heap, slot)
         else:
-            entries.append((when, call.call_id))
+            entries.append((when, call))
 
     def _drop_call(self, call: _Call) -> None:
-        del self._calls[call.call_id]
+        head = self._calls[call.call_id]
+        if head is call:
+            if call.other is None:
+                del self._calls[call.call_id]
+            else:
+                self._calls[call.call_id] = call.other
+        else:
+            while head.other is not call:
+                assert head.other is not None
+                head = head.other
+            head.other = call.other
+        call.other = None
+        self._call_count -= 1
         ids = self._calls_by_aor.get(call.aor)
         if ids is not None:
-            ids.remove(call.call_id)
+            with contextlib.suppress(ValueError):
+                ids.remove(call.call_id)
             if not ids:
                 del self._calls_by_aor[call.aor]
 
@@ -534,15 +635,16 @@ class Engine:
         if started is None or not devices:
             return []
         out: list[Decision] = []
+        key = call.call_id
         for dev in devices.values():
             if dev.reg.ts < started.ts or (call.decided is not None and dev.dev in call.decided):
                 continue
             if call.end_ts is None:
                 if dev.arrival + self.settings.settle > now:
-                    self._add_pending(dev, call.call_id)
+                    self._add_pending(dev, key)
                 continue
             if dev.reg.ts >= call.end_ts or dev.arrival + self.settings.settle > now:
-                dev.pending.discard(call.call_id)
+                dev.pending.discard(key)
                 out.append(self._decide(call, dev, started))
         return out
 
@@ -556,13 +658,15 @@ class Engine:
         dev_key = device_id(reg)
         dev = _Device(reg, dev_key, happened, happened + self.settings.deadline)
         self._store_device(dev)
-        self._remember_contact(reg.contact, dev_key)
+        self._remember_contact(reg, dev_key)
         call_ids = self._calls_by_aor.get(reg.aor)
         if not call_ids:
             return []
         out: list[Decision] = []
         for call_id in list(call_ids):
-            call = self._calls[call_id]
+            call = self._find(call_id, reg.aor)
+            if call is None:
+                continue
             started = call.started
             if started is None or reg.ts < started.ts:
                 continue  # no caller details yet, or registered before the call
@@ -579,20 +683,46 @@ class Engine:
                 out.append(self._decide(call, dev, started))
         return out
 
-    def _remember_contact(self, contact: str, dev_key: str) -> None:
-        contacts = self._contact_devices
-        if contacts.pop(contact, None) is None and len(contacts) >= self.settings.max_devices:
-            del contacts[next(iter(contacts))]  # the least recently registered
-        contacts[contact] = dev_key
+    def _remember_contact(self, reg: Register, dev_key: str) -> None:
+        s = self.settings
+        table = self._contact_devices
+        contacts = table.pop(reg.aor, None)  # put back last: accounts least recently registered first
+        if contacts is None:
+            contacts = {}
+        elif contacts.pop(reg.contact, None) is not None:
+            self._contact_count -= 1
+        if len(contacts) >= s.max_devices_per_account:
+            del contacts[next(iter(contacts))]  # the account's least recently registered
+            self._contact_count -= 1
+            self._evicted("contacts", reg.aor)
+            self.evicted_contacts += 1
+        elif self._contact_count >= s.max_devices and table:
+            # The account that registered least recently gives one up.
+            aor, oldest = next(iter(table.items()))
+            del oldest[next(iter(oldest))]
+            if not oldest:
+                del table[aor]
+            self._contact_count -= 1
+            self._evicted("contacts", aor)
+            self.evicted_contacts += 1
+        contacts[reg.contact] = dev_key
+        self._contact_count += 1
+        table[reg.aor] = contacts
 
     def _store_device(self, dev: _Device) -> None:
         aor = dev.reg.aor
         known = self._devices.get(aor)
         if known is not None and dev.dev in known:
-            # Keep the calls still waiting to settle for this device.
-            dev.pending = known[dev.dev].pending
+            # Keep the calls still waiting to settle for this device; it is
+            # the account's most recently registered now.
+            dev.pending = known.pop(dev.dev).pending
         else:
-            if self._device_count >= self.settings.max_devices:
+            if known is not None and len(known) >= self.settings.max_devices_per_account:
+                # The account's oldest device goes, never another account's.
+                self._drop_device(aor, next(iter(known)))
+                self._evicted("devices", aor)
+                self.evicted_devices += 1
+            elif self._device_count >= self.settings.max_devices:
                 # Before looking up the account's table: evicting may remove
                 # that very table (its only device was the oldest).
                 self._evict_device()
@@ -605,6 +735,7 @@ class Engine:
         # is a cheap approximation of the least recently registered one.
         aor, devices = next(iter(self._devices.items()))
         self._drop_device(aor, next(iter(devices)))
+        self._evicted("devices", aor)
         self.evicted_devices += 1
 
     def _drop_device(self, aor: str, dev: str) -> None:
@@ -614,10 +745,16 @@ class Engine:
         if not devices:
             del self._devices[aor]
 
-    def _add_pending(self, dev: _Device, call_id: str) -> None:
+    def _add_pending(self, dev: _Device, key: str) -> None:
         if not dev.pending:
             self._push_timer(dev.arrival + self.settings.settle, _SETTLE, dev.reg.aor, dev.dev)
-        dev.pending.add(call_id)
+        dev.pending.add(key)
+
+    def _evicted(self, table: str, aor: str) -> None:
+        key = (table, aor)
+        if key not in self._evictions and len(self._evictions) >= _EVICTION_ACCOUNTS:
+            key = (table, "*")
+        self._evictions[key] = self._evictions.get(key, 0) + 1
 
     # -- decisions -----------------------------------------------------
 
@@ -648,7 +785,7 @@ class Engine:
         end = call.end if since_end is not None else None
         if action is Action.NONE:
             return Decision(
-                reg.ts, reg.node, call.call_id, dev.dev, action, reason, reg.ts - started.ts, since_end, end
+                reg.ts, reg.node, call.call_id, call.aor, dev.dev, action, reason, reg.ts - started.ts, since_end, end
             )
         assert call.end is not None
         info = CallInfo(
@@ -662,10 +799,17 @@ class Engine:
             started.domain,
         )
         return Act(
-            reg.ts, reg.node, call.call_id, dev.dev, action, reason, reg.ts - started.ts, since_end, end,
+            reg.ts, reg.node, call.call_id, call.aor, dev.dev, action, reason, reg.ts - started.ts, since_end, end,
             call=info, register=reg, deadline=dev.arrival + self.settings.deadline,
         )  # fmt: skip
 
     def _push_timer(self, when: float, kind: int, key: str, sub: str) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, kind, key, sub))
+
+
+def _chain(head: _Call) -> Iterator[_Call]:
+    call: _Call | None = head
+    while call is not None:
+        yield call
+        call = call.other

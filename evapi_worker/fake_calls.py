@@ -8,7 +8,6 @@ event data passes :mod:`sip_values` before it reaches SIPp or Kamailio.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import secrets
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from . import sip_values
+from .claims import claim_key
 from .commands import Message, Pin
 from .engine import Act, Action, CallInfo
 from .evapi_client import CommandFailed, NodeAddress, SendCommand
@@ -30,7 +30,7 @@ from .sip_values import UnsafeValue
 from .sipp_runner import Reservation, RunResult, SippJob, SippRunner
 
 __all__ = [
-    "ActionRunner", "Parties", "PreparedCall", "build_job", "claim_key", "count_outcome", "device_route", "parties",
+    "ActionRunner", "Parties", "PreparedCall", "build_job", "count_outcome", "device_route", "parties",
 ]  # fmt: skip
 
 log = logging.getLogger("evapi_worker.actions")
@@ -47,13 +47,6 @@ def count_outcome(metrics: Metrics, act: Act, outcome: Outcome) -> None:
     """Count how an action ended: MESSAGEs apart from fake calls."""
     counter = metrics.messages if act.action is Action.MESSAGE else metrics.fake_calls
     counter.labels(outcome.value).inc()
-
-
-def claim_key(call_id: str, device: str) -> str:
-    """The name every worker gives the same (call, device) pair: the node
-    lets only the first claim on it win. A digest, so any Call-ID or device
-    name fits Kamailio's htable key safely."""
-    return hashlib.sha256(f"{call_id}\n{device}".encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +154,10 @@ class ActionRunner:
         self.claim_ttl = claim_ttl
         # Told how every action ended (the demo's narration, tests).
         self.outcome_listeners: list[Callable[[Act, Outcome], None]] = []
-        # Awaited with (call_id, device) as an action begins, before anything
-        # of it reaches Kamailio: the journal's record that it must not
-        # begin again, on disk first.
-        self.on_begin: Callable[[str, str], Awaitable[None]] | None = None
+        # Awaited with the action as it begins, before anything of it
+        # reaches Kamailio: the journal's record that it must not begin
+        # again, on disk first.
+        self.on_begin: Callable[[Act], Awaitable[None]] | None = None
         # With [redis]: claims shared by every node, made before the node's.
         self.shared_claims: SharedClaims | None = None
         # Actions that have not begun (no pin, no MESSAGE sent yet): what a
@@ -211,7 +204,7 @@ class ActionRunner:
         act = self._not_begun.pop(key)
         self._begun += 1
         if self.on_begin is not None:
-            await self.on_begin(act.call_id, act.device)
+            await self.on_begin(act)
         return True
 
     async def run(self, decision: Act, received: float, *, retry: bool = False) -> Outcome:
@@ -258,6 +251,7 @@ class ActionRunner:
         fields = kv(
             node=decision.node,
             call_id=decision.call_id,
+            account=decision.aor,
             device=decision.device,
             reason=decision.reason,
             outcome=outcome.value,
@@ -321,7 +315,8 @@ class ActionRunner:
             return Outcome.TAKEN, None, "another worker claimed this fake call (shared claim)"
         pin = Pin(
             key=prepared.pin_key, ruri=prepared.ruri, dst=prepared.dst, ttl=self.pin_ttl, aor=prepared.aor,
-            claim=claim_key(decision.call_id, decision.device), claim_ttl=self.claim_ttl, retry=int(retry),
+            claim=claim_key(decision.call_id, decision.aor, decision.device), claim_ttl=self.claim_ttl,
+            retry=int(retry),
         )  # fmt: skip
         try:
             ack = await self.send_command(node.name, pin)
@@ -354,7 +349,7 @@ class ActionRunner:
                 from_uri=f"sip:{who.caller_user}@{who.caller_domain}",
                 to_uri=f"sip:{who.callee_user}@{who.callee_domain}",
                 body=f"call-ended;call-id={call.call_id};reason={decision.reason}",
-                claim=claim_key(decision.call_id, decision.device),
+                claim=claim_key(decision.call_id, decision.aor, decision.device),
                 claim_ttl=self.claim_ttl,
             )
         except UnsafeValue as exc:
@@ -377,7 +372,7 @@ class ActionRunner:
         shared = self.shared_claims
         if shared is None:
             return True
-        result = await shared.claim(decision.call_id, decision.device, self.claim_ttl, retry=retry)
+        result = await shared.claim(decision.call_id, decision.aor, decision.device, self.claim_ttl, retry=retry)
         self.metrics.shared_claims.labels(result).inc()
         return result is not ClaimResult.TAKEN
 

@@ -16,7 +16,7 @@ from . import __version__
 from .commands import COMMAND_NAMES
 from .engine import Action, EndKind, Reason
 from .evapi_client import CommandFailure
-from .events import EVENT_TYPES, EventErrorReason
+from .events import EVENT_TYPES, EventErrorReason, RefusedReason
 from .netstring import FramingFault
 from .outcomes import Outcome
 from .push_answers import PushOutcome
@@ -27,6 +27,7 @@ __all__ = [
     "COMMAND_FAILURES",
     "DECISIONS",
     "EVENT_ERROR_REASONS",
+    "EVICTION_TABLES",
     "PUSH_PROVIDERS",
     "PUSH_RESULTS",
     "SHARED_CLAIM_RESULTS",
@@ -38,6 +39,10 @@ EVENT_ERROR_REASONS: tuple[str, ...] = tuple(EventErrorReason) + tuple(
     f for f in FramingFault if f is not FramingFault.BROKEN
 )
 COMMANDS = COMMAND_NAMES
+# The tables kept within bounds: the engine's calls, devices and the
+# contacts it remembers, and the push book.
+EVICTION_TABLES = ("calls", "devices", "contacts", "push_devices")
+SIP_REFUSED_REASONS: tuple[str, ...] = tuple(RefusedReason)
 PUSH_PROVIDERS = ("apns", "apns.dev", "fcm")
 PUSH_RESULTS: tuple[str, ...] = tuple(PushOutcome)
 COMMAND_FAILURES: tuple[str, ...] = tuple(CommandFailure)
@@ -175,7 +180,10 @@ class Metrics:
         self.tracked_calls = Gauge(p + "tracked_calls", "Calls held in memory.", registry=r)
         self.tracked_devices = Gauge(p + "tracked_devices", "Push devices held in memory.", registry=r)
         self.evictions = Counter(
-            p + "evictions", "State dropped to stay under the memory bound.", ["table"], registry=r
+            p + "evictions",
+            "State dropped (or not kept) to stay under its bounds, by table: calls, devices, contacts, push_devices.",
+            ["table"],
+            registry=r,
         )
         self.kamailio_up = Gauge(
             p + "kamailio_up", "1 while the evapi connection to a node is up.", ["node"], registry=r
@@ -272,6 +280,8 @@ class Metrics:
             self.events_shed.labels(node)
             self.kamailio_up.labels(node)
             self.claims_unused.labels(node)
+            for refused in SIP_REFUSED_REASONS:
+                self.sip_refused.labels(node, refused)
             for result in ("won", "taken"):
                 self.claims.labels(node, result)
             for command in COMMANDS:
@@ -286,7 +296,7 @@ class Metrics:
         for outcome in Outcome:
             self.fake_calls.labels(outcome.value)
             self.messages.labels(outcome.value)
-        for table in ("calls", "devices"):
+        for table in EVICTION_TABLES:
             self.evictions.labels(table)
         for file in ("snapshot", "journal"):
             self.state_errors.labels(file)

@@ -69,7 +69,7 @@ returns what the engine decided."""
 # Journal records, each a msgpack array whose first item says what it is.
 _CLOCK: Final = "w"  # ["w", wall clock minus engine clock]: first in every journal
 _EVENTS: Final = "e"  # ["e", [[node, engine time, payload], ...]]: a batch of events
-_ACTION: Final = "a"  # ["a", call_id, device]: an action begins
+_ACTION: Final = "a"  # ["a", call_id, device, aor]: an action begins (no aor: a record from before calls had one)
 _POSITIONS: Final = "p"  # ["p", {node: entry id}]: how far each node's Redis stream was read
 # A Redis stream entry id: milliseconds, a dash, a sequence number.
 _ENTRY_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
@@ -90,8 +90,8 @@ _SPAN: Final = 1e7
 
 @dataclass(slots=True)
 class _Tally:
-    waiting: dict[tuple[str, str], Act]  # decided, by (call, device)
-    begun: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    waiting: dict[tuple[str, str, str], Act]  # decided, by (Call-ID, account, device)
+    begun: set[tuple[str, str, str]] = dataclasses.field(default_factory=set)
     events: int = 0
     skipped: int = 0
     positions: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -141,7 +141,7 @@ class StateStore:
         # Never append to a journal an earlier run wrote: start after them all.
         self._journal = max((n for n, _ in journals), default=0) + 1
         first, calls, dropped, error = 0, 0, 0, None
-        waiting: dict[tuple[str, str], Act] = {}
+        waiting: dict[tuple[str, str, str], Act] = {}
         snapshot: Snapshot | None = None
         try:
             data = self.path.read_bytes()
@@ -159,7 +159,7 @@ class StateStore:
             if book is not None:
                 book.load(snapshot.push_devices)
             first, calls = snapshot.journal, len(snapshot.engine.calls)
-            waiting = {(a.call_id, a.device): a for a in snapshot.actions}
+            waiting = {(a.call_id, a.aor, a.device): a for a in snapshot.actions}
             self._snapshot_bytes = len(data)
         tally = _Tally(waiting)
         if snapshot is not None:
@@ -199,11 +199,16 @@ class StateStore:
                     assert isinstance(item, list)
                     for decision in replay(item[0], item[2], when):
                         if isinstance(decision, Act):
-                            tally.waiting[(decision.call_id, decision.device)] = decision
+                            tally.waiting[(decision.call_id, decision.aor, decision.device)] = decision
                     tally.events += 1
-            elif kind == _ACTION and len(record) == 3 and isinstance(record[1], str) and isinstance(record[2], str):
-                engine.mark_decided(record[1], record[2])
-                tally.begun.add((record[1], record[2]))
+            elif kind == _ACTION and _action_record(record):
+                call_id, device = str(record[1]), str(record[2])
+                aor = str(record[3]) if len(record) == 4 else None
+                engine.mark_decided(call_id, device, aor)
+                if aor is not None:
+                    tally.begun.add((call_id, aor, device))
+                else:  # every call with that Call-ID, as the engine marked it
+                    tally.begun.update(key for key in tally.waiting if key[0] == call_id and key[2] == device)
             elif kind == _POSITIONS and len(record) == 2 and isinstance(record[1], dict):
                 tally.positions.update(_sound_positions(record[1]))
             else:
@@ -218,11 +223,11 @@ class StateStore:
         """An event the engine took at ``now``; in the next :meth:`take`."""
         self._events.append((node, now, payload))
 
-    def note_action(self, call_id: str, device: str) -> None:
+    def note_action(self, call_id: str, aor: str, device: str) -> None:
         """The action for (call, device) begins now: its record, after every
         event before it, is in the next :meth:`take`; it must be appended
         before anything of the action reaches Kamailio."""
-        self._queued.append(self._pending() + _frame([_ACTION, call_id, device]))
+        self._queued.append(self._pending() + _frame([_ACTION, call_id, device, aor]))
 
     def note_position(self, node: str, entry_id: str) -> None:
         """``node``'s Redis stream was read up to ``entry_id`` (with every
@@ -373,6 +378,11 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _action_record(record: list[object]) -> bool:
+    """``["a", call_id, device]`` or ``["a", call_id, device, aor]``, strings."""
+    return len(record) in (3, 4) and all(isinstance(value, str) for value in record[1:])
 
 
 def _finite(value: object) -> TypeGuard[float]:

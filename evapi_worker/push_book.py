@@ -12,6 +12,7 @@ topic is ``<bundle id>.voip``.
 
 from __future__ import annotations
 
+import heapq
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Final
 
 import msgspec
 
-from .devices import device_id
+from .devices import device_id, device_keys
 from .events import CallStarted, Register
 
 __all__ = ["PushBook", "PushDevice", "PushJob", "push_target"]
@@ -29,6 +30,8 @@ PROVIDERS: Final = ("apns", "apns.dev", "fcm")
 _APNS_TOKEN_RE: Final = re.compile(r"[0-9A-Fa-f]{32,200}")
 _FCM_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_:.\-]{1,4096}")
 _TOPIC_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]{0,200}")
+# Accounts named in one eviction report at most (the rest are counted as "*").
+_EVICTION_ACCOUNTS: Final = 64
 
 
 class PushDevice(msgspec.Struct, frozen=True):
@@ -109,13 +112,26 @@ def _voip_topic(param: str) -> str | None:
 
 
 class PushBook:
-    """The push devices of every account; at most ``max_devices``."""
+    """The push devices of every account: at most ``max_per_account`` for
+    one account (past it, that account's least recently registered device
+    goes, never another account's) and ``max_devices`` in all (past it a
+    new device is not kept: counted, never made room for by dropping
+    another account's). Registrations that end (an unregistration, its
+    expiry) free their place. What is not kept is reported by
+    :meth:`take_evictions`."""
 
-    def __init__(self, max_devices: int = 100_000) -> None:
+    def __init__(self, max_devices: int = 100_000, max_per_account: int = 32) -> None:
         self.max_devices = max_devices
+        self.max_per_account = max_per_account
         self._devices: dict[str, dict[str, PushDevice]] = {}
         self._count = 0
+        # (expires_at, aor, device) of every device put, for freeing the
+        # expired ones; an entry whose device registered again since is
+        # stale and skipped.
+        self._expiry: list[tuple[float, str, str]] = []
         self.refused = 0  # REGISTERs with push parameters this worker cannot use
+        self.evicted = 0  # devices dropped or not kept to stay under the bounds
+        self._evictions: dict[str, int] = {}  # account -> not reported yet
 
     @property
     def device_count(self) -> int:
@@ -123,19 +139,26 @@ class PushBook:
 
     def register(self, reg: Register, now: float) -> None:
         """A REGISTER (``now``: when it happened, on the engine's clock)."""
-        if not reg.pn_provider:
-            return
-        dev = device_id(reg)
         if reg.expires == 0:
-            self._drop(reg.aor, dev)
+            self._unregister(reg)
+            return
+        if not reg.pn_provider:
             return
         target = push_target(reg)
         if target is None:
             self.refused += 1
             return
+        dev = device_id(reg)
         known = self._devices.get(reg.aor)
-        if (known is None or dev not in known) and self._count >= self.max_devices:
-            self._evict()
+        if known is None or dev not in known:
+            self._free_expired(now)
+            known = self._devices.get(reg.aor)
+            if known is not None and len(known) >= self.max_per_account:
+                self._drop(reg.aor, next(iter(known)))  # the account's least recently registered
+                self._evicted(reg.aor)
+            elif self._count >= self.max_devices:
+                self._evicted(reg.aor)  # the new device is not kept
+                return
         self._put(PushDevice(reg.aor, dev, *target, now + reg.expires))
 
     def call_started(self, ev: CallStarted, now: float) -> list[PushJob]:
@@ -160,19 +183,61 @@ class PushBook:
         provider said the token is gone or wrong)."""
         self._drop(aor, device)
 
+    def take_evictions(self) -> dict[str, int]:
+        """Devices dropped or not kept since the last call, by account (a
+        few dozen accounts named at most, the rest under ``*``)."""
+        out, self._evictions = self._evictions, {}
+        return out
+
     def export(self) -> list[PushDevice]:
         return [d for devices in self._devices.values() for d in devices.values()]
 
-    def load(self, devices: list[PushDevice], offset: float = 0.0) -> None:
-        """Add saved devices, their times moved by ``offset`` onto this clock."""
+    def load(self, devices: list[PushDevice]) -> None:
+        """Add saved devices (their times already on this clock), within the bounds."""
         for d in devices:
-            self._put(msgspec.structs.replace(d, expires_at=d.expires_at + offset))
+            known = self._devices.get(d.aor)
+            if (known is None or d.device not in known) and (
+                self._count >= self.max_devices or (known is not None and len(known) >= self.max_per_account)
+            ):
+                self._evicted(d.aor)
+                continue
+            self._put(d)
+
+    def _unregister(self, reg: Register) -> None:
+        """An ended registration frees its device: the one its Contact,
+        +sip.instance or token names, or, for ``Contact: *``, every device
+        of the account."""
+        devices = self._devices.get(reg.aor)
+        if not devices:
+            return
+        if reg.contact.strip() == "*":
+            for device in list(devices):
+                self._drop(reg.aor, device)
+            return
+        names = set(device_keys(reg))
+        target = push_target(reg) if reg.pn_provider else None
+        for d in list(devices.values()):
+            if d.device in names or (target is not None and d.token == target[1]):
+                self._drop(reg.aor, d.device)
 
     def _put(self, d: PushDevice) -> None:
         devices = self._devices.setdefault(d.aor, {})
-        if d.device not in devices:
+        if devices.pop(d.device, None) is None:
             self._count += 1
-        devices[d.device] = d
+        devices[d.device] = d  # the account's most recently registered now
+        heapq.heappush(self._expiry, (d.expires_at, d.aor, d.device))
+        if len(self._expiry) > 2 * self._count + 1024:
+            # Mostly stale entries of devices that registered again: rebuilt.
+            self._expiry = [(x.expires_at, x.aor, x.device) for x in self.export()]
+            heapq.heapify(self._expiry)
+
+    def _free_expired(self, now: float) -> None:
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            when, aor, device = heapq.heappop(heap)
+            current = self._devices.get(aor, {}).get(device)
+            if current is not None and current.expires_at == when:
+                self._drop(aor, device)
 
     def _drop(self, aor: str, device: str) -> None:
         devices = self._devices.get(aor)
@@ -181,6 +246,7 @@ class PushBook:
             if not devices:
                 del self._devices[aor]
 
-    def _evict(self) -> None:
-        aor, devices = next(iter(self._devices.items()))
-        self._drop(aor, next(iter(devices)))
+    def _evicted(self, aor: str) -> None:
+        self.evicted += 1
+        key = aor if aor in self._evictions or len(self._evictions) < _EVICTION_ACCOUNTS else "*"
+        self._evictions[key] = self._evictions.get(key, 0) + 1

@@ -11,9 +11,9 @@ and failures are retried with backoff while the call rings, never after.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final, Protocol
@@ -24,14 +24,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .apns import ApnsClient
+from .claims import push_claim_key
 from .config import ConfigError, PushSettings
 from .fcm import FcmClient, ServiceAccount
-from .logs import kv
+from .logs import Throttle, kv
 from .metrics import Metrics
 from .push_answers import PushAnswer, PushOutcome, PushResult
 from .push_book import PushBook, PushJob
 
-__all__ = ["PushClient", "Pusher", "push_claim_key", "push_clients"]
+__all__ = ["PushClient", "Pusher", "push_clients"]
 
 log = logging.getLogger("evapi_worker.push")
 
@@ -95,39 +96,56 @@ def push_clients(settings: PushSettings) -> dict[str, PushClient]:
     return clients
 
 
-def push_claim_key(call_id: str, device: str) -> str:
-    """The name every worker gives one push (call, device) on the node."""
-    return hashlib.sha256(f"push\n{call_id}\n{device}".encode()).hexdigest()[:32]
-
-
 Claim = Callable[[str, str], Awaitable[bool]]
 """``(node, claim key)`` -> whether this worker may send it."""
 
 
 class Pusher:
+    """Sends pushes, at most ``limit`` at once and ``per_account`` of them
+    for one account. Pushes wait in a queue per account and go out
+    round-robin between the accounts that wait: one account's storm of
+    calls delays another account's push by one turn, not by the storm. A
+    queue holds at most ``queued_per_account`` pushes; past it the account's
+    oldest waiting push is dropped (counted, logged)."""
+
     def __init__(
         self,
         clients: Mapping[str, PushClient],
         book: PushBook,
         metrics: Metrics,
-        ringing: Callable[[str], bool],
+        ringing: Callable[[str, str], bool],
         claim: Claim,
         *,
         limit: int = 1000,
+        per_account: int = 32,
+        queued_per_account: int = 256,
         give_up_after: float = 60.0,
         on_sent: Callable[[PushJob, float], None] | None = None,
     ) -> None:
         self.clients = clients  # by provider: "apns", "apns.dev", "fcm"
         self.book = book
         self.metrics = metrics
-        self.ringing = ringing  # whether a call (by Call-ID) still rings
+        self.ringing = ringing  # whether a call (Call-ID, account) still rings
         self.claim = claim
         self.limit = limit
+        self.per_account = per_account
+        self.queued_per_account = queued_per_account
         self.give_up_after = give_up_after  # seconds after the call started
         self.on_sent = on_sent  # told each push the provider accepted, and when (Trio's clock)
         self._nursery: trio.Nursery | None = None
         self._open = 0
+        self._open_by_account: dict[str, int] = {}
+        # Accounts with pushes waiting that may send one now, in turn order;
+        # those at their share wait apart until one of theirs ends.
+        self._ready: OrderedDict[str, deque[PushJob]] = OrderedDict()
+        self._capped: dict[str, deque[PushJob]] = {}
         self._sent: dict[tuple[str, str], float] = {}  # (aor, device) -> when its last push was accepted
+        self._throttle: Throttle[str] = Throttle()
+
+    @property
+    def waiting(self) -> int:
+        """Pushes waiting for their turn."""
+        return sum(len(q) for q in self._ready.values()) + sum(len(q) for q in self._capped.values())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send pushes until cancelled; closes the clients at the end."""
@@ -135,6 +153,7 @@ class Pusher:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
+                self._pump()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
@@ -143,16 +162,64 @@ class Pusher:
                     await client.aclose()
 
     def submit(self, jobs: Sequence[PushJob]) -> None:
-        """Start the pushes of a call that just started."""
+        """Queue the pushes of a call that just started; they go out in
+        their account's turn."""
         for job in jobs:
             if job.provider not in self.clients:
                 self._count(job, PushOutcome.NOT_CONFIGURED)
-            elif self._nursery is None or self._open >= self.limit:
-                self._count(job, PushOutcome.DROPPED)
-                log.warning("push dropped %s", kv(call_id=job.call_id, device=job.device, reason="too many at once"))
-            else:
-                self._open += 1
-                self._nursery.start_soon(self._push, job)
+                continue
+            aor = job.aor
+            queue = self._ready.get(aor)
+            if queue is None:
+                queue = self._capped.get(aor)
+            if queue is None:
+                queue = deque()
+                if self._open_by_account.get(aor, 0) >= self.per_account:
+                    self._capped[aor] = queue
+                else:
+                    self._ready[aor] = queue
+            if len(queue) >= self.queued_per_account:
+                self._dropped(queue.popleft(), "the account's queue of pushes is full")
+            queue.append(job)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Start waiting pushes, one account at a time in turn, while there is room."""
+        nursery = self._nursery
+        if nursery is None:
+            return
+        ready = self._ready
+        while ready and self._open < self.limit:
+            aor, queue = next(iter(ready.items()))
+            job = queue.popleft()
+            open_now = self._open_by_account.get(aor, 0) + 1
+            self._open_by_account[aor] = open_now
+            self._open += 1
+            del ready[aor]
+            if queue:
+                if open_now >= self.per_account:
+                    self._capped[aor] = queue
+                else:
+                    ready[aor] = queue  # its next push waits for the other accounts' turn
+            nursery.start_soon(self._push, job)
+
+    def _ended(self, aor: str) -> None:
+        self._open -= 1
+        left = self._open_by_account[aor] - 1
+        if left:
+            self._open_by_account[aor] = left
+        else:
+            del self._open_by_account[aor]
+        queue = self._capped.pop(aor, None)
+        if queue is not None:
+            self._ready[aor] = queue
+        self._pump()
+
+    def _dropped(self, job: PushJob, why: str) -> None:
+        self._count(job, PushOutcome.DROPPED, quiet=True)
+        count = self._throttle.note(job.aor, trio.current_time())
+        if count:
+            log.warning("push dropped %s", kv(account=job.aor, call_id=job.call_id, reason=why, count=count))
 
     def woke(self, aor: str, device: str, now: float) -> float | None:
         """A device registered: seconds since its push was accepted, if one was."""
@@ -166,13 +233,13 @@ class Pusher:
             log.exception("push failed %s", kv(call_id=job.call_id, device=job.device, error=repr(exc)))
             result = PushOutcome.FAILED
         finally:
-            self._open -= 1
+            self._ended(job.aor)
         self._count(job, result)
 
     async def _deliver(self, job: PushJob) -> PushOutcome:
-        if not self.ringing(job.call_id):
+        if not self.ringing(job.call_id, job.aor):
             return PushOutcome.ENDED  # it ended before its push could go out
-        if not await self.claim(job.node, push_claim_key(job.call_id, job.device)):
+        if not await self.claim(job.node, push_claim_key(job.call_id, job.aor, job.device)):
             return PushOutcome.TAKEN  # another worker sends it
         client = self.clients[job.provider]
         renewed = False
@@ -203,7 +270,7 @@ class Pusher:
             self.metrics.push_retries.labels(job.provider).inc()
             await trio.sleep(delay)
             delay = min(delay * 2, _MAX_RETRY)
-            if not self.ringing(job.call_id):
+            if not self.ringing(job.call_id, job.aor):
                 return PushOutcome.ENDED  # never after the call ended
 
     def _note_sent(self, job: PushJob, now: float) -> None:
@@ -213,7 +280,9 @@ class Pusher:
         if self.on_sent is not None:
             self.on_sent(job, now)
 
-    def _count(self, job: PushJob, result: PushOutcome) -> None:
+    def _count(self, job: PushJob, result: PushOutcome, *, quiet: bool = False) -> None:
         self.metrics.pushes.labels(job.provider, result).inc()
+        if quiet:
+            return
         level = logging.INFO if result in (PushOutcome.SENT, PushOutcome.TAKEN, PushOutcome.ENDED) else logging.WARNING
         log.log(level, "push_done %s", kv(call_id=job.call_id, device=job.device, provider=job.provider, result=result))

@@ -130,10 +130,13 @@ def after_push(decisions: Iterable[Decision], pushes: Iterable[PushNote]) -> lis
     """Each decision on a device the worker had pushed for that call, with
     the seconds from the push to its REGISTER (the node's clock against the
     worker's: both on NTP)."""
-    sent = {(p.call_id, p.device): p.sent for p in pushes}
+    # Notes written before they kept the account name the call by its Call-ID alone.
+    sent = {(p.call_id, p.aor, p.device): p.sent for p in pushes}
     found = []
     for d in decisions:
-        at = sent.get((d.call_id, d.device))
+        at = sent.get((d.call_id, d.aor, d.device))
+        if at is None:
+            at = sent.get((d.call_id, "", d.device))
         if at is not None and d.reason is not Reason.DUPLICATE:
             found.append((d, d.ts - at))
     return found
@@ -222,6 +225,7 @@ def decision_json(d: Decision) -> str:
             "time": round(d.ts, 6),
             "node": d.node,
             "call_id": d.call_id,
+            "account": d.aor,
             "device": d.device,
             "action": d.action.value,
             "reason": d.reason,
@@ -235,7 +239,7 @@ def decision_json(d: Decision) -> str:
 def decision_text(d: Decision) -> str:
     end = "" if d.since_end is None else f", {d.since_end:.1f} s after it ended"
     return (
-        f"{iso_time(d.ts)} {d.node} call={d.call_id} device={d.device}: {d.action.value} {d.reason} "
+        f"{iso_time(d.ts)} {d.node} call={d.call_id} account={d.aor} device={d.device}: {d.action.value} {d.reason} "
         f"(registered {d.since_start:.1f} s after the call started{end})"
     )
 
@@ -274,12 +278,12 @@ def apply_what_if(settings: EngineSettings, changes: list[str]) -> EngineSetting
 def differences(base: ReplayResult, other: ReplayResult) -> list[tuple[str, str, str, str]]:
     """(call_id, device, base outcome, other outcome) where the two runs decided differently."""
 
-    def index(result: ReplayResult) -> dict[tuple[str, str], str]:
-        return {(d.call_id, d.device): f"{d.action.value}:{d.reason}" for d in result.decisions}
+    def index(result: ReplayResult) -> dict[tuple[str, str, str], str]:
+        return {(d.call_id, d.aor, d.device): f"{d.action.value}:{d.reason}" for d in result.decisions}
 
     a, b = index(base), index(other)
     keys = sorted(set(a) | set(b))
-    return [(k[0], k[1], a.get(k, "-"), b.get(k, "-")) for k in keys if a.get(k) != b.get(k)]
+    return [(k[0], k[2], a.get(k, "-"), b.get(k, "-")) for k in keys if a.get(k) != b.get(k)]
 
 
 def progress_stream() -> TextIO | None:

@@ -30,7 +30,7 @@ from .devices import device_id
 from .dispatch import Dispatcher
 from .engine import Act, Decision, Engine
 from .evapi_client import CommandFailed, CommandFailure, ConnectionState, EvapiConnection
-from .events import TYPE_NAMES, ClaimUnused, CommandResult, Refused, Register, event_type
+from .events import TYPE_NAMES, ClaimUnused, CommandResult, Refused, RefusedReason, Register, event_type
 from .fake_calls import ActionRunner
 from .health import Liveness
 from .http_server import serve_http
@@ -117,14 +117,14 @@ class Service:
         )
         self.actions.shared_claims = self.shared_claims
         self.clocks = NodeClocks(wall_offset=0.0)  # set when running
-        self.push_book = PushBook(config.engine.max_devices)
+        self.push_book = PushBook(config.push.max_devices, config.push.max_devices_per_account)
         self.protocol = Protocol(self.engine, self.clocks, self.push_book, SequenceTracker(config.evapi.sequence_grace))
         clients = push_clients(config.push)
         self.pusher = (
             Pusher(
                 clients, self.push_book, self.metrics, self.engine.ringing, self._claim_push,
-                limit=config.push.max_in_flight, give_up_after=config.push.give_up_after,
-                on_sent=self._note_push,
+                limit=config.push.max_in_flight, per_account=config.push.max_in_flight_per_account,
+                give_up_after=config.push.give_up_after, on_sent=self._note_push,
             )
             if clients
             else None
@@ -135,7 +135,8 @@ class Service:
         )  # fmt: skip
         self._wake = trio.Event()
         self._timer_at = math.inf
-        self._evicted = (0, 0)
+        self._evictions_unlogged: dict[str, dict[str, int]] = {}  # table -> account -> evictions not logged
+        self._evictions_logged_at = -math.inf
         self._lost_unlogged: dict[str, tuple[int, int]] = {}  # node -> (events, gaps) not yet logged
         self._lost_logged_at = -math.inf
         self._throttle: Throttle[tuple[int, str, str, str]] = Throttle()
@@ -312,12 +313,12 @@ class Service:
             if data:
                 await trio.to_thread.run_sync(store.append, data)
 
-    async def _journal_action(self, call_id: str, device: str) -> None:
+    async def _journal_action(self, act: Act) -> None:
         """An action begins: its record (and every event before it) is in
         the page cache before anything of it reaches Kamailio, so a crash
         never begins it twice."""
         assert self.store is not None
-        self.store.note_action(call_id, device)
+        self.store.note_action(act.call_id, act.aor, act.device)
         await self._append_journal()
 
     async def _save_state(self, deferred: list[Act] | None = None) -> bool:
@@ -357,7 +358,7 @@ class Service:
                 self._count_lost(node, lost)
             self._log_lost(now)
             self._say_unsaid(now)
-            self._count_evictions()
+            self._count_evictions(now)
 
     # -- input ---------------------------------------------------------
 
@@ -434,8 +435,13 @@ class Service:
             log.warning("claim unused %s", kv(node=node, claim=event.claim))
         elif kind is Kind.REFUSED:
             assert isinstance(event, Refused)
-            m.sip_refused.labels(node, event.reason).inc()
-            self._say(logging.WARNING, "sip request refused", node, event.reason, now, src=event.src_ip)
+            label = event.label  # a reason this version does not know is "other": no label from the wire
+            m.sip_refused.labels(node, label).inc()
+            detail = {"said": event.reason} if label is RefusedReason.OTHER else {}
+            self._say(
+                logging.WARNING, "sip request refused", node, label, now, src=event.src_ip, account=event.aor,
+                **detail,
+            )  # fmt: skip
 
     def on_entry(self, node: str, entry_id: str, payload: bytes, now: float) -> None:
         """An entry of ``node``'s Redis stream: a frame like evapi's, and
@@ -460,7 +466,7 @@ class Service:
 
     def _note_push(self, job: PushJob, now: float) -> None:
         if self.capture is not None:
-            note = PushNote(now + self._wall_offset, job.call_id, job.device, job.provider)
+            note = PushNote(now + self._wall_offset, job.call_id, job.device, job.provider, job.aor)
             self._captured(self.capture.note_push(note))
 
     def _captured(self, queued: bool) -> None:
@@ -541,11 +547,28 @@ class Service:
         self._lost_unlogged.clear()
         self._lost_logged_at = now
 
-    def _count_evictions(self) -> None:
-        calls, devices = self.engine.evicted_calls, self.engine.evicted_devices
-        old_calls, old_devices = self._evicted
-        if calls > old_calls:
-            self.metrics.evictions.labels("calls").inc(calls - old_calls)
-        if devices > old_devices:
-            self.metrics.evictions.labels("devices").inc(devices - old_devices)
-        self._evicted = (calls, devices)
+    def _count_evictions(self, now: float) -> None:
+        """Count what the engine and the push book dropped to stay in their
+        bounds, and log it: a line per table and second at most, naming
+        the accounts (the one whose flood it was pays for it)."""
+        evicted = self.engine.take_evictions()
+        for account, count in self.push_book.take_evictions().items():
+            evicted[("push_devices", account)] = count
+        if evicted:
+            for (table, account), count in evicted.items():
+                self.metrics.evictions.labels(table).inc(count)
+                pending = self._evictions_unlogged.setdefault(table, {})
+                if account not in pending and len(pending) >= 256:
+                    account = "*"  # accounts come from the network: a bounded line
+                pending[account] = pending.get(account, 0) + count
+        if not self._evictions_unlogged or now < self._evictions_logged_at + _LOST_LOG_EVERY:
+            return
+        for table, accounts in self._evictions_unlogged.items():
+            top = sorted(accounts.items(), key=lambda item: -item[1])[:5]
+            log.warning(
+                "state evicted %s",
+                kv(table=table, count=sum(accounts.values()),
+                   accounts=",".join(f"{account}:{n}" for account, n in top), more_accounts=len(accounts) - len(top)),
+            )  # fmt: skip
+        self._evictions_unlogged.clear()
+        self._evictions_logged_at = now

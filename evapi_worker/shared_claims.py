@@ -23,6 +23,7 @@ from typing import Final
 
 import trio
 
+from .claims import claim_key
 from .evapi_client import Backoff
 from .logs import kv
 from .redis_client import RedisConnection, RedisTarget, RedisUnavailable, stay_connected
@@ -69,13 +70,14 @@ class SharedClaims:
         finally:
             self._conn = None
 
-    async def claim(self, call_id: str, device: str, ttl: float, *, retry: bool = False) -> ClaimResult:
-        """Claim the fake call of (``call_id``, ``device``) for ``ttl``
-        seconds; ``retry``: this worker may have claimed it before a crash."""
+    async def claim(self, call_id: str, aor: str, device: str, ttl: float, *, retry: bool = False) -> ClaimResult:
+        """Claim the fake call of ``device`` for the call (``call_id``,
+        ``aor``) for ``ttl`` seconds; ``retry``: this worker may have
+        claimed it before a crash."""
         conn = self._conn
         if conn is None:
             return ClaimResult.UNAVAILABLE
-        key = f"{CLAIM_PREFIX}{call_id}|{device}"
+        key = CLAIM_PREFIX + claim_key(call_id, aor, device)
         try:
             with trio.fail_after(_ANSWER_WITHIN):
                 answer = await conn.call("SET", key, self.holder, "NX", "PX", max(1, int(ttl * 1000)))

@@ -90,17 +90,25 @@ class Wire:
         fields = {"call_id": call_id, "aor": aor, "from_user": "alice", "from_name": "Alice", **kw}
         return self.event("call_start", ts, **fields)
 
-    def answered(self, ts: float, call_id: str = "call-1") -> Event:
-        return self.event("call_answered", ts, call_id=call_id)
+    def _call(self, event: str, ts: float, call_id: str, aor: str | None, **fields: Any) -> Event:
+        # aor=None: an event from routes older than its aor field.
+        if aor is not None:
+            fields["aor"] = aor
+        return self.event(event, ts, call_id=call_id, **fields)
 
-    def cancelled(self, ts: float, call_id: str = "call-1") -> Event:
-        return self.event("call_cancelled", ts, call_id=call_id)
+    def answered(self, ts: float, call_id: str = "call-1", aor: str | None = "bob@example.com") -> Event:
+        return self._call("call_answered", ts, call_id, aor)
 
-    def branch_reply(self, ts: float, contact: str, code: int = 180, call_id: str = "call-1") -> Event:
-        return self.event("branch_reply", ts, call_id=call_id, code=code, contact=contact)
+    def cancelled(self, ts: float, call_id: str = "call-1", aor: str | None = "bob@example.com") -> Event:
+        return self._call("call_cancelled", ts, call_id, aor)
 
-    def failed(self, ts: float, code: int, call_id: str = "call-1") -> Event:
-        return self.event("call_failed", ts, call_id=call_id, code=code)
+    def branch_reply(
+        self, ts: float, contact: str, code: int = 180, call_id: str = "call-1", aor: str | None = "bob@example.com"
+    ) -> Event:
+        return self._call("branch_reply", ts, call_id, aor, code=code, contact=contact)
+
+    def failed(self, ts: float, code: int, call_id: str = "call-1", aor: str | None = "bob@example.com") -> Event:
+        return self._call("call_failed", ts, call_id, aor, code=code)
 
     def register(
         self,

@@ -20,10 +20,10 @@ import pytest
 import trio
 
 from bench import burst
+from evapi_worker.claims import claim_key
 from evapi_worker.commands import Pin
 from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.evapi_client import NodeAddress
-from evapi_worker.fake_calls import claim_key
 from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.phones import IPHONE_UA, Phones
 from evapi_worker.redis_process import redis_process
@@ -221,7 +221,7 @@ async def test_the_node_arbitrates_claims_and_reports_one_never_used(tmp_path: P
     kam = kamailio(tmp_path / "k", "arb")
     async with kam.running(), trio.open_nursery() as nursery:
         first, second = await start_workers(nursery, 2, [address(kam)])
-        claim = claim_key("some-call@x", "urn:uuid:iphone")
+        claim = claim_key("some-call@x", "bob@example.com", "urn:uuid:iphone")
         # A registered iPhone (pins may only name a registered contact).
         port = free_port()
         phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)

@@ -439,3 +439,74 @@ def test_lost_end_of_an_unknown_call_starts_nothing() -> None:
     w, e = Wire(), Engine()
     assert e.handle(w.event("call_failed", T0, call_id="nobody", code=486, lost=True), 0.0) == []
     assert e.lost_ends_ignored == 1
+
+
+# -- one account's calls and devices cost only that account -----------------
+
+
+def test_a_strangers_call_with_the_same_call_id_ends_nothing_of_yours() -> None:
+    # Mallory calls carol with the Call-ID of alice's call to bob, and cancels.
+    w, e = Wire(), Engine(EngineSettings(settle=0.5))
+    out = run(
+        e,
+        (0.0, w.start(T0, call_id="shared", aor="bob@example.com")),
+        (1.0, w.start(T0 + 1, call_id="shared", aor="carol@example.com")),
+        (2.0, w.cancelled(T0 + 2, call_id="shared", aor="carol@example.com")),
+        (3.0, w.register(T0 + 3)),  # bob's iPhone wakes while alice's call still rings
+    )
+    out += e.tick(10.0)
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "ringing")]
+    assert e.ringing("shared", "bob@example.com") and not e.ringing("shared", "carol@example.com")
+
+
+def test_a_strangers_call_first_does_not_swallow_yours() -> None:
+    w, e = Wire(), Engine()
+    out = run(
+        e,
+        (0.0, w.start(T0, call_id="shared", aor="carol@example.com")),
+        (0.5, w.answered(T0 + 0.5, call_id="shared", aor="carol@example.com")),
+        (1.0, w.start(T0 + 1, call_id="shared", aor="bob@example.com")),
+        (2.0, w.cancelled(T0 + 2, call_id="shared", aor="bob@example.com")),
+        (4.0, w.register(T0 + 4)),
+    )
+    assert [(d.call_id, d.aor, d.reason) for d in out if isinstance(d, Act)] == [
+        ("shared", "bob@example.com", "missed")
+    ]
+    act = out[-1]
+    assert isinstance(act, Act) and act.call.aor == "bob@example.com" and act.call.end is EndKind.CANCELLED
+
+
+def test_ends_from_routes_that_do_not_name_the_account_still_end_the_call() -> None:
+    w, e = Wire(), Engine()
+    out = run(e, (0.0, w.start(T0)), (2.0, w.cancelled(T0 + 2, aor=None)), (3.0, w.register(T0 + 3)))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
+    # And an end with no account that came before its start is joined by it.
+    w, e = Wire(), Engine()
+    out = run(e, (0.0, w.answered(T0 + 1, aor=None)), (0.1, w.start(T0)), (3.0, w.register(T0 + 3)))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "answered")]
+
+
+def test_an_accounts_flood_of_calls_evicts_its_own_oldest_never_anothers() -> None:
+    w, e = Wire(), Engine(EngineSettings(max_calls_per_account=4))
+    e.handle(w.start(T0, call_id="bobs", aor="bob@example.com"), 0.0)
+    for i in range(10):
+        e.handle(w.start(T0 + i, call_id=f"flood-{i}", aor="mallory@example.com"), 0.1 * i)
+    assert e.call_count == 5 and e.evicted_calls == 6
+    assert e.ringing("bobs", "bob@example.com")
+    assert e.take_evictions() == {("calls", "mallory@example.com"): 6}
+    assert e.take_evictions() == {}
+    out = run(e, (2.0, w.cancelled(T0 + 2, call_id="bobs")), (3.0, w.register(T0 + 3)))
+    assert actions(out) == [("bobs", "urn:uuid:iphone-1", "missed")]
+
+
+def test_an_accounts_flood_of_devices_evicts_its_own_oldest_never_anothers() -> None:
+    w, e = Wire(), Engine(EngineSettings(max_devices_per_account=3, deadline=60))
+    run(e, (0.0, w.register(T0, aor="bob@example.com")))
+    for i in range(10):
+        run(e, (0.1 * i, w.register(T0 + i, aor="mallory@example.com", instance=f"<urn:uuid:m{i}>",
+                                     contact=f"sip:m{i}@192.0.2.1:5060")))  # fmt: skip
+    assert e.device_count == 4 and e.evicted_devices == 7
+    evictions = e.take_evictions()
+    assert evictions == {("devices", "mallory@example.com"): 7, ("contacts", "mallory@example.com"): 7}
+    out = run(e, (2.0, w.start(T0 + 20)), (3.0, w.cancelled(T0 + 21)), (4.0, w.register(T0 + 22)))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]

@@ -98,7 +98,7 @@ def test_the_journal_keeps_an_action_begun_after_the_last_snapshot(tmp_path: Pat
     j.handle(j.wire.raw("call_cancelled", T0 + 1, call_id="c1"), 1.0)
     j.store.write(j.store.snapshot(j.engine, 1.5))
     (act,) = j.engine.handle(j.wire.register(T0 + 2), 2.0)  # not journaled as an event...
-    j.store.note_action(act.call_id, act.device)  # ...but its action is...
+    j.store.note_action(act.call_id, act.aor, act.device)  # ...but its action is...
     j.store.flush()  # ...before its pin goes out; then kill -9
 
     def again(journal: bool) -> list[Decision]:
@@ -124,7 +124,7 @@ def test_a_settle_decision_restored_from_the_journal_is_not_made_twice() -> None
 def test_a_torn_last_journal_record_is_ignored(tmp_path: Path) -> None:
     j = Journaled(tmp_path / "state")
     j.handle(j.wire.raw("call_start", T0, call_id="c1", aor="bob@example.com", from_user="alice"), 0.0)
-    j.store.note_action("c1", "urn:uuid:iphone-1")
+    j.store.note_action("c1", "bob@example.com", "urn:uuid:iphone-1")
     j.store.close()
     (journal,) = tmp_path.glob("state.journal.*")
     with journal.open("ab") as f:
@@ -152,9 +152,9 @@ def test_a_well_framed_record_nested_past_any_depth_is_skipped_not_an_end(tmp_pa
 def test_a_written_snapshot_removes_the_journals_it_contains(tmp_path: Path) -> None:
     j = Journaled(tmp_path / "state")
     j.handle(j.wire.raw("call_start", T0, call_id="c1", aor="bob@example.com", from_user="alice"), 0.0)
-    j.store.note_action("c1", "a")
+    j.store.note_action("c1", "bob@example.com", "a")
     snapshot = j.store.snapshot(j.engine, 1.5)
-    j.store.note_action("c1", "b")  # after the snapshot: in the next journal
+    j.store.note_action("c1", "bob@example.com", "b")  # after the snapshot: in the next journal
     j.store.flush()
     assert len(list(tmp_path.glob("state.journal.*"))) == 2
     assert j.store.write(snapshot)

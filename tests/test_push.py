@@ -14,6 +14,7 @@ from typing import Any
 import jwt
 import pytest
 import trio
+import trio.testing
 
 from evapi_worker.apns import ApnsSettings
 from evapi_worker.config import ConfigError, PushSettings
@@ -21,6 +22,7 @@ from evapi_worker.engine import Engine
 from evapi_worker.events import CallStarted, Register
 from evapi_worker.metrics import Metrics
 from evapi_worker.persistence import StateStore
+from evapi_worker.push_answers import PushAnswer, PushResult
 from evapi_worker.push_book import PushBook, PushJob
 from evapi_worker.push_standin import (
     ApnsStandIn,
@@ -114,7 +116,7 @@ async def stage(tmp_path: Path, *, give_up_after: float = 10.0) -> AsyncIterator
             return won
 
         pusher = Pusher(
-            push_clients(standins.settings), book, metrics, lambda call_id: call_id not in ended, claim,
+            push_clients(standins.settings), book, metrics, lambda call_id, aor: call_id not in ended, claim,
             give_up_after=give_up_after,
         )  # fmt: skip
         await nursery.start(pusher.run)
@@ -122,9 +124,12 @@ async def stage(tmp_path: Path, *, give_up_after: float = 10.0) -> AsyncIterator
         nursery.cancel_scope.cancel()
 
 
-def job(call_id: str = "call-1@caller", provider: str = "apns", token: str = TOKEN, device: str = "dev-1") -> PushJob:
+def job(
+    call_id: str = "call-1@caller", provider: str = "apns", token: str = TOKEN, device: str = "dev-1",
+    aor: str = "bob@example.com",
+) -> PushJob:  # fmt: skip
     topic = "" if provider == "fcm" else "org.linphone.phone.voip"
-    return PushJob(call_id, "kam1", "bob@example.com", device, provider, token, topic,
+    return PushJob(call_id, "kam1", aor, device, provider, token, topic,
                    "alice", 'Alice "A" Smith', "example.com", time.time(), trio.current_time())  # fmt: skip
 
 
@@ -264,3 +269,97 @@ def test_push_devices_are_kept_across_restarts_with_the_state(tmp_path: Path) ->
     assert isinstance(start, CallStarted)
     assert [j.token for j in restored.call_started(start, 480.0)] == [TOKEN]  # 600 - 110 s left
     assert restored.call_started(start, 495.0) == []
+
+
+# -- one account's devices and pushes cost only that account -----------------
+
+
+def test_an_accounts_flood_of_devices_evicts_its_own_oldest_never_anothers() -> None:
+    wire, book = Wire(), PushBook(max_devices=100, max_per_account=3)
+    book.register(linphone_ios(wire, T0, aor="bob@example.com"), 0.0)
+    for n in range(10):
+        token = f"{n:064x}"
+        book.register(linphone_ios(wire, T0, token, aor="mallory@example.com", instance=f"<urn:uuid:m{n}>"), 0.0)
+    assert book.device_count == 4
+    assert book.take_evictions() == {"mallory@example.com": 7}
+    start = wire.start(T0 + 1)
+    assert isinstance(start, CallStarted)
+    assert [j.device for j in book.call_started(start, 1.0)] == ["urn:uuid:iphone-1"]
+    # Mallory's three newest are the ones kept.
+    mallory = wire.start(T0 + 1, aor="mallory@example.com")
+    assert isinstance(mallory, CallStarted)
+    assert [j.device for j in book.call_started(mallory, 1.0)] == [f"urn:uuid:m{n}" for n in (7, 8, 9)]
+
+
+def test_a_full_book_keeps_what_it_has_and_refuses_the_new_device() -> None:
+    wire, book = Wire(), PushBook(max_devices=2, max_per_account=10)
+    book.register(linphone_ios(wire, T0, aor="bob@example.com"), 0.0)
+    book.register(linphone_ios(wire, T0 + 300, "b2" * 32, aor="carol@example.com"), 300.0)
+    book.register(linphone_ios(wire, T0 + 300, "b3" * 32, aor="mallory@example.com"), 300.0)
+    assert book.device_count == 2 and book.take_evictions() == {"mallory@example.com": 1}
+    # An expired registration (bob's, 600 s) frees its place for the next one.
+    book.register(linphone_ios(wire, T0 + 601, "b3" * 32, aor="mallory@example.com"), 601.0)
+    assert book.device_count == 2 and book.take_evictions() == {}
+
+
+def test_unregistrations_free_the_book_by_contact_token_or_all_at_once() -> None:
+    wire, book = Wire(), PushBook()
+    book.register(linphone_ios(wire, T0), 0.0)
+    book.register(linphone_ios(wire, T0, "c1" * 32, instance="<urn:uuid:ipad>", contact="sip:ipad@192.0.2.5:5060"), 0.0)
+    book.register(linphone_ios(wire, T0, "c2" * 32, instance="<urn:uuid:mac>", contact="sip:mac@192.0.2.6:5060"), 0.0)
+    assert book.device_count == 3
+    # Kamailio describes an unregistered contact from the request: no +sip.instance, the token in the URI.
+    book.register(
+        linphone_ios(wire, T0 + 1, "c1" * 32, instance=None, contact="sip:other@192.0.2.5:5060", expires=0), 1.0
+    )
+    assert book.device_count == 2
+    book.register(register(wire, T0 + 2, instance=None, contact="*", expires=0), 2.0)  # Contact: *
+    assert book.device_count == 0
+
+
+@dataclass(eq=False)
+class HeldClient:
+    """A provider that answers a push only when the test says so."""
+
+    answer: trio.Event
+    sent: list[PushJob]
+
+    async def send(self, job: PushJob) -> PushAnswer:
+        self.sent.append(job)
+        if job.aor != "bob@example.com":
+            await self.answer.wait()
+        return PushAnswer(PushResult.SENT, 200, "")
+
+    def renew_token(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_one_accounts_storm_of_pushes_makes_anothers_wait_one_turn_at_most() -> None:
+    client = HeldClient(trio.Event(), [])
+    metrics = Metrics()
+
+    async def claim(node: str, key: str) -> bool:
+        return True
+
+    pusher = Pusher({"apns": client}, PushBook(), metrics, lambda call_id, aor: True, claim, limit=100, per_account=8,
+                    queued_per_account=50)  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pusher.run)
+        pusher.submit([job(f"storm-{n}", device=f"m{n}", aor="mallory@example.com") for n in range(200)])
+        await trio.testing.wait_all_tasks_blocked()
+        # Its last fifty queued (the oldest dropped, counted), eight of them at once.
+        assert len(client.sent) == 8 and pusher.waiting == 42
+        assert metrics.value("evapi_worker_pushes_total", {"provider": "apns", "result": "dropped"}) == 150
+        bob = PushJob("bobs@caller", "kam1", "bob@example.com", "bob-iphone", "apns", TOKEN, "org.x.voip",
+                      "alice", None, None, time.time(), trio.current_time())  # fmt: skip
+        pusher.submit([bob])
+        await trio.testing.wait_all_tasks_blocked()
+        assert client.sent[-1] is bob
+        assert metrics.value("evapi_worker_pushes_total", {"provider": "apns", "result": "sent"}) == 1
+        client.answer.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert metrics.value("evapi_worker_pushes_total", {"provider": "apns", "result": "sent"}) == 51
+        nursery.cancel_scope.cancel()

@@ -72,7 +72,9 @@ def test_what_if_shows_the_decisions_that_differ(capsys: pytest.CaptureFixture[s
 def test_text_output_tells_each_decision_and_a_summary(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", str(STORY)]) == 0
     out = capsys.readouterr().out
-    assert "call=story-answered@127.0.0.1 device=urn:uuid:iphone: fake_call answered" in out
+    assert (
+        "call=story-answered@127.0.0.1 account=bob@voip.example.org device=urn:uuid:iphone: fake_call answered" in out
+    )
     assert '"wakeup_delay_seconds"' in out
 
 

@@ -30,7 +30,7 @@ FAST = Backoff(initial=0.02, cap=0.2)
 
 async def connected(claims: SharedClaims) -> None:
     with trio.fail_after(5):
-        while await claims.claim("probe", "probe", 0.001) is ClaimResult.UNAVAILABLE:
+        while await claims.claim("probe", "bob@x", "probe", 0.001) is ClaimResult.UNAVAILABLE:
             await trio.sleep(0.02)
 
 
@@ -45,18 +45,18 @@ async def test_one_holder_wins_its_own_retry_finds_it_and_no_redis_is_no_end(tmp
             await nursery.start(b.run)
             await connected(a)
             await connected(b)
-            assert await a.claim("c1@x", "dev", 30) is ClaimResult.WON
-            assert await b.claim("c1@x", "dev", 30) is ClaimResult.TAKEN
-            assert await b.claim("c1@x", "other-dev", 30) is ClaimResult.WON  # another device: its own claim
+            assert await a.claim("c1@x", "bob@x", "dev", 30) is ClaimResult.WON
+            assert await b.claim("c1@x", "bob@x", "dev", 30) is ClaimResult.TAKEN
+            assert await b.claim("c1@x", "bob@x", "other-dev", 30) is ClaimResult.WON  # another device: its own claim
             # After a crash, a worker retries what it had begun: its own claim is its own.
-            assert await a.claim("c1@x", "dev", 30, retry=True) is ClaimResult.WON
-            assert await b.claim("c1@x", "dev", 30, retry=True) is ClaimResult.TAKEN
-            assert await a.claim("short@x", "dev", 0.05) is ClaimResult.WON
+            assert await a.claim("c1@x", "bob@x", "dev", 30, retry=True) is ClaimResult.WON
+            assert await b.claim("c1@x", "bob@x", "dev", 30, retry=True) is ClaimResult.TAKEN
+            assert await a.claim("short@x", "bob@x", "dev", 0.05) is ClaimResult.WON
             await trio.sleep(0.2)
-            assert await b.claim("short@x", "dev", 30) is ClaimResult.WON  # the first claim expired
+            assert await b.claim("short@x", "bob@x", "dev", 30) is ClaimResult.WON  # the first claim expired
             await server.stop()
             with trio.fail_after(5):
-                while await a.claim("c2@x", "dev", 30) is not ClaimResult.UNAVAILABLE:
+                while await a.claim("c2@x", "bob@x", "dev", 30) is not ClaimResult.UNAVAILABLE:
                     await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
     finally:

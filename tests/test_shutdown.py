@@ -211,7 +211,9 @@ async def test_a_disk_that_blocks_holds_up_no_event_and_loses_none(tmp_path: Pat
         for n in range(200):
             now = trio.current_time()
             call = f"c{n}"
-            service.on_frame("kam1", frame("call_start", T0, 3 * n + 1, call_id=call, aor="bob@x", from_user="a"), now)
+            service.on_frame(
+                "kam1", frame("call_start", T0, 3 * n + 1, call_id=call, aor=f"b{n}@x", from_user="a"), now
+            )
             service.on_frame("kam1", frame("register", T0 + 1, 3 * n + 2, **{**REG, "aor": f"u{n}@x"}), now)
             service.on_frame("kam1", frame("call_answered", T0 + 2, 3 * n + 3, call_id=call), now)
             await trio.lowlevel.checkpoint()

@@ -89,7 +89,7 @@ async def test_the_reader_and_the_claims_follow_a_sentinel_failover(tmp_path: Pa
             with trio.fail_after(5):
                 while got != [b"before"]:
                     await trio.sleep(0.01)
-            assert await claims.claim("c@x", "d", 30) is ClaimResult.WON
+            assert await claims.claim("c@x", "bob@x", "d", 30) is ClaimResult.WON
             await primary.stop()  # the sentinel promotes the replica
             await promoted(replica)
             await append(replica.url, "k1", b"after")
@@ -100,7 +100,7 @@ async def test_the_reader_and_the_claims_follow_a_sentinel_failover(tmp_path: Pa
             # failover may not have reached the replica: Redis replicates
             # after answering; docs/deploy.md says what that costs.)
             with trio.fail_after(10):
-                while (result := await claims.claim("c2@x", "d", 30)) is ClaimResult.UNAVAILABLE:
+                while (result := await claims.claim("c2@x", "bob@x", "d", 30)) is ClaimResult.UNAVAILABLE:
                     await trio.sleep(0.1)
             assert result is ClaimResult.WON
             nursery.cancel_scope.cancel()
