@@ -193,7 +193,13 @@ class SippRunner:
     def __init__(self, settings: SippSettings) -> None:
         self.settings = settings
         self.scenario = settings.scenario or bundled_scenario()
-        self.slots = FairSlots(settings.max_concurrent, min(settings.max_per_account, settings.max_concurrent))
+        # A tenth more slots for accounts with no fake call in flight: the
+        # next account's first late phone never waits behind rude ones.
+        self.slots = FairSlots(
+            settings.max_concurrent,
+            min(settings.max_per_account, settings.max_concurrent),
+            reserve=max(1, settings.max_concurrent // 10),
+        )
         self._pools: dict[tuple[str, int], list[_Sipp]] = {}
         self._changed = trio.Event()  # a process took or freed a Call-ID, started or ended
         self._nursery: trio.Nursery | None = None

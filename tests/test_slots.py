@@ -99,3 +99,60 @@ async def test_try_acquire_takes_a_free_slot_at_once_and_never_jumps_the_queue()
         slots.release("a")  # handed to the waiting "c"
         assert not slots.try_acquire("a")
         assert slots.held("c") == 1 and slots.borrowed == 2
+
+
+async def test_the_waiting_account_that_holds_the_fewest_goes_first() -> None:
+    slots = FairSlots(total=4, per_key=4)
+    for key in ("rude", "rude", "rude", "polite"):
+        await slots.acquire(key)
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def one(key: str) -> None:
+            await slots.acquire(key)
+            order.append(key)
+
+        nursery.start_soon(one, "rude")  # rude waited first...
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(one, "polite")  # ...but polite holds one to its three
+        await trio.testing.wait_all_tasks_blocked()
+        slots.release("rude")
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["polite"]
+        slots.release("rude")
+    assert order == ["polite", "rude"]
+
+
+async def test_an_account_with_nothing_in_flight_takes_a_reserved_slot_when_rude_ones_hold_all() -> None:
+    slots = FairSlots(total=40, per_key=10, reserve=4)
+    for n in range(4):  # four rude accounts: every slot
+        for _ in range(10):
+            assert slots.try_acquire(f"rude-{n}")
+    assert not slots.try_acquire("rude-0")
+    with trio.move_on_after(0.05) as scope:
+        await slots.acquire("rude-1")
+    assert scope.cancelled_caught
+    for n in range(4):  # each polite account's first late phone goes at once...
+        assert slots.try_acquire(f"polite-{n}")
+    assert not slots.try_acquire("polite-0")  # ...its second waits, as any other
+    assert not slots.try_acquire("polite-5")  # and the reserve is a bound too
+    assert slots.borrowed == 44
+    # Freed slots go to whoever holds none first (into the reserve), then
+    # to the fewest held once the slots in use are under the total again.
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def one(key: str) -> None:
+            await slots.acquire(key)
+            order.append(key)
+
+        for key in ("rude-0", "polite-0", "polite-5"):
+            nursery.start_soon(one, key)
+            await trio.testing.wait_all_tasks_blocked()
+        releases = []
+        for n in range(7):
+            slots.release(f"rude-{n % 4}")
+            await trio.testing.wait_all_tasks_blocked()
+            releases.append(len(order))
+    assert order == ["polite-5", "polite-0", "rude-0"]
+    assert releases == [1, 1, 1, 1, 1, 2, 3]
