@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import re
 import urllib.parse
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
 
@@ -32,6 +33,10 @@ _FCM_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_:.\-]{1,4096}")
 _TOPIC_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]{0,200}")
 # Accounts named in one eviction report at most (the rest are counted as "*").
 _EVICTION_ACCOUNTS: Final = 64
+# Unregistrations remembered by their time, so that a REGISTER stamped
+# before one (its event read after it: Kamailio's processes emit in any
+# order) does not bring the device back: the last ones, at most.
+_ENDINGS: Final = 10_000
 
 
 class PushDevice(msgspec.Struct, frozen=True):
@@ -132,6 +137,8 @@ class PushBook:
         self.refused = 0  # REGISTERs with push parameters this worker cannot use
         self.evicted = 0  # devices dropped or not kept to stay under the bounds
         self._evictions: dict[str, int] = {}  # account -> not reported yet
+        # (account, token or "*") -> Kamailio time of its last unregistration
+        self._ended: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     @property
     def device_count(self) -> int:
@@ -148,6 +155,8 @@ class PushBook:
         if target is None:
             self.refused += 1
             return
+        if self._ended and self._ended_after(reg, target[1]):
+            return  # unregistered after this REGISTER: its event came late
         dev = device_id(reg)
         known = self._devices.get(reg.aor)
         if known is None or dev not in known:
@@ -207,18 +216,34 @@ class PushBook:
         """An ended registration frees its device: the one its Contact,
         +sip.instance or token names, or, for ``Contact: *``, every device
         of the account."""
+        everything = reg.contact.strip() == "*"
+        target = push_target(reg) if reg.pn_provider else None
+        if everything:
+            self._note_ended((reg.aor, "*"), reg.ts)
+        elif target is not None:
+            self._note_ended((reg.aor, target[1]), reg.ts)
         devices = self._devices.get(reg.aor)
         if not devices:
             return
-        if reg.contact.strip() == "*":
+        if everything:
             for device in list(devices):
                 self._drop(reg.aor, device)
             return
         names = set(device_keys(reg))
-        target = push_target(reg) if reg.pn_provider else None
         for d in list(devices.values()):
             if d.device in names or (target is not None and d.token == target[1]):
                 self._drop(reg.aor, d.device)
+
+    def _note_ended(self, key: tuple[str, str], ts: float) -> None:
+        ended = self._ended
+        old = ended.pop(key, None)
+        ended[key] = ts if old is None or ts > old else old
+        if len(ended) > _ENDINGS:
+            ended.popitem(last=False)
+
+    def _ended_after(self, reg: Register, token: str) -> bool:
+        ended = self._ended
+        return ended.get((reg.aor, "*"), -1.0) >= reg.ts or ended.get((reg.aor, token), -1.0) >= reg.ts
 
     def _put(self, d: PushDevice) -> None:
         devices = self._devices.setdefault(d.aor, {})

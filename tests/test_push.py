@@ -363,3 +363,17 @@ async def test_one_accounts_storm_of_pushes_makes_anothers_wait_one_turn_at_most
         await trio.testing.wait_all_tasks_blocked()
         assert metrics.value("evapi_worker_pushes_total", {"provider": "apns", "result": "sent"}) == 51
         nursery.cancel_scope.cancel()
+
+
+def test_a_register_whose_event_comes_after_its_unregistration_brings_no_device_back() -> None:
+    # Kamailio's processes emit in any order: a REGISTER answered just
+    # before Contact: * may have its event read after the unregistration's.
+    wire, book = Wire(), PushBook()
+    book.register(register(wire, T0 + 2, instance=None, contact="*", expires=0), 2.0)
+    book.register(linphone_ios(wire, T0 + 1), 2.1)
+    assert book.device_count == 0
+    book.register(linphone_ios(wire, T0 + 3), 3.0)  # registered again, after it
+    assert book.device_count == 1
+    book.register(linphone_ios(wire, T0 + 5, instance=None, expires=0), 5.0)  # its token unregistered
+    book.register(linphone_ios(wire, T0 + 4), 5.1)
+    assert book.device_count == 0
