@@ -180,15 +180,17 @@ async def sipp(
 @asynccontextmanager
 async def platform(
     folder: Path, worker_toml: str = "", udp_buffer: int = UDP_BUFFER, shm_mib: int = 0, redis: bool = False,
-    tcp_connections: int = 0,
+    tcp_connections: int = 0, defines: tuple[str, ...] = (),
 ) -> AsyncIterator[tuple[int, trio.Process, int]]:  # fmt: skip
     """Kamailio (asking for ``udp_buffer`` bytes of UDP buffer, ``shm_mib``
-    of shared memory, ``tcp_connections`` at most; 0: its defaults) and the real worker beside it, the
-    events through a redis-server of their own with ``redis``: (SIP port,
-    worker, metrics port)."""
+    of shared memory, ``tcp_connections`` at most; 0: its defaults; more
+    ``defines``) and the real worker beside it, the events through a
+    redis-server of their own with ``redis``: (SIP port, worker, metrics
+    port)."""
     async with AsyncExitStack() as stack:
         sip_port, evapi_port, metrics_port = free_port(HOST), free_port(HOST, socket.SOCK_STREAM), 0
-        defines: tuple[str, ...] = (f"EVW_UDP_BUFFER={udp_buffer}",) if udp_buffer else ()
+        if udp_buffer:
+            defines += (f"EVW_UDP_BUFFER={udp_buffer}",)
         if tcp_connections:
             defines += (f"EVW_TCP_MAX_CONNECTIONS={tcp_connections}",)
         more: list[str] = []
@@ -312,7 +314,11 @@ async def run(
     peak = Peak()
     # Each TCP phone holds a connection: room for them all (and the callers').
     connections = accounts * devices + 1000 if transport == "tcp" else 0
-    async with platform(folder, udp_buffer=udp_buffer, shm_mib=shm, redis=redis, tcp_connections=connections) as (
+    # More devices an account than the bundled registrar takes (twelve): let them in.
+    defines = (f"EVW_ACCOUNT_CONTACTS={devices}",) if devices > 12 else ()
+    async with platform(
+        folder, udp_buffer=udp_buffer, shm_mib=shm, redis=redis, tcp_connections=connections, defines=defines
+    ) as (
         sip_port,
         worker,
         metrics_port,

@@ -43,7 +43,7 @@ async def test_an_account_with_eighty_push_devices_has_every_one_served(tmp_path
     # one call per Call-ID: the worker spreads them over its processes, and a
     # phone process holds one device each).
     devices = 80
-    async with platform(tmp_path) as (sip_port, _, _):
+    async with platform(tmp_path, defines=(f"EVW_ACCOUNT_CONTACTS={devices}",)) as (sip_port, _, _):
         await missed_calls(tmp_path, sip_port, [account(0)])
         await trio.sleep(0.5)
         phones = await devices_wake(tmp_path, sip_port, [[(account(0), device(0, d))] for d in range(devices)], 0, 8000)
