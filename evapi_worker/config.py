@@ -113,6 +113,7 @@ class PushSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # One account's share: pushes at once, and devices kept (past it, the
     # account's least recently registered device is dropped, counted).
     max_in_flight_per_account: Annotated[int, msgspec.Meta(ge=1)] = 32
+    rate_per_account: Annotated[float, msgspec.Meta(ge=1, le=100_000)] = 64.0  # pushes a second (and a burst as big)
     max_devices_per_account: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 32
     max_devices: Annotated[int, msgspec.Meta(ge=1)] = 100_000  # in all; past it new devices are not kept (counted)
 

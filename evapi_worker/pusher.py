@@ -11,7 +11,9 @@ and failures are retried with backoff while the call rings, never after.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import re
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -101,12 +103,14 @@ Claim = Callable[[str, str], Awaitable[bool]]
 
 
 class Pusher:
-    """Sends pushes, at most ``limit`` at once and ``per_account`` of them
-    for one account. Pushes wait in a queue per account and go out
-    round-robin between the accounts that wait: one account's storm of
-    calls delays another account's push by one turn, not by the storm. A
-    queue holds at most ``queued_per_account`` pushes; past it the account's
-    oldest waiting push is dropped (counted, logged)."""
+    """Sends pushes, at most ``limit`` at once, ``per_account`` of them for
+    one account and ``rate_per_account`` a second for one account (a bucket
+    as deep). Pushes wait in a queue per account and go out round-robin
+    between the accounts that wait: one account's storm of calls delays
+    another account's push by one turn, and takes no more of the worker
+    than its rate. A queue holds at most ``queued_per_account`` pushes;
+    past it the account's oldest waiting push is dropped (counted,
+    logged)."""
 
     def __init__(
         self,
@@ -118,6 +122,7 @@ class Pusher:
         *,
         limit: int = 1000,
         per_account: int = 32,
+        rate_per_account: float = 64.0,
         queued_per_account: int = 256,
         give_up_after: float = 60.0,
         on_sent: Callable[[PushJob, float], None] | None = None,
@@ -129,6 +134,7 @@ class Pusher:
         self.claim = claim
         self.limit = limit
         self.per_account = per_account
+        self.rate_per_account = rate_per_account
         self.queued_per_account = queued_per_account
         self.give_up_after = give_up_after  # seconds after the call started
         self.on_sent = on_sent  # told each push the provider accepted, and when (Trio's clock)
@@ -139,13 +145,18 @@ class Pusher:
         # those at their share wait apart until one of theirs ends.
         self._ready: OrderedDict[str, deque[PushJob]] = OrderedDict()
         self._capped: dict[str, deque[PushJob]] = {}
+        # Accounts out of their rate, waiting until the time in _pace_times.
+        self._paced: dict[str, deque[PushJob]] = {}
+        self._pace_times: list[tuple[float, str]] = []
+        self._pace_changed = trio.Event()
+        self._tokens: dict[str, tuple[float, float]] = {}  # account -> (tokens, when counted)
         self._sent: dict[tuple[str, str], float] = {}  # (aor, device) -> when its last push was accepted
         self._throttle: Throttle[str] = Throttle()
 
     @property
     def waiting(self) -> int:
         """Pushes waiting for their turn."""
-        return sum(len(q) for q in self._ready.values()) + sum(len(q) for q in self._capped.values())
+        return sum(len(q) for table in (self._ready, self._capped, self._paced) for q in table.values())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send pushes until cancelled; closes the clients at the end."""
@@ -154,7 +165,7 @@ class Pusher:
                 self._nursery = nursery
                 task_status.started()
                 self._pump()
-                await trio.sleep_forever()
+                await self._pace()
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
@@ -164,6 +175,7 @@ class Pusher:
     def submit(self, jobs: Sequence[PushJob]) -> None:
         """Queue the pushes of a call that just started; they go out in
         their account's turn."""
+        dropped: dict[str, int] = {}  # provider -> pushes dropped (counted at once: a storm drops thousands)
         for job in jobs:
             if job.provider not in self.clients:
                 self._count(job, PushOutcome.NOT_CONFIGURED)
@@ -173,14 +185,20 @@ class Pusher:
             if queue is None:
                 queue = self._capped.get(aor)
             if queue is None:
+                queue = self._paced.get(aor)
+            if queue is None:
                 queue = deque()
                 if self._open_by_account.get(aor, 0) >= self.per_account:
                     self._capped[aor] = queue
                 else:
                     self._ready[aor] = queue
             if len(queue) >= self.queued_per_account:
-                self._dropped(queue.popleft(), "the account's queue of pushes is full")
+                old = queue.popleft()
+                dropped[old.provider] = dropped.get(old.provider, 0) + 1
+                self._dropped(old, "the account's queue of pushes is full")
             queue.append(job)
+        for provider, count in dropped.items():
+            self.metrics.pushes.labels(provider, PushOutcome.DROPPED).inc(count)
         self._pump()
 
     def _pump(self) -> None:
@@ -189,8 +207,17 @@ class Pusher:
         if nursery is None:
             return
         ready = self._ready
+        now = trio.current_time()
         while ready and self._open < self.limit:
             aor, queue = next(iter(ready.items()))
+            wait = self._take_token(aor, now)
+            if wait:
+                # Out of its rate: it waits apart, its turn kept for when it may send.
+                del ready[aor]
+                self._paced[aor] = queue
+                heapq.heappush(self._pace_times, (now + wait, aor))
+                self._pace_changed.set()
+                continue
             job = queue.popleft()
             open_now = self._open_by_account.get(aor, 0) + 1
             self._open_by_account[aor] = open_now
@@ -202,6 +229,36 @@ class Pusher:
                 else:
                     ready[aor] = queue  # its next push waits for the other accounts' turn
             nursery.start_soon(self._push, job)
+
+    def _take_token(self, aor: str, now: float) -> float:
+        """Take one of ``aor``'s tokens: 0.0, or the seconds until it has one."""
+        rate = self.rate_per_account
+        tokens, at = self._tokens.get(aor, (rate, now))
+        tokens = min(rate, tokens + (now - at) * rate)
+        if tokens > 0.999_999:  # a token, to within rounding
+            self._tokens[aor] = (max(0.0, tokens - 1.0), now)
+            return 0.0
+        self._tokens[aor] = (tokens, now)
+        return max(0.001, (1.0 - tokens) / rate)  # a wait the clock can tell from now
+
+    async def _pace(self) -> None:
+        """Give accounts back their turn once their rate allows a push."""
+        while True:
+            times = self._pace_times
+            with trio.move_on_at(times[0][0] if times else math.inf):
+                await self._pace_changed.wait()
+            self._pace_changed = trio.Event()
+            now = trio.current_time()
+            while times and times[0][0] <= now:
+                _, aor = heapq.heappop(times)
+                queue = self._paced.pop(aor, None)
+                if queue is not None:
+                    self._ready[aor] = queue
+            if len(self._tokens) > 10_000:
+                # Accounts whose bucket has filled up again are forgotten.
+                rate = self.rate_per_account
+                self._tokens = {a: (t, at) for a, (t, at) in self._tokens.items() if t + (now - at) * rate < rate}
+            self._pump()
 
     def _ended(self, aor: str) -> None:
         self._open -= 1
@@ -216,7 +273,7 @@ class Pusher:
         self._pump()
 
     def _dropped(self, job: PushJob, why: str) -> None:
-        self._count(job, PushOutcome.DROPPED, quiet=True)
+        """Log a dropped push (the caller counts it), a line a second per account."""
         count = self._throttle.note(job.aor, trio.current_time())
         if count:
             log.warning("push dropped %s", kv(account=job.aor, call_id=job.call_id, reason=why, count=count))
@@ -280,9 +337,7 @@ class Pusher:
         if self.on_sent is not None:
             self.on_sent(job, now)
 
-    def _count(self, job: PushJob, result: PushOutcome, *, quiet: bool = False) -> None:
+    def _count(self, job: PushJob, result: PushOutcome) -> None:
         self.metrics.pushes.labels(job.provider, result).inc()
-        if quiet:
-            return
         level = logging.INFO if result in (PushOutcome.SENT, PushOutcome.TAKEN, PushOutcome.ENDED) else logging.WARNING
         log.log(level, "push_done %s", kv(call_id=job.call_id, device=job.device, provider=job.provider, result=result))

@@ -124,6 +124,7 @@ class Service:
             Pusher(
                 clients, self.push_book, self.metrics, self.engine.ringing, self._claim_push,
                 limit=config.push.max_in_flight, per_account=config.push.max_in_flight_per_account,
+                rate_per_account=config.push.rate_per_account,
                 give_up_after=config.push.give_up_after, on_sent=self._note_push,
             )
             if clients

@@ -377,3 +377,40 @@ def test_a_register_whose_event_comes_after_its_unregistration_brings_no_device_
     book.register(linphone_ios(wire, T0 + 5, instance=None, expires=0), 5.0)  # its token unregistered
     book.register(linphone_ios(wire, T0 + 4), 5.1)
     assert book.device_count == 0
+
+
+async def test_one_account_pushes_at_its_rate_and_another_goes_between(autojump_clock: trio.testing.MockClock) -> None:
+    sent: list[tuple[str, float]] = []
+
+    class Instant:
+        async def send(self, job: PushJob) -> PushAnswer:
+            await trio.sleep(0.001)
+            sent.append((job.aor, trio.current_time()))
+            return PushAnswer(PushResult.SENT, 200, "")
+
+        def renew_token(self) -> None:
+            pass
+
+        async def aclose(self) -> None:
+            pass
+
+    async def claim(node: str, key: str) -> bool:
+        return True
+
+    pusher = Pusher({"apns": Instant()}, PushBook(), Metrics(), lambda call_id, aor: True, claim, rate_per_account=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pusher.run)
+        start = trio.current_time()
+        pusher.submit([job(f"storm-{n}", device=f"m{n}", aor="mallory@example.com") for n in range(100)])
+        await trio.sleep(1.0)
+        asked = trio.current_time()
+        pusher.submit([job("bobs", device="bob-iphone")])
+        await trio.sleep(0.01)
+        # His turn came at once, however many of mallory's wait.
+        assert [round(at - asked, 3) for aor, at in sent if aor == "bob@example.com"] == [0.001]
+        await trio.sleep(4.0)
+        nursery.cancel_scope.cancel()
+    storm = [at - start for aor, at in sent if aor == "mallory@example.com"]
+    # Ten at once (the bucket), then ten a second, for five seconds.
+    assert len([t for t in storm if t < 0.05]) == 10
+    assert 58 <= len(storm) <= 61, len(storm)

@@ -259,3 +259,35 @@ async def test_an_action_that_raises_is_its_own_failed_outcome_and_the_worker_se
             await w.wait_metric("evapi_worker_fake_calls_total", n + 1, outcome="failed")
         assert calls == 2
         assert kam1.accepted == 1 and kam1.streams  # the same connection, still read
+
+
+async def test_labels_and_numbers_from_the_wire_stay_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    # A hostile peer on the node's stream: a refused reason the worker does
+    # not know, a new one each time, and a sequence number no node reaches.
+    caplog.set_level(logging.WARNING, "evapi_worker")
+    async with world() as w:
+        kam1 = w.servers["kam1"]
+        await kam1.send(b"".join(kam1.event("refused", T0, reason=f"made-up-{n}") for n in range(1000)))
+        await kam1.send(kam1.event("refused", T0, reason="call_id_nul"))
+        await w.wait_metric("evapi_worker_sip_refused_total", 1, node="kam1", reason="call_id_nul")
+        kam1._seq = 2**64 - 2  # the next event says 2**64 - 1
+        await kam1.send(kam1.event("call_answered", T0 + 1, call_id="after"))
+        await w.wait_metric("evapi_worker_event_errors_total", 1, node="kam1", reason="bad_value")
+        kam1._seq = 2**31 - 2  # a number a node reaches, but not a second after 1,001
+        await kam1.send(kam1.event("call_answered", T0 + 1.001, call_id="jump"))
+        await w.wait_metric("evapi_worker_event_errors_total", 1, node="kam1", reason="bad_sequence")
+        kam1._seq = 1001
+        await kam1.send(kam1.event("call_answered", T0 + 2, call_id="honest"))
+        await w.wait_metric("evapi_worker_events_total", 1, node="kam1", type="call_answered")
+        assert w.metric("evapi_worker_sip_refused_total", node="kam1", reason="other") == 1000
+        assert w.metric("evapi_worker_events_lost_total", node="kam1") == 0
+        series = [
+            s.labels["reason"]
+            for family in w.service.metrics.registry.collect()
+            if family.name == "evapi_worker_sip_refused"
+            for s in family.samples
+        ]
+    assert "made-up-1" not in series and len(set(series)) <= 2 * 8
+    lines = [r for r in caplog.records if r.getMessage().startswith("sip request refused")]
+    assert 1 <= len(lines) <= 4, [r.getMessage() for r in lines]
+    assert "said=made-up-0" in lines[0].getMessage()
