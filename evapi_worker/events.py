@@ -321,7 +321,7 @@ class RefusedReason(enum.StrEnum):
     CONTACT_UNREADABLE = "contact_unreadable"  # a contact no event can carry intact
     TOO_MANY_CONTACTS = "too_many_contacts"  # an account past EVW_MAX_CONTACTS
     TOO_MANY_BRANCHES = "too_many_branches"  # a call given EVW_MAX_BRANCHES devices
-    TOO_MANY_HELD = "too_many_held"  # an account with EVW_MAX_HELD calls held
+    TOO_MANY_HELD = "too_many_held"  # an account with EVW_MAX_HELD_PER_ACCOUNT calls held
     WAKE_RATE = "wake_rate"  # an account's REGISTERs past EVW_WAKE_RATE a second
     OTHER = "other"  # a reason this version does not know
 

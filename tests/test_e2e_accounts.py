@@ -69,7 +69,7 @@ async def test_a_register_flood_to_an_account_with_held_calls_stalls_no_one(tmp_
     # account to every held call, tm logging an error for each past its
     # branch limit: a gigabyte of log in ten seconds, OPTIONS answered in
     # 0.7 s, another account's fake call 9.6 s after its REGISTER.
-    defines = ("EVW_MAX_HELD=16", "EVW_PUSH_HOLD=60")
+    defines = ("EVW_MAX_HELD_PER_ACCOUNT=16", "EVW_PUSH_HOLD=60")
     async with burst.platform(tmp_path, defines=defines) as (sip_port, _, metrics_port):
         holders = await burst.sipp(
             tmp_path, "holders", sip_port, "-sf", str(SCENARIOS / "callers_hold.xml"),
@@ -349,7 +349,7 @@ async def test_rude_phones_on_many_accounts_keep_no_other_accounts_late_iphone_w
 
 async def test_one_account_holds_a_few_calls_at_most_and_gives_each_back(tmp_path: Path) -> None:
     # Sixteen calls at once to an account whose phone sleeps: four are held
-    # for its push (EVW_MAX_HELD), the others answered 480 at once, pushed
+    # for its push (EVW_MAX_HELD_PER_ACCOUNT), the others answered 480 at once, pushed
     # to no one. Each held call gives its place back when it ends, however.
     async with burst.platform(tmp_path) as (sip_port, _, metrics_port):
         callers = await burst.sipp(
