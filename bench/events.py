@@ -51,9 +51,9 @@ def stream(calls: int, node: str = "kam1", seed: int = 1, start: float | None = 
         )
         end = rng.choice(("call_answered", "call_cancelled", "call_failed"))
         if end == "call_failed":
-            emit(end, call_id=call_id, code=603)
+            emit(end, call_id=call_id, aor=aor, code=603)
         else:
-            emit(end, call_id=call_id)
+            emit(end, call_id=call_id, aor=aor)
         if n % 4 == 0:
             emit(
                 "register",

@@ -261,6 +261,7 @@ class _Call:
     # The next call with the same Call-ID to another account (Call-IDs are
     # the callers' choice: one can name calls to several accounts).
     other: _Call | None = None
+    dropped: bool = False  # forgotten (its expiry entries are stale)
 
 
 @dataclass(slots=True)
@@ -302,7 +303,7 @@ class Engine:
         # Calls by Call-ID; calls sharing a Call-ID are chained (_Call.other).
         self._calls: dict[str, _Call] = {}
         self._call_count = 0
-        self._calls_by_aor: dict[str, list[str]] = {}
+        self._calls_by_aor: dict[str, list[_Call]] = {}  # each account's calls, oldest first
         self._devices: dict[str, dict[str, _Device]] = {}
         self._device_count = 0
         # The device behind each push device's Contact, per account, for as
@@ -465,7 +466,7 @@ class Engine:
         slots = self._expiry_heap
         while slots and slots[0] * _EXPIRY_STEP <= now:
             for when, call in self._expiry_slots.pop(heapq.heappop(slots)):
-                if call.expires == when and self._find(call.call_id, call.aor) is call:
+                if call.expires == when and not call.dropped:
                     self._drop_call(call)
         return out
 
@@ -487,7 +488,9 @@ class Engine:
         return [] if head is None else list(_chain(head))
 
     def _on_start(self, ev: CallStarted, now: float) -> list[Decision]:
-        call = self._find(ev.call_id, ev.aor)
+        call = self._calls.get(ev.call_id)
+        if call is not None and call.aor != ev.aor:
+            call = self._find(ev.call_id, ev.aor)
         if call is None:
             # An end with no account may have come first (older routes).
             call = self._find(ev.call_id, "")
@@ -519,6 +522,9 @@ class Engine:
         )
 
     def _on_end(self, ev: CallEnded, kind: EndKind, code: int | None, now: float) -> list[Decision]:
+        call = self._calls.get(ev.call_id)
+        if call is not None and call.aor == ev.aor and call.other is None:
+            return self._end(call, ev.ts, kind, code, now)  # the usual case: one call with this Call-ID
         calls = self._named(ev.call_id, ev.aor)
         if not calls:
             # The end arrived before the start (reordered) or the call is not
@@ -526,15 +532,19 @@ class Engine:
             calls = [self._new_call(ev.call_id, ev.aor or "")]
         out: list[Decision] = []
         for call in calls:
-            if call.end_ts is not None and call.end_ts <= ev.ts:
-                continue  # the earliest end decides how the call ended
-            call.end_ts = ev.ts
-            call.end = kind
-            call.end_code = code
-            self._set_call_expiry(call, self._ended_expiry(now))
-            if call.started is not None and call.aor in self._devices:
-                out += self._reevaluate(call, now)
+            out += self._end(call, ev.ts, kind, code, now)
         return out
+
+    def _end(self, call: _Call, ts: float, kind: EndKind, code: int | None, now: float) -> list[Decision]:
+        if call.end_ts is not None and call.end_ts <= ts:
+            return []  # the earliest end decides how the call ended
+        call.end_ts = ts
+        call.end = kind
+        call.end_code = code
+        self._set_call_expiry(call, self._ended_expiry(now))
+        if call.started is not None and call.aor in self._devices:
+            return self._reevaluate(call, now)
+        return []
 
     def _on_branch_reply(self, ev: BranchReply, now: float) -> list[Decision]:
         calls = self._named(ev.call_id, ev.aor)
@@ -564,14 +574,10 @@ class Engine:
     def _new_call(self, call_id: str, aor: str) -> _Call:
         s = self.settings
         if aor:
-            ids = self._calls_by_aor.get(aor)
-            if ids is not None and len(ids) >= s.max_calls_per_account:
+            calls = self._calls_by_aor.get(aor)
+            if calls is not None and len(calls) >= s.max_calls_per_account:
                 # The account's oldest call goes, never another account's.
-                oldest = self._find(ids[0], aor)
-                if oldest is not None:
-                    self._drop_call(oldest)
-                else:
-                    ids.pop(0)
+                self._drop_call(calls[0])
                 self._evicted("calls", aor)
                 self.evicted_calls += 1
         if self._call_count >= s.max_calls:
@@ -587,16 +593,21 @@ class Engine:
             call.other = head.other
             head.other = call
         self._call_count += 1
-        self._note_account(call)
+        if aor:
+            calls = self._calls_by_aor.get(aor)  # (an eviction above may have emptied it)
+            if calls is None:
+                self._calls_by_aor[aor] = [call]
+            else:
+                calls.append(call)
         return call
 
     def _note_account(self, call: _Call) -> None:
         if call.aor:
-            ids = self._calls_by_aor.get(call.aor)
-            if ids is None:
-                self._calls_by_aor[call.aor] = [call.call_id]
+            calls = self._calls_by_aor.get(call.aor)
+            if calls is None:
+                self._calls_by_aor[call.aor] = [call]
             else:
-                ids.append(call.call_id)
+                calls.append(call)
 
     def _set_call_expiry(self, call: _Call, when: float) -> None:
         call.expires = when
@@ -621,12 +632,13 @@ class Engine:
                 head = head.other
             head.other = call.other
         call.other = None
+        call.dropped = True
         self._call_count -= 1
-        ids = self._calls_by_aor.get(call.aor)
-        if ids is not None:
+        calls = self._calls_by_aor.get(call.aor)
+        if calls is not None:
             with contextlib.suppress(ValueError):
-                ids.remove(call.call_id)
-            if not ids:
+                calls.remove(call)
+            if not calls:
                 del self._calls_by_aor[call.aor]
 
     def _reevaluate(self, call: _Call, now: float) -> list[Decision]:
@@ -659,14 +671,11 @@ class Engine:
         dev = _Device(reg, dev_key, happened, happened + self.settings.deadline)
         self._store_device(dev)
         self._remember_contact(reg, dev_key)
-        call_ids = self._calls_by_aor.get(reg.aor)
-        if not call_ids:
+        calls = self._calls_by_aor.get(reg.aor)
+        if not calls:
             return []
         out: list[Decision] = []
-        for call_id in list(call_ids):
-            call = self._find(call_id, reg.aor)
-            if call is None:
-                continue
+        for call in list(calls):
             started = call.started
             if started is None or reg.ts < started.ts:
                 continue  # no caller details yet, or registered before the call
@@ -678,7 +687,7 @@ class Engine:
             if call.end_ts is None:
                 # Ringing now, but an end event stamped before this REGISTER
                 # may still be on its way: decide after the settle delay.
-                self._add_pending(dev, call_id)
+                self._add_pending(dev, call.call_id)
             else:
                 out.append(self._decide(call, dev, started))
         return out
@@ -686,9 +695,9 @@ class Engine:
     def _remember_contact(self, reg: Register, dev_key: str) -> None:
         s = self.settings
         table = self._contact_devices
-        contacts = table.pop(reg.aor, None)  # put back last: accounts least recently registered first
+        contacts = table.get(reg.aor)
         if contacts is None:
-            contacts = {}
+            contacts = table[reg.aor] = {}
         elif contacts.pop(reg.contact, None) is not None:
             self._contact_count -= 1
         if len(contacts) >= s.max_devices_per_account:
@@ -696,18 +705,19 @@ class Engine:
             self._contact_count -= 1
             self._evicted("contacts", reg.aor)
             self.evicted_contacts += 1
-        elif self._contact_count >= s.max_devices and table:
-            # The account that registered least recently gives one up.
+        elif self._contact_count >= s.max_devices:
+            # The account first seen longest ago gives one up (its own, when
+            # it is the only one).
             aor, oldest = next(iter(table.items()))
-            del oldest[next(iter(oldest))]
-            if not oldest:
+            if oldest:
+                del oldest[next(iter(oldest))]
+                self._contact_count -= 1
+                self._evicted("contacts", aor)
+                self.evicted_contacts += 1
+            if not oldest and oldest is not contacts:
                 del table[aor]
-            self._contact_count -= 1
-            self._evicted("contacts", aor)
-            self.evicted_contacts += 1
         contacts[reg.contact] = dev_key
         self._contact_count += 1
-        table[reg.aor] = contacts
 
     def _store_device(self, dev: _Device) -> None:
         aor = dev.reg.aor
