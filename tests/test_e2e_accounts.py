@@ -29,7 +29,7 @@ from .e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform
 from .push_services import start_standins
 from .sipp_device import SCENARIOS, free_port
 from .test_e2e_push import TOKEN, iphone_goes_to_sleep
-from .test_e2e_stall import options_rtt
+from .test_e2e_stall import metrics_lines, options_rtt
 
 pytestmark = needs_platform
 
@@ -37,17 +37,23 @@ RINGING_PHONES = burst.HERE / "phone_rings_late.xml"
 
 
 async def sample(port: int, series: str) -> float:
-    """One series of a worker's /metrics, as Prometheus reads it (0 when absent)."""
-    stream = await trio.open_tcp_stream(HOST, port)
-    async with stream:
-        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    for line in data.decode().splitlines():
+    """One series of a worker's /metrics (0 when absent)."""
+    for line in await metrics_lines(port):
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+async def callers_hold(folder: Path, sip_port: int, name: str, calls: int, hold_ms: int) -> trio.Process:
+    """``calls`` calls at once to the account ``target``, each on the line
+    ``hold_ms`` (held or ringing) before its caller gives up; their SIPp
+    logs "held" or "refused" (480 at once) in ``name``.log."""
+    return await burst.sipp(
+        folder, name, sip_port, "-sf", str(SCENARIOS / "callers_hold.xml"),
+        "-m", str(calls), "-r", "1000", "-l", str(calls), "-key", "callee", "target", "-key", "caller_domain",
+        "caller.example.net", "-key", "hold_ms", str(hold_ms), "-cid_str", f"{name}-%u@caller.example.net",
+        "-default_behaviors", "all,-abortunexp", "-timeout", "60",
+    )  # fmt: skip
 
 
 async def emitted(p: Platform) -> int:
@@ -71,12 +77,7 @@ async def test_a_register_flood_to_an_account_with_held_calls_stalls_no_one(tmp_
     # 0.7 s, another account's fake call 9.6 s after its REGISTER.
     defines = ("EVW_MAX_HELD_PER_ACCOUNT=16", "EVW_PUSH_HOLD=60")
     async with burst.platform(tmp_path, defines=defines) as (sip_port, _, metrics_port):
-        holders = await burst.sipp(
-            tmp_path, "holders", sip_port, "-sf", str(SCENARIOS / "callers_hold.xml"),
-            "-m", "16", "-r", "100", "-l", "16", "-key", "callee", "target", "-key", "caller_domain",
-            "caller.example.net", "-key", "hold_ms", "25000", "-cid_str", "held-%u@caller.example.net",
-            "-default_behaviors", "all,-abortunexp", "-timeout", "60",
-        )  # fmt: skip
+        holders = await callers_hold(tmp_path, sip_port, "holders", 16, 25000)
         with trio.fail_after(10):
             while count_lines(tmp_path / "holders.log", "held ") < 16:
                 await trio.sleep(0.05)
@@ -352,12 +353,7 @@ async def test_one_account_holds_a_few_calls_at_most_and_gives_each_back(tmp_pat
     # for its push (EVW_MAX_HELD_PER_ACCOUNT), the others answered 480 at once, pushed
     # to no one. Each held call gives its place back when it ends, however.
     async with burst.platform(tmp_path) as (sip_port, _, metrics_port):
-        callers = await burst.sipp(
-            tmp_path, "holders", sip_port, "-sf", str(SCENARIOS / "callers_hold.xml"),
-            "-m", "16", "-r", "1000", "-l", "16", "-key", "callee", "target", "-key", "caller_domain",
-            "caller.example.net", "-key", "hold_ms", "1000", "-cid_str", "many-%u@caller.example.net",
-            "-default_behaviors", "all,-abortunexp", "-timeout", "30",
-        )  # fmt: skip
+        callers = await callers_hold(tmp_path, sip_port, "holders", 16, 1000)
         await callers.wait()
         log = tmp_path / "holders.log"
         assert (count_lines(log, "held "), count_lines(log, "refused ")) == (4, 12)
@@ -365,11 +361,6 @@ async def test_one_account_holds_a_few_calls_at_most_and_gives_each_back(tmp_pat
         starts = await sample(metrics_port, 'evapi_worker_events_total{node="crowd",type="call_start"}')
         assert 1 <= refused <= 2 and starts == 4  # counted once a second; no call_start, so no push
         # Cancelled, the four gave their places back: four more are held.
-        again = await burst.sipp(
-            tmp_path, "again", sip_port, "-sf", str(SCENARIOS / "callers_hold.xml"),
-            "-m", "4", "-r", "1000", "-l", "4", "-key", "callee", "target", "-key", "caller_domain",
-            "caller.example.net", "-key", "hold_ms", "500", "-cid_str", "again-%u@caller.example.net",
-            "-default_behaviors", "all,-abortunexp", "-timeout", "30",
-        )  # fmt: skip
+        again = await callers_hold(tmp_path, sip_port, "again", 4, 500)
         await again.wait()
         assert count_lines(tmp_path / "again.log", "held ") == 4

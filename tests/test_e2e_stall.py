@@ -64,17 +64,22 @@ async def dropped_on(kam: KamailioProcess) -> int:
     return int((await kamcmd(kam, "htable.get", "evw", "dropped")).split("value: ")[1].split()[0])
 
 
-async def metric(port: int, name: str) -> float:
-    """Sum of a metric's samples on a worker's /metrics."""
+async def metrics_lines(port: int) -> list[str]:
+    """The lines of a worker's /metrics, as Prometheus reads them."""
     stream = await trio.open_tcp_stream(HOST, port)
     async with stream:
         await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := await stream.receive_some(65536):
             data += chunk
+    return data.decode().splitlines()
+
+
+async def metric(port: int, name: str) -> float:
+    """Sum of a metric's samples on a worker's /metrics."""
     return sum(
         float(line.rsplit(" ", 1)[1])
-        for line in data.decode().splitlines()
+        for line in await metrics_lines(port)
         if line.startswith(name + "{") or line.startswith(name + " ")
     )
 
