@@ -85,7 +85,8 @@ _MEANING: Final = {
     "or Kamailio is short of shared memory or of TCP connections: docs/deploy.md)",
     Outcome.TIMEOUT: "the device did not ring in time; cancelled",
     Outcome.NO_RESPONSE: "nothing came back from Kamailio, not even 100 Trying",
-    Outcome.GAVE_UP: "the CANCEL got no final response in time",
+    Outcome.GAVE_UP: "the device did not end the call within 2 s of its CANCEL (it ignores the CANCEL), "
+    "or Kamailio never answered the CANCEL",
 }
 # SIPp's documented exit codes (sipp(1)): anything but 0 is a failure.
 _EXIT_MEANING: Final = {
