@@ -218,6 +218,11 @@ async def test_ordinary_traffic_leaves_no_error_or_warning_in_kamailio_s_log(tmp
             await p.events("call_start", 3)
             nursery.start_soon(p.phones.phone, "uma", IPHONE_UA, "iphone", "phone_rings", 3500, tmp_path / "u.log")
         await p.phones.call("alice", "Alice", "vic", "log-timeout@caller.example.net", SCENARIOS / "caller_held.xml")
+        # Held, given up by its caller, and the iPhone wakes after: its fake
+        # call, quietly (the CANCEL gave the held call's place back).
+        await p.phones.call("alice", "Alice", "wes", "log-held-missed@caller.example.net")
+        await p.phones.phone("wes", IPHONE_UA, "iphone", "phone_rings", 2500, tmp_path / "w.log")
+        assert await p.watch.outcome("log-held-missed@caller.example.net", timeout=5) is Outcome.COMPLETED
         await trio.sleep(1)  # the unregistrations and their events
     noisy = [
         line

@@ -8,6 +8,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import trio
 import trio.testing
 
@@ -320,3 +321,26 @@ async def test_a_stop_in_a_burst_finishes_the_begun_fake_call_and_saves_the_rest
         await run_until(Service(stopping_worker(node, state, fake_sipp(quick), grace=5)), 3, outcomes)
         outer.cancel_scope.cancel()
     assert sorted(outcomes) == [(device, Outcome.COMPLETED) for device in deferred]
+
+
+REGISTER = {
+    "aor": "bob@example.com", "contact": "sip:bob@192.0.2.10:50000", "src_ip": "127.0.0.1", "src_port": 50000,
+    "proto": "udp", "expires": 600, "user_agent": "LinphoneiOS/5.2", "instance": "<urn:uuid:iphone-1>",
+}  # fmt: skip
+
+
+def test_an_action_record_from_before_calls_had_their_account_still_marks_the_call(tmp_path: Path) -> None:
+    # Journals written before calls were named by their account hold
+    # ["a", call_id, device]: the restored worker begins that action no
+    # second time (it retries it, as one begun).
+    j = Journaled(tmp_path / "state")
+    j.handle(j.wire.raw("call_start", T0, call_id="c1", aor="bob@example.com", from_user="alice"), 0.0)
+    j.handle(j.wire.raw("call_cancelled", T0 + 1, call_id="c1"), 1.0)
+    j.handle(j.wire.raw("register", T0 + 2, **REGISTER), 2.0)
+    j.store.close()
+    (journal,) = tmp_path.glob("state.journal.*")
+    payload = msgpack.packb(["a", "c1", "urn:uuid:iphone-1"])
+    with journal.open("ab") as f:
+        f.write(struct.pack(">4sII", b"\xe5EVJ", len(payload), zlib.crc32(payload)) + payload)
+    _, result = restored(tmp_path / "state", 5.0)
+    assert result.deferred == [] and [a.call_id for a in result.in_doubt] == ["c1"]
