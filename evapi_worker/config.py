@@ -128,8 +128,13 @@ class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # (the URL gives the database and login), and followed after a failover.
     sentinels: tuple[str, ...] = ()
     master: str = ""
+    # Seconds Redis may take to connect, log in, or answer a command (past
+    # the time XREAD may block): past it, the link is dead and made again.
+    timeout: float = 3.0
 
     def __post_init__(self) -> None:
+        if not 0.1 <= self.timeout <= 60:
+            raise ValueError("timeout: from 0.1 to 60 seconds")
         try:
             RedisAddress.parse(self.url)
         except ValueError as exc:
@@ -145,7 +150,7 @@ class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     @property
     def target(self) -> RedisTarget:
         sentinels = tuple(parse_hostport(s, "sentinels") for s in self.sentinels)
-        return RedisTarget(RedisAddress.parse(self.url), sentinels, self.master)
+        return RedisTarget(RedisAddress.parse(self.url), sentinels, self.master, self.timeout)
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

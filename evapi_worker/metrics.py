@@ -20,6 +20,7 @@ from .events import EVENT_TYPES, EventErrorReason, RefusedReason
 from .netstring import FramingFault
 from .outcomes import Outcome
 from .push_answers import PushOutcome
+from .redis_client import Lost
 from .shared_claims import ClaimResult
 
 __all__ = [
@@ -159,6 +160,12 @@ class Metrics:
         self.redis_connects = Counter(
             p + "redis_connects", "Connections made to read the events' Redis stream.", registry=r
         )
+        self.redis_lost = Counter(
+            p + "redis_lost",
+            "Connections to Redis that ended or could not be made, by connection (stream, claims) and why.",
+            ["connection", "why"],
+            registry=r,
+        )
         self.wakeup_delay = Histogram(
             p + "wakeup_delay_seconds",
             "From call start (the push) to the late REGISTER.",
@@ -267,8 +274,12 @@ class Metrics:
         0 rather than nothing before the first occurrence. Without ``redis``
         the Redis series are not exported: a 0 would read as Redis down."""
         if not redis:
-            for unused in (self.redis_connected, self.redis_connects):
+            for unused in (self.redis_connected, self.redis_connects, self.redis_lost):
                 self.registry.unregister(unused)
+        else:
+            for connection in ("stream", "claims"):
+                for why in Lost:
+                    self.redis_lost.labels(connection, why)
         for node in nodes:
             for etype in EVENT_TYPES:
                 self.events.init(node, etype)

@@ -39,11 +39,12 @@ class Outbox:
         """Queue ``data`` after everything put before; never waits.
 
         Raises :class:`trio.ClosedResourceError` once the writer has
-        stopped, :class:`OutboxFull` past :attr:`limit` bytes waiting.
+        stopped, :class:`OutboxFull` past :attr:`limit` bytes waiting (one
+        message larger than the limit is taken when nothing waits).
         """
         if self.closed:
             raise trio.ClosedResourceError("the stream's writer has stopped")
-        if len(self._pending) + len(data) > self.limit:
+        if self._pending and len(self._pending) + len(data) > self.limit:
             raise OutboxFull(f"{len(self._pending)} bytes already wait to be sent")
         self._pending += data
         self._wake.set()

@@ -19,6 +19,7 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -41,6 +42,7 @@ from .persistence import StateStore
 from .protocol import Kind, Protocol
 from .push_book import PushBook, PushJob
 from .pusher import Pusher, push_clients
+from .redis_client import Lost
 from .sequence import SequenceTracker
 from .shared_claims import SharedClaims
 from .sipp_runner import SippRunner, remove_stale_folders
@@ -107,13 +109,18 @@ class Service:
         self.source = (
             StreamSource(
                 redis, [node.name for node in config.nodes], self.on_entry,
-                backoff=config.evapi.backoff, on_connected=self._on_redis,
+                backoff=config.evapi.backoff, on_connected=self._on_redis, on_skipped=self._on_entry_skipped,
+                on_lost=partial(self._on_redis_lost, "stream"), max_payload=config.evapi.max_frame,
             )
             if redis is not None
             else None
         )  # fmt: skip
         self.shared_claims = (
-            SharedClaims(redis, _holder(config), backoff=config.evapi.backoff) if redis is not None else None
+            SharedClaims(
+                redis, _holder(config), backoff=config.evapi.backoff, on_lost=partial(self._on_redis_lost, "claims")
+            )
+            if redis is not None
+            else None
         )
         self.actions.shared_claims = self.shared_claims
         self.clocks = NodeClocks(wall_offset=0.0)  # set when running
@@ -183,9 +190,7 @@ class Service:
                     await nursery.start(self.capture.run)
                 if self.config.metrics is not None:
                     host, port = self.config.metrics
-                    self.metrics_port = await nursery.start(
-                        serve_http, host, port, self.metrics.registry, self.liveness.healthy
-                    )
+                    self.metrics_port = await nursery.start(serve_http, host, port, self.metrics.registry, self.healthy)
                 await nursery.start(self.runner.serve)
                 if self.shared_claims is not None:
                     await nursery.start(self.shared_claims.run)
@@ -456,10 +461,30 @@ class Service:
             # a ping answered late behind a backlog is no dead node.
             conn.last_data = now
 
+    def healthy(self) -> tuple[bool, list[str]]:
+        """For ``/healthz``: every node connected and answering and, with
+        [redis], the streams read; else what is not."""
+        ok, down = self.liveness.healthy()
+        if self.source is not None and not self.source.connected:
+            return False, [*down, "redis"]
+        return ok, down
+
     def _on_redis(self, connected: bool) -> None:
         self.metrics.redis_connected.set(1 if connected else 0)
         if connected:
             self.metrics.redis_connects.inc()
+
+    def _on_redis_lost(self, connection: str, why: Lost) -> None:
+        self.metrics.redis_lost.labels(connection, why).inc()
+
+    def _on_entry_skipped(self, node: str, entry_id: str, size: int, now: float) -> None:
+        """A stream entry too large to be an event: counted as evapi's
+        oversized frames are, and its position kept (never read again)."""
+        self.metrics.event_errors.labels(node, FramingFault.OVERSIZED).inc()
+        reason = FramingFault.OVERSIZED
+        self._say(logging.WARNING, "stream entry skipped", node, reason, now, entry=entry_id, bytes=size)
+        if self.store is not None:
+            self.store.note_position(node, entry_id)
 
     def _capture(self, node: str, seq: int | None, payload: bytes, now: float) -> None:
         if self.capture is not None:

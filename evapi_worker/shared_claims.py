@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -26,7 +27,7 @@ import trio
 from .claims import claim_key
 from .evapi_client import Backoff
 from .logs import kv
-from .redis_client import RedisConnection, RedisTarget, RedisUnavailable, stay_connected
+from .redis_client import Lost, RedisConnection, RedisTarget, RedisUnavailable, stay_connected
 from .resp import RedisError
 
 __all__ = ["CLAIM_PREFIX", "ClaimResult", "SharedClaims"]
@@ -36,6 +37,9 @@ log = logging.getLogger("evapi_worker.redis")
 CLAIM_PREFIX: Final = "evw:claim:"
 # A claim's answer is worth this long at most: past it, the node's claim decides.
 _ANSWER_WITHIN: Final = 1.0
+# While no claim is made, a PING this often finds a dead link before a
+# claim waits on it.
+_PING_EVERY: Final = 5.0
 
 
 class ClaimResult(enum.StrEnum):
@@ -49,24 +53,38 @@ class ClaimResult(enum.StrEnum):
 class SharedClaims:
     """Claims in Redis over one connection, kept up; ``nursery.start(run)``."""
 
-    def __init__(self, target: RedisTarget, holder: str, *, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        target: RedisTarget,
+        holder: str,
+        *,
+        backoff: Backoff | None = None,
+        on_lost: Callable[[Lost], None] | None = None,
+    ) -> None:
         self.target = target
         self.holder = holder  # names this worker (stable across its restarts)
         self.connects = 0
         self._backoff = backoff
+        self._on_lost = on_lost
         self._conn: RedisConnection | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         # A connection made is progress: the next one is tried at once.
-        await stay_connected(self.target, "claims", self._hold, lambda: self.connects, self._backoff)
+        await stay_connected(self.target, "claims", self._hold, lambda: self.connects, self._backoff, self._on_lost)
 
     async def _hold(self, conn: RedisConnection) -> None:
-        """Claim over ``conn`` until it closes."""
+        """Claim over ``conn`` until it closes (a dead link is found by the
+        next claim's deadline, or by a PING while none is made)."""
+        await conn.call("PING")
         self._conn = conn
         self.connects += 1
         try:
-            await conn.wait_closed()
+            while True:
+                with trio.move_on_after(_PING_EVERY):
+                    await conn.wait_closed()
+                    return
+                await conn.call("PING")
         finally:
             self._conn = None
 

@@ -9,9 +9,14 @@ it handled (its position, kept in the state file), losing nothing the
 stream still holds. Each entry's payload takes the same path as an evapi
 frame (``on_entry`` is the service's).
 
-The reader blocks in ``XREAD`` on a connection of its own; a lost or
-refused connection is logged, and reading resumes from the same positions
-after a backoff.
+The reader blocks in ``XREAD`` on a connection of its own; a lost,
+silent or refused connection is logged and counted, and reading resumes
+from the same positions after a backoff.
+
+An entry that cannot be an event (its payload longer than an evapi frame
+may be, or more than a reply may hold) is skipped by its id: counted,
+and the position moves past it. It is never read again, by this worker or
+after its restart.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import trio
 
 from .evapi_client import Backoff
 from .logs import kv
-from .redis_client import RedisConnection, RedisTarget, Request, stay_connected
-from .resp import Reply
+from .netstring import DEFAULT_MAX_FRAME
+from .redis_client import Lost, RedisConnection, RedisTarget, Request, stay_connected
+from .resp import Reply, Skipped
 
-__all__ = ["STREAM_PREFIX", "StreamSource", "entries_of", "stream_key"]
+__all__ = ["STREAM_PREFIX", "StreamSource", "entries_of", "entry_order", "stream_key"]
 
 log = logging.getLogger("evapi_worker.redis")
 
@@ -41,6 +47,9 @@ _FRAMES_PER_CHECKPOINT: Final = 32
 
 EntryHandler = Callable[[str, str, bytes, float], None]
 """Called with (node, entry id, payload, receive time) for every entry."""
+
+SkipHandler = Callable[[str, str, int, float], None]
+"""Called with (node, entry id, payload size, receive time) for an entry skipped as too large."""
 
 
 def stream_key(node: str) -> str:
@@ -59,12 +68,19 @@ class StreamSource:
         *,
         backoff: Backoff | None = None,
         on_connected: Callable[[bool], None] | None = None,
+        on_skipped: SkipHandler | None = None,
+        on_lost: Callable[[Lost], None] | None = None,
+        max_payload: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.target = target
         self.nodes = nodes
         self._on_entry = on_entry
         self._backoff = backoff
         self._on_connected = on_connected
+        self._on_skipped = on_skipped
+        self._on_lost = on_lost
+        self.max_payload = max_payload
+        self.skipped = 0  # entries skipped as too large
         # The last entry handled of each node's stream; "$" until known.
         self.positions: dict[str, str] = {}
         self.entries = 0  # entries handed over, over every connection
@@ -79,9 +95,14 @@ class StreamSource:
         task_status.started()
         # Entries read are progress: after a working connection, the next
         # one is tried at once.
-        await stay_connected(self.target, "stream", self._session, lambda: self.entries, self._backoff)
+        await stay_connected(
+            self.target, "stream", self._session, lambda: self.entries + self.skipped, self._backoff, self._on_lost
+        )
 
     async def _session(self, redis: RedisConnection) -> None:
+        # Connected once Redis answers, not once TCP does: a link that
+        # takes connections and forwards nothing is not "connected".
+        await redis.call("PING")
         self._set_connected(True)
         try:
             await self._read(redis)
@@ -103,12 +124,19 @@ class StreamSource:
 
     async def _start_positions(self, redis: RedisConnection) -> None:
         """A stream never read yet is read from its current end (its last
-        entry's id, so nothing appended while reconnecting is skipped)."""
+        entry's id, so nothing appended while reconnecting is skipped). A
+        position past the stream's end (restored from another Redis, or
+        one emptied) would wait for entries newer than it and skip every
+        one before: the stream is read from its end instead."""
         for node in self.nodes:
-            if node in self.positions:
-                continue
             last = await redis.call("XREVRANGE", stream_key(node), "+", "-", "COUNT", 1)
-            self.positions[node] = _entry_ids(last)[-1] if _entry_ids(last) else "0-0"
+            end = _entry_ids(last)[-1] if _entry_ids(last) else "0-0"
+            position = self.positions.get(node)
+            if position is None:
+                self.positions[node] = end
+            elif entry_order(position) > entry_order(end):
+                log.warning("redis stream position past its end %s", kv(node=node, position=position, end=end))
+                self.positions[node] = end
 
     async def _read(self, redis: RedisConnection) -> None:
         await self._start_positions(redis)
@@ -120,14 +148,21 @@ class StreamSource:
 
         def read_on() -> Request:
             ids = [positions[node] for node in self.nodes]
-            return redis.request("XREAD", "COUNT", _BATCH, "BLOCK", _BLOCK_MS, "STREAMS", *keys, *ids)
+            return redis.request(
+                "XREAD", "COUNT", _BATCH, "BLOCK", _BLOCK_MS, "STREAMS", *keys, *ids, block=_BLOCK_MS / 1000
+            )
 
         request = read_on()
         while True:
             reply = await request.result()
-            batch = [(node_of.get(key), entries) for key, entries in entries_of(reply)]
+            batch = []
+            first = True  # the next entry is the reply's first
+            for key, entries in entries_of(reply):
+                if (node := node_of.get(key)) is not None:
+                    batch.append((node, _readable(entries, first)))
+                first = first and not entries
             for node, entries in batch:
-                if node is not None and entries:
+                if entries:
                     positions[node] = entries[-1][0]
             # The next batch is asked for before this one is handled: Redis
             # makes it while the worker works.
@@ -135,9 +170,13 @@ class StreamSource:
             now = trio.current_time()
             handled = 0
             for node, entries in batch:
-                if node is None:
-                    continue
                 for entry_id, payload in entries:
+                    if isinstance(payload, Skipped):
+                        self._skip(node, entry_id, payload.size, now)
+                        continue
+                    if payload is not None and len(payload) > self.max_payload:
+                        self._skip(node, entry_id, len(payload), now)
+                        continue
                     self.entries += 1
                     # An entry without the event field (written by something
                     # else) is rejected as the empty frame it is, and counted.
@@ -147,6 +186,22 @@ class StreamSource:
                         # Let the fake calls decided meanwhile start.
                         await trio.lowlevel.checkpoint()
 
+    def _skip(self, node: str, entry_id: str, size: int, now: float) -> None:
+        self.skipped += 1
+        if self._on_skipped is not None:
+            self._on_skipped(node, entry_id, size, now)
+
+
+def _readable(entries: list[tuple[str, Payload]], first: bool) -> list[tuple[str, Payload]]:
+    """The entries of one stream to handle now: up to the first one the reply
+    had no room left for (read again by the next read, where it comes
+    sooner), unless it was the reply's ``first`` (too large for any reply:
+    skipped)."""
+    for index, (_, payload) in enumerate(entries):
+        if isinstance(payload, Skipped) and not payload.too_long and (index or not first):
+            return entries[:index]
+    return entries
+
 
 def _entry_ids(reply: Reply) -> list[str]:
     if not isinstance(reply, list):
@@ -154,24 +209,39 @@ def _entry_ids(reply: Reply) -> list[str]:
     return [entry[0].decode() for entry in reply if isinstance(entry, list) and entry and isinstance(entry[0], bytes)]
 
 
-def entries_of(reply: Reply) -> list[tuple[bytes, list[tuple[str, bytes | None]]]]:
+Payload = bytes | Skipped | None
+
+
+def entries_of(reply: Reply) -> list[tuple[bytes, list[tuple[str, Payload]]]]:
     """XREAD's reply as (stream key, [(entry id, payload)]); an entry with no
-    ``e`` field (written by something else) has payload None."""
-    out: list[tuple[bytes, list[tuple[str, bytes | None]]]] = []
+    ``e`` field (written by something else) has payload None, one whose
+    payload or fields the reply could not hold has a :class:`~.resp.Skipped`."""
+    out: list[tuple[bytes, list[tuple[str, Payload]]]] = []
     if not isinstance(reply, list):
         return out
     for stream in reply:
         if not (isinstance(stream, list) and len(stream) == 2 and isinstance(stream[0], bytes)):
             continue
-        entries: list[tuple[str, bytes | None]] = []
+        entries: list[tuple[str, Payload]] = []
         for entry in stream[1] if isinstance(stream[1], list) else []:
             if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], bytes)):
                 continue
-            fields = entry[1] if isinstance(entry[1], list) else []
-            payload = next(
-                (v for k, v in zip(fields[::2], fields[1::2], strict=False) if k == b"e" and isinstance(v, bytes)),
-                None,
-            )
-            entries.append((entry[0].decode(), payload))
+            fields = entry[1]
+            payload: Payload
+            if isinstance(fields, Skipped):
+                payload = fields
+            else:
+                pairs = zip(fields[::2], fields[1::2], strict=False) if isinstance(fields, list) else iter(())
+                payload = next((v for k, v in pairs if k == b"e" and isinstance(v, bytes | Skipped)), None)
+            entries.append((entry[0].decode("ascii", "replace"), payload))
         out.append((stream[0], entries))
     return out
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """An entry id (``ms-seq``) as what orders it; a malformed one first."""
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return -1, -1

@@ -16,6 +16,7 @@ from evapi_worker.config import Config
 from evapi_worker.evapi_client import CommandFailure
 from evapi_worker.metrics import DECISIONS, EVENT_ERROR_REASONS, PUSH_RESULTS, SHARED_CLAIM_RESULTS, Metrics
 from evapi_worker.outcomes import Outcome
+from evapi_worker.redis_client import Lost
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = (ROOT / "docs" / "kamailio.md").read_text()
@@ -119,6 +120,7 @@ def test_every_label_value_the_code_counts_by_is_in_the_metrics_doc() -> None:
         ("evapi_worker_pushes_total", list(PUSH_RESULTS)),
         ("evapi_worker_shared_claims_total", list(SHARED_CLAIM_RESULTS)),
         ("evapi_worker_decisions_total", sorted({f"{a}:{r}" for a, r in DECISIONS})),
+        ("evapi_worker_redis_lost_total", [w.value for w in Lost]),
     ]:
         row = _row(doc, metric)
         missing = [v for v in values if f"`{v}`" not in row]

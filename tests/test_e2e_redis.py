@@ -26,6 +26,7 @@ from evapi_worker.stream_source import entries_of, stream_key
 from .e2e_platform import DOMAIN, HOST, needs_platform, reading
 from .helpers import FAST_RECONNECT, needs_redis, promoted, redis_with_sentinel, running_demo
 from .sipp_device import SCENARIOS, free_port, free_sip_port
+from .tcp_proxy import tcp_relay
 from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls, relayed, worker_process
 from .test_hostile_process import metrics_text, sample
 
@@ -185,7 +186,9 @@ async def test_a_node_and_its_worker_follow_a_sentinel_failover(tmp_path: Path) 
                 entries = await conn.call("XRANGE", stream_key(kam.node), "-", "+")
             assert isinstance(entries, list)
             appended = entries_of([[stream_key(kam.node).encode(), entries]])[0][1]
-            assert any(f is not None and msgspec.json.decode(f).get("call_id") == after["lee"] for _, f in appended)
+            assert any(
+                isinstance(f, bytes) and msgspec.json.decode(f).get("call_id") == after["lee"] for _, f in appended
+            )
             assert worker.metrics.value("evapi_worker_events_lost_total", {"node": kam.node}) == 0
             assert worker.metrics.value("evapi_worker_redis_connects_total") >= 2
             nursery.cancel_scope.cancel()
@@ -220,7 +223,7 @@ async def registers_in_stream(url: str, node: str) -> int:
     return sum(
         1
         for entry_id, fields in entries_of([[stream_key(node).encode(), entries]])[0][1]
-        if fields is not None and msgspec.json.decode(fields).get("event") == "register"
+        if isinstance(fields, bytes) and msgspec.json.decode(fields).get("event") == "register"
     )
 
 
@@ -310,3 +313,69 @@ async def test_a_device_registered_on_two_nodes_at_once_gets_one_fake_call(tmp_p
             got = invites(tmp_path / "iphone-one.log") + invites(tmp_path / "iphone-two.log")
             assert got == [call_ids["joy"]], got
             assert relayed(one, call_ids["joy"]) + relayed(two, call_ids["joy"]) == 1
+
+
+async def test_a_redis_link_gone_silent_is_found_and_the_late_iphone_served_within_10_s(tmp_path: Path) -> None:
+    # The worker reaches Redis through a relay whose connections stop
+    # forwarding (no FIN, no RST: a dead NAT entry); new connections work.
+    async with redis_process(tmp_path) as redis, tcp_relay(redis.port) as relay:
+        kam = redis_kamailio(tmp_path / "k", "r6", redis.port)
+        settings = RedisSettings(url=f"redis://127.0.0.1:{relay.port}/0")
+        config = Config(nodes=(address(kam),), evapi=FAST_RECONNECT, redis=settings)
+        async with kam.running(), trio.open_nursery() as nursery:
+            worker, _ = await start_watched_worker(nursery, config)
+            await reading(worker)
+            phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+            relay.freeze()
+            call_ids = await missed_calls(phones, ["mia"], "silent")
+            # The late iPhone stays registered 10 s: its INVITE came within them.
+            await late_iphones(phones, ["mia"], tmp_path, stay_ms=10_000)
+            assert invites(tmp_path / "iphone-mia.log") == [call_ids["mia"]]
+            assert worker.metrics.value("evapi_worker_redis_lost_total", {"connection": "stream", "why": "silent"}) >= 1
+            assert worker.source is not None and worker.source.connected
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_entry_of_64_mib_costs_only_itself_live_and_after_a_restart_with_state(tmp_path: Path) -> None:
+    async with redis_process(tmp_path) as redis:
+        kam = redis_kamailio(tmp_path / "k", "r7", redis.port)
+        config = Config(
+            nodes=(address(kam),), evapi=FAST_RECONNECT, redis=RedisSettings(url=redis.url),
+            state_file=tmp_path / "state",
+        )  # fmt: skip
+        poison = b"x" * (64 * 1024 * 1024)
+
+        async def poisoned() -> None:
+            async with open_redis(RedisAddress.parse(redis.url)) as conn:
+                await conn.call("XADD", stream_key(kam.node), "*", "e", poison)
+
+        async with kam.running():
+            phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+            async with trio.open_nursery() as nursery:
+                first, _ = await start_watched_worker(nursery, config)
+                await reading(first)
+                await poisoned()
+                calls = await missed_calls(phones, ["ned"], "live")
+                await late_iphones(phones, ["ned"], tmp_path, stay_ms=5000)
+                assert invites(tmp_path / "iphone-ned.log") == [calls["ned"]]
+                assert (
+                    first.metrics.value("evapi_worker_event_errors_total", {"node": kam.node, "reason": "oversized"})
+                    == 1
+                )
+                await first.stop()
+                nursery.cancel_scope.cancel()
+            # While no worker runs, another one comes: the next worker, from
+            # the position on disk, skips it as the first did.
+            await poisoned()
+            calls = await missed_calls(phones, ["ola"], "restart")
+            async with trio.open_nursery() as nursery:
+                second, _ = await start_watched_worker(nursery, config)
+                await reading(second)
+                await late_iphones(phones, ["ola"], tmp_path, stay_ms=5000)
+                assert invites(tmp_path / "iphone-ola.log") == [calls["ola"]]
+                assert (
+                    second.metrics.value("evapi_worker_event_errors_total", {"node": kam.node, "reason": "oversized"})
+                    == 1
+                )
+                assert second.metrics.value("evapi_worker_redis_connects_total") == 1
+                nursery.cancel_scope.cancel()

@@ -58,3 +58,10 @@ async def test_a_failed_send_raises_and_closes_the_outbox() -> None:
     assert outbox.closed
     with pytest.raises(trio.ClosedResourceError):
         outbox.put(b"after,")
+
+
+def test_one_message_larger_than_the_limit_is_taken_when_nothing_waits() -> None:
+    outbox = Outbox(limit=100)
+    outbox.put(b"x" * 200)
+    with pytest.raises(OutboxFull):
+        outbox.put(b"y")

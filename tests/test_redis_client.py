@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from evapi_worker.redis_client import RedisAddress, RedisUnavailable, open_redis
+from evapi_worker.redis_client import Lost, RedisAddress, RedisUnavailable, open_redis
 from evapi_worker.redis_process import redis_process
 from evapi_worker.resp import RedisError
 
 from .helpers import needs_redis
+from .tcp_proxy import tcp_relay
 
 pytestmark = needs_redis
 
@@ -91,3 +92,23 @@ async def test_a_refused_login_or_database_is_a_clear_error(tmp_path: Path) -> N
                     pass
         async with open_redis(RedisAddress.parse(f"redis://127.0.0.1:{server.port}/3")) as redis:
             assert await redis.call("PING") == "PONG"  # database 3 exists
+
+
+async def test_a_link_gone_silent_fails_the_connection_within_its_timeout(tmp_path: Path) -> None:
+    # No FIN, no RST: the relay stops forwarding. A reply overdue past the
+    # time the server may hold it (BLOCK) and the timeout fails the
+    # connection, and every call waiting on it, as silent.
+    async with (
+        redis_process(tmp_path) as server,
+        tcp_relay(server.port) as relay,
+        open_redis(RedisAddress("127.0.0.1", relay.port), timeout=0.5) as redis,
+    ):
+        assert await redis.call("PING") == "PONG"
+        # A command the server may hold is given that long, and more.
+        assert await redis.request("BLPOP", "nothing", 1, block=1).result() is None
+        relay.freeze()
+        started = trio.current_time()
+        with pytest.raises(RedisUnavailable) as lost:
+            await redis.call("PING")
+        assert lost.value.lost is Lost.SILENT and not redis.open
+        assert 0.5 <= trio.current_time() - started < 1.5
