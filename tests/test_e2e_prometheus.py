@@ -53,11 +53,16 @@ def test_alert_rules_check_and_pass_their_unit_tests() -> None:
 
 
 def test_dashboard_names_only_metrics_and_labels_the_worker_exports() -> None:
+    from evapi_worker.http_server import MetricsPage
     from evapi_worker.metrics import Metrics
 
     metrics = Metrics()
     metrics.init_series(["n1"], redis=True)
-    exposition = respond("GET", "/metrics", metrics.registry, lambda: (True, [])).decode().split("\r\n\r\n", 1)[1]
+    exposition = (
+        respond("GET", "/metrics", MetricsPage(metrics.registry), lambda: (True, []), 0.0)
+        .decode()
+        .split("\r\n\r\n", 1)[1]
+    )
     samples: dict[str, set[str]] = {}
     for line in exposition.splitlines():
         if line.startswith("#") or not line:

@@ -320,3 +320,34 @@ async def test_a_worker_frozen_past_the_deadline_sends_no_fake_call_late(tmp_pat
             # Awake again, it serves the next late iPhone in time.
             await late_iphone_gets_its_fake_call(tmp_path, server, "after-the-freeze")
         nursery.cancel_scope.cancel()
+
+
+async def test_clients_that_ask_for_metrics_and_never_read_keep_no_health_check_waiting(tmp_path: Path) -> None:
+    # One process, four threads: connect, GET /metrics, close without reading,
+    # as fast as they can for 5 s (bench/http.py; its figures in BENCHMARKS.md).
+    server = EvapiServer()
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        async with running_worker(tmp_path, server) as (_proc, port):
+            await trio.sleep(0.5)  # connected and answering pings
+            flood = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "bench.http", "flood", str(port), "5", "4", "/metrics"],
+                cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE,
+            )  # fmt: skip
+            took = []
+            await trio.sleep(0.5)
+            while flood.poll() is None:
+                status, seconds = await trio.to_thread.run_sync(timed_get, port, "/healthz")
+                assert status == 200
+                took.append(seconds)
+                await trio.sleep(0.1)
+            assert flood.stdout is not None
+            sent = int(await flood.stdout.receive_some())
+            # Every health check answered; nine in ten within 100 ms (each
+            # waited 8.6 s or more when every request made the metrics text).
+            took.sort()
+            assert sent > 1000 and len(took) >= 20, (sent, took)
+            assert took[int(len(took) * 0.9)] < 0.1 and took[-1] < 1, took
+            status, seconds = await trio.to_thread.run_sync(timed_get, port, "/metrics")
+            assert status == 200 and seconds < 1
+        nursery.cancel_scope.cancel()

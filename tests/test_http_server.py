@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import errno
+import socket
 from functools import partial
 
 import pytest
 import trio
 from prometheus_client import CollectorRegistry, Counter
 
-from evapi_worker.http_server import accept_forever, respond, serve_http
+from evapi_worker.http_server import MetricsPage, accept_forever, respond, serve_http
 
 
 def registry() -> CollectorRegistry:
@@ -27,7 +28,7 @@ def down() -> tuple[bool, list[str]]:
 
 
 def test_metrics_in_prometheus_text_format() -> None:
-    reply = respond("GET", "/metrics", registry(), healthy)
+    reply = respond("GET", "/metrics", MetricsPage(registry()), healthy, 0.0)
     head, body = reply.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200 OK")
     assert b"text/plain; version=0.0.4" in head
@@ -35,16 +36,26 @@ def test_metrics_in_prometheus_text_format() -> None:
 
 
 def test_health_says_which_nodes_are_down() -> None:
-    assert respond("GET", "/healthz", registry(), healthy).startswith(b"HTTP/1.1 200 OK")
-    reply = respond("GET", "/healthz?x=1", registry(), down)
+    assert respond("GET", "/healthz", MetricsPage(registry()), healthy, 0.0).startswith(b"HTTP/1.1 200 OK")
+    reply = respond("GET", "/healthz?x=1", MetricsPage(registry()), down, 0.0)
     assert reply.startswith(b"HTTP/1.1 503")
     assert reply.endswith(b"not connected: edge2\n")
 
 
+def test_the_metrics_text_is_made_again_once_a_quarter_second_old() -> None:
+    r = registry()
+    page = MetricsPage(r)
+    first = page.response(10.0)
+    Counter("evapi_worker_later", "Made after the first page.", registry=r).inc()
+    # A flood of requests within its age shares one text: made once.
+    assert all(page.response(10.0 + i / 1000) is first for i in range(200)) and page.made == 1
+    assert b"evapi_worker_later_total 1.0" in page.response(10.25) and page.made == 2
+
+
 def test_other_paths_and_methods() -> None:
-    assert respond("GET", "/", registry(), healthy).startswith(b"HTTP/1.1 404")
-    assert respond("POST", "/metrics", registry(), healthy).startswith(b"HTTP/1.1 405")
-    head = respond("HEAD", "/metrics", registry(), healthy)
+    assert respond("GET", "/", MetricsPage(registry()), healthy, 0.0).startswith(b"HTTP/1.1 404")
+    assert respond("POST", "/metrics", MetricsPage(registry()), healthy, 0.0).startswith(b"HTTP/1.1 405")
+    head = respond("HEAD", "/metrics", MetricsPage(registry()), healthy, 0.0)
     assert head.endswith(b"\r\n\r\n") and b"evapi_worker_test" not in head
 
 
@@ -101,37 +112,38 @@ async def test_a_client_that_sends_nothing_is_closed_after_the_timeout() -> None
         nursery.cancel_scope.cancel()
 
 
-class OutOfDescriptors(trio.abc.Listener[trio.SocketStream]):
-    """A listener whose first accepts fail with EMFILE."""
+class OutOfDescriptors:
+    """A listening socket whose first accepts fail with EMFILE."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, sock: socket.socket, failures: int) -> None:
+        self.sock = sock
         self.failures = failures
         self.accepted = 0
 
-    async def accept(self) -> trio.SocketStream:
-        await trio.lowlevel.checkpoint()
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
         if self.failures:
             self.failures -= 1
             raise OSError(errno.EMFILE, "Too many open files")
         self.accepted += 1
-        await trio.sleep_forever()
-        raise AssertionError
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
+        return self.sock.accept()
 
 
 async def test_out_of_descriptors_on_accept_is_waited_out_not_an_end(caplog: pytest.LogCaptureFixture) -> None:
-    listener = OutOfDescriptors(failures=3)
-
-    async def handle(stream: trio.SocketStream) -> None:
-        raise AssertionError
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(accept_forever, listener, handle)
-        with trio.fail_after(2):
-            while not listener.accepted:
-                await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        sock.setblocking(False)
+        listener = OutOfDescriptors(sock, failures=3)
+        served: list[socket.socket] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_forever, listener, served.append)
+            with socket.create_connection(sock.getsockname()):
+                with trio.fail_after(2):
+                    while not served:
+                        await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        for conn in served:
+            conn.close()
     warnings = [r for r in caplog.records if r.getMessage().startswith("http accept failed")]
     assert len(warnings) == 1  # said once, not once per attempt
