@@ -18,16 +18,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
 import trio
 
 from .bundled import bundled
+from .children import ChildProcess
 from .net import bind_error
 from .sip_values import bracketed
 
 __all__ = [
-    "ChildProcess",
     "DemoError",
     "KamailioProcess",
     "Subscriber",
@@ -142,11 +142,6 @@ class KamailioProcess:
             cmd += ["-A", "EVW_WITH_AUTH"]
         for define in self.defines:
             cmd += ["-A", define]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:
-            # Kamailio ends with the process that started it, even one killed
-            # with SIGKILL: no Kamailio is left holding the demo's ports.
-            cmd = [setpriv, "--pdeathsig", "TERM", *cmd]
         return cmd
 
     async def _prepare(self) -> None:
@@ -183,7 +178,9 @@ class KamailioProcess:
                 )
         await self._prepare()
         with self.log.open("wb") as log:
-            self.process = ChildProcess.start(self.command(), log)
+            # Kamailio ends with the process that started it, even one killed
+            # with SIGKILL: no Kamailio is left holding the demo's ports.
+            self.process = ChildProcess.start(self.command(), stdout=log, stderr=log, death_signal="TERM")
         try:
             with trio.move_on_after(15) as waiting:
                 while True:
@@ -222,40 +219,6 @@ def address_pattern(address: str) -> str:
     if not re.fullmatch(r"[0-9A-Fa-f.:]+", address):
         raise ValueError(f"not an IP address: {address!r}")
     return "^" + address.replace(".", "[.]") + "$"
-
-
-class ChildProcess:
-    """A child process started from this process's main thread.
-
-    ``setpriv --pdeathsig`` ties a child's life to the *thread* that started
-    it. Trio starts processes from a worker thread, which ends after some
-    seconds idle and would take Kamailio with it in the middle of a demo;
-    the main thread lasts as long as the process.
-    """
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self._popen = popen
-        self.pid = popen.pid
-
-    @classmethod
-    def start(cls, command: list[str], log: IO[bytes]) -> ChildProcess:
-        """Start ``command`` in a session of its own, output to ``log``."""
-        popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        return cls(popen)
-
-    @property
-    def returncode(self) -> int | None:
-        return self._popen.poll()
-
-    async def wait(self) -> int:
-        """Wait until it has exited (and reap it)."""
-        fd = os.pidfd_open(self.pid)
-        try:
-            while (code := self._popen.poll()) is None:
-                await trio.lowlevel.wait_readable(fd)
-        finally:
-            os.close(fd)
-        return code
 
 
 async def make_certificate(cert: Path, key: Path, name: str) -> None:

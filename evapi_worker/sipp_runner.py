@@ -9,10 +9,11 @@ so several devices of one call go to different processes; a node gets
 more processes only for that.
 
 SIPp is started with an argument list (never a shell), in its own session
-so that a shutdown kills it and anything it started with one ``killpg``;
-it also exits by itself when the worker's end of the twin socket closes
-(the worker died). Its error log lives in a private temporary folder,
-removed when it ends. No pin key touches the disk.
+so that a shutdown kills it and anything it started with one ``killpg``,
+and tied to the worker's life (children.py): a worker killed with SIGKILL
+leaves no SIPp behind. Its twin socket admits the worker's connection and
+no other (twin_guard.py). Its error log and pid file live in a private
+temporary folder, removed when it ends. No pin key touches the disk.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import logging
 import math
 import os
 import shutil
-import signal
 import socket
-import subprocess
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,9 @@ import msgspec
 import trio
 
 from . import sipp_twin as twin
+from . import twin_guard
 from .bundled import bundled
+from .children import PID_FILE, ChildProcess, end_left_child
 from .logs import kv
 from .net import free_media_port, free_port
 from .outbox import Outbox, OutboxFull
@@ -158,6 +160,10 @@ _START_ATTEMPTS: Final = 3  # a port taken between our check and SIPp's bind
 _EXIT_WAIT: Final = 1.0  # seconds to let SIPp be reaped once its twin socket closed
 
 
+class _TwinTaken(Exception):
+    """Another connection reached SIPp's twin socket before the worker's was alone on it."""
+
+
 class _Sipp:
     """One long-lived SIPp process for one node, and its twin socket."""
 
@@ -206,6 +212,7 @@ class SippRunner:
         self._nursery: trio.Nursery | None = None
         self._jobs = itertools.count(1)
         self._ports_used: set[int] = set()
+        self._warned_unguarded = False
 
     @property
     def running(self) -> int:
@@ -356,17 +363,22 @@ class SippRunner:
             twin_port = free_port("127.0.0.1", socket.SOCK_STREAM)
             media_port = free_media_port(self.settings.local_ip)
             args = self.command(sipp.remote, folder, sipp.port, twin_port, media_port)
+            (folder / PID_FILE).unlink(missing_ok=True)
             try:
                 with (folder / "stderr.log").open("ab") as stderr:
-                    process = await trio.lowlevel.open_process(
-                        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                        cwd=str(folder), start_new_session=True,
-                    )  # fmt: skip
+                    process = ChildProcess.start(args, stderr=stderr, cwd=folder, pid_file=folder / PID_FILE)
             except OSError as exc:
                 sipp.fail_all(f"cannot start SIPp: {exc}")
                 return
             try:
-                stream = await self._connect(process, twin_port)
+                try:
+                    stream = await self._connect(process, twin_port)
+                except _TwinTaken as exc:
+                    log.warning("sipp twin socket taken %s", kv(pid=process.pid, attempt=attempt, peers=str(exc)))
+                    if attempt < _START_ATTEMPTS:
+                        continue
+                    sipp.fail_all("SIPp's twin socket was taken by another connection at each start")
+                    return
                 if stream is None:
                     rc = await process.wait()
                     why = _exit_text(rc, folder)
@@ -406,19 +418,70 @@ class SippRunner:
         self._ports_used.add(port)
         return port
 
-    async def _connect(self, process: trio.Process, port: int) -> trio.SocketStream | None:
-        """The twin socket, once SIPp listens on it; None if SIPp exited first."""
+    async def _connect(self, process: ChildProcess, port: int) -> trio.SocketStream | None:
+        """The twin socket, once SIPp listens on it, guarded (twin_guard.py);
+        None if SIPp exited first. _TwinTaken if another connection got in."""
         with trio.move_on_after(_START_TIMEOUT):
             while process.poll() is None:
                 try:
-                    return await trio.open_tcp_stream("127.0.0.1", port)
-                except OSError:
+                    listener = twin_guard.listener_of(process.pid, port)
+                except twin_guard.GuardUnavailable as exc:
+                    self._unguarded(str(exc))
+                    return await self._connect_unguarded(process, port)
+                if listener is None:
                     await trio.sleep(0.01)
+                    continue
+                with listener:
+                    return await self._connect_guarded(process, port, listener)
         if process.poll() is None:
-            _kill_group(process)
+            process.kill_group()
         return None
 
-    async def _read(self, sipp: _Sipp, stream: trio.SocketStream, process: trio.Process) -> None:
+    async def _connect_guarded(
+        self, process: ChildProcess, port: int, listener: socket.socket
+    ) -> trio.SocketStream | None:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            await sock.bind(("127.0.0.1", 0))
+            ours: tuple[str, int] = sock.getsockname()
+            twin_guard.admit_only(listener, ours)
+            await sock.connect(("127.0.0.1", port))
+            # Once SIPp accepted it, nothing else may have been accepted or be waiting.
+            while True:
+                peers = twin_guard.peers_of(process.pid, port)
+                strangers = [f"{host}:{peer_port}" for host, peer_port in peers if (host, peer_port) != ours]
+                if strangers:
+                    raise _TwinTaken(",".join(strangers))
+                if ours in peers:
+                    break
+                if process.poll() is not None:
+                    sock.close()
+                    return None
+                await trio.sleep(0.005)
+            if twin_guard.queued(listener):
+                raise _TwinTaken("a connection waiting to be accepted")
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
+
+    async def _connect_unguarded(self, process: ChildProcess, port: int) -> trio.SocketStream | None:
+        while process.poll() is None:
+            try:
+                return await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.01)
+        return None
+
+    def _unguarded(self, why: str) -> None:
+        if not self._warned_unguarded:
+            self._warned_unguarded = True
+            log.warning(
+                "sipp twin socket unguarded %s",
+                kv(error=why, meaning="SIPp's twin socket listens on every address: firewall its ports"),
+            )
+
+    async def _read(self, sipp: _Sipp, stream: trio.SocketStream, process: ChildProcess) -> None:
         reader = twin.TwinReader()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_when_idle, sipp, nursery.cancel_scope)
@@ -478,7 +541,7 @@ class SippRunner:
                 scope.cancel()
                 return
 
-    async def _stop(self, process: trio.Process, sipp: _Sipp) -> None:
+    async def _stop(self, process: ChildProcess, sipp: _Sipp) -> None:
         """End SIPp: closing its twin socket makes it exit; kill if it lingers."""
         with trio.CancelScope(shield=True):
             if sipp.stream is not None:
@@ -486,7 +549,7 @@ class SippRunner:
             with trio.move_on_after(1):
                 await process.wait()
             if process.poll() is None:
-                _kill_group(process)
+                process.kill_group()
                 await process.wait()
 
     def command(self, remote: tuple[str, int], folder: Path, port: int, twin_port: int, media_port: int) -> list[str]:
@@ -531,14 +594,23 @@ def _exit_text(rc: int | None, folder: Path) -> str:
 
 def remove_stale_folders(parent: Path | None = None) -> int:
     """Remove run folders left by workers that no longer run (``kill -9``
-    skips their clean-up); returns how many. Folders of live processes,
-    this one's included, are left alone."""
+    skips their clean-up), ending the SIPp a folder's pid file names if it
+    still runs (see children.py); returns how many folders. Folders of live
+    processes, this one's included, and folders not this user's are left
+    alone."""
     parent = parent or Path(tempfile.gettempdir())
     removed = 0
     for folder in parent.glob(f"{_FOLDER_PREFIX}*-*"):
         pid_text = folder.name[len(_FOLDER_PREFIX) :].split("-", 1)[0]
-        if not pid_text.isdigit() or not folder.is_dir() or _alive(int(pid_text)):
+        if not pid_text.isdigit() or _alive(int(pid_text)):
             continue
+        try:
+            info = folder.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            continue
+        end_left_child(folder)
         shutil.rmtree(folder, ignore_errors=True)
         removed += 1
     return removed
@@ -552,12 +624,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process: not ours to judge
     return True
-
-
-def _kill_group(process: trio.Process) -> None:
-    """Kill SIPp and anything it started."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _tail(path: Path, limit: int = 300) -> str:

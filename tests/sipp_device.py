@@ -65,6 +65,22 @@ def fake_starts(folder: Path) -> list[tuple[int, str]]:
     return [(int(pid.removeprefix("pid=")), args.removeprefix("args=")) for pid, args in starts]
 
 
+def sipp_children(parent: int) -> dict[int, int]:
+    """{pid: twin port} of the SIPp processes (any with ``-3pcc``) ``parent`` started."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = (Path("/proc") / entry / "stat").read_text()
+            args = (Path("/proc") / entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rpartition(")")[2].split()[1]) == parent and b"-3pcc" in args:
+            found[int(entry)] = int(args[args.index(b"-3pcc") + 1].rsplit(b":", 1)[1])
+    return found
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` still runs (a zombie does not count)."""
     try:

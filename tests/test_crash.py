@@ -18,7 +18,7 @@ import msgpack
 import trio
 
 from .evapi_server import EvapiServer
-from .sipp_device import fake_runs, fake_sipp
+from .sipp_device import alive, fake_runs, fake_sipp, needs_sipp, sipp_children
 
 CALLS = 6
 
@@ -138,3 +138,37 @@ async def test_damage_in_the_middle_of_the_journal_costs_only_the_damaged_record
     restored = [line for line in log.splitlines() if "state restored" in line][-1]
     assert "journal_events=12" in restored, restored
     assert "journal_skipped=4" in log, log
+
+
+def device(server: EvapiServer, ts: float, i: int) -> bytes:
+    """A REGISTER of bob's iPhone number ``i``."""
+    return server.event(
+        "register", ts, aor="bob@x", contact=f"sip:bob@127.0.0.1:{6000 + i}", src_ip="127.0.0.1",
+        src_port=6000 + i, proto="udp", expires=600, user_agent="LinphoneiOS/5", instance=f"<urn:uuid:{i}>",
+    )  # fmt: skip
+
+
+@needs_sipp
+async def test_kill_9_leaves_no_sipp_behind(tmp_path: Path) -> None:
+    # SIPp ignores SIGTERM and would hold its ports for good after its
+    # worker died: each is started to die with the worker (PDEATHSIG).
+    server = EvapiServer()
+    t0 = time.time() - 5  # the call was cancelled before the iPhones woke
+    async with trio.open_nursery() as nursery:
+        await server.start(nursery)
+        async with worker(tmp_path, server, "--sipp", "sipp") as proc:
+            # Three devices of one call: three SIPp processes (one Call-ID each).
+            await server.send(
+                server.event("call_start", t0, call_id="c0", aor="bob@x", from_user="alice")
+                + server.event("call_cancelled", t0 + 0.5, call_id="c0")
+            )
+            now = time.time()
+            await server.send(b"".join(device(server, now, i) for i in range(3)))
+            with trio.fail_after(15):
+                while len(sipps := sipp_children(proc.pid)) < 3:
+                    await trio.sleep(0.02)
+        # Killed: within two seconds none of its SIPp processes is left.
+        with trio.fail_after(2):
+            while any(alive(pid) for pid in sipps):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()

@@ -8,12 +8,14 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
 from evapi_worker import sip_values
+from evapi_worker.children import PID_FILE, start_time
 from evapi_worker.net import free_port
 from evapi_worker.outcomes import Outcome
 from evapi_worker.sipp_runner import (
@@ -25,7 +27,7 @@ from evapi_worker.sipp_runner import (
     remove_stale_folders,
 )
 
-from .sipp_device import alive, device, fake_runs, fake_sipp, fake_starts, needs_sipp
+from .sipp_device import alive, device, fake_runs, fake_sipp, fake_starts, needs_sipp, sipp_children
 
 pytestmark = needs_sipp
 
@@ -288,3 +290,48 @@ def test_sipp_gets_ipv6_addresses_in_brackets(tmp_path: Path) -> None:
     v4 = SippRunner(SippSettings()).command(("127.0.0.1", 5060), tmp_path, 40000, 40001, 40002)
     assert v4[1] == "127.0.0.1:5060"
     assert v4[v4.index("-3pcc") + 1] == "127.0.0.1:40001"
+
+
+async def test_a_stranger_never_gets_a_connection_to_the_twin_socket(tmp_path: Path) -> None:
+    # SIPp listens for its twin on every address and takes any connection; the
+    # worker's filter lets only its own in. A stranger's SYN is dropped, on
+    # 127.0.0.1 or any other address: no connection, so no call placed and
+    # no fake call's outcome lost; SIPp serves on.
+    async with serving(SippSettings()) as runner, device("phone_rings", tmp_path, calls=2) as dev:
+        with trio.fail_after(20):
+            assert (await run(runner, job(dev.port, "missed", "first@caller"))).outcome is Outcome.COMPLETED
+        ((pid, twin_port),) = sipp_children(os.getpid()).items()
+        for host in ("127.0.0.1", "127.0.0.2"):
+            with pytest.raises(OSError, match="timed out"):
+                await trio.to_thread.run_sync(partial(socket.create_connection, (host, twin_port), timeout=1))
+        with trio.fail_after(20):
+            assert (await run(runner, job(dev.port, "missed", "second@caller"))).outcome is Outcome.COMPLETED
+        assert sipp_children(os.getpid()) == {pid: twin_port}  # the same SIPp, never restarted
+
+
+async def test_the_sipp_a_crashed_worker_left_is_ended_by_its_pid_file_at_the_next_start(tmp_path: Path) -> None:
+    gone = os.getpid() + 1_000_000  # the dead worker
+    left = await trio.lowlevel.open_process(["sleep", "60"], start_new_session=True)
+    stranger = await trio.lowlevel.open_process(["sleep", "60"], start_new_session=True)
+    try:
+        folder = tmp_path / f"evapi-worker-sipp-{gone}-abc"
+        folder.mkdir(mode=0o700)
+        (folder / PID_FILE).write_text(f"{left.pid} {start_time(left.pid)}\n")
+        # A pid file whose start time is not the process's (its pid was given
+        # to another since), and one through a link: that process is left alone.
+        reused = tmp_path / f"evapi-worker-sipp-{gone}-def"
+        reused.mkdir(mode=0o700)
+        (reused / PID_FILE).write_text(f"{stranger.pid} {start_time(stranger.pid) + 1}\n")  # type: ignore[operator]
+        linked = tmp_path / f"evapi-worker-sipp-{gone}-ghi"
+        linked.mkdir(mode=0o700)
+        (tmp_path / "elsewhere").write_text(f"{stranger.pid} {start_time(stranger.pid)}\n")
+        (linked / PID_FILE).symlink_to(tmp_path / "elsewhere")
+        assert remove_stale_folders(tmp_path) == 3
+        with trio.fail_after(5):
+            await left.wait()
+        assert left.returncode == -9 and stranger.poll() is None
+    finally:
+        for proc in (left, stranger):
+            if proc.poll() is None:
+                proc.kill()
+                await proc.wait()
