@@ -34,6 +34,7 @@ import msgpack
 import msgspec
 import trio
 
+from .files import FileProblem, open_regular
 from .logs import kv
 
 __all__ = [
@@ -192,7 +193,7 @@ class CaptureWriter:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
         path = self.settings.folder / f"capture-{stamp}-{os.getpid()}-{int(now * 1000) % 1000:03d}{SUFFIX}"
         # 0600: captures hold push tokens and phone numbers.
-        self._file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+        self._file = os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600), "ab")
         header = {"format": CAPTURE_FORMAT, "version": CAPTURE_VERSION, "created": now}
         data = msgpack.packb(header, use_bin_type=True)
         self._file.write(data)
@@ -214,8 +215,12 @@ def read_capture(
     """Records of one capture file, in order. A malformed record is reported
     in ``problems`` (when given) and skipped; a torn last record too. Push
     notes are added to ``pushes`` (when given) as they are read."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
+    try:
+        fd = open_regular(path)
+    except OSError as exc:
+        raise CaptureError(str(exc) if isinstance(exc, FileProblem) else f"{path}: {exc.strerror or exc}") from None
+    size = os.fstat(fd).st_size
+    with os.fdopen(fd, "rb") as f:
         unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024)
         try:
             header = next(unpacker)

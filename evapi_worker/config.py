@@ -29,6 +29,7 @@ from .capture import CaptureSettings
 from .engine import EngineSettings, Seconds
 from .evapi_client import Backoff, NodeAddress
 from .fcm import FcmSettings
+from .files import FileProblem, read_regular
 from .msgspec_errors import read_problem
 from .netstring import DEFAULT_MAX_FRAME
 from .redis_client import RedisAddress, RedisTarget
@@ -60,6 +61,9 @@ _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
 # (TOML has inf and nan; no setting means them).
 Positive = Annotated[float, msgspec.Meta(ge=0.001, le=86_400)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+_MAX_SETTINGS: Final = 1 << 20  # bytes of a settings file
 
 
 class ConfigError(Exception):
@@ -302,7 +306,9 @@ def _value_at(data: object, path: list[str]) -> object:
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(read_regular(path, _MAX_SETTINGS).decode("utf-8"))
+    except FileProblem as exc:
+        raise ConfigError(str(path), exc.problem) from None
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -114,6 +114,11 @@ class Metrics:
         self.state_errors = Counter(
             p + "state_errors", "State writes that failed, by file (snapshot, journal).", ["file"], registry=r
         )
+        self.state_dropped = Counter(
+            p + "state_dropped_bytes",
+            "Journal bytes removed to keep the journals within their bound while snapshots failed.",
+            registry=r,
+        )
         self.state_skipped = Counter(
             p + "state_skipped",
             "State found damaged at start and skipped: a snapshot set aside, journal records or values.",

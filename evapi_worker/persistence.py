@@ -38,6 +38,7 @@ the old one, so a power cut leaves the previous one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -54,13 +55,17 @@ import msgpack
 import msgspec
 
 from .engine import Act, Decision, Engine
+from .files import FileProblem, open_regular, read_regular
 from .push_book import PushBook
 from .state import STATE_VERSION, Snapshot, StateError, decode_snapshot, encode_snapshot
 
-__all__ = ["Restored", "StateStore"]
+__all__ = ["MAX_JOURNALS", "MAX_SNAPSHOT", "Restored", "StateStore"]
 
 OnError = Callable[[str, OSError], None]
 """Told of a write that failed: ``("journal" | "snapshot", error)``."""
+
+OnDropped = Callable[[Path, int], None]
+"""Told of a journal removed to keep the journals within their bound (path, bytes)."""
 
 Replay = Callable[[str, bytes, float], Sequence[Decision]]
 """Feeds one journaled event (node, payload, engine time) to the engine;
@@ -76,6 +81,10 @@ _ENTRY_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
 
 # Compact once the journals since the last snapshot outgrow it, or this.
 _MIN_COMPACT: Final = 1 << 20
+# The journals on disk, in all (the oldest are removed past it), and the
+# largest snapshot read: bounds on what a start reads.
+MAX_JOURNALS: Final = 32 << 20
+MAX_SNAPSHOT: Final = 1 << 30
 
 # A journal starts with this; each record is framed: _MARK, the payload's
 # length and CRC-32 (big-endian u32 each), the msgpack payload.
@@ -95,6 +104,7 @@ class _Tally:
     events: int = 0
     skipped: int = 0
     positions: dict[str, str] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)  # journals that could not be read
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +121,16 @@ class Restored:
     dropped: int = 0  # snapshot records with impossible values, skipped
     # The last entry handled of each node's Redis stream, to read on from.
     positions: dict[str, str] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)  # journals that could not be read, why
 
 
 class StateStore:
-    def __init__(self, path: Path, wall_offset: float, on_error: OnError) -> None:
+    def __init__(self, path: Path, wall_offset: float, on_error: OnError, on_dropped: OnDropped | None = None) -> None:
         """``wall_offset``: the wall clock minus the engine's clock."""
         self.path = path
         self._wall_offset = wall_offset
         self._on_error = on_error
+        self._on_dropped = on_dropped or (lambda _path, _size: None)
         self._journal = 0  # number of the journal written to now
         self._fd: int | None = None
         self._events: list[tuple[str, float, bytes]] = []
@@ -144,10 +156,12 @@ class StateStore:
         waiting: dict[tuple[str, str, str], Act] = {}
         snapshot: Snapshot | None = None
         try:
-            data = self.path.read_bytes()
+            data = read_regular(self.path, MAX_SNAPSHOT, own=True)
             snapshot, dropped = decode_snapshot(data, str(self.path))
         except FileNotFoundError:
             pass
+        except FileProblem as exc:
+            error = str(exc)
         except OSError as exc:
             error = f"{self.path}: {exc.strerror or exc}"
         except StateError as exc:
@@ -171,8 +185,9 @@ class StateStore:
         in_doubt = [act for key, act in tally.waiting.items() if key in tally.begun]
         self._positions = dict(tally.positions)
         return Restored(
-            calls, tally.events, len(tally.begun), deferred, tally.skipped, in_doubt, error, dropped, tally.positions
-        )
+            calls, tally.events, len(tally.begun), deferred, tally.skipped, in_doubt, error, dropped, tally.positions,
+            tally.problems,
+        )  # fmt: skip
 
     def set_aside(self) -> Path:
         """Move an unusable snapshot out of the way (it would fail again at
@@ -183,7 +198,13 @@ class StateStore:
 
     def _replay(self, path: Path, engine: Engine, replay: Replay, now: float, tally: _Tally) -> None:
         offset: float | None = None
-        for record in _read_records(path):
+        try:
+            records = _read_records(path)
+        except OSError as exc:  # not a regular file of ours, or too large: skipped, said
+            tally.skipped += 1
+            tally.problems.append(str(exc) if isinstance(exc, FileProblem) else f"{path}: {exc.strerror or exc}")
+            return
+        for record in records:
             if record is None:
                 tally.skipped += 1
                 continue
@@ -260,8 +281,8 @@ class StateStore:
 
     @property
     def wants_snapshot(self) -> bool:
-        """Whether the journals outgrew the last snapshot."""
-        return self._journal_bytes > max(_MIN_COMPACT, self._snapshot_bytes)
+        """Whether the journals outgrew the last snapshot (or half their bound)."""
+        return self._journal_bytes > max(_MIN_COMPACT, min(self._snapshot_bytes, MAX_JOURNALS // 2))
 
     def snapshot(
         self, engine: Engine, now: float, actions: list[Act] | None = None, book: PushBook | None = None
@@ -272,6 +293,7 @@ class StateStore:
         self._close_journal()
         self._journal += 1
         self._journal_bytes = 0
+        self._bound_journals()
         # A snapshot allocates a record per call and device, all acyclic: the
         # cycle collector would only rescan them.
         enabled = gc.isenabled()
@@ -293,8 +315,12 @@ class StateStore:
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             data = encode_snapshot(snapshot)
-            # 0600: the state holds push tokens and phone numbers.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # A new file (what a crash left there is removed; a link is
+            # removed, never followed). 0600: the state holds push tokens
+            # and phone numbers.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 _write_all(fd, data)
                 os.fsync(fd)
@@ -328,13 +354,23 @@ class StateStore:
     def _write(self, data: bytes) -> None:
         try:
             if self._fd is None:
-                path = self._journal_path(self._journal)
-                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    self._fd = self._open_journal()
+                except FileProblem as exc:
+                    # Something not ours is there (a link, a FIFO): never
+                    # written through; said, and the next number taken.
+                    self._on_error("journal", exc)
+                    self._journal += 1
+                    self._fd = self._open_journal()
                 data = _MAGIC + _frame([_CLOCK, self._wall_offset]) + data
             _write_all(self._fd, data)
             self._journal_bytes += len(data)
         except OSError as exc:
             self._on_error("journal", exc)
+
+    def _open_journal(self) -> int:
+        path = self._journal_path(self._journal)
+        return open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600, own=True)
 
     def _close_journal(self) -> None:
         if self._fd is not None:
@@ -343,6 +379,30 @@ class StateStore:
                 os.close(fd)
             except OSError as exc:
                 self._on_error("journal", exc)
+
+    def _bound_journals(self) -> None:
+        """Keep the journals on disk within :data:`MAX_JOURNALS` bytes: when
+        snapshots fail (a full disk, a path that cannot be written) they
+        would pile up, and a restart would read them all. The oldest go
+        first, each told to ``on_dropped``."""
+        sizes = []
+        for number, path in self._journals():
+            if number < self._journal:
+                try:
+                    sizes.append((number, path, os.lstat(path).st_size))
+                except OSError:
+                    continue
+        total = sum(size for _, _, size in sizes)
+        for _, path, size in sizes:
+            if total <= MAX_JOURNALS:
+                break
+            try:
+                path.unlink()
+            except OSError as exc:
+                self._on_error("journal", exc)
+                continue
+            total -= size
+            self._on_dropped(path, size)
 
     def _journal_path(self, number: int) -> Path:
         return self.path.with_name(f"{self.path.name}.journal.{number}")
@@ -407,10 +467,12 @@ def _event_time(item: object, offset: float | None, now: float) -> float | None:
 
 def _read_records(path: Path) -> list[list[object] | None]:
     """The records of one journal, None for each damaged stretch (a torn
-    last record, bytes that are no record, a record that is not a list)."""
+    last record, bytes that are no record, a record that is not a list).
+    A journal gone meanwhile has none; one that is not a regular file of
+    this user's, or is larger than all journals may be, raises OSError."""
     try:
-        data = path.read_bytes()
-    except OSError:
+        data = read_regular(path, MAX_JOURNALS, own=True)
+    except FileNotFoundError:
         return []
     if not data.startswith(_MAGIC):
         return _read_unframed(data)

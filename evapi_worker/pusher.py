@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import os
 import re
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from .apns import ApnsClient
 from .claims import push_claim_key
 from .config import ConfigError, PushSettings
 from .fcm import FcmClient, ServiceAccount
+from .files import FileProblem, open_regular
 from .logs import Throttle, kv
 from .metrics import Metrics
 from .push_answers import PushAnswer, PushOutcome, PushResult
@@ -54,17 +56,29 @@ class PushClient(Protocol):
 
 
 _APPLE_ID_RE: Final = re.compile(r"[A-Z0-9]{10}")
+_MAX_KEY_FILE: Final = 64 * 1024  # a .p8 key is 250 bytes, a service account about 2 KiB
 
 
 def _secret(path: Path, key: str) -> bytes:
-    """A key file's bytes; it must be readable here and by no other user."""
+    """A key file's bytes: a regular file (no link followed, a few KiB at
+    most), readable here and by no other user."""
     try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
+        fd = open_regular(path)
+    except FileProblem as exc:
+        raise ConfigError(key, f"{str(path)!r} {exc.problem}") from None
     except OSError as exc:
         raise ConfigError(key, f"{str(path)!r} cannot be read: {exc.strerror or exc}") from None
-    if mode & 0o004:
-        raise ConfigError(key, f"{str(path)!r} is readable by every user (chmod o-rwx it)")
+    try:
+        info = os.fstat(fd)
+        if info.st_mode & 0o004:
+            raise ConfigError(key, f"{str(path)!r} is readable by every user (chmod o-rwx it)")
+        if info.st_size > _MAX_KEY_FILE:
+            raise ConfigError(key, f"{str(path)!r} holds {info.st_size} bytes: not a key file")
+        data = os.read(fd, _MAX_KEY_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(key, f"{str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     return data
 
 

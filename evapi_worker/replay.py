@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ from .clocks import NodeClocks
 from .config import ConfigError, with_changes
 from .engine import Act, Decision, Engine, EngineSettings, Reason
 from .events import TYPE_NAMES, Event, EventError, decode_event
+from .files import FileProblem, open_regular
 from .protocol import Protocol
 
 __all__ = [
@@ -49,7 +51,7 @@ _PROGRESS_EVERY = 100_000
 
 
 def _read_jsonl(path: Path, problems: list[str]) -> Iterator[Record]:
-    with path.open("rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -74,7 +76,8 @@ def _read_jsonl(path: Path, problems: list[str]) -> Iterator[Record]:
 
 
 def _open(path: Path, problems: list[str], pushes: list[PushNote] | None) -> Iterator[Record]:
-    with path.open("rb") as f:
+    # A regular file only: a FIFO would hang the replay, a device never end.
+    with os.fdopen(open_regular(path), "rb") as f:
         first = f.read(1)
     if first in (b"{", b"\n", b" ", b"\r"):
         return _read_jsonl(path, problems)
@@ -90,7 +93,7 @@ def load_records(paths: Iterable[Path], problems: list[str], pushes: list[PushNo
         try:
             streams.append(_open(path, problems, pushes))
         except (OSError, CaptureError) as exc:
-            problems.append(f"{path}: {exc}")
+            problems.append(str(exc) if isinstance(exc, FileProblem) else f"{path}: {exc}")
     if len(streams) == 1:
         return streams[0]
     return heapq.merge(*streams, key=lambda r: r.received)

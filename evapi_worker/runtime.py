@@ -9,6 +9,7 @@ import os
 import shutil
 
 from .config import Config, ConfigError
+from .files import FileProblem, check_private_folder
 from .net import bind_error
 
 __all__ = ["check_runtime", "tune_gc"]
@@ -41,6 +42,10 @@ def check_runtime(config: Config) -> None:
         folder = config.state_file.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError("state_file", f"{str(folder)!r} is not a folder this worker can write in")
+        try:
+            check_private_folder(folder, "the state")
+        except FileProblem as exc:
+            raise ConfigError("state_file", str(exc)) from None
     if config.capture is not None:
         folder = config.capture.folder
         try:
@@ -49,6 +54,10 @@ def check_runtime(config: Config) -> None:
             raise ConfigError("capture.folder", f"{str(folder)!r} cannot be made: {exc.strerror}") from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError("capture.folder", f"{str(folder)!r} is not writable")
+        try:
+            check_private_folder(folder, "the capture")
+        except FileProblem as exc:
+            raise ConfigError("capture.folder", str(exc)) from None
     if config.metrics is not None:
         host, port = config.metrics
         if (problem := bind_error(host, port)) is not None:

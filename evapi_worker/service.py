@@ -20,6 +20,7 @@ import socket
 import time
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -38,7 +39,7 @@ from .http_server import serve_http
 from .logs import Throttle, kv
 from .metrics import Metrics
 from .netstring import FramingFault
-from .persistence import StateStore
+from .persistence import MAX_JOURNALS, StateStore
 from .protocol import Kind, Protocol
 from .push_book import PushBook, PushJob
 from .pusher import Pusher, push_clients
@@ -178,7 +179,9 @@ class Service:
         self._wall_offset = time.time() - trio.current_time()
         self.clocks.wall_offset = self._wall_offset
         if self.config.state_file is not None:
-            self.store = StateStore(self.config.state_file, self._wall_offset, self._on_state_error)
+            self.store = StateStore(
+                self.config.state_file, self._wall_offset, self._on_state_error, self._on_journal_dropped
+            )
             self.actions.on_begin = self._journal_action
         stale = remove_stale_folders()
         if stale:
@@ -274,6 +277,8 @@ class Service:
             self.source.positions.update(
                 {node: entry for node, entry in restored.positions.items() if node in self.source.nodes}
             )
+        for problem in restored.problems:
+            log.warning("journal not restored %s", kv(error=problem))
         if restored.skipped or restored.dropped:
             self.metrics.state_skipped.labels("journal").inc(restored.skipped)
             self.metrics.state_skipped.labels("snapshot").inc(restored.dropped)
@@ -342,6 +347,12 @@ class Service:
         # Called from the writer thread too: a counter and a log line only.
         self.metrics.state_errors.labels(file).inc()
         log.error("state not written %s", kv(file=file, error=str(exc)))
+
+    def _on_journal_dropped(self, path: Path, size: int) -> None:
+        # Snapshots fail (the error is counted there): the journals stay
+        # within their bound, what the oldest held is lost.
+        self.metrics.state_dropped.inc(size)
+        log.error("journal dropped %s", kv(path=str(path), bytes=size, bound=MAX_JOURNALS))
 
     async def _timer(self) -> None:
         while True:

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
+import pytest
 import trio
 import trio.testing
 
+from evapi_worker import persistence
 from evapi_worker.config import Config
 from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Reason
 from evapi_worker.evapi_client import NodeAddress
@@ -344,3 +346,25 @@ def test_an_action_record_from_before_calls_had_their_account_still_marks_the_ca
         f.write(struct.pack(">4sII", b"\xe5EVJ", len(payload), zlib.crc32(payload)) + payload)
     _, result = restored(tmp_path / "state", 5.0)
     assert result.deferred == [] and [a.call_id for a in result.in_doubt] == ["c1"]
+
+
+def test_journals_stay_within_their_bound_while_snapshots_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bound and the compaction threshold scaled down (32 MiB and 1 MiB).
+    monkeypatch.setattr(persistence, "MAX_JOURNALS", 64 * 1024)
+    monkeypatch.setattr(persistence, "_MIN_COMPACT", 8 * 1024)
+    dropped: list[int] = []
+    j = Journaled(tmp_path / "state")
+    j.store = StateStore(tmp_path / "state", 1000.0, j.errors, lambda _path, size: dropped.append(size))
+    (tmp_path / "state.tmp").mkdir()  # every snapshot fails
+    for n in range(3000):
+        j.handle(j.wire.raw("call_start", T0 + n / 1000, call_id=f"c{n}", aor=f"u{n}@example.com", from_user="a"), 0.0)
+        j.store.flush()
+        if j.store.wants_snapshot:
+            assert not j.store.write(j.store.snapshot(j.engine, 0.0))
+    sizes = [path.stat().st_size for path in tmp_path.glob("state.journal.*")]
+    assert sum(sizes) <= 64 * 1024 + 16 * 1024 and dropped and len(sizes) < 20
+    # A restart reads what is left: the newest calls, the oldest dropped (counted).
+    engine, result = restored(tmp_path / "state", 0.0)
+    assert 0 < engine.call_count < 3000 and result.events == engine.call_count
+    kept = {call.call_id for call in engine.export_state().calls}
+    assert "c2999" in kept and "c0" not in kept
