@@ -25,6 +25,7 @@ from pathlib import Path
 
 import trio
 
+from evapi_worker.commands import Hello, encode_command
 from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.net import free_port
@@ -140,6 +141,8 @@ async def _free_rate(sip_port: int, evapi_port: int, events: int, children: int)
                 await trio.sleep(0.05)
     frames: list[bytes] = []
     async with stream:
+        # Events go to connections that said hello (a worker's first command).
+        await stream.send_all(encode_command(Hello(id="bench")))
         await _ask_all(sip_port, events, children, "count")
         decoder = NetstringDecoder()
         with trio.fail_after(120):
@@ -147,7 +150,8 @@ async def _free_rate(sip_port: int, evapi_port: int, events: int, children: int)
                 decoder.receive_data(await stream.receive_some(1 << 20))
                 while (frame := decoder.next_frame()) is not NEED_DATA:
                     assert isinstance(frame, bytes)
-                    frames.append(frame)
+                    if b'"cmd_result"' not in frame:  # the hello's answer
+                        frames.append(frame)
     # Several workers interleave: the span is from the earliest stamp to the latest.
     stamps = [_stamp(f) for f in frames]
     return events / (max(stamps) - min(stamps))

@@ -21,6 +21,7 @@ __all__ = [
     "Claim",
     "Command",
     "CommandTooLarge",
+    "Hello",
     "Message",
     "Pin",
     "Ping",
@@ -37,6 +38,11 @@ class _Command(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, ta
     # unique to this worker instance: an acknowledgement meant for an
     # earlier instance never matches.
     id: str = ""
+
+
+class Hello(_Command, frozen=True, kw_only=True, tag="hello"):
+    """A worker's first command on each connection: the node sends the
+    events only to connections that said it (see docs/kamailio.md)."""
 
 
 class Ping(_Command, frozen=True, kw_only=True, tag="ping"):
@@ -93,8 +99,8 @@ class Claim(_Command, frozen=True, kw_only=True, tag="claim"):
     claim_ttl: int
 
 
-Command: TypeAlias = Ping | Pin | Message | Claim
-COMMAND_NAMES: Final = tuple(str(kind.__struct_config__.tag) for kind in (Ping, Pin, Message, Claim))
+Command: TypeAlias = Hello | Ping | Pin | Message | Claim
+COMMAND_NAMES: Final = tuple(str(kind.__struct_config__.tag) for kind in (Hello, Ping, Pin, Message, Claim))
 """Every command's wire name (a metric label)."""
 
 

@@ -31,7 +31,7 @@ import msgspec
 import trio
 
 from .clocks import PAUSED
-from .commands import Command, CommandTooLarge, command_name, encode_command
+from .commands import Command, CommandTooLarge, Hello, command_name, encode_command
 from .events import CommandResult
 from .logs import kv
 from .netstring import DEFAULT_MAX_FRAME, FramingError, FramingFault, NeedData, NetstringDecoder, OversizedFrame
@@ -261,6 +261,9 @@ class EvapiConnection:
         where = f"{bracketed(self.node.evapi_host)}:{self.node.evapi_port}"
         log.info("evapi connected %s", kv(node=self.node.name, addr=where))
         outbox = self._outbox = Outbox()
+        # First on the connection: the node sends events only to those that
+        # said hello. Its answer is waited for by no one (a ping follows).
+        outbox.put(encode_command(Hello(id=self.next_id())))
         try:
             async with stream, trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, stream, outbox)

@@ -66,7 +66,10 @@ class EvapiServer:
                     command = json.loads(frame)
                     self.commands.append(command)
                     self._notify()
-                    if self.auto_ack:
+                    # A worker's hello is taken silently: this stand-in sends
+                    # events to every connection (the routes' answer to it
+                    # is waited for by no one).
+                    if self.auto_ack and command.get("cmd") != "hello":
                         await self.ack(command["id"], self.ack_ok, stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
@@ -77,8 +80,8 @@ class EvapiServer:
 
     @property
     def actions(self) -> list[dict[str, Any]]:
-        """The commands other than the worker's liveness pings."""
-        return [c for c in self.commands if c["cmd"] != "ping"]
+        """The commands other than the worker's hellos and liveness pings."""
+        return [c for c in self.commands if c["cmd"] not in ("hello", "ping")]
 
     @property
     def stream(self) -> trio.SocketStream:

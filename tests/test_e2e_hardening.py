@@ -8,6 +8,7 @@ import re
 import socket
 from pathlib import Path
 
+import pytest
 import trio
 
 from evapi_worker.config import Config
@@ -15,12 +16,14 @@ from evapi_worker.demo import start_watched_worker
 from evapi_worker.engine import EngineSettings
 from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.kamailio_process import KamailioProcess
+from evapi_worker.netstring import encode
 from evapi_worker.outcomes import Outcome
 from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones, received
 
 from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
 from .helpers import FAST_RECONNECT
 from .sipp_device import SCENARIOS, free_port, free_sip_port
+from .test_e2e_workers import address, invites, kamailio, late_iphones, missed_calls
 
 pytestmark = needs_platform
 
@@ -231,3 +234,33 @@ async def test_ordinary_traffic_leaves_no_error_or_warning_in_kamailio_s_log(tmp
         and not any(pattern.search(line) for pattern in EXPECTED_LOG)
     ]
     assert noisy == []
+
+
+async def test_programs_holding_evapi_connections_keep_no_worker_out_and_get_no_event(tmp_path: Path) -> None:
+    kam = kamailio(tmp_path / "k", "hogs")
+    async with kam.running():
+        # Another program on the allowed address (loopback: any local one)
+        # opens 16 connections, twice evapi's own default places, and reads
+        # nothing; one sends a command without saying hello.
+        hogs = [socket.create_connection((kam.evapi_host, kam.evapi_port)) for _ in range(16)]
+        try:
+            hogs[0].sendall(encode(b'{"cmd":"ping","id":"h1"}'))
+            phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
+            async with trio.open_nursery() as nursery:
+                # A worker (re)starting while they hold on connects and serves.
+                await start_watched_worker(nursery, Config(nodes=(address(kam),), evapi=FAST_RECONNECT))
+                calls = await missed_calls(phones, ["pia"], "hogs")
+                await late_iphones(phones, ["pia"], tmp_path)
+                assert invites(tmp_path / "iphone-pia.log") == [calls["pia"]]
+                nursery.cancel_scope.cancel()
+            # Not one event reached them: no push token read, no write that
+            # could wait on a reader that never reads.
+            for hog in hogs:
+                hog.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    hog.recv(1)
+        finally:
+            for hog in hogs:
+                hog.close()
+    refused = [line for line in kam.log.read_text().splitlines() if "before hello, refused" in line]
+    assert len(refused) == 1, refused

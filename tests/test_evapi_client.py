@@ -159,8 +159,10 @@ async def test_command_is_one_write_and_waits_for_its_ack() -> None:
         await rec.wait_for(lambda: conn.connected)
         result = await conn.send_command(Ping(), timeout=2)
         assert result.ok
-        assert server.commands == [{"cmd": "ping", "id": result.id}]
-        assert server.reads[0].endswith(b",") and server.reads[0].count(b":") >= 1
+        # A hello first on each connection, then the command.
+        assert [c["cmd"] for c in server.commands] == ["hello", "ping"]
+        assert server.commands[1] == {"cmd": "ping", "id": result.id}
+        assert server.reads[-1].endswith(b",") and server.reads[-1].count(b":") >= 1
         nursery.cancel_scope.cancel()
 
 
