@@ -96,7 +96,11 @@ def test_redis_series_are_exported_only_by_a_worker_with_redis() -> None:
     assert exported(Service(Config())) == set()
     with_redis = Service(Config(redis=RedisSettings(url="redis://127.0.0.1:1/0")))
     assert with_redis.metrics.value("evapi_worker_redis_connected") == 0
-    assert exported(with_redis) == {"evapi_worker_redis_connected", "evapi_worker_redis_connects"}
+    assert exported(with_redis) == {
+        "evapi_worker_redis_connected",
+        "evapi_worker_redis_connects",
+        "evapi_worker_redis_lost",
+    }
 
 
 @asynccontextmanager
