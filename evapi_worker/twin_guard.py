@@ -28,7 +28,7 @@ import socket
 import struct
 from typing import Final
 
-__all__ = ["GuardUnavailable", "admit_only", "listener_of", "peers_of", "queued"]
+__all__ = ["GuardUnavailable", "admit_only", "filter_program", "listener_of", "peers_of", "queued"]
 
 _SYS_PIDFD_GETFD: Final = 438  # the same number on every architecture
 _SO_ATTACH_FILTER: Final = 26

@@ -37,13 +37,15 @@ def redis_kamailio(folder: Path, node: str, redis_port: int) -> KamailioProcess:
     return kamailio(folder, node, f'EVW_REDIS="name=evw;addr=127.0.0.1;port={redis_port}"')
 
 
+def kept_state_config(kam: KamailioProcess, url: str, state: Path) -> Config:
+    """A worker reading ``kam``'s stream in Redis at ``url``, its state kept in ``state``."""
+    return Config(nodes=(address(kam),), evapi=FAST_RECONNECT, redis=RedisSettings(url=url), state_file=state)
+
+
 async def test_events_wait_in_redis_for_a_stopped_worker_and_none_is_read_twice(tmp_path: Path) -> None:
     async with redis_process(tmp_path) as redis:
         kam = redis_kamailio(tmp_path / "k", "r1", redis.port)
-        config = Config(
-            nodes=(address(kam),), evapi=FAST_RECONNECT, redis=RedisSettings(url=redis.url),
-            state_file=tmp_path / "state",
-        )  # fmt: skip
+        config = kept_state_config(kam, redis.url, tmp_path / "state")
         async with kam.running():
             phones = Phones(HOST, kam.sip_port, tmp_path, DOMAIN)
             # Events come through Redis, the pin goes over evapi, its
@@ -339,10 +341,7 @@ async def test_a_redis_link_gone_silent_is_found_and_the_late_iphone_served_with
 async def test_an_entry_of_64_mib_costs_only_itself_live_and_after_a_restart_with_state(tmp_path: Path) -> None:
     async with redis_process(tmp_path) as redis:
         kam = redis_kamailio(tmp_path / "k", "r7", redis.port)
-        config = Config(
-            nodes=(address(kam),), evapi=FAST_RECONNECT, redis=RedisSettings(url=redis.url),
-            state_file=tmp_path / "state",
-        )  # fmt: skip
+        config = kept_state_config(kam, redis.url, tmp_path / "state")
         poison = b"x" * (64 * 1024 * 1024)
 
         async def poisoned() -> None:
