@@ -36,6 +36,7 @@ __all__ = [
     "ApnsSettings",
     "apns_payload",
     "tls_context",
+    "utc_text",
 ]
 
 PRODUCTION: Final = "https://api.push.apple.com"
@@ -52,12 +53,14 @@ class ApnsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     team_id: str  # the 10-character Team ID
     url: str | None = None  # replaces both Apple hosts (a stand-in)
     ca_file: Path | None = None  # an extra CA to trust (a stand-in's)
-    expiration: int = 30  # seconds Apple keeps trying to deliver a push
     timeout: float = 5.0  # seconds one push may take
 
 
-def apns_payload(job: PushJob, push_id: str, now: float) -> bytes:
-    """The VoIP payload for ``job``: at most :data:`MAX_PAYLOAD` bytes."""
+def apns_payload(job: PushJob, push_id: str, now: float, expiration: int) -> bytes:
+    """The VoIP payload for ``job``: at most :data:`MAX_PAYLOAD` bytes.
+    Besides what Linphone reads, ``call-start`` (the call's start, UTC, as
+    ``send-time``) and ``pn_ttl`` (seconds the push may be kept) let an app
+    tell a push delivered after its call can have ended."""
     name = job.caller_name
     body = {
         "aps": {
@@ -66,13 +69,19 @@ def apns_payload(job: PushJob, push_id: str, now: float) -> bytes:
             "loc-args": [name],
             "call-id": job.call_id,
             "uuid": push_id,
-            "send-time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now)),
+            "send-time": utc_text(now),
         },
         "from-uri": job.caller_uri,
         "display-name": name,
-        "pn_ttl": 30,
+        "call-start": utc_text(job.ts),
+        "pn_ttl": expiration,
     }
     return msgspec.json.encode(body)
+
+
+def utc_text(when: float) -> str:
+    """A unix time as the payloads write it: ``2026-12-06 12:00:00`` (UTC)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
 
 
 def tls_context(ca_file: Path | None, *, http2_only: bool = False) -> ssl.SSLContext:
@@ -87,8 +96,11 @@ def tls_context(ca_file: Path | None, *, http2_only: bool = False) -> ssl.SSLCon
 class ApnsClient:
     """Sends VoIP pushes; :meth:`aclose` closes its connections."""
 
-    def __init__(self, settings: ApnsSettings, key: bytes, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: ApnsSettings, key: bytes, expiration: int = 30, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
+        self.expiration = expiration  # seconds Apple may keep a push for an offline phone (push.expiration)
         self._key = key
         self._clock = clock
         self._token: tuple[str, float] | None = None  # (JWT, made at)
@@ -120,7 +132,7 @@ class ApnsClient:
         """Send one VoIP push; the answer as the pusher acts on it."""
         push_id = str(uuid.uuid4())
         now = self._clock()
-        payload = apns_payload(job, push_id, now)
+        payload = apns_payload(job, push_id, now, self.expiration)
         if len(payload) > MAX_PAYLOAD:
             return PushAnswer(PushResult.FAILED, 0, "payload too large")
         headers = {
@@ -128,7 +140,11 @@ class ApnsClient:
             "apns-push-type": "voip",
             "apns-topic": job.topic,
             "apns-priority": "10",
-            "apns-expiration": str(int(now) + self.settings.expiration),
+            # Apple keeps the push this long for a phone that is offline (0:
+            # now or never); of several kept, it delivers the latest of the
+            # same collapse id.
+            "apns-expiration": str(int(now) + self.expiration if self.expiration else 0),
+            "apns-collapse-id": job.collapse_id,
             "apns-id": push_id,
             "content-type": "application/json",
         }
@@ -136,7 +152,8 @@ class ApnsClient:
             status, body = await self._client(job.provider).request("POST", f"/3/device/{job.token}", headers, payload)
         except H2Error as exc:
             return PushAnswer(PushResult.RETRY, 0, str(exc))
-        return RULES.classify(status, _reason(body))
+        reason, gone_since = _reason(body)
+        return RULES.classify(status, reason, gone_since)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
@@ -144,12 +161,20 @@ class ApnsClient:
         self._clients.clear()
 
 
-def _reason(body: bytes) -> str:
+def _reason(body: bytes) -> tuple[str, float | None]:
+    """Apple's ``reason``, and the ``timestamp`` of a 410 (milliseconds
+    since 1970: since when the token is gone) as unix time."""
     try:
-        value = msgspec.json.decode(body).get("reason", "") if body else ""
-    except (msgspec.DecodeError, AttributeError):
-        return ""
-    return value if isinstance(value, str) else ""
+        answer = msgspec.json.decode(body) if body else {}
+    except msgspec.DecodeError:
+        return "", None
+    if not isinstance(answer, dict):
+        return "", None
+    reason, stamp = answer.get("reason", ""), answer.get("timestamp")
+    gone_since = None
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool) and 0 < stamp < 1e14:
+        gone_since = stamp / 1000
+    return (reason if isinstance(reason, str) else ""), gone_since
 
 
 # Apple's words (developer.apple.com, "Handling notification responses from APNs").

@@ -5,11 +5,13 @@ frame received, and one note per push the worker had accepted::
 
     {"format": "evapi-worker-capture", "version": 2, "created": <unix time>}
     [node, seq or None, received (unix time), payload bytes]
-    {"push": [sent (unix time), call_id, device, provider, account]}
+    {"push": [sent (unix time), call_id, device, provider, account, seconds kept]}
     ...
 
 The push notes let a replay measure how long each phone took to wake after
-its push, not only after the call started. Version 1 files (frames only)
+its push, not only after the call started, and judge a pushed device's
+REGISTER as the live worker did (its deadline counts from the push). Notes
+without the account or the seconds kept, and version 1 files (frames only),
 are read too.
 
 Records are appended and flushed in batches, so a file can be read while it
@@ -24,11 +26,12 @@ are still handled.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Final, NamedTuple
+from typing import Annotated, Any, Final, NamedTuple, TypeGuard
 
 import msgpack
 import msgspec
@@ -73,6 +76,9 @@ class PushNote(NamedTuple):
     device: str
     provider: str
     aor: str = ""  # the account called ("" in notes written before it was kept)
+    # Seconds the provider may keep it for an offline phone (push.expiration;
+    # None in notes written before it was kept)
+    lasts: float | None = None
 
 
 _Item = tuple[str, int | None, float, bytes] | PushNote
@@ -260,12 +266,22 @@ def read_capture(
 
 
 def _push_note(value: object) -> PushNote | None:
-    if not (isinstance(value, list) and len(value) in (4, 5) and all(isinstance(v, str) for v in value[1:])):
+    if not (isinstance(value, list) and len(value) in (4, 5, 6) and all(isinstance(v, str) for v in value[1:5])):
         return None
     sent = value[0]
-    if not isinstance(sent, int | float) or isinstance(sent, bool):
+    if not _number(sent):
         return None
-    return PushNote(float(sent), *value[1:])
+    lasts = value[5] if len(value) == 6 else None
+    if lasts is not None and not (_number(lasts) and 0 <= lasts <= 3600):
+        return None
+    call_id, device, provider, *aor = value[1:5]
+    return PushNote(
+        float(sent), call_id, device, provider, aor[0] if aor else "", None if lasts is None else float(lasts)
+    )
+
+
+def _number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _record_like(item: object) -> bool:

@@ -113,6 +113,10 @@ class PushSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # Seconds a push is still worth sending (retries stop then, and at the
     # call's end whichever comes first).
     give_up_after: Annotated[float, msgspec.Meta(ge=1, le=600)] = 60.0
+    # Seconds Apple or Google may keep a push for a phone that is offline
+    # (apns-expiration, FCM's ttl); a pushed device's REGISTER answers its
+    # push until then and an engine window more (0: delivered at once or never).
+    expiration: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 30
     max_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 1000  # pushes at once; more wait their account's turn
     # One account's share: pushes at once, and devices kept (past it, the
     # account's least recently registered device is dropped, counted).
@@ -324,8 +328,44 @@ def config_from(data: Mapping[str, Any], names: Mapping[str, str] | None = None)
     if not isinstance(metrics_text, str):
         raise ConfigError((names or {}).get("metrics", "metrics"), 'must be "HOST:PORT" or "off"')
     metrics = parse_metrics(metrics_text, (names or {}).get("metrics", "metrics"))
+    _moved(data)
     config = _convert(data, Config, names=names)
+    _check_push(config, names or {})
     return msgspec.structs.replace(config, nodes=nodes, metrics=metrics)
+
+
+def _moved(data: Mapping[str, Any]) -> None:
+    """Keys that became one setting, named where they went."""
+    push = data.get("push")
+    if not isinstance(push, dict):
+        return
+    for table, key in (("apns", "expiration"), ("fcm", "ttl")):
+        section = push.get(table)
+        if isinstance(section, dict) and key in section:
+            raise ConfigError(
+                f"push.{table}.{key}", "replaced by push.expiration (one setting for APNs, FCM and pushed devices)"
+            )
+
+
+def _check_push(config: Config, names: Mapping[str, str]) -> None:
+    """A push this worker sends must arrive, and its device's REGISTER be
+    answered, while the worker still remembers the call: pushes are sent
+    up to give_up_after from the call's start, may be delivered expiration
+    later, and answered a window after that; the worker remembers a call
+    ring_timeout from its start at least."""
+    push, engine = config.push, config.engine
+    if push.apns is None and push.fcm is None:
+        return
+    needs = push.give_up_after + push.expiration + engine.window
+    if needs > engine.ring_timeout:
+        key = "push.expiration"
+        raise ConfigError(
+            names.get(key, key),
+            f"a push sent up to {push.give_up_after:g} s into a call (push.give_up_after), delivered "
+            f"{push.expiration} s later and answered within the window ({engine.window:g} s) comes "
+            f"{needs:g} s after the call's start, past engine.ring_timeout ({engine.ring_timeout:g} s), "
+            "when the worker may have forgotten the call: lower one of them or raise engine.ring_timeout",
+        )
 
 
 def load_config(path: Path | None) -> Config:

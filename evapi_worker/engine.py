@@ -49,6 +49,7 @@ from .events import (
 )
 
 __all__ = [
+    "MAX_PUSHED",
     "MAX_RANG",
     "Act",
     "Action",
@@ -214,6 +215,9 @@ class CallRecord(msgspec.Struct, frozen=True):
     expires_at: float
     decided: dict[str, bool]  # device -> whether it was given an action
     rang: list[str]
+    # device -> the last moment its REGISTER is still an answer to the push
+    # this worker sent it for the call (engine clock)
+    pushed: dict[str, float] = {}
 
 
 class DeviceRecord(msgspec.Struct, frozen=True):
@@ -235,7 +239,12 @@ class EngineState(msgspec.Struct, frozen=True):
     def shifted(self, offset: float) -> EngineState:
         """The same state with every engine time moved by ``offset``."""
         return EngineState(
-            [msgspec.structs.replace(c, expires_at=c.expires_at + offset) for c in self.calls],
+            [
+                msgspec.structs.replace(
+                    c, expires_at=c.expires_at + offset, pushed={d: t + offset for d, t in c.pushed.items()}
+                )
+                for c in self.calls
+            ],
             [
                 msgspec.structs.replace(d, arrived_at=d.arrived_at + offset, expires_at=d.expires_at + offset)
                 for d in self.devices
@@ -258,6 +267,9 @@ class _Call:
     # Contacts (and their pn-prid) that responded on a branch of the real
     # INVITE: those devices saw the call. Created lazily as well.
     rang: set[str] | None = None
+    # Devices this worker pushed for the call, and until when (engine clock)
+    # a REGISTER of theirs answers that push. Created lazily as well.
+    pushed: dict[str, float] | None = None
     # The next call with the same Call-ID to another account (Call-IDs are
     # the callers' choice: one can name calls to several accounts).
     other: _Call | None = None
@@ -280,6 +292,9 @@ _EXPIRY_STEP: Final = 0.25
 # Keys of devices that answered a branch, kept per call: enough for every
 # device of an account, and a bound on memory per call.
 MAX_RANG: Final = 16
+# Devices pushed per call whose deadline counts from their push: a call is
+# pushed to the account's devices, which the push book bounds far below.
+MAX_PUSHED: Final = 64
 _DEVICE: Final = 1
 _SETTLE: Final = 2
 # Accounts named in one eviction report at most (the rest are counted as "*").
@@ -372,6 +387,7 @@ class Engine:
             CallRecord(
                 c.call_id, c.aor, c.started, c.end_ts, c.end, c.end_code, c.expires,
                 dict(c.decided) if c.decided else {}, sorted(c.rang) if c.rang else [],
+                dict(c.pushed) if c.pushed else {},
             )
             for head in self._calls.values()
             for c in _chain(head)
@@ -395,6 +411,7 @@ class Engine:
             call.started, call.end_ts, call.end, call.end_code = c.started, c.end_ts, c.end, c.end_code
             call.decided = dict(c.decided) or None
             call.rang = set(c.rang) or None
+            call.pushed = dict(list(c.pushed.items())[:MAX_RANG]) or None
             self._set_call_expiry(call, c.expires_at)
         for d in state.devices:
             device = _Device(d.register, d.device, d.arrived_at, d.expires_at, set(d.pending))
@@ -415,6 +432,27 @@ class Engine:
             call.decided[device] = True
             marked = True
         return marked
+
+    def pushed(self, call_id: str, aor: str, device: str, lasts: float, now: float) -> bool:
+        """This worker's push of the call to ``device`` was accepted by its
+        provider at ``now``, which may deliver it up to ``lasts`` seconds
+        later: until then and a window more, a REGISTER of the device
+        answers that push (the window counts from the push's delivery, not
+        from the call's start), and the call is remembered that long.
+        False when the call is unknown or holds its share of pushes."""
+        call = self._find(call_id, aor)
+        if call is None:
+            return False
+        if call.pushed is None:
+            call.pushed = {}
+        elif device not in call.pushed and len(call.pushed) >= MAX_PUSHED:
+            self._evicted("pushed", aor)
+            return False
+        until = now + lasts + self.settings.window
+        call.pushed[device] = until
+        if until + self.settings.settle > call.expires:
+            self._set_call_expiry(call, until + self.settings.settle)
+        return True
 
     # -- input ---------------------------------------------------------
 
@@ -505,7 +543,7 @@ class Engine:
         if call.end_ts is None:
             self._set_call_expiry(call, now + self.settings.ring_timeout)
         else:
-            self._set_call_expiry(call, self._ended_expiry(now))
+            self._set_call_expiry(call, self._ended_expiry(call, now))
         # A device may have registered before this event arrived (reordered).
         if ev.aor not in self._devices:
             return []
@@ -541,7 +579,7 @@ class Engine:
         call.end_ts = ts
         call.end = kind
         call.end_code = code
-        self._set_call_expiry(call, self._ended_expiry(now))
+        self._set_call_expiry(call, self._ended_expiry(call, now))
         if call.started is not None and call.aor in self._devices:
             return self._reevaluate(call, now)
         return []
@@ -565,11 +603,15 @@ class Engine:
                 call.rang.add(dev)
         return []
 
-    def _ended_expiry(self, now: float) -> float:
+    def _ended_expiry(self, call: _Call, now: float) -> float:
         # Kamailio time and monotonic time differ; the settle delay is slack
-        # enough for the milliseconds between an event and its arrival.
+        # enough for the milliseconds between an event and its arrival. A
+        # pushed device may answer its push later than the window.
         s = self.settings
-        return now + s.window + s.settle
+        until = now + s.window
+        if call.pushed:
+            until = max(until, *call.pushed.values())
+        return until + s.settle
 
     def _new_call(self, call_id: str, aor: str) -> _Call:
         s = self.settings
@@ -783,8 +825,16 @@ class Engine:
         if call.rang is not None and not call.rang.isdisjoint(device_keys(dev.reg)):
             return self._decision(call, dev, started, Action.NONE, Reason.RANG)
         assert call.end is not None
-        anchor = call.end_ts if self.settings.anchor is Anchor.END else started.ts
-        if dev.reg.ts - anchor > self.settings.window:
+        until = call.pushed.get(dev.dev) if call.pushed is not None else None
+        if until is not None:
+            # Pushed by this worker: its provider may have delivered the
+            # push late (a phone offline), and the phone shows the call from
+            # the delivery on.
+            late = dev.arrival > until
+        else:
+            anchor = call.end_ts if self.settings.anchor is Anchor.END else started.ts
+            late = dev.reg.ts - anchor > self.settings.window
+        if late:
             return self._decision(call, dev, started, Action.NONE, Reason.TOO_LATE)
         action = Action.FAKE_CALL if self.settings.strategy is Strategy.FAKE_CALL else Action.MESSAGE
         return self._decision(call, dev, started, action, call.end.reason)

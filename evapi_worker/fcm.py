@@ -19,7 +19,7 @@ import jwt
 import msgspec
 import trio
 
-from .apns import tls_context
+from .apns import tls_context, utc_text
 from .http2_client import H2Client, H2Error
 from .push_answers import AnswerRules, PushAnswer, PushResult
 from .push_book import PushJob
@@ -37,7 +37,6 @@ class FcmSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     url: str | None = None  # replaces https://fcm.googleapis.com (a stand-in)
     token_url: str | None = None  # replaces the key's token_uri (a stand-in)
     ca_file: Path | None = None  # an extra CA to trust (a stand-in's)
-    ttl: int = 30  # seconds FCM keeps trying to deliver a message
     timeout: float = 5.0  # seconds one request may take
 
 
@@ -51,12 +50,21 @@ class ServiceAccount(msgspec.Struct, frozen=True):
 
 
 def fcm_message(job: PushJob, ttl: int) -> bytes:
-    """The send request's body: a high-priority data message."""
+    """The send request's body: a high-priority data message, kept ``ttl``
+    seconds for a phone that is offline (of several kept, the latest of the
+    same collapse key is delivered)."""
+    data = {
+        "call-id": job.call_id,
+        "from-uri": job.caller_uri,
+        "display-name": job.caller_name,
+        "call-start": utc_text(job.ts),
+        "pn_ttl": str(ttl),
+    }
     body = {
         "message": {
             "token": job.token,
-            "android": {"priority": "high", "ttl": f"{ttl}s"},
-            "data": {"call-id": job.call_id, "from-uri": job.caller_uri, "display-name": job.caller_name},
+            "android": {"priority": "high", "ttl": f"{ttl}s", "collapse_key": job.collapse_id},
+            "data": data,
         }
     }
     return msgspec.json.encode(body)
@@ -65,8 +73,11 @@ def fcm_message(job: PushJob, ttl: int) -> bytes:
 class FcmClient:
     """Sends data messages; :meth:`aclose` closes its connection."""
 
-    def __init__(self, settings: FcmSettings, account: ServiceAccount, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: FcmSettings, account: ServiceAccount, ttl: int = 30, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
+        self.ttl = ttl  # seconds FCM may keep a message for an offline phone (push.expiration)
         self.account = account
         self._clock = clock
         self._access: tuple[str, float] | None = None  # (token, good until)
@@ -117,7 +128,7 @@ class FcmClient:
         path = f"/v1/projects/{self.account.project_id}/messages:send"
         headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
         try:
-            status, body = await self._http.request("POST", path, headers, fcm_message(job, self.settings.ttl))
+            status, body = await self._http.request("POST", path, headers, fcm_message(job, self.ttl))
         except H2Error as exc:
             return PushAnswer(PushResult.RETRY, 0, str(exc))
         return RULES.classify(status, _error_status(body))

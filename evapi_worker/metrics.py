@@ -20,6 +20,7 @@ from .events import EVENT_TYPES, EventErrorReason, RefusedReason
 from .netstring import FramingFault
 from .outcomes import Outcome
 from .push_answers import PushOutcome
+from .push_book import Refusal
 from .redis_client import Lost
 from .shared_claims import ClaimResult
 
@@ -42,7 +43,7 @@ EVENT_ERROR_REASONS: tuple[str, ...] = tuple(EventErrorReason) + tuple(
 COMMANDS = COMMAND_NAMES
 # The tables kept within bounds: the engine's calls, devices and the
 # contacts it remembers, and the push book.
-EVICTION_TABLES = ("calls", "devices", "contacts", "push_devices")
+EVICTION_TABLES = ("calls", "devices", "contacts", "push_devices", "pushed")
 SIP_REFUSED_REASONS: tuple[str, ...] = tuple(RefusedReason)
 PUSH_PROVIDERS = ("apns", "apns.dev", "fcm")
 PUSH_RESULTS: tuple[str, ...] = tuple(PushOutcome)
@@ -157,6 +158,13 @@ class Metrics:
             registry=r,
         )
         self.push_devices = Gauge(p + "push_devices", "Push devices known, to push when a call starts.", registry=r)
+        self.push_devices_refused = Counter(
+            p + "push_devices_refused",
+            "REGISTERs whose push parameters name no device the worker can push, by reason: provider "
+            "(not apns, apns.dev or fcm), token (not a token of that provider), topic (pn-param names no VoIP topic).",
+            ["reason"],
+            registry=r,
+        )
         self.redis_connected = Gauge(
             p + "redis_connected",
             "1 while the events' Redis stream is read, 0 while it is not (exported only with [redis]).",
@@ -193,7 +201,8 @@ class Metrics:
         self.tracked_devices = Gauge(p + "tracked_devices", "Push devices held in memory.", registry=r)
         self.evictions = Counter(
             p + "evictions",
-            "State dropped (or not kept) to stay under its bounds, by table: calls, devices, contacts, push_devices.",
+            "State dropped (or not kept) to stay under its bounds, by table: calls, devices, contacts, push_devices, "
+            "pushed (a call's pushed devices past 64: their deadline counts from the call's start).",
             ["table"],
             registry=r,
         )
@@ -324,6 +333,8 @@ class Metrics:
                 self.pushes.labels(provider, result)
         for claim in SHARED_CLAIM_RESULTS:
             self.shared_claims.labels(claim)
+        for refusal in Refusal:
+            self.push_devices_refused.labels(refusal.value)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value, 0.0 when it was never set (for tests and summaries)."""

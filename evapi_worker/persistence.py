@@ -76,6 +76,7 @@ _CLOCK: Final = "w"  # ["w", wall clock minus engine clock]: first in every jour
 _EVENTS: Final = "e"  # ["e", [[node, engine time, payload], ...]]: a batch of events
 _ACTION: Final = "a"  # ["a", call_id, device, aor]: an action begins (no aor: a record from before calls had one)
 _POSITIONS: Final = "p"  # ["p", {node: entry id}]: how far each node's Redis stream was read
+_PUSHED: Final = "u"  # ["u", engine time, call_id, aor, device, seconds]: a push accepted, kept that long
 # A Redis stream entry id: milliseconds, a dash, a sequence number.
 _ENTRY_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
 
@@ -230,6 +231,9 @@ class StateStore:
                     tally.begun.add((call_id, aor, device))
                 else:  # every call with that Call-ID, as the engine marked it
                     tally.begun.update(key for key in tally.waiting if key[0] == call_id and key[2] == device)
+            elif kind == _PUSHED and (pushed := _pushed_record(record, offset, now)) is not None:
+                when, call_id, aor, device, lasts = pushed
+                engine.pushed(call_id, aor, device, lasts, when)
             elif kind == _POSITIONS and len(record) == 2 and isinstance(record[1], dict):
                 tally.positions.update(_sound_positions(record[1]))
             else:
@@ -249,6 +253,12 @@ class StateStore:
         event before it, is in the next :meth:`take`; it must be appended
         before anything of the action reaches Kamailio."""
         self._queued.append(self._pending() + _frame([_ACTION, call_id, device, aor]))
+
+    def note_push(self, call_id: str, aor: str, device: str, lasts: float, now: float) -> None:
+        """A push for (call, device) was accepted at ``now`` and may be
+        delivered ``lasts`` seconds later; in the next :meth:`take`, after
+        every event before it."""
+        self._queued.append(self._pending() + _frame([_PUSHED, now, call_id, aor, device, lasts]))
 
     def note_position(self, node: str, entry_id: str) -> None:
         """``node``'s Redis stream was read up to ``entry_id`` (with every
@@ -443,6 +453,20 @@ def _write_all(fd: int, data: bytes) -> None:
 def _action_record(record: list[object]) -> bool:
     """``["a", call_id, device]`` or ``["a", call_id, device, aor]``, strings."""
     return len(record) in (3, 4) and all(isinstance(value, str) for value in record[1:])
+
+
+def _pushed_record(record: list[object], offset: float | None, now: float) -> tuple[float, str, str, str, float] | None:
+    """A push record's (time on the new clock, call_id, aor, device,
+    seconds), or None when it is not one."""
+    if not (len(record) == 6 and offset is not None and _finite(record[1]) and _finite(record[5])):
+        return None
+    call_id, aor, device = record[2], record[3], record[4]
+    if not (isinstance(call_id, str) and isinstance(aor, str) and isinstance(device, str)):
+        return None
+    when, lasts = float(record[1]) + offset, float(record[5])
+    if abs(when - now) >= _SPAN or not 0 <= lasts <= 3600:
+        return None
+    return when, call_id, aor, device, lasts
 
 
 def _finite(value: object) -> TypeGuard[float]:

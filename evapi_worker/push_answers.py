@@ -44,6 +44,9 @@ class PushAnswer:
     result: PushResult
     status: int  # the HTTP status, 0 when no answer came
     reason: str  # the service's reason (APNs' "reason", FCM's error status), or the error
+    # A token that is gone: since when (unix time; APNs' 410 "timestamp"),
+    # if the service said. A device registered again after it is kept.
+    gone_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +57,7 @@ class AnswerRules:
     bad_token: tuple[int, frozenset[str]]  # the status and reasons of a wrong token
     auth: tuple[int, frozenset[str] | None]  # the status (and reasons; None: any) of refused credentials
 
-    def classify(self, status: int, reason: str) -> PushAnswer:
+    def classify(self, status: int, reason: str, gone_since: float | None = None) -> PushAnswer:
         """The service's answer, as the pusher acts on it."""
         if status == 200:
             result = PushResult.SENT
@@ -68,4 +71,4 @@ class AnswerRules:
             result = PushResult.RETRY  # throttled, or the service failed
         else:
             result = PushResult.FAILED
-        return PushAnswer(result, status, reason)
+        return PushAnswer(result, status, reason, gone_since if result is PushResult.UNREGISTERED else None)

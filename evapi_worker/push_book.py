@@ -12,6 +12,8 @@ topic is ``<bundle id>.voip``.
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import heapq
 import re
 import urllib.parse
@@ -24,7 +26,7 @@ import msgspec
 from .devices import device_id, device_keys
 from .events import CallStarted, Register
 
-__all__ = ["PushBook", "PushDevice", "PushJob", "push_target"]
+__all__ = ["PushBook", "PushDevice", "PushJob", "Refusal", "push_target"]
 
 PROVIDERS: Final = ("apns", "apns.dev", "fcm")
 # What may go into a request path or header: checked here, once.
@@ -49,6 +51,7 @@ class PushDevice(msgspec.Struct, frozen=True):
     token: str
     topic: str  # APNs: the VoIP topic; FCM: ""
     expires_at: float
+    registered: float = 0.0  # Kamailio time of the REGISTER that named it (unix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,20 +80,38 @@ class PushJob:
     def caller_name(self) -> str:
         return self.from_name or self.from_user
 
+    @property
+    def collapse_id(self) -> str:
+        """The same for every push to the account (its name not shown):
+        a phone offline through several of its calls is woken once, for
+        the latest."""
+        return "evw-" + hashlib.sha256(self.aor.encode()).hexdigest()[:32]
 
-def push_target(reg: Register) -> tuple[str, str, str] | None:
+
+class Refusal(enum.StrEnum):
+    """Why a REGISTER's push parameters name no device this worker can
+    push (the ``reason`` label of ``push_devices_refused_total``)."""
+
+    PROVIDER = "provider"  # pn-provider is not apns, apns.dev or fcm
+    TOKEN = "token"  # pn-prid is missing, or not a token of that provider
+    TOPIC = "topic"  # pn-param names no VoIP topic (APNs)
+
+
+def push_target(reg: Register) -> tuple[str, str, str] | Refusal:
     """(provider, token, topic) of a REGISTER's RFC 8599 parameters, or
-    None when they do not name a device this worker can push."""
+    why they do not name a device this worker can push."""
     provider = (reg.pn_provider or "").strip().lower()
-    if provider not in PROVIDERS or not reg.pn_prid:
-        return None
-    prid = urllib.parse.unquote(reg.pn_prid.strip())
+    if provider not in PROVIDERS:
+        return Refusal.PROVIDER
+    prid = urllib.parse.unquote((reg.pn_prid or "").strip())
     if provider == "fcm":
-        return (provider, prid, "") if _FCM_TOKEN_RE.fullmatch(prid) else None
+        return (provider, prid, "") if _FCM_TOKEN_RE.fullmatch(prid) else Refusal.TOKEN
     token = _voip_token(prid)
+    if token is None:
+        return Refusal.TOKEN
     topic = _voip_topic(urllib.parse.unquote(reg.pn_param or ""))
-    if token is None or topic is None:
-        return None
+    if topic is None:
+        return Refusal.TOPIC
     return provider, token, topic
 
 
@@ -135,6 +156,7 @@ class PushBook:
         # stale and skipped.
         self._expiry: list[tuple[float, str, str]] = []
         self.refused = 0  # REGISTERs with push parameters this worker cannot use
+        self._refusals: dict[tuple[Refusal, str], int] = {}  # (why, account) -> not reported yet
         self.evicted = 0  # devices dropped or not kept to stay under the bounds
         self._evictions: dict[str, int] = {}  # account -> not reported yet
         # (account, token or "*") -> Kamailio time of its last unregistration
@@ -152,8 +174,8 @@ class PushBook:
         if not reg.pn_provider:
             return
         target = push_target(reg)
-        if target is None:
-            self.refused += 1
+        if isinstance(target, Refusal):
+            self._refused(target, reg.aor)
             return
         if self._ended and self._ended_after(reg, target[1]):
             return  # unregistered after this REGISTER: its event came late
@@ -168,7 +190,7 @@ class PushBook:
             elif self._count >= self.max_devices:
                 self._evicted(reg.aor)  # the new device is not kept
                 return
-        self._put(PushDevice(reg.aor, dev, *target, now + reg.expires))
+        self._put(PushDevice(reg.aor, dev, *target, now + reg.expires, reg.ts))
 
     def call_started(self, ev: CallStarted, now: float) -> list[PushJob]:
         """The pushes a call to ``ev.aor`` needs: one per live device."""
@@ -187,10 +209,26 @@ class PushBook:
             jobs.append(job)
         return jobs
 
-    def forget(self, aor: str, device: str) -> None:
-        """No more pushes to this device until it registers again (its
-        provider said the token is gone or wrong)."""
+    def forget(self, aor: str, device: str, token: str, gone_since: float | None = None) -> bool:
+        """No more pushes to this device until it registers again: its
+        provider said ``token`` is gone or wrong. Kept when it registered
+        since with another token, or (``gone_since``: since when the
+        provider knows the token is gone, unix time) registered again after
+        that moment. Whether it was forgotten."""
+        known = self._devices.get(aor, {}).get(device)
+        if known is None or known.token != token:
+            return False
+        if gone_since is not None and known.registered > gone_since:
+            return False
         self._drop(aor, device)
+        return True
+
+    def take_refusals(self) -> dict[tuple[Refusal, str], int]:
+        """REGISTERs whose push parameters were refused since the last
+        call, by (why, account): a few dozen accounts named at most, the
+        rest under ``*``."""
+        out, self._refusals = self._refusals, {}
+        return out
 
     def take_evictions(self) -> dict[str, int]:
         """Devices dropped or not kept since the last call, by account (a
@@ -217,7 +255,8 @@ class PushBook:
         +sip.instance or token names, or, for ``Contact: *``, every device
         of the account."""
         everything = reg.contact.strip() == "*"
-        target = push_target(reg) if reg.pn_provider else None
+        found = push_target(reg) if reg.pn_provider else None
+        target = None if isinstance(found, Refusal) else found
         if everything:
             self._note_ended((reg.aor, "*"), reg.ts)
         elif target is not None:
@@ -270,6 +309,13 @@ class PushBook:
             self._count -= 1
             if not devices:
                 del self._devices[aor]
+
+    def _refused(self, why: Refusal, aor: str) -> None:
+        self.refused += 1
+        key = (why, aor)
+        if key not in self._refusals and len(self._refusals) >= _EVICTION_ACCOUNTS:
+            key = (why, "*")
+        self._refusals[key] = self._refusals.get(key, 0) + 1
 
     def _evicted(self, aor: str) -> None:
         self.evicted += 1

@@ -7,8 +7,11 @@ answers; the worker's production clients reach them by ``url`` and
 * APNs: ``POST /3/device/<token>``; the provider token (an ES256 JWT whose
   ``kid`` and ``iss`` must match, signed by the key's private half, at most
   an hour old), ``apns-push-type: voip``, a ``.voip`` topic,
-  ``apns-priority: 10``, an ``apns-expiration``, a JSON payload of at most
-  5 KB carrying ``aps.call-id``. Errors as Apple words them.
+  ``apns-priority: 10``, an ``apns-expiration``, a collapse id of at most
+  64 bytes, a JSON payload of at most 5 KB carrying ``aps.call-id``. Errors
+  as Apple words them. A phone can be offline: its last push per app is
+  kept until its ``apns-expiration`` and delivered when it is back, as
+  Apple does.
 * FCM: the OAuth2 token endpoint (a JWT assertion signed RS256 by the
   service account's key, for the firebase.messaging scope) and
   ``POST /v1/projects/<id>/messages:send`` with a token it issued, a
@@ -91,6 +94,14 @@ class ApnsStandIn(_Scripted):
         self.received: list[ReceivedPush] = []
         self.on_push: Callable[[ReceivedPush], None] | None = None
         self._verified: tuple[str, dict[str, Any], dict[str, Any]] | None = None  # (JWT, header, claims)
+        # Phones that are offline: Apple keeps the last push for each of
+        # their apps (topic) until its apns-expiration, and delivers it when
+        # the phone is back; an expired one (or one sent with expiration 0)
+        # is never delivered.
+        self._offline: set[str] = set()
+        self._kept: dict[tuple[str, str], tuple[ReceivedPush, int]] = {}  # (token, topic) -> (push, expiration)
+        self.expired: list[ReceivedPush] = []  # kept, and never delivered: the phone came back too late
+        self.clock: Callable[[], float] = time.time  # Apple's clock, for expirations
 
     def answer(self, token: str, status: int, reason: str) -> None:
         """Answer the next push to ``token`` with ``status`` and Apple's ``reason``."""
@@ -113,9 +124,36 @@ class ApnsStandIn(_Scripted):
         payload = json.loads(body)
         push = ReceivedPush(token, payload["aps"]["call-id"], payload, headers, status, trio.current_time())
         self.received.append(push)
-        if status == 200 and self.on_push is not None:
+        if status != 200:
+            return status, reply
+        if token in self._offline:
+            expiration = int(headers["apns-expiration"])
+            if expiration:  # 0: now or never
+                self._kept[(token, headers["apns-topic"])] = (push, expiration)
+        elif self.on_push is not None:
             self.on_push(push)
         return status, reply
+
+    def goes_offline(self, token: str) -> None:
+        """The phone of ``token`` is out of reach (a tunnel, flight mode):
+        its pushes are kept, not delivered."""
+        self._offline.add(token)
+
+    def comes_online(self, token: str) -> list[ReceivedPush]:
+        """The phone is back: the push kept for each of its apps is
+        delivered (``on_push``) unless its expiration passed; returns those
+        delivered."""
+        self._offline.discard(token)
+        delivered = []
+        for key in [k for k in self._kept if k[0] == token]:
+            push, expiration = self._kept.pop(key)
+            if self.clock() > expiration:
+                self.expired.append(push)
+                continue
+            delivered.append(push)
+            if self.on_push is not None:
+                self.on_push(push)
+        return delivered
 
     def _check(self, headers: dict[str, str], body: bytes) -> Answer | None:
         auth = headers.get("authorization", "")
@@ -144,6 +182,8 @@ class ApnsStandIn(_Scripted):
             return 400, {"reason": "BadPriority"}
         if not headers.get("apns-expiration", "").isdigit():
             return 400, {"reason": "BadExpirationDate"}
+        if len(headers.get("apns-collapse-id", "").encode()) > 64:
+            return 400, {"reason": "BadCollapseId"}
         if len(body) > 5120:
             return 413, {"reason": "PayloadTooLarge"}
         try:
@@ -215,7 +255,8 @@ class FcmStandIn(_Scripted):
             high = message["android"]["priority"] == "high"
         except (ValueError, KeyError, TypeError):
             return 400, {"error": {"code": 400, "status": "INVALID_ARGUMENT"}}
-        if not high or not isinstance(call_id, str):
+        ttl = message["android"].get("ttl", "0s")
+        if not high or not isinstance(call_id, str) or not _fcm_ttl(ttl):
             return 400, {"error": {"code": 400, "status": "INVALID_ARGUMENT"}}
         scripted = self.next(token)
         status, reply = scripted if scripted is not None else (200, {"name": f"projects/{self.project_id}/messages/1"})
@@ -224,6 +265,17 @@ class FcmStandIn(_Scripted):
         if status == 200 and self.on_push is not None:
             self.on_push(push)
         return status, reply
+
+
+def _fcm_ttl(value: object) -> bool:
+    """A duration as FCM takes it: seconds with an ``s``, at most 28 days."""
+    if not isinstance(value, str) or not value.endswith("s"):
+        return False
+    try:
+        seconds = float(value[:-1])
+    except ValueError:
+        return False
+    return 0 <= seconds <= 2_419_200
 
 
 async def serve_standin(

@@ -97,7 +97,7 @@ def push_clients(settings: PushSettings) -> dict[str, PushClient]:
             loaded = None
         if not (isinstance(loaded, ec.EllipticCurvePrivateKey) and isinstance(loaded.curve, ec.SECP256R1)):
             raise ConfigError("push.apns.key_file", f"{str(apns.key_file)!r} is not an APNs token key (.p8, P-256)")
-        client = ApnsClient(apns, key)
+        client = ApnsClient(apns, key, settings.expiration)
         clients["apns"] = clients["apns.dev"] = client
     if (fcm := settings.fcm) is not None:
         data = _secret(fcm.service_account_file, "push.fcm.service_account_file")
@@ -108,7 +108,7 @@ def push_clients(settings: PushSettings) -> dict[str, PushClient]:
             raise ConfigError("push.fcm.service_account_file", f"not a service account key: {exc}") from None
         if not isinstance(private, rsa.RSAPrivateKey):
             raise ConfigError("push.fcm.service_account_file", "its private_key is not an RSA key")
-        clients["fcm"] = FcmClient(fcm, account)
+        clients["fcm"] = FcmClient(fcm, account, settings.expiration)
     return clients
 
 
@@ -328,7 +328,11 @@ class Pusher:
                    reason=answer.reason, result=answer.result.value),
             )  # fmt: skip
             if answer.result in (PushResult.UNREGISTERED, PushResult.BAD_TOKEN):
-                self.book.forget(job.aor, job.device)
+                if not self.book.forget(job.aor, job.device, job.token, answer.gone_since):
+                    log.info(
+                        "push device kept %s",
+                        kv(account=job.aor, device=job.device, why="registered again since the token was refused"),
+                    )
                 return PushOutcome.of(answer.result)
             if answer.result is PushResult.AUTH and not renewed:
                 renewed = True

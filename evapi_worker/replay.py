@@ -160,7 +160,7 @@ def replay(
 ) -> ReplayResult:
     """Feed the records through a fresh engine under virtual time.
     ``pushes`` is the list :func:`load_records` fills with the records."""
-    result = replay_decoded(decode_records(records, progress), settings)
+    result = replay_decoded(decode_records(records, progress), settings, pushes)
     result.pushes = pushes if pushes is not None else []
     return result
 
@@ -186,10 +186,17 @@ def decode_records(records: Iterable[Record], progress: TextIO | None = None) ->
         print(file=progress)
 
 
-def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> ReplayResult:
+def replay_decoded(
+    decoded: Iterable[Decoded], settings: EngineSettings, pushes: list[PushNote] | None = None
+) -> ReplayResult:
     """:func:`replay` for records already decoded (the report replays one
-    capture once per window)."""
+    capture once per window). ``pushes``, read alongside the records (or
+    all at once), reach the engine in time order, as they reached the live
+    one: a pushed device's REGISTER is judged from its push."""
     engine = Engine(settings)
+    pushed = engine.pushed
+    notes: list[tuple[float, int, PushNote]] = []  # noted, not yet given to the engine, by time
+    taken = 0  # how many of ``pushes`` are in ``notes`` or were given
     result = ReplayResult()
     out = result.decisions
     by_type: dict[type, int] = {}
@@ -203,6 +210,15 @@ def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> Repl
     now = 0.0  # the receive time of the record being replayed
     for now, node, event in decoded:
         count += 1
+        if pushes is not None:
+            while taken < len(pushes):
+                note = pushes[taken]
+                if note.lasts is not None:  # older notes do not say how long their push was kept
+                    heapq.heappush(notes, (note.sent, taken, note))
+                taken += 1
+            while notes and notes[0][0] <= now:
+                _, _, note = heapq.heappop(notes)
+                pushed(note.call_id, note.aor, note.device, note.lasts or 0.0, note.sent)
         due = next_deadline()
         if due is not None and due <= now:
             out += tick(now)

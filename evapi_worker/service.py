@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -41,7 +42,7 @@ from .metrics import Metrics
 from .netstring import FramingFault
 from .persistence import MAX_JOURNALS, StateStore
 from .protocol import Kind, Protocol
-from .push_book import PushBook, PushJob
+from .push_book import PushBook, PushJob, Refusal
 from .pusher import Pusher, push_clients
 from .redis_client import Lost
 from .sequence import SequenceTracker
@@ -59,6 +60,12 @@ _HOUSEKEEPING = 0.5
 # Lost events are counted at once but logged at most this often per node: a
 # node dropping events under load would otherwise log a line per gap.
 _LOST_LOG_EVERY = 1.0
+# What the app behind a refused push device gets wrong (docs/configuration.md, "The push").
+_REFUSAL_HINTS: Final = {
+    Refusal.PROVIDER: "pn-provider must be apns, apns.dev or fcm",
+    Refusal.TOKEN: "pn-prid must be the device's token (APNs: hex digits, the VoIP one marked :voip)",
+    Refusal.TOPIC: "pn-param must be TEAMID.BUNDLE.voip (or .remote&voip)",
+}
 
 
 def _holder(config: Config) -> str:
@@ -146,6 +153,8 @@ class Service:
         self._timer_at = math.inf
         self._evictions_unlogged: dict[str, dict[str, int]] = {}  # table -> account -> evictions not logged
         self._evictions_logged_at = -math.inf
+        self._refusals_unlogged: dict[str, dict[str, int]] = {}  # reason -> account -> refusals not logged
+        self._refusals_logged_at = -math.inf
         self._lost_unlogged: dict[str, tuple[int, int]] = {}  # node -> (events, gaps) not yet logged
         self._lost_logged_at = -math.inf
         self._throttle: Throttle[tuple[int, str, str, str]] = Throttle()
@@ -376,6 +385,7 @@ class Service:
             self._log_lost(now)
             self._say_unsaid(now)
             self._count_evictions(now)
+            self._count_refusals(now)
 
     # -- input ---------------------------------------------------------
 
@@ -502,8 +512,15 @@ class Service:
             self._captured(self.capture.record(node, seq, now + self._wall_offset, payload))
 
     def _note_push(self, job: PushJob, now: float) -> None:
+        """A push was accepted: its device's REGISTER answers it until the
+        provider stops trying to deliver it, and a window more."""
+        lasts = self.config.push.expiration
+        self.engine.pushed(job.call_id, job.aor, job.device, lasts, now)
+        if self.store is not None:
+            self.store.note_push(job.call_id, job.aor, job.device, lasts, now)
+            self._journal_soon.set()
         if self.capture is not None:
-            note = PushNote(now + self._wall_offset, job.call_id, job.device, job.provider, job.aor)
+            note = PushNote(now + self._wall_offset, job.call_id, job.device, job.provider, job.aor, lasts)
             self._captured(self.capture.note_push(note))
 
     def _captured(self, queued: bool) -> None:
@@ -583,6 +600,28 @@ class Service:
             log.warning("events lost %s", kv(node=node, count=events, gaps=gaps))
         self._lost_unlogged.clear()
         self._lost_logged_at = now
+
+    def _count_refusals(self, now: float) -> None:
+        """Count the REGISTERs whose push parameters name no device this
+        worker can push, and log them: a line per reason and second at most,
+        naming the accounts (the app to fix is theirs)."""
+        for (refusal, account), count in self.push_book.take_refusals().items():
+            self.metrics.push_devices_refused.labels(refusal.value).inc(count)
+            pending = self._refusals_unlogged.setdefault(refusal.value, {})
+            if account not in pending and len(pending) >= 256:
+                account = "*"  # accounts come from the network: a bounded line
+            pending[account] = pending.get(account, 0) + count
+        if not self._refusals_unlogged or now < self._refusals_logged_at + _LOST_LOG_EVERY:
+            return
+        for why, accounts in self._refusals_unlogged.items():
+            top = sorted(accounts.items(), key=lambda item: -item[1])[:5]
+            log.warning(
+                "push device refused %s",
+                kv(reason=why, count=sum(accounts.values()), hint=_REFUSAL_HINTS[Refusal(why)],
+                   accounts=",".join(f"{account}:{n}" for account, n in top), more_accounts=len(accounts) - len(top)),
+            )  # fmt: skip
+        self._refusals_unlogged.clear()
+        self._refusals_logged_at = now
 
     def _count_evictions(self, now: float) -> None:
         """Count what the engine and the push book dropped to stay in their

@@ -76,6 +76,9 @@ ack_timeout = 0.5
         ("[redis]\nurl = 'http://127.0.0.1:6379'", "redis.url"),
         ("[redis]\nurl = 'redis://127.0.0.1:6379/zero'", "redis.url"),
         ("[redis]\nhost = '127.0.0.1'", "redis.host"),
+        ("[push]\nexpiration = -1", "push.expiration"),
+        ("[push.apns]\nexpiration = 30", "push.apns.expiration"),  # one setting now: push.expiration
+        ("[push.fcm]\nttl = 30", "push.fcm.ttl"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
@@ -234,3 +237,16 @@ def test_start_up_problems_are_one_line_and_exit_2_before_anything_runs(
     err = capsys.readouterr().err
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and key in err, err
+
+
+_APNS = "[push.apns]\nkey_file = '/k.p8'\nkey_id = 'ABC123DEFG'\nteam_id = 'TEAM123456'\n"
+
+
+def test_a_push_that_can_arrive_after_the_worker_forgets_its_call_is_refused(tmp_path: Path) -> None:
+    # 60 s of retries + 30 s kept by Apple + a 15 s window fit in 180 s of ringing remembered.
+    assert load_config(write(tmp_path, _APNS)).push.expiration == 30
+    with pytest.raises(ConfigError, match=r"120 s after the call's start, past engine.ring_timeout \(100 s\)") as info:
+        load_config(write(tmp_path, "[engine]\nring_timeout = 100\n[push]\nexpiration = 45\n" + _APNS))
+    assert info.value.key == "push.expiration"
+    # Without push credentials the worker sends no push: nothing to check.
+    assert load_config(write(tmp_path, "[engine]\nring_timeout = 10\n")).engine.ring_timeout == 10

@@ -510,3 +510,57 @@ def test_an_accounts_flood_of_devices_evicts_its_own_oldest_never_anothers() -> 
     assert evictions == {("devices", "mallory@example.com"): 7, ("contacts", "mallory@example.com"): 7}
     out = run(e, (2.0, w.start(T0 + 20)), (3.0, w.cancelled(T0 + 21)), (4.0, w.register(T0 + 22)))
     assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
+
+
+# -- a device this worker pushed: its deadline counts from the push ----------
+
+
+def test_a_pushed_device_is_served_until_its_push_can_have_arrived_and_a_window_more() -> None:
+    # The push was accepted 0.05 s into the call; Apple may hold it 30 s for
+    # a phone in a tunnel. The caller gave up at 1 s.
+    w, e = Wire(), Engine(EngineSettings(window=15.0))
+    run(e, (0.0, w.start(T0)))
+    assert e.pushed("call-1", "bob@example.com", "urn:uuid:iphone-1", 30.0, 0.05)
+    run(e, (1.0, w.cancelled(T0 + 1)))
+    # Long past the window from the start, the push delivered at 20 s: the fake call.
+    out = run(e, (20.5, w.register(T0 + 20.5)))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
+    # Another device of the account, not pushed by this worker: today's window.
+    out = run(e, (21.0, w.register(T0 + 21, instance="<urn:uuid:ipad>", contact="sip:ipad@192.0.2.11:5060")))
+    assert [(d.device, d.reason) for d in out] == [("urn:uuid:ipad", "too_late")]
+
+
+def test_a_pushed_device_registering_after_its_push_expired_and_a_window_gets_nothing() -> None:
+    w, e = Wire(), Engine(EngineSettings(window=15.0))
+    run(e, (0.0, w.start(T0)))
+    e.pushed("call-1", "bob@example.com", "urn:uuid:iphone-1", 30.0, 0.05)
+    run(e, (1.0, w.cancelled(T0 + 1)))
+    # The call is remembered until then (not the window's 16.5 s)...
+    assert e.tick(45.0) == [] and e.call_count == 1
+    out = run(e, (45.1, w.register(T0 + 45.1)))
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "too_late")]
+    # ...and forgotten after it.
+    e.tick(46.0)
+    assert e.call_count == 0
+
+
+def test_a_pushed_device_waking_while_the_call_rings_gets_the_real_call() -> None:
+    w, e = Wire(), Engine(EngineSettings(window=15.0, settle=0.5))
+    run(e, (0.0, w.start(T0)))
+    e.pushed("call-1", "bob@example.com", "urn:uuid:iphone-1", 30.0, 0.05)
+    out = run(e, (20.0, w.register(T0 + 20)), (20.5, w.cancelled(T0 + 25)))
+    assert [(d.action, d.reason) for d in out] == [(Action.NONE, "ringing")]
+
+
+def test_pushes_survive_export_and_import_on_another_clock() -> None:
+    w, e = Wire(), Engine(EngineSettings(window=15.0))
+    run(e, (0.0, w.start(T0)), (1.0, w.cancelled(T0 + 1)))
+    e.pushed("call-1", "bob@example.com", "urn:uuid:iphone-1", 30.0, 0.05)
+    state = e.export_state()
+    assert state.calls[0].pushed == {"urn:uuid:iphone-1": 45.05}
+    again = Engine(EngineSettings(window=15.0))
+    again.import_state(state.shifted(100.0))  # a new process whose clock reads 100 s more
+    out = run(again, (120.5, w.register(T0 + 20.5)))
+    assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
+    # A push for a call the engine does not know is not kept.
+    assert not again.pushed("nobody", "bob@example.com", "urn:uuid:iphone-1", 30.0, 121.0)

@@ -368,3 +368,23 @@ def test_journals_stay_within_their_bound_while_snapshots_fail(tmp_path: Path, m
     assert 0 < engine.call_count < 3000 and result.events == engine.call_count
     kept = {call.call_id for call in engine.export_state().calls}
     assert "c2999" in kept and "c0" not in kept
+
+
+@pytest.mark.parametrize("pushed", [True, False])
+def test_a_push_accepted_before_a_crash_still_counts_from_the_push(tmp_path: Path, pushed: bool) -> None:
+    # Journaled with the events: after a restart, a REGISTER answering the
+    # push is judged from the push, as the live worker would have.
+    j = Journaled(tmp_path / "state")
+    j.handle(j.wire.raw("call_start", T0, call_id="c1", aor="bob@example.com", from_user="alice"), 0.0)
+    j.store.write(j.store.snapshot(j.engine, 0.02))
+    if pushed:
+        j.engine.pushed("c1", "bob@example.com", "urn:uuid:iphone-1", 30.0, 0.05)
+        j.store.note_push("c1", "bob@example.com", "urn:uuid:iphone-1", 30.0, 0.05)
+    j.handle(j.wire.raw("call_cancelled", T0 + 1, call_id="c1", aor="bob@example.com"), 1.0)
+    j.store.flush()  # then kill -9
+    engine, result = restored(tmp_path / "state", 0.0, wall_offset=1010.0)  # restarted 10 s later
+    assert result.skipped == 0
+    out = engine.handle(j.wire.register(T0 + 20.5), 10.5)
+    assert [(d.action.value, d.reason) for d in out] == (
+        [("fake_call", Reason.MISSED)] if pushed else [("none", Reason.TOO_LATE)]
+    )

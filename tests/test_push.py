@@ -15,21 +15,24 @@ import jwt
 import pytest
 import trio
 import trio.testing
+from prometheus_client import generate_latest
 
 from evapi_worker.apns import ApnsSettings
-from evapi_worker.config import ConfigError, PushSettings
+from evapi_worker.config import Config, ConfigError, PushSettings
 from evapi_worker.engine import Engine
+from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.events import CallStarted, Register
 from evapi_worker.metrics import Metrics
 from evapi_worker.persistence import StateStore
 from evapi_worker.push_answers import PushAnswer, PushResult
-from evapi_worker.push_book import PushBook, PushJob
+from evapi_worker.push_book import PushBook, PushJob, Refusal
 from evapi_worker.push_standin import (
     ApnsStandIn,
     FcmStandIn,
     make_apns_key,
 )
 from evapi_worker.pusher import Pusher, push_clients
+from evapi_worker.service import Service
 
 from .helpers import Wire
 from .push_services import KEY_ID, TEAM, start_standins
@@ -87,6 +90,76 @@ def test_push_parameters_that_cannot_be_used_are_counted_not_kept(prid: str, par
     wire, book = Wire(), PushBook()
     book.register(register(wire, T0, pn_provider="apns", pn_prid=prid, pn_param=param), 0.0)
     assert (book.device_count, book.refused) == (0, 1)
+
+
+def test_refused_push_devices_are_counted_by_reason_and_account() -> None:
+    wire, book = Wire(), PushBook()
+    uuid = "6f1c1a4e-52d1-4c38-9f0e-1f0c0d9e1a2b"  # a UUID-shaped pn-prid: no APNs token
+    book.register(register(wire, T0, pn_provider="apns", pn_prid=uuid, pn_param=f"{TEAM}.org.x.voip"), 0.0)
+    book.register(register(wire, T0, pn_provider="apns", pn_prid=f"{'a' * 400}:voip", pn_param=f"{TEAM}.x.voip"), 0.0)
+    book.register(register(wire, T0, aor="carol@example.com", pn_provider="webpush", pn_prid="x"), 0.0)
+    book.register(register(wire, T0, aor="carol@example.com", pn_provider="apns", pn_prid=TOKEN, pn_param="x"), 0.0)
+    assert book.take_refusals() == {
+        (Refusal.TOKEN, "bob@example.com"): 2,
+        (Refusal.PROVIDER, "carol@example.com"): 1,
+        (Refusal.TOPIC, "carol@example.com"): 1,
+    }
+    assert book.take_refusals() == {} and book.device_count == 0
+
+
+def test_refusals_name_a_bounded_number_of_accounts() -> None:
+    wire, book = Wire(), PushBook()
+    for n in range(200):
+        book.register(register(wire, T0, aor=f"u{n}@example.com", pn_provider="apns", pn_prid="nope"), 0.0)
+    refusals = book.take_refusals()
+    assert len(refusals) == 65 and refusals[(Refusal.TOKEN, "*")] == 136
+    assert sum(refusals.values()) == 200
+
+
+async def test_refused_push_devices_are_exported_and_logged_with_the_account(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service = Service(Config(nodes=(NodeAddress("kam1", "127.0.0.1", 9, "127.0.0.1", 5060),)))
+    wire = Wire()
+    for _ in range(3):
+        raw = wire.raw(
+            "register",
+            T0,
+            aor="bob@example.com",
+            contact="sip:bob@192.0.2.1:5060",
+            src_ip="192.0.2.1",
+            src_port=5060,
+            proto="udp",
+            expires=600,
+            user_agent="LinphoneiOS/5.2",
+            pn_provider="apns",
+            pn_prid="6f1c1a4e-52d1-4c38-9f0e-1f0c0d9e1a2b",
+            pn_param=f"{TEAM}.x.voip",
+        )
+        service.on_frame("kam1", raw, 1.0)  # fmt: skip
+    with caplog.at_level("WARNING", logger="evapi_worker"):
+        service._count_refusals(2.0)
+        service._count_refusals(2.5)  # a line a second at most
+    exported = generate_latest(service.metrics.registry).decode()
+    assert 'evapi_worker_push_devices_refused_total{reason="token"} 3.0' in exported
+    (line,) = [r.getMessage() for r in caplog.records if "push device refused" in r.getMessage()]
+    assert "reason=token" in line and "count=3" in line and "bob@example.com:3" in line and "pn-prid" in line
+
+
+def test_a_410_forgets_a_token_only_if_it_was_not_registered_again_after_apple_said_so() -> None:
+    wire, book = Wire(), PushBook()
+    book.register(linphone_ios(wire, T0 + 10), 0.0)  # registered at T0 + 10
+    device = "urn:uuid:iphone-1"
+    # Apple: gone since T0 + 5, before that REGISTER (the app reinstalled, the same token): kept.
+    assert not book.forget("bob@example.com", device, TOKEN, gone_since=T0 + 5)
+    # A 410 for a token the device no longer uses: kept (it registered with a new one).
+    assert not book.forget("bob@example.com", device, "b0" * 32, gone_since=T0 + 20)
+    assert book.device_count == 1
+    # Gone since after its last REGISTER: forgotten until it registers again.
+    assert book.forget("bob@example.com", device, TOKEN, gone_since=T0 + 20)
+    assert book.device_count == 0
+    book.register(linphone_ios(wire, T0 + 30), 1.0)
+    assert book.forget("bob@example.com", device, TOKEN)  # no timestamp: forgotten
 
 
 @dataclass
@@ -152,6 +225,48 @@ async def test_an_apns_push_is_what_apple_and_linphone_expect(tmp_path: Path) ->
     assert push.payload["aps"]["call-id"] == "call-1@caller" and push.payload["from-uri"] == "sip:alice@example.com"
     assert push.payload["display-name"] == 'Alice "A" Smith'
     assert s.metrics.value("evapi_worker_push_latency_seconds_count", {"provider": "apns"}) == 1
+
+
+async def test_pushes_say_how_long_they_matter_and_collapse_per_account(tmp_path: Path) -> None:
+    async with stage(tmp_path) as s:
+        s.pusher.submit([job("c1@caller"), job("c2@caller"), job("c3@caller", aor="carol@example.com")])
+        s.pusher.submit([job("c4@caller", provider="fcm", token="android-1")])
+        await settled(s, "apns", "sent", 3)
+        await settled(s, "fcm", "sent")
+    bob1, bob2, carol = sorted(s.apns.received, key=lambda push: push.call_id)
+    # Kept by Apple 30 s at most (push.expiration), the latest of an account's pushes wins.
+    assert abs(int(bob1.headers["apns-expiration"]) - (time.time() + 30)) <= 2
+    assert bob1.headers["apns-collapse-id"] == bob2.headers["apns-collapse-id"] != carol.headers["apns-collapse-id"]
+    assert len(bob1.headers["apns-collapse-id"]) <= 64 and "bob" not in bob1.headers["apns-collapse-id"]
+    # What an app needs to tell a stale push: the call's start, how long the push may be kept.
+    assert bob1.payload["pn_ttl"] == 30
+    assert time.mktime(time.strptime(bob1.payload["call-start"], "%Y-%m-%d %H:%M:%S")) - time.timezone <= time.time()
+    (android,) = s.fcm.received
+    assert android.payload["android"]["ttl"] == "30s"
+    assert android.payload["android"]["collapse_key"] == bob1.headers["apns-collapse-id"]
+    assert android.payload["data"]["call-start"] == bob1.payload["call-start"]
+
+
+async def test_an_offline_phone_gets_the_push_when_back_unless_it_expired(tmp_path: Path) -> None:
+    # The stand-in keeps a push for an offline phone as Apple does.
+    async with stage(tmp_path) as s:
+        delivered: list[str] = []
+        s.apns.on_push = lambda push: delivered.append(push.call_id)
+        s.apns.goes_offline(TOKEN)
+        s.pusher.submit([job("c1@caller")])
+        await settled(s, "apns", "sent", 1)
+        s.pusher.submit([job("c2@caller")])
+        await settled(s, "apns", "sent", 2)
+        assert delivered == []
+        assert [p.call_id for p in s.apns.comes_online(TOKEN)] == ["c2@caller"]  # one per app: the latest
+        assert delivered == ["c2@caller"]
+        s.apns.goes_offline(TOKEN)
+        s.pusher.submit([job("c3@caller")])
+        await settled(s, "apns", "sent", 3)
+    # Back after its expiration (Apple's clock: the wall clock, 40 s on): never delivered.
+    s.apns.clock = lambda: time.time() + 40
+    assert s.apns.comes_online(TOKEN) == [] and [p.call_id for p in s.apns.expired] == ["c3@caller"]
+    assert delivered == ["c2@caller"]
 
 
 async def test_410_forgets_the_token_until_the_device_registers_again(tmp_path: Path) -> None:

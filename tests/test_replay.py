@@ -236,3 +236,36 @@ async def test_replay_decides_per_node_as_the_live_worker_did(tmp_path: Path) ->
                 if sample.name.endswith("_total") and sample.value:
                     live_errors[sample.labels["reason"]] += int(sample.value)
     assert replayed.errors == live_errors == {"unknown_type": 2, "bad_type": 2}
+
+
+@pytest.mark.parametrize(("lasts", "decided"), [(30.0, ["fake_call:missed"]), (None, [])])
+def test_replay_judges_a_pushed_device_from_its_push_as_the_live_worker(
+    tmp_path: Path, lasts: float | None, decided: list[str]
+) -> None:
+    # The push accepted 0.05 s into the call, kept 30 s by Apple; the
+    # caller gave up at 1 s; the phone was back and registered at 20.5 s.
+    # A note from before the notes said how long a push is kept: the window
+    # (the call forgotten 15 s after it ended: nothing to decide).
+    t0 = 1_700_000_000.0
+    folder = tmp_path / "cap"
+    writer = CaptureWriter(CaptureSettings(folder))
+    register = {"aor": "bob@x", "instance": "<urn:uuid:i1>", "contact": "sip:d@127.0.0.1:7000", "src_ip": "127.0.0.1",
+                "src_port": 7000, "proto": "udp", "expires": 600, "user_agent": "LinphoneiOS/5"}  # fmt: skip
+    events: list[tuple[str, float, dict[str, Any]]] = [
+        ("call_start", t0, {"call_id": "c1", "aor": "bob@x", "from_user": "alice"}),
+        ("call_cancelled", t0 + 1, {"call_id": "c1", "aor": "bob@x"}),
+        ("register", t0 + 20.5, register),
+    ]
+    items: list[tuple[str, int | None, float, bytes] | PushNote] = []
+    for n, (kind, ts, fields) in enumerate(events):
+        items.append(("kam1", n + 1, ts, json.dumps({"event": kind, "ts": ts, "seq": n + 1, "node": "kam1",
+                                                     "boot": 1, **fields}).encode()))  # fmt: skip
+        if kind == "call_start":
+            items.append(PushNote(t0 + 0.05, "c1", "urn:uuid:i1", "apns", "bob@x", lasts))
+    folder.mkdir()
+    writer._write(items)
+    writer._close()
+    pushes: list[PushNote] = []
+    result = replay(load_records(sorted(folder.iterdir()), [], pushes), EngineSettings(), None, pushes)
+    assert [f"{d.action.value}:{d.reason}" for d in result.decisions] == decided
+    assert [p.lasts for p in pushes] == [lasts]
