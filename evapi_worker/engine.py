@@ -3,7 +3,9 @@
 The engine answers one question: did a push device register after the call
 it was woken for had already ended, soon enough that its CallKit screen is
 still up? If so it decides a fake call (or a MESSAGE) for that device, once
-per (call, device).
+per (call, device). "Soon enough" is the window from the call's start (or
+end), or, for a device this worker pushed, from when that push can have
+been delivered (:meth:`Engine.pushed`).
 
 Two clocks are involved and never mixed:
 

@@ -5,8 +5,9 @@ A write-ahead journal and snapshots that compact it, side by side:
 
 * journals (``<state_file>.journal.N``): every event the engine took, with
   its receive time, written in batches at least every ``state_interval``;
-  and one record per action, written when the action begins (just before
-  its pin or MESSAGE goes to Kamailio). A ``kill -9`` loses the events of
+  one record per push a provider accepted (its device is answered from
+  it); and one record per action, written when the action begins (just
+  before its pin or MESSAGE goes to Kamailio). A ``kill -9`` loses the events of
   the last interval at most; a restored engine knows every action already
   begun and never begins it again;
 * the snapshot (``state_file``): the whole state and the actions decided

@@ -61,6 +61,7 @@ class Linphone:
     password: str | None = None
     push_token: str = "0A1B2C3D4E5F"
     auto_answer: bool = False  # answers every incoming call at once (linphonec -a)
+    instance: str | None = None  # its +sip.instance is urn:uuid:INSTANCE (liblinphone's [misc] uuid); None: its own
     process: trio.Process | None = field(default=None, init=False)
     output: bytearray = field(default_factory=bytearray, init=False)
 
@@ -90,6 +91,8 @@ call_logs_db_uri={self.calls_db}
 [sound]
 echocancellation=0
 """
+        if self.instance is not None:
+            rc += f"[misc]\nuuid={self.instance}\n"
         if self.password is not None:
             rc += f"""[auth_info_0]
 username={self.user}

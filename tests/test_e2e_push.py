@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 import trio
 
@@ -47,12 +49,15 @@ class Pushed:
 
 @asynccontextmanager
 async def pushed_platform(
-    tmp_path: Path, *, tls: bool = False, capture: CaptureSettings | None = None
-) -> AsyncIterator[Pushed]:
-    """The platform, its worker pushing through the stand-ins."""
+    tmp_path: Path, *, tls: bool = False, capture: CaptureSettings | None = None, expiration: int = 30,
+    **engine: Any,
+) -> AsyncIterator[Pushed]:  # fmt: skip
+    """The platform, its worker pushing through the stand-ins (pushes kept
+    ``expiration`` seconds for an offline phone)."""
     async with trio.open_nursery() as nursery:
         standins = await start_standins(nursery, tmp_path / "push")
-        async with platform(tmp_path, push=standins.settings, tls=tls, capture=capture) as p:
+        push = msgspec.structs.replace(standins.settings, expiration=expiration)
+        async with platform(tmp_path, push=push, tls=tls, capture=capture, **engine) as p:
             yield Pushed(p, standins.apns)
         nursery.cancel_scope.cancel()
 
@@ -228,3 +233,66 @@ async def test_linphone_woken_by_the_push_answers_over_tls_and_keeps_a_completed
         assert code == [0], lines(caller_log)
         assert (log.call_id, log.status) == (call_id, "success")
         assert duration is not None and duration >= 1
+
+
+# -- a push delivered late: the phone shows the call from the delivery on --
+
+
+@needs_linphonec
+async def test_a_push_delivered_20_s_after_the_call_started_gives_linphone_the_missed_call(tmp_path: Path) -> None:
+    """The phone was in a tunnel: Apple kept the push and delivered it 20 s
+    after the call started, 18.5 s after the caller gave up (past the 15 s
+    window from the start). The app shows the call and registers: it gets
+    one INVITE with the call's Call-ID and a CANCEL without Reason; its own
+    call history has the call, missed."""
+    call_id = "pushed-in-a-tunnel@caller.example.net"
+    async with pushed_platform(tmp_path, tls=True) as s:
+        p = s.p
+        await iphone_goes_to_sleep(p, "rosa")
+        phone: Linphone = linphone(p, "rosa", "tls")
+        phone.push_token, phone.instance = f"{TOKEN}:voip", TOKEN  # the same device (+sip.instance)
+        s.apns.goes_offline(TOKEN)
+        delivered = trio.Event()
+        s.apns.on_push = lambda push: delivered.set()
+        started = trio.current_time()
+        await p.phones.call("alice", "Alice", "rosa", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+        assert [x.call_id for x in s.apns.received] == [call_id] and not delivered.is_set()
+        await trio.sleep_until(started + 20)
+        assert [x.call_id for x in s.apns.comes_online(TOKEN)] == [call_id]
+        async with phone.running():  # the app, woken by the push
+            outcome = await p.watch.outcome(call_id, timeout=15)
+            (log,) = await phone.wait_call_logs(timeout=15)
+        assert outcome is Outcome.COMPLETED
+        assert (log.call_id, log.status) == (call_id, "missed")
+        (decision,) = [d for d in p.watch.decisions if d.call_id == call_id]
+        assert (decision.action.value, decision.reason) == ("fake_call", "missed")
+        assert decision.since_start >= 20
+        assert p.metric("evapi_worker_fake_calls_sent_total") == 1
+
+
+async def test_a_push_kept_past_its_expiration_is_never_delivered_and_a_later_register_gets_nothing(
+    tmp_path: Path,
+) -> None:
+    """Pushes kept 2 s for an offline phone, a 3 s window: the phone is back
+    at 6 s, after the push expired (the stand-in drops it, as Apple does)
+    and after the worker's deadline for it. It registers for its own
+    reasons: no fake call, no INVITE."""
+    call_id = "pushed-expired@caller.example.net"
+    async with pushed_platform(tmp_path, expiration=2, window=3.0) as s:
+        p = s.p
+        await iphone_goes_to_sleep(p, "sven")
+        s.apns.goes_offline(TOKEN)
+        delivered: list[ReceivedPush] = []
+        s.apns.on_push = delivered.append
+        started = trio.current_time()
+        await p.phones.call("alice", "Alice", "sven", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+        await trio.sleep_until(started + 6)
+        assert s.apns.comes_online(TOKEN) == [] and [x.call_id for x in s.apns.expired] == [call_id]
+        iphone = tmp_path / "iphone.log"
+        # Registered 4 s (a fake call would have come by then), then unregistered.
+        await p.phones.phone("sven", IPHONE_UA, TOKEN, "phone_rings", 4000, iphone,
+                             register=PHONES / "iphone_push_register.xml")  # fmt: skip
+        assert delivered == []
+        assert received(iphone) == (None, None)
+        assert [d for d in p.watch.decisions if d.call_id == call_id and d.action.value != "none"] == []
+        assert p.metric("evapi_worker_fake_calls_sent_total") == 0
