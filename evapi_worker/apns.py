@@ -32,6 +32,8 @@ from .push_answers import AnswerRules, PushAnswer, PushResult
 from .push_book import PushJob
 
 __all__ = [
+    "PRODUCTION",
+    "SANDBOX",
     "ApnsClient",
     "ApnsSettings",
     "apns_payload",

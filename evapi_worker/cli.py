@@ -22,6 +22,8 @@ from .demo import DEMO_DOMAIN, DemoOptions, check_demo_addresses, run_demo
 from .engine import Anchor, Strategy
 from .kamailio_process import DemoError
 from .logs import kv, setup_logging
+from .push_check import check_push
+from .push_standin import rehearse
 from .replay import apply_what_if, decision_json, decision_text, differences, load_records, progress_stream, replay
 from .report import MAX_SECONDS, figures, render_html
 from .runtime import check_runtime, tune_gc
@@ -110,6 +112,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     files.add_argument("dir", nargs="?", type=Path, metavar="DIR", help="copy the files into DIR (made if missing)")
     files.add_argument("--force", action="store_true", help="replace files in DIR that differ")
+    push = sub.add_parser(
+        "push",
+        help="check the push keys against Apple and Google, or rehearse with local stand-ins",
+        description="check: one real request to each configured provider with the settings file's keys, and what "
+        "the answer means (exit 1 when it fails). standin: serve local APNs and FCM stand-ins and print the "
+        "settings that point a worker at them, then every push received.",
+    )
+    push_sub = push.add_subparsers(dest="push_command", metavar="ACTION", required=True)
+    check = push_sub.add_parser(
+        "check",
+        help="send one request to Apple (and one validate_only message to Google) and explain the answer",
+        description="Without --apns-token the APNs check pushes to a device token no phone has: Apple checks the "
+        "key, key id and team, then refuses the token (BadDeviceToken: the credentials work). With a phone's "
+        "VoIP token it checks the topic and the environment too, and that phone is woken (its app shows a "
+        "call that ends by itself). FCM's check is validate_only: nothing is delivered.",
+    )
+    check.add_argument("--config", type=Path, metavar="FILE", required=True, help="the worker's TOML settings file")
+    check.add_argument(
+        "--topic", metavar="BUNDLE.voip", help="the app's VoIP topic (APNs; e.g. org.linphone.phone.voip)"
+    )
+    check.add_argument("--apns-token", metavar="HEX", help="a phone's VoIP token (pn-prid without :voip)")
+    check.add_argument(
+        "--sandbox", action="store_true", help="Apple's sandbox (a development build: pn-provider=apns.dev)"
+    )
+    check.add_argument("--fcm-token", metavar="TOKEN", help="an Android phone's FCM registration token")
+    standin = push_sub.add_parser(
+        "standin",
+        help="serve APNs and FCM stand-ins locally and print the settings to use them",
+        description="Real HTTP/2 servers over TLS that check what Apple and Google check, with a throw-away CA, "
+        "APNs key and FCM service account made in --dir. Prints the [push.apns] and [push.fcm] settings "
+        "for the worker, then a line per push received. Runs until Ctrl-C.",
+    )
+    standin.add_argument("--dir", type=Path, required=True, metavar="DIR", help="where the CA and keys are made")
+    standin.add_argument("--apns", default="127.0.0.1", metavar="HOST[:PORT]", help="APNs stand-in (no port: any)")
+    standin.add_argument("--fcm", default="127.0.0.1", metavar="HOST[:PORT]", help="FCM stand-in (no port: any)")
     rep = sub.add_parser(
         "replay",
         help="feed captured events through the engine under virtual time and show every decision",
@@ -341,6 +378,31 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push_check(args: argparse.Namespace) -> int:
+    config = config_from(read_toml(args.config))
+    results = trio.run(
+        partial(
+            check_push, config.push, apns_token=args.apns_token, topic=args.topic, sandbox=args.sandbox,
+            fcm_token=args.fcm_token,
+        )
+    )  # fmt: skip
+    for result in results:
+        print(result.text())
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _push_standin(args: argparse.Namespace) -> int:
+    apns = parse_hostport(args.apns, "--apns", 0)
+    fcm = parse_hostport(args.fcm, "--fcm", 0)
+    try:
+        trio.run(_until_signal, partial(rehearse, args.dir, apns, fcm, sys.stdout))
+    except* OSError as group:
+        exc = group.exceptions[0]
+        assert isinstance(exc, OSError)
+        raise ConfigError("--apns/--fcm/--dir", exc.strerror or str(exc)) from None
+    return 0
+
+
 def _kamailio_files(args: argparse.Namespace) -> int:
     if args.dir is None:
         for path in kamailio_files():
@@ -395,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _replay(args)
         if args.command == "kamailio-files":
             return _kamailio_files(args)
+        if args.command == "push":
+            return _push_check(args) if args.push_command == "check" else _push_standin(args)
         return _demo(args) if args.command == "demo" else _run(args)
     except ConfigError as exc:
         print(f"evapi-worker: config error: {exc}", file=sys.stderr)

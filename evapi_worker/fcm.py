@@ -49,10 +49,11 @@ class ServiceAccount(msgspec.Struct, frozen=True):
     token_uri: str = "https://oauth2.googleapis.com/token"
 
 
-def fcm_message(job: PushJob, ttl: int) -> bytes:
+def fcm_message(job: PushJob, ttl: int, *, validate_only: bool = False) -> bytes:
     """The send request's body: a high-priority data message, kept ``ttl``
     seconds for a phone that is offline (of several kept, the latest of the
-    same collapse key is delivered)."""
+    same collapse key is delivered). ``validate_only``: checked by FCM,
+    never delivered."""
     data = {
         "call-id": job.call_id,
         "from-uri": job.caller_uri,
@@ -60,13 +61,15 @@ def fcm_message(job: PushJob, ttl: int) -> bytes:
         "call-start": utc_text(job.ts),
         "pn_ttl": str(ttl),
     }
-    body = {
+    body: dict[str, object] = {
         "message": {
             "token": job.token,
             "android": {"priority": "high", "ttl": f"{ttl}s", "collapse_key": job.collapse_id},
             "data": data,
         }
     }
+    if validate_only:
+        body["validate_only"] = True
     return msgspec.json.encode(body)
 
 
@@ -120,15 +123,18 @@ class FcmClient:
             self._access = (token, now + max(0.0, expires_in - 60))
             return token
 
-    async def send(self, job: PushJob) -> PushAnswer:
-        """Send one data message; the answer as the pusher acts on it."""
+    async def send(self, job: PushJob, *, validate_only: bool = False) -> PushAnswer:
+        """Send one data message (``validate_only``: FCM checks it and the
+        credentials, delivers nothing); the answer as the pusher acts on it."""
         token = await self.access_token()
         if isinstance(token, PushAnswer):
             return token
         path = f"/v1/projects/{self.account.project_id}/messages:send"
         headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
         try:
-            status, body = await self._http.request("POST", path, headers, fcm_message(job, self.ttl))
+            status, body = await self._http.request(
+                "POST", path, headers, fcm_message(job, self.ttl, validate_only=validate_only)
+            )
         except H2Error as exc:
             return PushAnswer(PushResult.RETRY, 0, str(exc))
         return RULES.classify(status, _error_status(body))

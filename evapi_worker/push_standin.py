@@ -32,8 +32,9 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import h2.config
 import h2.connection
@@ -52,6 +53,7 @@ __all__ = [
     "make_apns_key",
     "make_service_account",
     "make_tls",
+    "rehearse",
     "serve_standin",
 ]
 
@@ -207,6 +209,7 @@ class FcmStandIn(_Scripted):
         self.issued: set[str] = set()
         self.tokens_issued = 0
         self.received: list[ReceivedPush] = []
+        self.validated: list[tuple[str, int]] = []  # (token, status) of validate_only requests
         self.on_push: Callable[[ReceivedPush], None] | None = None
 
     def answer(self, token: str, status: int, error_code: str) -> None:
@@ -260,6 +263,9 @@ class FcmStandIn(_Scripted):
             return 400, {"error": {"code": 400, "status": "INVALID_ARGUMENT"}}
         scripted = self.next(token)
         status, reply = scripted if scripted is not None else (200, {"name": f"projects/{self.project_id}/messages/1"})
+        if json.loads(body).get("validate_only") is True:
+            self.validated.append((token, status))  # checked, never delivered
+            return status, reply
         push = ReceivedPush(token, call_id, message, headers, status, trio.current_time())
         self.received.append(push)
         if status == 200 and self.on_push is not None:
@@ -409,3 +415,91 @@ def make_service_account(path: Path, project_id: str, token_uri: str) -> bytes:
     }
     _write_private(path, json.dumps(account, indent=2).encode())
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# -- evapi-worker push standin: a rehearsal without Apple or Google -----------
+
+STANDIN_KEY_ID = "STANDIN001"
+STANDIN_TEAM = "STANDINTM1"
+STANDIN_PROJECT = "evw-standin"
+
+
+@dataclass(frozen=True, slots=True)
+class _Rehearsal:
+    ca: Path
+    cert: Path
+    key: Path
+    apns_key: Path
+    apns_public: bytes
+    account: Path
+    fcm_public: bytes
+    client_email: str
+
+
+def _make_rehearsal(folder: Path, host: str) -> _Rehearsal:
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca, cert, key = make_tls(folder, host)
+    apns_key = folder / f"AuthKey_{STANDIN_KEY_ID}.p8"
+    account = folder / "fcm-service-account.json"
+    # The token endpoint the worker asks is its token_url setting, printed below.
+    fcm_public = make_service_account(account, STANDIN_PROJECT, "https://oauth2.googleapis.com/token")
+    email = json.loads(account.read_text())["client_email"]
+    return _Rehearsal(ca, cert, key, apns_key, make_apns_key(apns_key), account, fcm_public, email)
+
+
+async def rehearse(
+    folder: Path,
+    apns_at: tuple[str, int],
+    fcm_at: tuple[str, int],
+    out: TextIO,
+    *,
+    task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve both stand-ins until cancelled, with a throw-away CA, an APNs
+    key and an FCM service account made in ``folder``; print the settings
+    that point a worker at them, then a line per push received. Reports
+    the (APNs, FCM) ports."""
+    made = _make_rehearsal(folder, apns_at[0])
+    ca, cert, key, apns_key, account = made.ca, made.cert, made.key, made.apns_key, made.account
+    apns = ApnsStandIn(made.apns_public, STANDIN_KEY_ID, STANDIN_TEAM)
+    fcm = FcmStandIn(made.fcm_public, made.client_email, STANDIN_PROJECT)
+
+    def said(provider: str) -> Callable[[ReceivedPush], None]:
+        def print_push(push: ReceivedPush) -> None:
+            topic = push.headers.get("apns-topic", "")
+            print(
+                f"push {provider} token={push.token} topic={topic or '-'} call_id={push.call_id} status={push.status}",
+                file=out,
+                flush=True,
+            )
+
+        return print_push
+
+    apns.on_push, fcm.on_push = said("apns"), said("fcm")
+    async with trio.open_nursery() as nursery:
+        apns_port = await nursery.start(partial(serve_standin, apns.handle, cert, key, apns_at[0], apns_at[1]))
+        fcm_port = await nursery.start(
+            partial(serve_standin, lambda *request: fcm.handle(*request), cert, key, fcm_at[0], fcm_at[1])
+        )
+        host = f"[{fcm_at[0]}]" if ":" in fcm_at[0] else fcm_at[0]
+        fcm.audience = f"https://{host}:{fcm_port}/token"  # the worker's token_url
+        apns_host = f"[{apns_at[0]}]" if ":" in apns_at[0] else apns_at[0]
+        print(
+            f"""# The push stand-ins listen; paste this into the worker's settings file:
+[push.apns]
+key_file = "{apns_key}"
+key_id = "{STANDIN_KEY_ID}"
+team_id = "{STANDIN_TEAM}"
+url = "https://{apns_host}:{apns_port}"
+ca_file = "{ca}"
+
+[push.fcm]
+service_account_file = "{account}"
+url = "https://{host}:{fcm_port}"
+token_url = "{fcm.audience}"
+ca_file = "{ca}"
+# Each push received is printed below (token, topic, Call-ID). Ctrl-C stops.""",
+            file=out,
+            flush=True,
+        )
+        task_status.started((apns_port, fcm_port))

@@ -11,6 +11,7 @@ and failures are retried with backoff while the call rings, never after.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
 import math
@@ -36,7 +37,7 @@ from .metrics import Metrics
 from .push_answers import PushAnswer, PushOutcome, PushResult
 from .push_book import PushBook, PushJob
 
-__all__ = ["PushClient", "Pusher", "push_clients"]
+__all__ = ["PushClient", "Pusher", "key_path", "push_clients"]
 
 log = logging.getLogger("evapi_worker.push")
 
@@ -59,15 +60,38 @@ _APPLE_ID_RE: Final = re.compile(r"[A-Z0-9]{10}")
 _MAX_KEY_FILE: Final = 64 * 1024  # a .p8 key is 250 bytes, a service account about 2 KiB
 
 
+def key_path(path: Path, key: str) -> Path:
+    """Where a key file is: an absolute path as written; a bare name is a
+    systemd credential (``LoadCredential=NAME:/etc/...`` in the unit), in
+    the folder systemd made for it (``$CREDENTIALS_DIRECTORY``), readable
+    by the service's user alone."""
+    if path.is_absolute():
+        return path
+    if len(path.parts) != 1 or path.name in (".", ".."):
+        raise ConfigError(key, f"{str(path)!r}: give an absolute path, or a credential's name (one file name)")
+    folder = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    if not folder:
+        raise ConfigError(
+            key,
+            f"{str(path)!r} names a systemd credential (LoadCredential={path}:/etc/...), but "
+            "$CREDENTIALS_DIRECTORY is not set: outside systemd, give an absolute path",
+        )
+    return Path(folder) / path
+
+
 def _secret(path: Path, key: str) -> bytes:
     """A key file's bytes: a regular file (no link followed, a few KiB at
-    most), readable here and by no other user."""
+    most), readable here and by no other user (a systemd credential is)."""
+    path = key_path(path, key)
     try:
         fd = open_regular(path)
     except FileProblem as exc:
         raise ConfigError(key, f"{str(path)!r} {exc.problem}") from None
     except OSError as exc:
-        raise ConfigError(key, f"{str(path)!r} cannot be read: {exc.strerror or exc}") from None
+        hint = ""
+        if exc.errno == errno.EACCES and os.environ.get("CREDENTIALS_DIRECTORY") is None:
+            hint = ' (under systemd, load it as a credential: docs/deploy.md, "The push keys")'
+        raise ConfigError(key, f"{str(path)!r} cannot be read: {exc.strerror or exc}{hint}") from None
     try:
         info = os.fstat(fd)
         if info.st_mode & 0o004:
