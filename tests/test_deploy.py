@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 UNIT = Path(__file__).parent.parent / "deploy" / "systemd" / "evapi-worker.service"
+DROP_IN = UNIT.parent / "evapi-worker.service.d" / "push-keys.conf"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (apt-get install systemd)")
@@ -21,6 +23,28 @@ def test_systemd_unit_verifies_clean_as_shipped() -> None:
     assert result.returncode == 0, result.stderr
     # Unknown or misspelt settings are only warned about: none may appear.
     assert result.stderr.strip() == "", result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (apt-get install systemd)")
+def test_the_push_keys_drop_in_verifies_clean_beside_the_unit(tmp_path: Path) -> None:
+    """Installed as its comment says (beside the unit, in its .d folder):
+    systemd reads it (a misspelt setting there is warned about, so none
+    is) and passes the keys as credentials named as the settings name them."""
+    shutil.copy(UNIT, tmp_path / UNIT.name)
+    shutil.copytree(DROP_IN.parent, tmp_path / DROP_IN.parent.name)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(tmp_path / UNIT.name)], capture_output=True, text=True,
+        timeout=60, check=False, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+    text = DROP_IN.read_text()
+    assert "\nLoadCredential=apns.p8:/etc/evapi-worker/AuthKey.p8\n" in text
+    assert "\nLoadCredential=fcm.json:/etc/evapi-worker/fcm-service-account.json\n" in text
+    assert 'key_file = "apns.p8"' in text and 'service_account_file = "fcm.json"' in text
+    # The guide shows the same set-up.
+    guide = (UNIT.parent.parent.parent / "docs" / "deploy.md").read_text()
+    for line in ('key_file = "apns.p8"', "push-keys.conf", "evapi-worker push check"):
+        assert line in guide, line
 
 
 def test_the_unit_finds_the_worker_where_its_own_comment_installs_it() -> None:
