@@ -83,6 +83,8 @@ class StreamSource:
         self.skipped = 0  # entries skipped as too large
         # The last entry handled of each node's stream; "$" until known.
         self.positions: dict[str, str] = {}
+        # Where the current connection began to read each stream (logged).
+        self.began: dict[str, str] = {}
         self.entries = 0  # entries handed over, over every connection
         self.connects = 0
         self.connected = False
@@ -140,6 +142,8 @@ class StreamSource:
 
     async def _read(self, redis: RedisConnection) -> None:
         await self._start_positions(redis)
+        self.began = dict(self.positions)
+        log.info("redis stream reading %s", kv(positions=self._positions_text()))
         self.positioned.set()
         keys = [stream_key(node) for node in self.nodes]
         node_of = {key.encode(): node for key, node in zip(keys, self.nodes, strict=True)}

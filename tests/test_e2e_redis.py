@@ -54,6 +54,12 @@ async def test_events_wait_in_redis_for_a_stopped_worker_and_none_is_read_twice(
             async with trio.open_nursery() as nursery:
                 first, _ = await start_watched_worker(nursery, config)
                 await reading(first)
+                # What came before it began to read (its hello's answer, say)
+                # it never reads: entries are counted from where it began.
+                assert first.source is not None
+                with trio.fail_after(10):
+                    await first.source.positioned.wait()
+                start = first.source.began[kam.node]
                 before = await missed_calls(phones, ["ann"], "before")
                 await late_iphones(phones, ["ann"], tmp_path)
                 assert invites(tmp_path / "iphone-ann.log") == [before["ann"]]
@@ -76,7 +82,7 @@ async def test_events_wait_in_redis_for_a_stopped_worker_and_none_is_read_twice(
                 # none twice (counted up to where the second has read).
                 read, upto = first.source.entries + second.source.entries, second.source.positions[kam.node]
                 async with open_redis(RedisAddress.parse(redis.url)) as conn:
-                    entries = await conn.call("XRANGE", stream_key(kam.node), "-", upto)
+                    entries = await conn.call("XRANGE", stream_key(kam.node), f"({start}", upto)
                 assert isinstance(entries, list) and read == len(entries)
                 nursery.cancel_scope.cancel()
 

@@ -12,6 +12,7 @@ push wakes the phone, which registers in time and completes the dialog
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import socket
 import subprocess
@@ -26,10 +27,10 @@ import trio
 from evapi_worker.bundled import bundled, copy_kamailio_files
 from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import received
+from evapi_worker.phones import IPHONE_UA, received
 
 from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
-from .sipp_device import SCENARIOS, free_port, free_sip_port
+from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
 from .test_e2e_dialogs import assert_complete, woken_in_time
 
 pytestmark = needs_platform
@@ -139,3 +140,26 @@ async def test_a_held_call_woken_in_time_completes_its_dialog_on_the_stock_confi
         d = await woken_in_time(p, "kate", call_id, forked=False)
         assert_complete(d, call_id, phone_hangs_up=False)
         assert [(x.action.value, x.reason) for x in p.watch.decisions] == [("none", "ringing")]
+
+
+@needs_stock
+async def test_a_held_call_cancelled_at_once_leaves_no_warning_and_its_late_iphone_gets_the_fake_call(
+    tmp_path: Path,
+) -> None:
+    """The caller gives up as soon as it hears the held call ring (its
+    CANCEL races the hold in another Kamailio process); the iPhone wakes
+    after: the fake call, and not a WARNING in Kamailio's log (no resume
+    of a transaction that is gone)."""
+    async with stock_platform(tmp_path, nat=False) as p:
+        call_id = "stock-held-cancelled@caller.example.net"
+        await p.phones.call("alice", "Alice", "wes", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+        iphone = tmp_path / "iphone.log"
+        await p.phones.phone("wes", IPHONE_UA, "iphone", "phone_rings", 2500, iphone)
+        assert await p.watch.outcome(call_id, timeout=5) is Outcome.COMPLETED
+        assert received(iphone) == (call_id, None)
+        await trio.sleep(0.5)
+    noisy = [
+        line for line in p.kamailio.log.read_text(errors="replace").splitlines()
+        if re.search(r"\b(ERROR|WARNING|CRITICAL|BUG)\b", line)
+    ]  # fmt: skip
+    assert noisy == []
