@@ -323,6 +323,7 @@ class RefusedReason(enum.StrEnum):
     TOO_MANY_BRANCHES = "too_many_branches"  # a call given EVW_MAX_BRANCHES devices
     TOO_MANY_HELD = "too_many_held"  # an account with EVW_MAX_HELD_PER_ACCOUNT calls held
     WAKE_RATE = "wake_rate"  # an account's REGISTERs past EVW_WAKE_RATE a second
+    PNS_NOT_SUPPORTED = "pns_not_supported"  # a REGISTER naming a push service not in EVW_PNS (555)
     OTHER = "other"  # a reason this version does not know
 
 

@@ -4,6 +4,7 @@ iPhone story every end-to-end module tells."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import socket
 from collections.abc import AsyncIterator
@@ -91,6 +92,7 @@ async def platform(
     kamailio: KamailioProcess | None = None,
     redis: bool = False,
     metrics: tuple[str, int] | None = None,
+    hold_anyone: bool = True,
     **engine: Any,
 ) -> AsyncIterator[Platform]:
     """The bundled Kamailio (serving ``domain``, with TLS, authentication,
@@ -98,7 +100,10 @@ async def platform(
     when asked), or the ``kamailio`` given, and a worker connected to it,
     whose fake calls go out from ``worker_sip`` (127.0.0.1, or the IPv6
     address). With ``redis``, a redis-server of its own carries the events
-    (EVW_REDIS) and the shared claims."""
+    (EVW_REDIS) and the shared claims. ``hold_anyone``: calls to any account with
+    no contact are held (EVW_HOLD_ANYONE), so a story's iPhone need not
+    have registered before; without it, only accounts known to have a push
+    device are (the configs' default)."""
     async with AsyncExitStack() as stack:
         settings = None
         if redis:
@@ -106,6 +111,8 @@ async def platform(
             settings = RedisSettings(url=server.url)
             defines += (f'EVW_REDIS="name=evw;addr={HOST};port={server.port}"',)
         if kamailio is None:
+            if hold_anyone:
+                defines += ("EVW_HOLD_ANYONE",)
             tls_port = free_port(socket.SOCK_STREAM) if tls else None
             kamailio = KamailioProcess(
                 HOST, free_sip_port(), HOST, free_port(socket.SOCK_STREAM), "e2e", worker_sip, tmp_path,
@@ -154,3 +161,30 @@ async def late_iphone(
         nursery.start_soon(partial(p.phones.phone, user, ua, "iphone", "phone_rings", 2500, log, **iphone))
         outcome = await p.watch.outcome(call_id, timeout=10)
     return outcome, log
+
+
+def raw_register(host: str, port: int, user: str, domain: str, contact_params: str) -> tuple[int, str]:
+    """One REGISTER over UDP, as a phone writes it with RFC 8599 parameters
+    in its Contact; the final answer's status code and its whole text."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((HOST, 0))
+        sock.settimeout(5)
+        local = sock.getsockname()[1]
+        tag, call_id = secrets.token_hex(4), f"raw-reg-{secrets.token_hex(6)}"
+        request = (
+            f"REGISTER sip:{domain} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {HOST}:{local};rport;branch=z9hG4bK-{secrets.token_hex(6)}\r\n"
+            f"From: <sip:{user}@{domain}>;tag={tag}\r\nTo: <sip:{user}@{domain}>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 REGISTER\r\nMax-Forwards: 70\r\n"
+            f"Contact: <sip:{user}@{HOST}:{local};{contact_params}>\r\nExpires: 60\r\n"
+            "User-Agent: LinphoneiOS/5.2\r\nContent-Length: 0\r\n\r\n"
+        )
+        sock.sendto(request.encode(), (host, port))
+        while True:
+            reply = sock.recv(65535).decode(errors="replace")
+            status = int(reply.split(" ", 2)[1])
+            if status >= 200:
+                return status, reply
+    finally:
+        sock.close()

@@ -23,7 +23,7 @@ from evapi_worker.kamailio_process import KamailioProcess, Subscriber, wait_regi
 from evapi_worker.outcomes import Outcome
 from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones, received
 
-from .e2e_platform import DOMAIN, EVENT_PATHS, HOST, Platform, late_iphone, needs_platform, platform
+from .e2e_platform import DOMAIN, EVENT_PATHS, HOST, Platform, late_iphone, needs_platform, platform, raw_register
 from .helpers import FAST_RECONNECT, demo_folder, running_demo
 from .linphone import Linphone, needs_linphonec
 from .sipp_device import SCENARIOS, free_port, free_sip_port
@@ -125,10 +125,15 @@ async def test_call_to_a_sleeping_account_is_held_then_times_out_and_the_late_ph
         assert [(d.action.value, d.reason) for d in p.watch.decisions] == [("fake_call", "missed")]
 
 
-async def test_hold_known_policy_holds_only_accounts_with_a_push_device(tmp_path: Path) -> None:
-    async with platform(tmp_path, defines=("EVW_HOLD_KNOWN",)) as p:
+async def test_only_accounts_with_a_push_device_are_held(tmp_path: Path) -> None:
+    """The bundled config as shipped: a call to an account that never
+    registered a push device (a typo, a scanner's guess) is answered at
+    once; one to an account whose iPhone registered once is held for it."""
+    async with platform(tmp_path, hold_anyone=False) as p:
         # Nobody ever registered a push device for gina: 480 at once, no event.
+        started = trio.current_time()
         await p.phones.call("alice", "Alice", "gina", "field-unknown@caller.example.net")
+        assert trio.current_time() - started < 1.0
         assert p.metric("evapi_worker_events_total", node="e2e", type="call_start") == 0
         # hank's iPhone registered once, then slept: his calls are held.
         await p.phones.phone("hank", IPHONE_UA, "iphone", "phone_rings", 200, tmp_path / "first.log")
@@ -221,7 +226,7 @@ async def test_known_push_accounts_survive_a_kamailio_restart(tmp_path: Path) ->
 
     def kamailio() -> KamailioProcess:
         return KamailioProcess(
-            HOST, sip, HOST, evapi, "e2e", HOST, tmp_path, domain=DOMAIN, defines=("EVW_HOLD_KNOWN",)
+            HOST, sip, HOST, evapi, "e2e", HOST, tmp_path, domain=DOMAIN, defines=("EVW_KNOWN_IN_DB",)
         )
 
     phones = Phones(HOST, sip, tmp_path, DOMAIN)
@@ -272,3 +277,26 @@ async def test_kamailio_outlives_the_thread_that_started_it(tmp_path: Path) -> N
         assert kam.process is not None and kam.process.returncode is None, kam.tail()
         stream = await trio.open_tcp_stream(HOST, evapi)
         await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("provider", "status", "caps"),
+    [("apns", 200, '*;+sip.pns="apns"'), ("fcm", 200, '*;+sip.pns="fcm"'), ("webpush", 555, None)],
+)
+async def test_rfc_8599_the_registrar_names_the_push_service_it_serves_or_answers_555(
+    tmp_path: Path, provider: str, status: int, caps: str | None
+) -> None:
+    async with platform(tmp_path) as p:
+        assert p.kamailio is not None
+        params = f"pn-provider={provider};pn-prid={'ab' * 32}:voip;pn-param=TEAM123456.org.linphone.phone.voip"
+        code, reply = await trio.to_thread.run_sync(raw_register, HOST, p.kamailio.sip_port, "nina", DOMAIN, params)
+        assert code == status, reply
+        found = [
+            line.split(":", 1)[1].strip() for line in reply.splitlines() if line.lower().startswith("feature-caps:")
+        ]
+        assert found == ([caps] if caps else []), reply
+        if status == 555:
+            assert "Push Notification Service Not Supported" in reply.splitlines()[0]
+            with trio.fail_after(5):
+                while p.metric("evapi_worker_sip_refused_total", node="e2e", reason="pns_not_supported") < 1:
+                    await trio.sleep(0.05)

@@ -16,6 +16,8 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,11 +27,12 @@ import pytest
 import trio
 
 from evapi_worker.bundled import bundled, copy_kamailio_files
+from evapi_worker.config import PushSettings, config_from
 from evapi_worker.kamailio_process import KamailioProcess
 from evapi_worker.outcomes import Outcome
 from evapi_worker.phones import IPHONE_UA, received
 
-from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
+from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform, raw_register
 from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
 from .test_e2e_dialogs import assert_complete, woken_in_time
 
@@ -90,10 +93,15 @@ class StockKamailio(KamailioProcess):
 
 
 @asynccontextmanager
-async def stock_platform(tmp_path: Path, *, nat: bool) -> AsyncIterator[Platform]:
+async def stock_platform(
+    tmp_path: Path, *, nat: bool, hold_anyone: bool = True, push: PushSettings | None = None
+) -> AsyncIterator[Platform]:
     sip_port, evapi_port = free_sip_port(), free_port(socket.SOCK_STREAM)
-    kam = StockKamailio(HOST, sip_port, HOST, evapi_port, "e2e", HOST, tmp_path, domain=DOMAIN, nat=nat)
-    async with platform(tmp_path, kamailio=kam) as p:
+    defines = ("EVW_HOLD_ANYONE",) if hold_anyone else ()
+    kam = StockKamailio(
+        HOST, sip_port, HOST, evapi_port, "e2e", HOST, tmp_path, domain=DOMAIN, nat=nat, defines=defines
+    )
+    async with platform(tmp_path, kamailio=kam, push=push) as p:
         yield p
 
 
@@ -163,3 +171,94 @@ async def test_a_held_call_cancelled_at_once_leaves_no_warning_and_its_late_ipho
         if re.search(r"\b(ERROR|WARNING|CRITICAL|BUG)\b", line)
     ]  # fmt: skip
     assert noisy == []
+
+
+@needs_stock
+async def test_the_stock_config_holds_only_push_accounts_and_answers_rfc_8599(tmp_path: Path) -> None:
+    """As shipped: a REGISTER naming a push service the workers push to
+    gets it echoed in Feature-Caps, another 555; a call to an account that
+    never registered a push device gets the stock no-contact answer at once;
+    one whose iPhone registered once is held, and the iPhone waking late
+    gets the fake call."""
+    async with stock_platform(tmp_path, nat=False, hold_anyone=False) as p:
+        assert p.kamailio is not None
+        port = p.kamailio.sip_port
+        params = "pn-prid={}:voip;pn-param=TEAM123456.org.linphone.phone.voip".format("ab" * 32)
+        code, reply = await trio.to_thread.run_sync(
+            raw_register, HOST, port, "nina", DOMAIN, f"pn-provider=apns;{params}"
+        )
+        assert code == 200 and 'Feature-Caps: *;+sip.pns="apns"' in reply, reply
+        code, reply = await trio.to_thread.run_sync(
+            raw_register, HOST, port, "nina", DOMAIN, f"pn-provider=mpns;{params}"
+        )
+        assert code == 555 and "Feature-Caps" not in reply, reply
+        started = trio.current_time()
+        await p.phones.call("alice", "Alice", "gina", "stock-unknown@caller.example.net")
+        assert trio.current_time() - started < 1.0
+        assert p.metric("evapi_worker_events_total", node="e2e", type="call_start") == 0
+        await p.phones.phone("hank", IPHONE_UA, "iphone", "phone_rings", 200, tmp_path / "first.log")
+        call_id = "stock-known@caller.example.net"
+        await p.phones.call("alice", "Alice", "hank", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+        assert p.metric("evapi_worker_events_total", node="e2e", type="call_start") == 1
+        late = tmp_path / "late.log"
+        await p.phones.phone("hank", IPHONE_UA, "iphone", "phone_rings", 2000, late)
+        assert received(late) == (call_id, None)
+
+
+@needs_stock
+async def test_push_standin_rehearses_the_push_beside_the_stock_config(tmp_path: Path) -> None:
+    """An operator's rehearsal: `evapi-worker push standin` serves the
+    stand-ins and prints the settings; the worker pushes through them for a
+    call on the stock config; the stand-in prints the push; the iPhone it
+    woke (after its caller gave up) gets the fake call."""
+    token = "c0ffee" * 10 + "abcd"
+    worker = str(Path(sys.executable).with_name("evapi-worker"))
+    standin = await trio.lowlevel.open_process(
+        [worker, "push", "standin", "--dir", str(tmp_path / "standin")], stdout=subprocess.PIPE
+    )
+    try:
+        assert standin.stdout is not None
+        out = TextReceiver(standin.stdout)
+        settings = await out.until("# Each push received")
+        push = config_from(tomllib.loads(settings)).push
+        async with stock_platform(tmp_path, nat=False, push=push) as p:
+            await p.phones.phone("olga", IPHONE_UA, token, "phone_rings", 300, tmp_path / "asleep.log",
+                                 register=PHONES / "iphone_push_sleeps.xml")  # fmt: skip
+            with trio.fail_after(5):
+                while p.metric("evapi_worker_push_devices") < 1:
+                    await trio.sleep(0.05)
+            call_id = "stock-standin@caller.example.net"
+            await p.phones.call("alice", "Alice", "olga", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+            pushed = await out.until("\n")
+            assert pushed.startswith(f"push apns token={token} topic=org.linphone.phone.voip call_id={call_id} ")
+            iphone = tmp_path / "iphone.log"
+            await p.phones.phone("olga", IPHONE_UA, token, "phone_rings", 3000, iphone,
+                                 register=PHONES / "iphone_push_register.xml")  # fmt: skip
+            assert await p.watch.outcome(call_id, timeout=10) is Outcome.COMPLETED
+            assert received(iphone) == (call_id, None)
+    finally:
+        standin.terminate()
+        with trio.move_on_after(5):
+            await standin.wait()
+
+
+class TextReceiver:
+    """Lines from a child's stdout, read until a mark."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buffer = ""
+
+    async def until(self, mark: str) -> str:
+        """Everything up to and including the line holding ``mark``."""
+        with trio.fail_after(20):
+            while True:
+                at = self.buffer.find(mark)
+                end = self.buffer.find("\n", at + len(mark) - 1) if at >= 0 else -1
+                if end >= 0:
+                    text, self.buffer = self.buffer[: end + 1], self.buffer[end + 1 :]
+                    return text
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise EOFError(self.buffer)
+                self.buffer += data.decode()

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="needs 
         ["EVW_UDP_BUFFER=4194304", "EVW_TCP_MAX_CONNECTIONS=8192", "EVW_WITH_TLS"],
         [
             "EVW_WITH_AUTH",
-            "EVW_HOLD_KNOWN",
+            "EVW_KNOWN_IN_DB",
             'EVW_DB_URL="sqlite:////tmp/c.sqlite"',
             'EVW_SQL_CON="evw=>sqlite:////tmp/c.sqlite"',
         ],
