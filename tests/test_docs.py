@@ -136,3 +136,16 @@ def test_every_module_is_in_the_readme_layout_and_only_those() -> None:
         listed |= set(names)
     modules = {p.stem for p in (ROOT / "evapi_worker").glob("*.py")} - {"__init__", "__main__"}
     assert sorted(modules - listed) == [] and sorted(listed - modules) == []
+
+
+def test_every_guide_installs_the_worker_the_same_way_with_the_tested_versions() -> None:
+    """The README, the Kamailio guide and the unit's comment give one
+    install command, and it pins what the tests ran with (a constraints
+    file the repository keeps)."""
+    root = Path(__file__).parent.parent
+    command = "/opt/evapi-worker/bin/pip install -c requirements/lock.txt ."
+    for name in ("README.md", "docs/kamailio.md", "deploy/systemd/evapi-worker.service"):
+        text = (root / name).read_text()
+        installs = re.findall(r"/opt/evapi-worker/bin/pip install[^\n#]*", text)
+        assert installs and all(i.strip() == command for i in installs), (name, installs)
+    assert (root / "requirements" / "lock.txt").is_file()
