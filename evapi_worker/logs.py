@@ -14,7 +14,7 @@ import time
 from collections.abc import Hashable
 from typing import Final, Generic, TypeVar
 
-__all__ = ["LogfmtFormatter", "Throttle", "kv", "setup_logging"]
+__all__ = ["AccountTally", "LogfmtFormatter", "Throttle", "kv", "setup_logging"]
 
 # Regular expressions, not loops over characters: two log lines go out for
 # every fake call, a thousand of them in a burst.
@@ -45,6 +45,43 @@ def kv(**fields: object) -> str:
 
 
 K = TypeVar("K", bound=Hashable)
+
+
+class AccountTally:
+    """Counts by kind (a table, a reason) and account, for a log line per
+    kind and ``every`` seconds at most naming the accounts that count most:
+    accounts come from the network, so at most ``max_accounts`` are kept
+    apart per kind (the rest count under ``*``)."""
+
+    def __init__(self, every: float = 1.0, max_accounts: int = 256) -> None:
+        self.every = every
+        self.max_accounts = max_accounts
+        self._counts: dict[str, dict[str, int]] = {}
+        self._logged_at = -math.inf
+
+    def add(self, kind: str, account: str, count: int) -> None:
+        accounts = self._counts.setdefault(kind, {})
+        if account not in accounts and len(accounts) >= self.max_accounts:
+            account = "*"
+        accounts[account] = accounts.get(account, 0) + count
+
+    def due(self, now: float, named: int = 5) -> list[tuple[str, dict[str, object]]]:
+        """Each kind counted since the last line, when a line may be logged
+        now: (kind, its fields: count, accounts "name:n,...", more_accounts)."""
+        if not self._counts or now < self._logged_at + self.every:
+            return []
+        out: list[tuple[str, dict[str, object]]] = []
+        for kind, accounts in self._counts.items():
+            top = sorted(accounts.items(), key=lambda item: -item[1])[:named]
+            fields: dict[str, object] = {
+                "count": sum(accounts.values()),
+                "accounts": ",".join(f"{account}:{n}" for account, n in top),
+                "more_accounts": len(accounts) - len(top),
+            }
+            out.append((kind, fields))
+        self._counts.clear()
+        self._logged_at = now
+        return out
 
 
 class Throttle(Generic[K]):

@@ -37,7 +37,7 @@ from .events import TYPE_NAMES, ClaimUnused, CommandResult, Refused, RefusedReas
 from .fake_calls import ActionRunner
 from .health import Liveness
 from .http_server import serve_http
-from .logs import Throttle, kv
+from .logs import AccountTally, Throttle, kv
 from .metrics import Metrics
 from .netstring import FramingFault
 from .persistence import MAX_JOURNALS, StateStore
@@ -151,10 +151,8 @@ class Service:
         )  # fmt: skip
         self._wake = trio.Event()
         self._timer_at = math.inf
-        self._evictions_unlogged: dict[str, dict[str, int]] = {}  # table -> account -> evictions not logged
-        self._evictions_logged_at = -math.inf
-        self._refusals_unlogged: dict[str, dict[str, int]] = {}  # reason -> account -> refusals not logged
-        self._refusals_logged_at = -math.inf
+        self._evictions = AccountTally(_LOST_LOG_EVERY)  # by table: what was not logged yet
+        self._refusals = AccountTally(_LOST_LOG_EVERY)  # by reason
         self._lost_unlogged: dict[str, tuple[int, int]] = {}  # node -> (events, gaps) not yet logged
         self._lost_logged_at = -math.inf
         self._throttle: Throttle[tuple[int, str, str, str]] = Throttle()
@@ -607,21 +605,9 @@ class Service:
         naming the accounts (the app to fix is theirs)."""
         for (refusal, account), count in self.push_book.take_refusals().items():
             self.metrics.push_devices_refused.labels(refusal.value).inc(count)
-            pending = self._refusals_unlogged.setdefault(refusal.value, {})
-            if account not in pending and len(pending) >= 256:
-                account = "*"  # accounts come from the network: a bounded line
-            pending[account] = pending.get(account, 0) + count
-        if not self._refusals_unlogged or now < self._refusals_logged_at + _LOST_LOG_EVERY:
-            return
-        for why, accounts in self._refusals_unlogged.items():
-            top = sorted(accounts.items(), key=lambda item: -item[1])[:5]
-            log.warning(
-                "push device refused %s",
-                kv(reason=why, count=sum(accounts.values()), hint=_REFUSAL_HINTS[Refusal(why)],
-                   accounts=",".join(f"{account}:{n}" for account, n in top), more_accounts=len(accounts) - len(top)),
-            )  # fmt: skip
-        self._refusals_unlogged.clear()
-        self._refusals_logged_at = now
+            self._refusals.add(refusal.value, account, count)
+        for why, fields in self._refusals.due(now):
+            log.warning("push device refused %s", kv(reason=why, hint=_REFUSAL_HINTS[Refusal(why)], **fields))
 
     def _count_evictions(self, now: float) -> None:
         """Count what the engine and the push book dropped to stay in their
@@ -630,21 +616,8 @@ class Service:
         evicted = self.engine.take_evictions()
         for account, count in self.push_book.take_evictions().items():
             evicted[("push_devices", account)] = count
-        if evicted:
-            for (table, account), count in evicted.items():
-                self.metrics.evictions.labels(table).inc(count)
-                pending = self._evictions_unlogged.setdefault(table, {})
-                if account not in pending and len(pending) >= 256:
-                    account = "*"  # accounts come from the network: a bounded line
-                pending[account] = pending.get(account, 0) + count
-        if not self._evictions_unlogged or now < self._evictions_logged_at + _LOST_LOG_EVERY:
-            return
-        for table, accounts in self._evictions_unlogged.items():
-            top = sorted(accounts.items(), key=lambda item: -item[1])[:5]
-            log.warning(
-                "state evicted %s",
-                kv(table=table, count=sum(accounts.values()),
-                   accounts=",".join(f"{account}:{n}" for account, n in top), more_accounts=len(accounts) - len(top)),
-            )  # fmt: skip
-        self._evictions_unlogged.clear()
-        self._evictions_logged_at = now
+        for (table, account), count in evicted.items():
+            self.metrics.evictions.labels(table).inc(count)
+            self._evictions.add(table, account, count)
+        for table, fields in self._evictions.due(now):
+            log.warning("state evicted %s", kv(table=table, **fields))
