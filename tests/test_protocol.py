@@ -8,7 +8,7 @@ import json
 from evapi_worker.clocks import NodeClocks
 from evapi_worker.engine import Act, Engine, EngineSettings
 from evapi_worker.events import EventErrorReason
-from evapi_worker.logs import Throttle
+from evapi_worker.logs import AccountTally, Throttle
 from evapi_worker.protocol import Kind, Protocol
 from evapi_worker.push_book import PushBook
 
@@ -72,6 +72,20 @@ def test_a_throttle_says_one_line_per_key_and_second_and_counts_the_rest() -> No
     assert throttle.due(11.0) == [("bad", 499)]
     assert throttle.due(12.0) == []
     assert throttle.note("bad", 12.5) == 1
+
+
+def test_an_account_tally_logs_a_line_per_kind_and_second_naming_a_bounded_number_of_accounts() -> None:
+    tally = AccountTally(every=1.0, max_accounts=3)
+    for n in range(10):
+        tally.add("token", f"u{n}@x", 1)
+    tally.add("token", "u0@x", 5)
+    tally.add("provider", "v@x", 2)
+    lines = dict(tally.due(10.0, named=2))
+    assert lines["token"] == {"count": 15, "accounts": "*:7,u0@x:6", "more_accounts": 2}
+    assert lines["provider"] == {"count": 2, "accounts": "v@x:2", "more_accounts": 0}
+    tally.add("token", "u1@x", 1)
+    assert tally.due(10.5) == []  # not a second yet: kept for the next line
+    assert tally.due(11.0) == [("token", {"count": 1, "accounts": "u1@x:1", "more_accounts": 0})]
 
 
 def test_each_kind_of_frame_is_told_apart_and_only_events_reach_the_engine() -> None:
