@@ -189,6 +189,10 @@ async def platform(
     port)."""
     async with AsyncExitStack() as stack:
         sip_port, evapi_port, metrics_port = free_port(HOST), free_port(HOST, socket.SOCK_STREAM), 0
+        # Each account's call is held for its push: in the field its phones
+        # registered before (a known push account); the crowd skips that.
+        if "EVW_HOLD_ANYONE" not in defines:
+            defines += ("EVW_HOLD_ANYONE",)
         if udp_buffer:
             defines += (f"EVW_UDP_BUFFER={udp_buffer}",)
         if tcp_connections:

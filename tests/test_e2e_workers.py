@@ -267,7 +267,7 @@ async def test_a_worker_stopped_in_a_burst_serves_every_phone_once_after_its_res
     groups = [[(burst.account(a), burst.device(a, d)) for a in range(accounts)] for d in range(devices)]
     (tmp_path / "worker.toml").write_text("[engine]\ndeadline = 30.0\n\n[sipp]\nmax_concurrent = 10\n")
     options = ["--config", str(tmp_path / "worker.toml"), "--state", str(tmp_path / "state")]
-    defines = [f"EVW_UDP_BUFFER={burst.UDP_BUFFER}"]
+    defines = [f"EVW_UDP_BUFFER={burst.UDP_BUFFER}", "EVW_HOLD_ANYONE"]  # held calls, as in bench.burst
     async with AsyncExitStack() as stack:
         if redis:
             server = await stack.enter_async_context(redis_process(tmp_path))
