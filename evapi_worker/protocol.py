@@ -143,18 +143,34 @@ class Protocol:
         may fill the gaps open now, so they do not age meanwhile."""
         self.sequences.paused(seconds)
 
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` next has work (may be early, never late)."""
+        return self.engine.next_deadline()
+
+    def tick(self, now: float) -> list[Decision]:
+        """What is due by ``now``: settle delays that ran out, state that
+        expired. The live timer calls it at each deadline; every event
+        calls it first (:meth:`feed`), so a restore or a replay, which have
+        no timer, decide in the same order as the live worker did."""
+        return self.engine.tick(now)
+
     def feed(self, node: str, event: Event, now: float) -> Received:
-        """An event from ``node``, received at ``now``, and what it leads to."""
+        """An event from ``node``, received at ``now``, and what it leads to
+        (after what was due before it)."""
         named = event.node if event.node != node else None
         other = _NOT_DECIDED.get(type(event))
         if other is not None:
             return Received(other, event, (), (), named)
         engine = self.engine
         book = self.book
+        due = engine.next_deadline()
+        ticked = engine.tick(now) if due is not None and due <= now else None
         if not isinstance(event, Register):
             pushes = book.call_started(event, now) if book is not None and isinstance(event, CallStarted) else ()
             ignored = engine.lost_ends_ignored
             decisions = engine.handle(event, now)
+            if ticked:
+                decisions = ticked + decisions
             return Received(Kind.DECIDED, event, decisions, pushes, named, engine.lost_ends_ignored > ignored)
         if named is not None:
             # Route by the connection the REGISTER came in on.
@@ -164,4 +180,5 @@ class Protocol:
         happened = now if mapped is None else min(mapped, now)
         if book is not None:
             book.register(event, happened)
-        return Received(Kind.DECIDED, event, engine.handle(event, now, happened), (), named)
+        decisions = engine.handle(event, now, happened)
+        return Received(Kind.DECIDED, event, ticked + decisions if ticked else decisions, (), named)

@@ -202,10 +202,10 @@ def replay_decoded(
     by_type: dict[type, int] = {}
     # Virtual time is the wall clock of the receive times: a node's clock
     # is the wall clock, as it is for a live worker until a ping measures it.
-    feed = Protocol(engine, NodeClocks(wall_offset=0.0)).feed
-    # The loop runs for every record: names are bound locally, and the engine
-    # is ticked only when it has something due.
-    tick, next_deadline = engine.tick, engine.next_deadline
+    protocol = Protocol(engine, NodeClocks(wall_offset=0.0))
+    # The loop runs for every record: names are bound locally. The protocol
+    # decides what is due before each event, as it does live.
+    feed = protocol.feed
     count = 0
     now = 0.0  # the receive time of the record being replayed
     for now, node, event in decoded:
@@ -219,9 +219,6 @@ def replay_decoded(
             while notes and notes[0][0] <= now:
                 _, _, note = heapq.heappop(notes)
                 pushed(note.call_id, note.aor, note.device, note.lasts or 0.0, note.sent)
-        due = next_deadline()
-        if due is not None and due <= now:
-            out += tick(now)
         if isinstance(event, str):
             result.errors[event] += 1
             continue
@@ -230,7 +227,7 @@ def replay_decoded(
         decided = feed(node, event, now).decisions
         if decided:
             out += decided
-    out += tick(now + 86_400)  # let pending decisions settle
+    out += protocol.tick(now + 86_400)  # let pending decisions settle
     result.records = count
     for kind, n in by_type.items():
         result.events[TYPE_NAMES[kind]] += n

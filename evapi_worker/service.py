@@ -363,7 +363,7 @@ class Service:
 
     async def _timer(self) -> None:
         while True:
-            deadline = self.engine.next_deadline()
+            deadline = self.protocol.next_deadline()
             self._timer_at = min(deadline if deadline is not None else math.inf, trio.current_time() + _HOUSEKEEPING)
             with trio.move_on_at(self._timer_at):
                 await self._wake.wait()
@@ -377,7 +377,7 @@ class Service:
                 self.metrics.paused.inc(paused)
                 if paused >= 1.0:  # a busy loop's fraction of a second is not news
                     log.warning("worker paused %s", kv(seconds=round(paused, 3)))
-            self.dispatcher.dispatch(self.engine.tick(now), now)
+            self.dispatcher.dispatch(self.protocol.tick(now), now)
             for node, lost in self.protocol.expire(now):
                 self._count_lost(node, lost)
             self._log_lost(now)
@@ -446,7 +446,7 @@ class Service:
                     self._journal_soon.set()
             if got.decisions:
                 self.dispatcher.dispatch(got.decisions, now)
-            deadline = self.engine.next_deadline()
+            deadline = self.protocol.next_deadline()
             if deadline is not None and deadline < self._timer_at:
                 self._wake.set()
         elif kind is Kind.ACK:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from evapi_worker.clocks import NodeClocks
-from evapi_worker.engine import Act, Engine, EngineSettings
-from evapi_worker.events import EventErrorReason
+from evapi_worker.engine import Act, Decision, Engine, EngineSettings
+from evapi_worker.events import Event, EventErrorReason
 from evapi_worker.logs import AccountTally, Throttle
 from evapi_worker.protocol import Kind, Protocol
 from evapi_worker.push_book import PushBook
+from evapi_worker.replay import replay_decoded
 
 from .helpers import Wire
 
@@ -31,7 +35,8 @@ def test_a_node_s_clock_is_the_wall_clock_until_a_quick_ping_measures_it() -> No
 
 
 def test_a_register_read_late_has_its_deadline_from_when_it_happened() -> None:
-    wire, engine = Wire(), Engine(EngineSettings(deadline=5))
+    # (A window longer than the freeze: the ended call is still remembered.)
+    wire, engine = Wire(), Engine(EngineSettings(deadline=5, window=30))
     proto = Protocol(engine, NodeClocks(wall_offset=T0))  # engine time 0 is T0
     proto.feed("kam1", wire.start(T0), 0.0)
     proto.feed("kam1", wire.cancelled(T0 + 1), 0.0)
@@ -144,3 +149,118 @@ def test_a_lost_call_end_the_engine_does_not_believe_is_told() -> None:
     proto.feed("kam1", wire.start(T0), 0.0)
     got = proto.feed("kam1", wire.event("call_cancelled", T0 + 1, call_id="call-1", lost=True), 1.0)
     assert got.kind is Kind.DECIDED and got.lost_end_ignored
+
+
+# -- live, restored and replayed, the same decisions ---------------------------
+
+_SETTINGS = EngineSettings(window=15.0, settle=0.5, deadline=5.0)
+_ENDS = ("cancelled", "answered", "failed486", "failed603", None)
+
+
+@st.composite
+def _streams(draw: st.DrawFn) -> list[tuple[float, str, Event]]:
+    """Calls to two accounts ending in every way (or ringing on), devices
+    registering before, during and after them (some twice), on two nodes,
+    each event read up to 1.2 s after it happened: events from Kamailio's
+    processes arrive in any order, and a REGISTER races its call's end
+    within the settle delay."""
+    wires = {"kam1": Wire(node="kam1"), "kam2": Wire(node="kam2")}
+    items: list[tuple[float, str, Event]] = []
+
+    def add(node: str, ts: float, event: Event) -> None:
+        items.append((ts - T0 + draw(st.floats(0.0, 1.2)), node, event))
+
+    for n in range(draw(st.integers(1, 3))):
+        aor = draw(st.sampled_from(["bob@x", "carol@x"]))
+        node = draw(st.sampled_from(sorted(wires)))
+        start = T0 + draw(st.floats(0.0, 5.0))
+        add(node, start, wires[node].start(start, call_id=f"c{n}", aor=aor))
+        end = draw(st.sampled_from(_ENDS))
+        if end is not None:
+            ts = start + draw(st.floats(0.1, 20.0))
+            event = (
+                wires[node].failed(ts, int(end[6:]), call_id=f"c{n}", aor=aor)
+                if end.startswith("failed")
+                else getattr(wires[node], end)(ts, call_id=f"c{n}", aor=aor)
+            )
+            add(node, ts, event)
+    for aor in ("bob@x", "carol@x"):
+        for d in range(draw(st.integers(0, 2))):
+            for _ in range(draw(st.integers(1, 2))):
+                node = draw(st.sampled_from(sorted(wires)))
+                ts = T0 + draw(st.floats(0.0, 40.0))
+                contact = f"sip:d{d}@192.0.2.{d + 10}:5060"
+                add(node, ts, wires[node].register(ts, aor=aor, instance=f"<urn:uuid:{aor}-{d}>", contact=contact))
+    return sorted(items, key=lambda item: item[0])
+
+
+def _key(decisions: list[Decision]) -> list[tuple[str, str, str, str, str]]:
+    return sorted((d.call_id, d.aor, d.device, d.action.value, str(d.reason)) for d in decisions)
+
+
+def _protocol() -> Protocol:
+    return Protocol(Engine(_SETTINGS), NodeClocks(wall_offset=T0))
+
+
+def _live(stream: list[tuple[float, str, Event]], proto: Protocol | None = None) -> list[Decision]:
+    """As the live worker: its timer ticks at every deadline, each event is read when it arrives."""
+    proto = proto or _protocol()
+    out: list[Decision] = []
+    for now, node, event in stream:
+        while (due := proto.next_deadline()) is not None and due <= now:
+            out += proto.tick(due)
+        out += proto.feed(node, event, now).decisions
+    return out
+
+
+def _fed(stream: list[tuple[float, str, Event]], proto: Protocol | None = None) -> list[Decision]:
+    """As a restore from the journal: the events alone, no timer between them."""
+    proto = proto or _protocol()
+    out: list[Decision] = []
+    for now, node, event in stream:
+        out += proto.feed(node, event, now).decisions
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(stream=_streams(), cut=st.floats(0.0, 1.0))
+def test_live_restored_and_replayed_the_same_events_give_the_same_decisions(
+    stream: list[tuple[float, str, Event]], cut: float
+) -> None:
+    end = (stream[-1][0] if stream else 0.0) + 600
+    proto = _protocol()
+    live = _live(stream, proto) + proto.tick(end)
+    restored_proto = _protocol()
+    restored = _fed(stream, restored_proto) + restored_proto.tick(end)
+    # Replay runs on the receive times as unix times (a capture's).
+    replayed = replay_decoded(((T0 + now, node, event) for now, node, event in stream), _SETTINGS).decisions
+    assert _key(restored) == _key(live)
+    assert _key(replayed) == _key(live)
+    # A crash at any point: what the first run decided, then a restart from
+    # its state (snapshot) fed the rest without a timer.
+    k = int(cut * len(stream))
+    first = _protocol()
+    before = _live(stream[:k], first)
+    second = _protocol()
+    second.engine.import_state(first.engine.export_state())
+    after = _fed(stream[k:], second) + second.tick(end)
+    assert _key(before + after) == _key(live)
+
+
+def test_a_cancel_stamped_before_a_register_but_read_after_its_settle_delay_is_decided_alike() -> None:
+    """The traced case: a REGISTER while the call rings waits the settle
+    delay; live, the timer decides "ringing" before the CANCEL (stamped
+    before the REGISTER) is read a second later. A restore feeding the same
+    events without a timer decides the same, not a fake call."""
+    wire = Wire()
+    stream: list[tuple[float, str, Event]] = [
+        (0.0, "kam1", wire.start(T0)),
+        (2.0, "kam1", wire.register(T0 + 2.0)),
+        (3.0, "kam1", wire.cancelled(T0 + 1.9)),
+    ]
+    live_proto = _protocol()
+    live = _live(stream, live_proto) + live_proto.tick(100.0)
+    fed_proto = _protocol()
+    fed = _fed(stream, fed_proto) + fed_proto.tick(100.0)
+    assert [(d.action.value, str(d.reason)) for d in live] == [("none", "ringing")]
+    assert _key(fed) == _key(live)
