@@ -2,6 +2,12 @@
 # Everything CI checks: set-up, lint, types, the installed package, the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --fast: the unit tier alone (no process, no network; seconds), once set up.
+if [ "${1:-}" = "--fast" ]; then
+    shift
+    [ -x .venv/bin/python ] || ./scripts/setup.sh --test
+    exec .venv/bin/python -m pytest -m unit "$@"
+fi
 # Test-only packages: linphone-cli, a real liblinphone phone (linphonec) for
 # the end-to-end tests; systemd, for systemd-analyze verify of the unit;
 # chromium, which renders the replay report in its test; patch, which applies

@@ -53,3 +53,13 @@ def test_each_module_s_all_is_what_others_import_from_it() -> None:
                     continue
                 outside += [f"{path.name}: {module}.{a.name}" for a in found.names if a.name not in exported[module]]
     assert outside == []
+
+
+def test_every_module_named_in_a_tier_exists() -> None:
+    # A renamed test module would silently fall into the unit tier, whose
+    # guard then fails it: names in the tier lists must be real modules.
+    from .conftest import E2E, PROCESS
+
+    here = {path.stem for path in Path(__file__).parent.glob("test_*.py")}
+    assert not (E2E | PROCESS) - here, (E2E | PROCESS) - here
+    assert not E2E & PROCESS
