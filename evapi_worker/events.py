@@ -42,6 +42,7 @@ __all__ = [
     "CallEnded",
     "CallFailed",
     "CallStarted",
+    "ClaimReply",
     "ClaimUnused",
     "CommandResult",
     "Event",
@@ -282,13 +283,21 @@ class Register(_Base, frozen=True, tag="register"):
             force_setattr(self, "proto", self.proto.lower())
 
 
+class ClaimReply(enum.StrEnum):
+    """A node's answer to a command that claimed: the first worker to ask
+    wins, every other is told it is taken."""
+
+    WON = "won"
+    TAKEN = "taken"
+
+
 class CommandResult(_Base, frozen=True, tag="cmd_result"):
     """Kamailio's acknowledgement of one worker command."""
 
     id: Short
     ok: bool
     error: Name | None = None
-    claim: Short | None = None  # for a command that claimed: "won" or "taken"
+    claim: ClaimReply | None = None  # for a command that claimed
 
     def __post_init__(self) -> None:
         if self.node in _NULLS or self.v != PROTOCOL_VERSION:

@@ -21,7 +21,7 @@ from .claims import claim_key
 from .commands import Message, Pin
 from .engine import Act, Action, CallInfo
 from .evapi_client import CommandFailed, NodeAddress, SendCommand
-from .events import CommandResult, Register
+from .events import ClaimReply, CommandResult, Register
 from .logs import kv
 from .metrics import Metrics
 from .outcomes import Outcome
@@ -380,7 +380,7 @@ class ActionRunner:
         """Whether this worker won the claim; a node whose routes predate
         claims answers without one, and every worker sends (at least once
         becomes at least once per worker)."""
-        won = result.claim != "taken"
+        won = result.claim is not ClaimReply.TAKEN
         if result.claim is not None:
-            self.metrics.claims.labels(node, "won" if won else "taken").inc()
+            self.metrics.claims.labels(node, result.claim.value).inc()
         return won

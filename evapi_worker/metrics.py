@@ -16,7 +16,7 @@ from . import __version__
 from .commands import COMMAND_NAMES
 from .engine import Action, EndKind, Reason
 from .evapi_client import CommandFailure
-from .events import EVENT_TYPES, EventErrorReason, RefusedReason
+from .events import EVENT_TYPES, ClaimReply, EventErrorReason, RefusedReason
 from .netstring import FramingFault
 from .outcomes import Outcome
 from .push_answers import PushOutcome
@@ -74,10 +74,6 @@ class EventCounter(Collector):
     def init(self, node: str, etype: str) -> None:
         """Export a zero for a series that has not happened yet."""
         self.counts.setdefault((node, etype), 0)
-
-    def add(self, node: str, etype: str) -> None:
-        key = (node, etype)
-        self.counts[key] = self.counts.get(key, 0) + 1
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.documentation, labels=["node", "type"])
@@ -307,8 +303,8 @@ class Metrics:
             self.claims_unused.labels(node)
             for refused in SIP_REFUSED_REASONS:
                 self.sip_refused.labels(node, refused)
-            for result in ("won", "taken"):
-                self.claims.labels(node, result)
+            for reply in ClaimReply:
+                self.claims.labels(node, reply.value)
             for command in COMMANDS:
                 self.commands.labels(node, command)
                 self.commands_acked.labels(node, command)

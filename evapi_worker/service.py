@@ -32,8 +32,8 @@ from .config import Config
 from .devices import device_id
 from .dispatch import Dispatcher
 from .engine import Act, Decision, Engine
-from .evapi_client import CommandFailed, CommandFailure, ConnectionState, EvapiConnection
-from .events import TYPE_NAMES, ClaimUnused, CommandResult, Refused, RefusedReason, Register, event_type
+from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
+from .events import TYPE_NAMES, ClaimReply, ClaimUnused, CommandResult, Refused, RefusedReason, Register, event_type
 from .fake_calls import ActionRunner
 from .health import Liveness
 from .http_server import serve_http
@@ -534,11 +534,9 @@ class Service:
         try:
             result = await self.send_command(node, Claim(claim=claim, claim_ttl=self.config.evapi.pin_ttl * 4))
         except CommandFailed as exc:
-            if exc.reason is CommandFailure.REFUSED and "unknown command" in str(exc):
-                return True  # routes older than push claims: every worker pushes
             log.warning("push not claimed %s", kv(node=node, reason=exc.reason, detail=str(exc)))
             return False
-        return result.claim != "taken"
+        return result.claim is ClaimReply.WON
 
     async def send_command(self, node: str, command: Command) -> CommandResult:
         """Send a command to a node and wait for its acknowledgement."""
