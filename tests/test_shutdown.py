@@ -104,8 +104,11 @@ async def test_stop_closes_intake_and_waits_for_running_fake_calls_within_the_gr
     async with a_fake_call_in_sipp(tmp_path, "--delay", "0.5", grace=5) as (service, server):
         started = trio.current_time()
         await service.stop()
-        assert service.actions.begun == 0  # the fake call finished
-        assert trio.current_time() - started < 2
+        # The fake call finished and the stop returned then, before its 5 s
+        # grace ran out.
+        assert service.actions.begun == 0
+        assert service.metrics.value("evapi_worker_fake_calls_total", {"outcome": "completed"}) == 1
+        assert trio.current_time() - started < 5
         await server.wait_for(lambda: not server.streams)  # intake closed
     assert service.metrics.value("evapi_worker_fake_calls_total", {"outcome": "completed"}) == 1
 
@@ -114,8 +117,8 @@ async def test_stop_gives_up_at_the_grace_and_the_cancel_kills_sipp(tmp_path: Pa
     async with a_fake_call_in_sipp(tmp_path, "--silent", grace=0.3) as (service, _):
         started = trio.current_time()
         await service.stop()
-        assert 0.3 <= trio.current_time() - started < 2
-        assert service.actions.begun == 1  # still in SIPp
+        assert trio.current_time() - started >= 0.3  # it waited the grace...
+        assert service.actions.begun == 1  # ...and gave up on the call still in SIPp
         [(pid, _)] = fake_starts(tmp_path)
     assert service.metrics.value("evapi_worker_fake_calls_total", {"outcome": "killed"}) == 1
     with trio.fail_after(5):  # its SIPp ended with it
