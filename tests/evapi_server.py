@@ -79,6 +79,12 @@ class EvapiServer:
             self._notify()
 
     @property
+    def requests(self) -> list[dict[str, Any]]:
+        """The commands other than the worker's hellos (which come first on
+        every connection, at a moment of the connection's own)."""
+        return [c for c in self.commands if c["cmd"] != "hello"]
+
+    @property
     def actions(self) -> list[dict[str, Any]]:
         """The commands other than the worker's hellos and liveness pings."""
         return [c for c in self.commands if c["cmd"] not in ("hello", "ping")]

@@ -182,7 +182,7 @@ async def test_command_refused_unanswered_or_disconnected() -> None:
             await conn.send_command(Ping(), timeout=0.2)
 
         async def drop_soon() -> None:
-            await server.wait_for(lambda: len(server.commands) == 3)
+            await server.wait_for(lambda: len(server.requests) == 3)
             await server.drop()
 
         nursery.start_soon(drop_soon)
@@ -212,7 +212,7 @@ async def test_an_answer_that_came_while_the_worker_was_stopped_is_not_a_timeout
                 results.append(exc)
 
         nursery.start_soon(send)
-        await server.wait_for(lambda: len(server.commands) == 1)
+        await server.wait_for(lambda: len(server.requests) == 1)
         mock_clock.jump(25)  # the worker was stopped this long
         await trio.testing.wait_all_tasks_blocked()
         assert results == []  # still waiting: the worker, not the node, was away
@@ -221,7 +221,7 @@ async def test_an_answer_that_came_while_the_worker_was_stopped_is_not_a_timeout
         await trio.testing.wait_all_tasks_blocked()
         assert len(results) == 1 and isinstance(results[0], CommandResult) and results[0].ok
         nursery.start_soon(send)
-        await server.wait_for(lambda: len(server.commands) == 2)
+        await server.wait_for(lambda: len(server.requests) == 2)
         await trio.testing.wait_all_tasks_blocked()
         mock_clock.jump(2)  # on time, and nothing came
         await trio.testing.wait_all_tasks_blocked()
@@ -229,7 +229,7 @@ async def test_an_answer_that_came_while_the_worker_was_stopped_is_not_a_timeout
         # A worker late at every deadline (starved without end) still gives
         # up, after a few: a dead node is not waited for forever.
         nursery.start_soon(send)
-        await server.wait_for(lambda: len(server.commands) == 3)
+        await server.wait_for(lambda: len(server.requests) == 3)
         for _ in range(4):
             await trio.testing.wait_all_tasks_blocked()
             mock_clock.jump(10)
@@ -245,7 +245,7 @@ async def test_a_command_too_large_for_evapi_is_a_failed_command() -> None:
         with pytest.raises(CommandFailed, match="too_large") as failed:
             await conn.send_command(Ping(id="x" * 9000), timeout=1)
         assert failed.value.reason == "too_large"
-        assert server.commands == []  # nothing reached Kamailio
+        assert server.requests == []  # nothing reached Kamailio
         nursery.cancel_scope.cancel()
 
 
