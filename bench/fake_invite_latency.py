@@ -32,8 +32,8 @@ import trio
 
 from evapi_worker.config import Config
 from evapi_worker.demo import start_watched_worker
-from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.kamailio_process import KamailioProcess
+from evapi_worker.links import NodeAddress
 from evapi_worker.net import free_port
 from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones
 

@@ -27,7 +27,7 @@ import trio
 
 from evapi_worker.commands import Hello, encode_command
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.links import NodeAddress
 from evapi_worker.net import free_port
 from evapi_worker.netstring import NEED_DATA, NetstringDecoder
 from evapi_worker.runtime import tune_gc

@@ -33,7 +33,7 @@ import trio
 
 from evapi_worker.config import Config, RedisSettings
 from evapi_worker.engine import Act
-from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.links import NodeAddress
 from evapi_worker.net import free_port
 from evapi_worker.outcomes import Outcome
 from evapi_worker.redis_process import RedisProcess

@@ -27,9 +27,9 @@ import msgspec
 from .apns import ApnsSettings
 from .capture import CaptureSettings
 from .engine import EngineSettings, Seconds
-from .evapi_client import Backoff, NodeAddress
 from .fcm import FcmSettings
 from .files import FileProblem, read_regular
+from .links import Backoff, NodeAddress
 from .msgspec_errors import read_problem
 from .netstring import DEFAULT_MAX_FRAME
 from .redis_client import RedisAddress, RedisTarget

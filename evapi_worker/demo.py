@@ -26,8 +26,8 @@ import trio
 from .apns import ApnsSettings
 from .config import Config, ConfigError, RedisSettings
 from .engine import Act, Decision
-from .evapi_client import NodeAddress
 from .kamailio_process import DemoError, KamailioProcess, Subscriber
+from .links import NodeAddress
 from .outcomes import Outcome
 from .phones import DESK_UA, IPHONE_UA, Phones, phone_scenario, received
 from .push_standin import ApnsStandIn, ReceivedPush, make_apns_key, make_tls, serve_standin

@@ -25,7 +25,6 @@ import socket
 import struct
 import termios
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import msgspec
 import trio
@@ -33,19 +32,16 @@ import trio
 from .clocks import PAUSED
 from .commands import Command, CommandTooLarge, Hello, command_name, encode_command
 from .events import CommandResult
+from .links import Backoff, CommandFailed, CommandFailure, NodeAddress
 from .logs import kv
 from .netstring import DEFAULT_MAX_FRAME, FramingError, FramingFault, NeedData, NetstringDecoder, OversizedFrame
 from .outbox import Outbox, OutboxFull
 from .sip_values import bracketed
 
 __all__ = [
-    "Backoff",
     "BadFrameHandler",
-    "CommandFailed",
-    "CommandFailure",
     "ConnectionState",
     "EvapiConnection",
-    "NodeAddress",
     "SendCommand",
 ]
 
@@ -69,61 +65,11 @@ _ACK_MARK = b'"cmd_result"'
 _REGRANTS = 3
 
 
-@dataclass(frozen=True, slots=True)
-class NodeAddress:
-    """One Kamailio node: its evapi socket and the SIP address fake calls use."""
-
-    name: str
-    evapi_host: str
-    evapi_port: int
-    sip_host: str
-    sip_port: int
-
-
 class ConnectionState(enum.Enum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     WAITING = "waiting"  # backing off before the next attempt
     STOPPED = "stopped"
-
-
-class CommandFailure(enum.StrEnum):
-    """Why a command failed (the ``reason`` label of commands_failed_total)."""
-
-    NOT_CONNECTED = "not_connected"  # no connection to the node now
-    TIMEOUT = "timeout"  # no acknowledgement within evapi.ack_timeout
-    REFUSED = "refused"  # Kamailio answered ok: false (its error says why)
-    DISCONNECTED = "disconnected"  # the connection closed before the acknowledgement
-    STOPPED = "stopped"  # the worker stopped
-    TOO_LARGE = "too_large"  # over what one evapi read takes
-    BACKLOG = "backlog"  # Kamailio does not read: 4 MiB of commands wait
-
-
-class CommandFailed(Exception):
-    """A command was not acknowledged: not connected, timed out or refused."""
-
-    def __init__(self, reason: CommandFailure, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Capped exponential backoff with jitter between reconnect attempts."""
-
-    initial: float = 0.1
-    cap: float = 5.0
-    factor: float = 2.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Delay before attempt number ``attempt`` (0 for the first retry).
-
-        Half fixed, half random ("equal jitter"): never zero, so a refused
-        node is not hammered, and spread out so many workers do not
-        reconnect in step after a Kamailio restart.
-        """
-        ceiling = min(self.cap, self.initial * self.factor ** min(attempt, 32))
-        return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
 FrameHandler = Callable[[str, bytes, float], None]

@@ -20,8 +20,9 @@ from . import sip_values
 from .claims import claim_key
 from .commands import Message, Pin
 from .engine import Act, Action, CallInfo
-from .evapi_client import CommandFailed, NodeAddress, SendCommand
+from .evapi_client import SendCommand
 from .events import ClaimReply, CommandResult, Register
+from .links import CommandFailed, NodeAddress
 from .logs import kv
 from .metrics import Metrics
 from .outcomes import Outcome

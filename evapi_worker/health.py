@@ -17,7 +17,8 @@ import trio
 
 from .clocks import NodeClocks
 from .commands import Ping
-from .evapi_client import CommandFailed, CommandFailure, ConnectionState, EvapiConnection, SendCommand
+from .evapi_client import ConnectionState, EvapiConnection, SendCommand
+from .links import CommandFailed, CommandFailure
 from .logs import kv
 from .metrics import Metrics
 

@@ -15,8 +15,8 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .commands import COMMAND_NAMES
 from .engine import Action, EndKind, Reason
-from .evapi_client import CommandFailure
 from .events import EVENT_TYPES, ClaimReply, EventErrorReason, RefusedReason
+from .links import CommandFailure
 from .netstring import FramingFault
 from .outcomes import Outcome
 from .push_answers import PushOutcome

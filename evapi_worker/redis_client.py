@@ -29,7 +29,7 @@ from typing import NoReturn
 
 import trio
 
-from .evapi_client import Backoff
+from .links import Backoff
 from .logs import kv
 from .outbox import Outbox, OutboxFull
 from .resp import NEED_DATA, RedisError, Reply, RespDecoder, RespProtocolError, encode_command

@@ -32,11 +32,12 @@ from .config import Config
 from .devices import device_id
 from .dispatch import Dispatcher
 from .engine import Act, Decision, Engine
-from .evapi_client import CommandFailed, ConnectionState, EvapiConnection
+from .evapi_client import ConnectionState, EvapiConnection
 from .events import TYPE_NAMES, ClaimReply, ClaimUnused, CommandResult, Refused, RefusedReason, Register, event_type
 from .fake_calls import ActionRunner
 from .health import Liveness
 from .http_server import serve_http
+from .links import CommandFailed
 from .logs import AccountTally, Throttle, kv
 from .metrics import Metrics
 from .netstring import FramingFault

@@ -25,7 +25,7 @@ from typing import Final
 import trio
 
 from .claims import claim_key
-from .evapi_client import Backoff
+from .links import Backoff
 from .logs import kv
 from .redis_client import Lost, RedisConnection, RedisTarget, RedisUnavailable, stay_connected
 from .resp import RedisError

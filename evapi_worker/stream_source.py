@@ -27,7 +27,7 @@ from typing import Final
 
 import trio
 
-from .evapi_client import Backoff
+from .links import Backoff
 from .logs import kv
 from .netstring import DEFAULT_MAX_FRAME
 from .redis_client import Lost, RedisConnection, RedisTarget, Request, stay_connected

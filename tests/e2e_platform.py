@@ -21,8 +21,8 @@ from evapi_worker.capture import CaptureSettings
 from evapi_worker.config import Config, PushSettings, RedisSettings
 from evapi_worker.demo import Watch, start_watched_worker
 from evapi_worker.engine import EngineSettings
-from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.kamailio_process import KamailioProcess, Subscriber
+from evapi_worker.links import NodeAddress
 from evapi_worker.outcomes import Outcome
 from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones
 from evapi_worker.redis_process import redis_process

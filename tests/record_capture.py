@@ -20,8 +20,8 @@ import trio
 from evapi_worker.capture import CaptureSettings
 from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.demo import start_watched_worker
-from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.kamailio_process import KamailioProcess
+from evapi_worker.links import NodeAddress
 from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones
 from evapi_worker.replay import decision_json
 

@@ -10,10 +10,11 @@ import trio.testing
 from evapi_worker.commands import Command
 from evapi_worker.dispatch import Dispatcher
 from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Strategy
-from evapi_worker.evapi_client import ConnectionState, EvapiConnection, NodeAddress
+from evapi_worker.evapi_client import ConnectionState, EvapiConnection
 from evapi_worker.events import CommandResult
 from evapi_worker.fake_calls import ActionRunner
 from evapi_worker.health import Liveness
+from evapi_worker.links import NodeAddress
 from evapi_worker.metrics import Metrics
 from evapi_worker.outcomes import Outcome
 

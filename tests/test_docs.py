@@ -13,7 +13,7 @@ import msgspec
 
 from evapi_worker.bundled import bundled
 from evapi_worker.config import Config
-from evapi_worker.evapi_client import CommandFailure
+from evapi_worker.links import CommandFailure
 from evapi_worker.metrics import DECISIONS, EVENT_ERROR_REASONS, PUSH_RESULTS, SHARED_CLAIM_RESULTS, Metrics
 from evapi_worker.outcomes import Outcome
 from evapi_worker.redis_client import Lost

@@ -11,8 +11,8 @@ import trio
 
 from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.demo import Watch
-from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.kamailio_process import KamailioProcess
+from evapi_worker.links import NodeAddress
 from evapi_worker.outcomes import Outcome
 from evapi_worker.phones import Phones
 from evapi_worker.service import Service

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from evapi_worker.commands import Message, Pin
-from evapi_worker.evapi_client import CommandFailed
+from evapi_worker.links import CommandFailed
 from evapi_worker.phones import IPHONE_UA
 from evapi_worker.service import Service
 

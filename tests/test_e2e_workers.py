@@ -23,8 +23,8 @@ from bench import burst
 from evapi_worker.claims import claim_key
 from evapi_worker.commands import Pin
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.kamailio_process import KamailioProcess
+from evapi_worker.links import NodeAddress
 from evapi_worker.phones import IPHONE_UA, Phones
 from evapi_worker.redis_process import redis_process
 from evapi_worker.service import Service

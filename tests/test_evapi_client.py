@@ -13,8 +13,9 @@ import trio
 import trio.testing
 
 from evapi_worker.commands import Ping
-from evapi_worker.evapi_client import Backoff, CommandFailed, ConnectionState, EvapiConnection, NodeAddress
+from evapi_worker.evapi_client import ConnectionState, EvapiConnection
 from evapi_worker.events import CommandResult, parse_event
+from evapi_worker.links import Backoff, CommandFailed, NodeAddress
 from evapi_worker.netstring import DEFAULT_MAX_FRAME, FramingFault, encode
 
 from .evapi_server import EvapiServer

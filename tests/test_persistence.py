@@ -16,8 +16,8 @@ import trio.testing
 from evapi_worker import persistence
 from evapi_worker.config import Config
 from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Reason
-from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.events import parse_event
+from evapi_worker.links import NodeAddress
 from evapi_worker.outcomes import Outcome
 from evapi_worker.persistence import Restored, StateStore
 from evapi_worker.service import Service

@@ -20,8 +20,8 @@ from prometheus_client import generate_latest
 from evapi_worker.apns import ApnsSettings
 from evapi_worker.config import Config, ConfigError, PushSettings
 from evapi_worker.engine import Engine
-from evapi_worker.evapi_client import NodeAddress
 from evapi_worker.events import CallStarted, Register
+from evapi_worker.links import NodeAddress
 from evapi_worker.metrics import Metrics
 from evapi_worker.persistence import StateStore
 from evapi_worker.push_answers import PushAnswer, PushResult

@@ -16,7 +16,7 @@ import trio
 
 from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.engine import Decision, EngineSettings
-from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.links import NodeAddress
 from evapi_worker.netstring import encode
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings

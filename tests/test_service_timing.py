@@ -14,7 +14,8 @@ import trio.testing
 
 from evapi_worker.config import Config, EvapiSettings
 from evapi_worker.engine import Decision, EngineSettings
-from evapi_worker.evapi_client import Backoff, ConnectionState, EvapiConnection, NodeAddress
+from evapi_worker.evapi_client import ConnectionState, EvapiConnection
+from evapi_worker.links import Backoff, NodeAddress
 from evapi_worker.sequence import SequenceTracker
 from evapi_worker.service import Service
 

@@ -9,7 +9,7 @@ import msgspec
 import trio
 
 from evapi_worker.config import Config, EvapiSettings, RedisSettings
-from evapi_worker.evapi_client import Backoff, NodeAddress
+from evapi_worker.links import Backoff, NodeAddress
 from evapi_worker.outcomes import Outcome
 from evapi_worker.redis_client import RedisAddress, RedisTarget
 from evapi_worker.redis_process import RedisProcess, redis_process

@@ -15,7 +15,7 @@ import trio
 
 from evapi_worker.config import Config
 from evapi_worker.engine import Action, Decision
-from evapi_worker.evapi_client import NodeAddress
+from evapi_worker.links import NodeAddress
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.evapi_client import Backoff
+from evapi_worker.links import Backoff
 from evapi_worker.redis_client import Lost, RedisAddress, RedisTarget, open_redis
 from evapi_worker.redis_process import RedisProcess, redis_process
 from evapi_worker.resp import Reply
