@@ -413,7 +413,7 @@ class Engine:
             call.started, call.end_ts, call.end, call.end_code = c.started, c.end_ts, c.end, c.end_code
             call.decided = dict(c.decided) or None
             call.rang = set(c.rang) or None
-            call.pushed = dict(list(c.pushed.items())[:MAX_RANG]) or None
+            call.pushed = dict(list(c.pushed.items())[:MAX_PUSHED]) or None
             self._set_call_expiry(call, c.expires_at)
         for d in state.devices:
             device = _Device(d.register, d.device, d.arrived_at, d.expires_at, set(d.pending))
@@ -637,12 +637,7 @@ class Engine:
             call.other = head.other
             head.other = call
         self._call_count += 1
-        if aor:
-            calls = self._calls_by_aor.get(aor)  # (an eviction above may have emptied it)
-            if calls is None:
-                self._calls_by_aor[aor] = [call]
-            else:
-                calls.append(call)
+        self._note_account(call)  # (an eviction above may have emptied the account's list)
         return call
 
     def _note_account(self, call: _Call) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evapi_worker.engine import Act, Action, Anchor, Decision, EndKind, Engine, EngineSettings, Strategy
+from evapi_worker.engine import MAX_PUSHED, Act, Action, Anchor, Decision, EndKind, Engine, EngineSettings, Strategy
 from evapi_worker.events import Event
 
 from .helpers import Wire
@@ -564,3 +564,15 @@ def test_pushes_survive_export_and_import_on_another_clock() -> None:
     assert actions(out) == [("call-1", "urn:uuid:iphone-1", "missed")]
     # A push for a call the engine does not know is not kept.
     assert not again.pushed("nobody", "bob@example.com", "urn:uuid:iphone-1", 30.0, 121.0)
+
+
+def test_a_restored_call_keeps_every_pushed_device_up_to_its_bound() -> None:
+    w, e = Wire(), Engine(EngineSettings(window=15.0))
+    run(e, (0.0, w.start(T0)))
+    for n in range(MAX_PUSHED + 5):
+        e.pushed("call-1", "bob@example.com", f"urn:uuid:d{n}", 30.0, 0.05)
+    (call,) = e.export_state().calls
+    assert len(call.pushed) == MAX_PUSHED
+    again = Engine(EngineSettings(window=15.0))
+    again.import_state(e.export_state())
+    assert again.export_state().calls[0].pushed == call.pushed
