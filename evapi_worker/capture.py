@@ -26,18 +26,17 @@ are still handled.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Final, NamedTuple, TypeGuard
+from typing import Annotated, Any, Final, NamedTuple
 
 import msgpack
 import msgspec
 import trio
 
-from .files import FileProblem, open_regular
+from .files import FileProblem, finite_number, open_regular
 from .logs import kv
 
 __all__ = [
@@ -269,19 +268,15 @@ def _push_note(value: object) -> PushNote | None:
     if not (isinstance(value, list) and len(value) in (4, 5, 6) and all(isinstance(v, str) for v in value[1:5])):
         return None
     sent = value[0]
-    if not _number(sent):
+    if not finite_number(sent):
         return None
     lasts = value[5] if len(value) == 6 else None
-    if lasts is not None and not (_number(lasts) and 0 <= lasts <= 3600):
+    if lasts is not None and not (finite_number(lasts) and 0 <= lasts <= 3600):
         return None
     call_id, device, provider, *aor = value[1:5]
     return PushNote(
         float(sent), call_id, device, provider, aor[0] if aor else "", None if lasts is None else float(lasts)
     )
-
-
-def _number(value: object) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _record_like(item: object) -> bool:

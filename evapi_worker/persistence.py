@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import math
 import os
 import re
 import struct
@@ -50,13 +49,13 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeGuard
+from typing import Any, Final
 
 import msgpack
 import msgspec
 
 from .engine import Act, Decision, Engine
-from .files import FileProblem, open_regular, read_regular
+from .files import FileProblem, finite_number, open_regular, read_regular
 from .push_book import PushBook
 from .state import STATE_VERSION, Snapshot, StateError, decode_snapshot, encode_snapshot
 
@@ -211,7 +210,7 @@ class StateStore:
                 tally.skipped += 1
                 continue
             kind = record[0] if record else None
-            if kind == _CLOCK and len(record) == 2 and _finite(record[1]):
+            if kind == _CLOCK and len(record) == 2 and finite_number(record[1]):
                 offset = record[1] - self._wall_offset
             elif kind == _EVENTS and len(record) == 2 and isinstance(record[1], list):
                 for item in record[1]:
@@ -459,7 +458,7 @@ def _action_record(record: list[object]) -> bool:
 def _pushed_record(record: list[object], offset: float | None, now: float) -> tuple[float, str, str, str, float] | None:
     """A push record's (time on the new clock, call_id, aor, device,
     seconds), or None when it is not one."""
-    if not (len(record) == 6 and offset is not None and _finite(record[1]) and _finite(record[5])):
+    if not (len(record) == 6 and offset is not None and finite_number(record[1]) and finite_number(record[5])):
         return None
     call_id, aor, device = record[2], record[3], record[4]
     if not (isinstance(call_id, str) and isinstance(aor, str) and isinstance(device, str)):
@@ -470,10 +469,6 @@ def _pushed_record(record: list[object], offset: float | None, now: float) -> tu
     return when, call_id, aor, device, lasts
 
 
-def _finite(value: object) -> TypeGuard[float]:
-    return isinstance(value, float | int) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _event_time(item: object, offset: float | None, now: float) -> float | None:
     """A journaled event's time on the new clock; None when the item is
     not a well-formed event record or its time cannot be one."""
@@ -482,7 +477,7 @@ def _event_time(item: object, offset: float | None, now: float) -> float | None:
         and isinstance(item, list)
         and len(item) == 3
         and isinstance(item[0], str)
-        and _finite(item[1])
+        and finite_number(item[1])
         and isinstance(item[2], bytes)
     ):
         return None

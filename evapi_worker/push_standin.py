@@ -46,6 +46,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from .sip_values import bracketed
+
 __all__ = [
     "ApnsStandIn",
     "FcmStandIn",
@@ -478,12 +480,9 @@ async def rehearse(
     apns.on_push, fcm.on_push = said("apns"), said("fcm")
     async with trio.open_nursery() as nursery:
         apns_port = await nursery.start(partial(serve_standin, apns.handle, cert, key, apns_at[0], apns_at[1]))
-        fcm_port = await nursery.start(
-            partial(serve_standin, lambda *request: fcm.handle(*request), cert, key, fcm_at[0], fcm_at[1])
-        )
-        host = f"[{fcm_at[0]}]" if ":" in fcm_at[0] else fcm_at[0]
+        fcm_port = await nursery.start(partial(serve_standin, fcm.handle, cert, key, fcm_at[0], fcm_at[1]))
+        host, apns_host = bracketed(fcm_at[0]), bracketed(apns_at[0])
         fcm.audience = f"https://{host}:{fcm_port}/token"  # the worker's token_url
-        apns_host = f"[{apns_at[0]}]" if ":" in apns_at[0] else apns_at[0]
         print(
             f"""# The push stand-ins listen; paste this into the worker's settings file:
 [push.apns]
