@@ -38,9 +38,9 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.kamailio_process import KamailioProcess, control_socket
+from evapi_worker.lab.kamailio_process import KamailioProcess, control_socket
+from evapi_worker.lab.redis_process import redis_process
 from evapi_worker.net import bind_error, free_media_port, free_port
-from evapi_worker.redis_process import redis_process
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent / "sipp"

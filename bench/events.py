@@ -6,7 +6,7 @@ import json
 import random
 import time
 
-from evapi_worker.netstring import encode
+from evapi_worker.core.netstring import encode
 
 UA_IPHONE = "LinphoneiOS/5.2.5 (iPhone; iOS 17.4) LinphoneSDK/5.3.0"
 UA_DESK = "Yealink SIP-T46U 108.86.0.45"

@@ -31,11 +31,11 @@ from pathlib import Path
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.demo import start_watched_worker
-from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.links import NodeAddress
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.lab.demo import start_watched_worker
+from evapi_worker.lab.kamailio_process import KamailioProcess
+from evapi_worker.lab.phones import DESK_UA, IPHONE_UA, Phones
 from evapi_worker.net import free_port
-from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones
 
 HOST = "127.0.0.1"
 SEED = Path(__file__).parent / "seed"

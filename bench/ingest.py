@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.links import NodeAddress
+from evapi_worker.core.links import NodeAddress
 from evapi_worker.runtime import tune_gc
 from evapi_worker.service import Service
 

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.commands import Hello, encode_command
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.links import NodeAddress
+from evapi_worker.core.commands import Hello, encode_command
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.netstring import NEED_DATA, NetstringDecoder
 from evapi_worker.net import free_port
-from evapi_worker.netstring import NEED_DATA, NetstringDecoder
 from evapi_worker.runtime import tune_gc
 from evapi_worker.service import Service
 

@@ -22,9 +22,9 @@ from multiprocessing.connection import Connection
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.engine import Act
-from evapi_worker.links import NodeAddress
-from evapi_worker.outcomes import Outcome
+from evapi_worker.core.engine import Act
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.outcomes import Outcome
 from evapi_worker.runtime import tune_gc
 from evapi_worker.service import Service
 

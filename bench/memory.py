@@ -19,8 +19,8 @@ import gc
 import json
 import time
 
-from evapi_worker.engine import MAX_RANG, Engine, EngineSettings
-from evapi_worker.events import MAX_NAME, MAX_SHORT, MAX_URI, parse_event
+from evapi_worker.core.engine import MAX_RANG, Engine, EngineSettings
+from evapi_worker.core.events import MAX_NAME, MAX_SHORT, MAX_URI, parse_event
 from evapi_worker.runtime import tune_gc
 
 

@@ -34,10 +34,10 @@ import trio
 
 from evapi_worker.apns import ApnsSettings
 from evapi_worker.config import PushSettings
+from evapi_worker.core.push_answers import PushAnswer
+from evapi_worker.core.push_book import PushBook, PushJob
+from evapi_worker.lab.push_standin import ApnsStandIn, make_apns_key, make_tls, serve_standin
 from evapi_worker.metrics import Metrics
-from evapi_worker.push_answers import PushAnswer
-from evapi_worker.push_book import PushBook, PushJob
-from evapi_worker.push_standin import ApnsStandIn, make_apns_key, make_tls, serve_standin
 from evapi_worker.pusher import PushClient, Pusher, push_clients
 
 TEAM, KEY_ID = "TEAM123456", "ABC123DEFG"

@@ -26,8 +26,8 @@ from typing import Any
 
 import trio
 
+from evapi_worker.lab.redis_process import redis_process
 from evapi_worker.redis_client import RedisAddress, open_redis
-from evapi_worker.redis_process import redis_process
 from evapi_worker.stream_source import stream_key
 
 from .stream import _fill, _payloads

@@ -17,8 +17,8 @@ from pathlib import Path
 import msgpack
 
 from evapi_worker.capture import CAPTURE_FORMAT, CAPTURE_VERSION
-from evapi_worker.engine import EngineSettings
-from evapi_worker.netstring import NEED_DATA, NetstringDecoder
+from evapi_worker.core.engine import EngineSettings
+from evapi_worker.core.netstring import NEED_DATA, NetstringDecoder
 from evapi_worker.replay import load_records, replay
 from evapi_worker.runtime import tune_gc
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from evapi_worker.engine import Engine
+from evapi_worker.core.engine import Engine
 from evapi_worker.persistence import MAX_JOURNALS, StateStore
 
 from .events import stream

@@ -32,12 +32,12 @@ from pathlib import Path
 import trio
 
 from evapi_worker.config import Config, RedisSettings
-from evapi_worker.engine import Act
-from evapi_worker.links import NodeAddress
+from evapi_worker.core.engine import Act
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.core.resp import encode_command
+from evapi_worker.lab.redis_process import RedisProcess
 from evapi_worker.net import free_port
-from evapi_worker.outcomes import Outcome
-from evapi_worker.redis_process import RedisProcess
-from evapi_worker.resp import encode_command
 from evapi_worker.runtime import tune_gc
 from evapi_worker.service import Service
 from evapi_worker.stream_source import stream_key

@@ -9,8 +9,8 @@ from typing import Any
 
 import trio
 
-from evapi_worker.engine import Act
-from evapi_worker.outcomes import Outcome
+from evapi_worker.core.engine import Act
+from evapi_worker.core.outcomes import Outcome
 
 
 class BatchClock:

@@ -27,9 +27,9 @@ from typing import Final
 import jwt
 import msgspec
 
+from .core.push_answers import AnswerRules, PushAnswer, PushResult
+from .core.push_book import PushJob
 from .http2_client import H2Client, H2Error
-from .push_answers import AnswerRules, PushAnswer, PushResult
-from .push_book import PushJob
 
 __all__ = [
     "PRODUCTION",

@@ -18,17 +18,17 @@ from . import __version__
 from .bundled import copy_kamailio_files, kamailio_files
 from .capture import PushNote, Record
 from .config import Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
-from .demo import DEMO_DOMAIN, DemoOptions, check_demo_addresses, run_demo
-from .engine import Anchor, Strategy
-from .kamailio_process import DemoError
+from .core.engine import Anchor, Strategy
+from .core.sip_values import bracketed
+from .lab.demo import DEMO_DOMAIN, DemoOptions, check_demo_addresses, run_demo
+from .lab.kamailio_process import DemoError
+from .lab.push_standin import rehearse
 from .logs import kv, setup_logging
 from .push_check import check_push
-from .push_standin import rehearse
 from .replay import apply_what_if, decision_json, decision_text, differences, load_records, progress_stream, replay
 from .report import MAX_SECONDS, figures, render_html
 from .runtime import check_runtime, tune_gc
 from .service import Service
-from .sip_values import bracketed
 
 __all__ = [
     "build_config",

@@ -26,14 +26,14 @@ import msgspec
 
 from .apns import ApnsSettings
 from .capture import CaptureSettings
-from .engine import EngineSettings, Seconds
+from .core.engine import EngineSettings, Seconds
+from .core.links import Backoff, NodeAddress
+from .core.msgspec_errors import read_problem
+from .core.netstring import DEFAULT_MAX_FRAME
+from .core.sip_values import UnsafeValue, sip_host
 from .fcm import FcmSettings
 from .files import FileProblem, read_regular
-from .links import Backoff, NodeAddress
-from .msgspec_errors import read_problem
-from .netstring import DEFAULT_MAX_FRAME
 from .redis_client import RedisAddress, RedisTarget
-from .sip_values import UnsafeValue, sip_host
 from .sipp_runner import SippSettings
 
 __all__ = [

@@ -16,12 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from .engine import Act, Decision, Reason
+from .core.engine import Act, Decision, Reason
+from .core.outcomes import Outcome
 from .evapi_client import EvapiConnection
 from .fake_calls import ActionRunner, count_outcome
 from .logs import kv
 from .metrics import Metrics
-from .outcomes import Outcome
 
 __all__ = ["Dispatcher"]
 

@@ -29,14 +29,14 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import trio
 
-from .clocks import PAUSED
-from .commands import Command, CommandTooLarge, Hello, command_name, encode_command
-from .events import CommandResult
-from .links import Backoff, CommandFailed, CommandFailure, NodeAddress
+from .core.clocks import PAUSED
+from .core.commands import Command, CommandTooLarge, Hello, command_name, encode_command
+from .core.events import CommandResult
+from .core.links import Backoff, CommandFailed, CommandFailure, NodeAddress
+from .core.netstring import DEFAULT_MAX_FRAME, FramingError, FramingFault, NeedData, NetstringDecoder, OversizedFrame
+from .core.sip_values import bracketed
 from .logs import kv
-from .netstring import DEFAULT_MAX_FRAME, FramingError, FramingFault, NeedData, NetstringDecoder, OversizedFrame
 from .outbox import Outbox, OutboxFull
-from .sip_values import bracketed
 
 __all__ = [
     "BadFrameHandler",

@@ -16,18 +16,18 @@ from dataclasses import dataclass
 
 import trio
 
-from . import sip_values
-from .claims import claim_key
-from .commands import Message, Pin
-from .engine import Act, Action, CallInfo
+from .core import sip_values
+from .core.claims import claim_key
+from .core.commands import Message, Pin
+from .core.engine import Act, Action, CallInfo
+from .core.events import ClaimReply, CommandResult, Register
+from .core.links import CommandFailed, NodeAddress
+from .core.outcomes import Outcome
+from .core.sip_values import UnsafeValue
 from .evapi_client import SendCommand
-from .events import ClaimReply, CommandResult, Register
-from .links import CommandFailed, NodeAddress
 from .logs import kv
 from .metrics import Metrics
-from .outcomes import Outcome
 from .shared_claims import ClaimResult, SharedClaims
-from .sip_values import UnsafeValue
 from .sipp_runner import Reservation, RunResult, SippJob, SippRunner
 
 __all__ = [

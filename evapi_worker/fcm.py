@@ -20,9 +20,9 @@ import msgspec
 import trio
 
 from .apns import tls_context, utc_text
+from .core.push_answers import AnswerRules, PushAnswer, PushResult
+from .core.push_book import PushJob
 from .http2_client import H2Client, H2Error
-from .push_answers import AnswerRules, PushAnswer, PushResult
-from .push_book import PushJob
 
 __all__ = ["FcmClient", "FcmSettings", "ServiceAccount", "fcm_message"]
 

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 
 import trio
 
-from .clocks import NodeClocks
-from .commands import Ping
+from .core.clocks import NodeClocks
+from .core.commands import Ping
+from .core.links import CommandFailed, CommandFailure
 from .evapi_client import ConnectionState, EvapiConnection, SendCommand
-from .links import CommandFailed, CommandFailure
 from .logs import kv
 from .metrics import Metrics
 

@@ -13,14 +13,14 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .commands import COMMAND_NAMES
-from .engine import Action, EndKind, Reason
-from .events import EVENT_TYPES, ClaimReply, EventErrorReason, RefusedReason
-from .links import CommandFailure
-from .netstring import FramingFault
-from .outcomes import Outcome
-from .push_answers import PushOutcome
-from .push_book import Refusal
+from .core.commands import COMMAND_NAMES
+from .core.engine import Action, EndKind, Reason
+from .core.events import EVENT_TYPES, ClaimReply, EventErrorReason, RefusedReason
+from .core.links import CommandFailure
+from .core.netstring import FramingFault
+from .core.outcomes import Outcome
+from .core.push_answers import PushOutcome
+from .core.push_book import Refusal
 from .redis_client import Lost
 from .shared_claims import ClaimResult
 

@@ -54,10 +54,10 @@ from typing import Any, Final
 import msgpack
 import msgspec
 
-from .engine import Act, Decision, Engine
+from .core.engine import Act, Decision, Engine
+from .core.push_book import PushBook
+from .core.state import STATE_VERSION, Snapshot, StateError, decode_snapshot, encode_snapshot
 from .files import FileProblem, finite_number, open_regular, read_regular
-from .push_book import PushBook
-from .state import STATE_VERSION, Snapshot, StateError, decode_snapshot, encode_snapshot
 
 __all__ = ["MAX_JOURNALS", "MAX_SNAPSHOT", "Restored", "StateStore"]
 

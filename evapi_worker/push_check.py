@@ -20,9 +20,9 @@ from typing import Final
 
 from .apns import PRODUCTION, SANDBOX, ApnsClient
 from .config import ConfigError, PushSettings
+from .core.push_answers import PushAnswer
+from .core.push_book import PushJob
 from .fcm import FcmClient
-from .push_answers import PushAnswer
-from .push_book import PushJob
 from .pusher import push_clients
 
 __all__ = ["MADE_UP_APNS_TOKEN", "MADE_UP_FCM_TOKEN", "CheckResult", "check_push"]

@@ -28,14 +28,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .apns import ApnsClient
-from .claims import push_claim_key
 from .config import ConfigError, PushSettings
+from .core.claims import push_claim_key
+from .core.push_answers import PushAnswer, PushOutcome, PushResult
+from .core.push_book import PushBook, PushJob
 from .fcm import FcmClient, ServiceAccount
 from .files import FileProblem, open_regular
 from .logs import Throttle, kv
 from .metrics import Metrics
-from .push_answers import PushAnswer, PushOutcome, PushResult
-from .push_book import PushBook, PushJob
 
 __all__ = ["PushClient", "Pusher", "key_path", "push_clients"]
 

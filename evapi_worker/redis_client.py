@@ -29,10 +29,10 @@ from typing import NoReturn
 
 import trio
 
-from .links import Backoff
+from .core.links import Backoff
+from .core.resp import NEED_DATA, RedisError, Reply, RespDecoder, RespProtocolError, encode_command
 from .logs import kv
 from .outbox import Outbox, OutboxFull
-from .resp import NEED_DATA, RedisError, Reply, RespDecoder, RespProtocolError, encode_command
 
 __all__ = [
     "Lost",

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from .capture import CaptureError, PushNote, Record, read_capture
-from .clocks import NodeClocks
 from .config import ConfigError, with_changes
-from .engine import Act, Decision, Engine, EngineSettings, Reason
-from .events import TYPE_NAMES, Event, EventError, decode_event
+from .core.clocks import NodeClocks
+from .core.engine import Act, Decision, Engine, EngineSettings, Reason
+from .core.events import TYPE_NAMES, Event, EventError, decode_event
+from .core.protocol import Protocol
 from .files import FileProblem, open_regular
-from .protocol import Protocol
 
 __all__ = [
     "ReplayResult",

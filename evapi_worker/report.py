@@ -23,7 +23,7 @@ from typing import Final
 import msgspec
 
 from .capture import Record
-from .engine import Act, Decision, EngineSettings, Reason
+from .core.engine import Act, Decision, EngineSettings, Reason
 from .replay import ReplayResult, after_push, decode_records, iso_time, replay_decoded
 
 __all__ = [

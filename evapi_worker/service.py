@@ -26,27 +26,36 @@ from typing import Final
 import trio
 
 from .capture import CaptureWriter, PushNote
-from .clocks import PAUSED, NodeClocks
-from .commands import Claim, Command, command_name
 from .config import Config
-from .devices import device_id
+from .core.clocks import PAUSED, NodeClocks
+from .core.commands import Claim, Command, command_name
+from .core.devices import device_id
+from .core.engine import Act, Decision, Engine
+from .core.events import (
+    TYPE_NAMES,
+    ClaimReply,
+    ClaimUnused,
+    CommandResult,
+    Refused,
+    RefusedReason,
+    Register,
+    event_type,
+)
+from .core.links import CommandFailed
+from .core.netstring import FramingFault
+from .core.protocol import Kind, Protocol
+from .core.push_book import PushBook, PushJob, Refusal
+from .core.sequence import SequenceTracker
 from .dispatch import Dispatcher
-from .engine import Act, Decision, Engine
 from .evapi_client import ConnectionState, EvapiConnection
-from .events import TYPE_NAMES, ClaimReply, ClaimUnused, CommandResult, Refused, RefusedReason, Register, event_type
 from .fake_calls import ActionRunner
 from .health import Liveness
 from .http_server import serve_http
-from .links import CommandFailed
 from .logs import AccountTally, Throttle, kv
 from .metrics import Metrics
-from .netstring import FramingFault
 from .persistence import MAX_JOURNALS, StateStore
-from .protocol import Kind, Protocol
-from .push_book import PushBook, PushJob, Refusal
 from .pusher import Pusher, push_clients
 from .redis_client import Lost
-from .sequence import SequenceTracker
 from .shared_claims import SharedClaims
 from .sipp_runner import SippRunner, remove_stale_folders
 from .stream_source import StreamSource

@@ -24,11 +24,11 @@ from typing import Final
 
 import trio
 
-from .claims import claim_key
-from .links import Backoff
+from .core.claims import claim_key
+from .core.links import Backoff
+from .core.resp import RedisError
 from .logs import kv
 from .redis_client import Lost, RedisConnection, RedisTarget, RedisUnavailable, stay_connected
-from .resp import RedisError
 
 __all__ = ["CLAIM_PREFIX", "ClaimResult", "SharedClaims"]
 

@@ -34,15 +34,15 @@ from typing import Annotated, Final, Literal
 import msgspec
 import trio
 
-from . import sipp_twin as twin
 from . import twin_guard
 from .bundled import bundled
 from .children import PID_FILE, ChildProcess, end_left_child
+from .core import sipp_twin as twin
+from .core.outcomes import Outcome
+from .core.sip_values import bracketed
 from .logs import kv
 from .net import free_media_port, free_port
 from .outbox import Outbox, OutboxFull
-from .outcomes import Outcome
-from .sip_values import bracketed
 from .slots import FairSlots
 
 __all__ = [

@@ -27,11 +27,11 @@ from typing import Final
 
 import trio
 
-from .links import Backoff
+from .core.links import Backoff
+from .core.netstring import DEFAULT_MAX_FRAME
+from .core.resp import Reply, Skipped
 from .logs import kv
-from .netstring import DEFAULT_MAX_FRAME
 from .redis_client import Lost, RedisConnection, RedisTarget, Request, stay_connected
-from .resp import Reply, Skipped
 
 __all__ = ["STREAM_PREFIX", "StreamSource", "entries_of", "entry_order", "stream_key"]
 

@@ -24,7 +24,7 @@ root=$PWD
     cd "$(mktemp -d)"
     "$root/.venv/bin/evapi-worker" --version
     "$root/.venv/bin/python" -c 'from evapi_worker.sipp_runner import bundled_scenario as b; assert b().is_file(), b()'
-    "$root/.venv/bin/python" -c 'from evapi_worker.kamailio_process import bundled_kamailio_cfg as k; assert k().is_file(), k()'
+    "$root/.venv/bin/python" -c 'from evapi_worker.lab.kamailio_process import bundled_kamailio_cfg as k; assert k().is_file(), k()'
     "$root/.venv/bin/evapi-worker" kamailio-files copied >/dev/null
     for f in evapi-worker-defs.cfg evapi-worker-routes.cfg debian-stock.patch evapi-worker-kamailio.cfg late_call.xml; do test -s "copied/$f"; done
 )

@@ -19,13 +19,13 @@ import trio
 
 from evapi_worker.capture import CaptureSettings
 from evapi_worker.config import Config, PushSettings, RedisSettings
-from evapi_worker.demo import Watch, start_watched_worker
-from evapi_worker.engine import EngineSettings
-from evapi_worker.kamailio_process import KamailioProcess, Subscriber
-from evapi_worker.links import NodeAddress
-from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones
-from evapi_worker.redis_process import redis_process
+from evapi_worker.core.engine import EngineSettings
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.demo import Watch, start_watched_worker
+from evapi_worker.lab.kamailio_process import KamailioProcess, Subscriber
+from evapi_worker.lab.phones import DESK_UA, IPHONE_UA, Phones
+from evapi_worker.lab.redis_process import redis_process
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from evapi_worker.netstring import NEED_DATA, NetstringDecoder, encode
+from evapi_worker.core.netstring import NEED_DATA, NetstringDecoder, encode
 
 from .helpers import frame
 

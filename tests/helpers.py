@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from evapi_worker.config import EvapiSettings
-from evapi_worker.events import Event, parse_event
+from evapi_worker.core.events import Event, parse_event
+from evapi_worker.lab.redis_process import RedisProcess
 from evapi_worker.redis_client import RedisAddress, open_redis
-from evapi_worker.redis_process import RedisProcess
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 

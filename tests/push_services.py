@@ -13,7 +13,7 @@ import trio
 from evapi_worker.apns import ApnsSettings
 from evapi_worker.config import PushSettings
 from evapi_worker.fcm import FcmSettings
-from evapi_worker.push_standin import (
+from evapi_worker.lab.push_standin import (
     ApnsStandIn,
     FcmStandIn,
     make_apns_key,

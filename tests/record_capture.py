@@ -19,10 +19,10 @@ import trio
 
 from evapi_worker.capture import CaptureSettings
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.demo import start_watched_worker
-from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.links import NodeAddress
-from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.lab.demo import start_watched_worker
+from evapi_worker.lab.kamailio_process import KamailioProcess
+from evapi_worker.lab.phones import DESK_UA, IPHONE_UA, Phones
 from evapi_worker.replay import decision_json
 
 from .sipp_device import free_port, free_sip_port

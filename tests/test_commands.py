@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from evapi_worker.commands import MAX_COMMAND_BYTES, Claim, CommandTooLarge, Message, Pin, Ping, encode_command
+from evapi_worker.core.commands import MAX_COMMAND_BYTES, Claim, CommandTooLarge, Message, Pin, Ping, encode_command
 
 
 def wire(frame: bytes) -> dict[str, object]:

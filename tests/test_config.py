@@ -9,7 +9,7 @@ import pytest
 
 from evapi_worker.cli import main
 from evapi_worker.config import ConfigError, load_config, parse_hostport, parse_node
-from evapi_worker.engine import Anchor
+from evapi_worker.core.engine import Anchor
 
 
 def write(tmp_path: Path, text: str) -> Path:

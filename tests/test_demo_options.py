@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from evapi_worker.config import ConfigError
-from evapi_worker.demo import DemoOptions, check_demo_addresses
-from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.sip_values import bracketed
+from evapi_worker.core.sip_values import bracketed
+from evapi_worker.lab.demo import DemoOptions, check_demo_addresses
+from evapi_worker.lab.kamailio_process import KamailioProcess
 
 
 def test_ipv6_sip_is_accepted_and_ipv6_evapi_is_refused_with_the_reason() -> None:

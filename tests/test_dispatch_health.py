@@ -7,16 +7,16 @@ from typing import Any, cast
 import trio
 import trio.testing
 
-from evapi_worker.commands import Command
+from evapi_worker.core.commands import Command
+from evapi_worker.core.engine import Act, Decision, Engine, EngineSettings, Strategy
+from evapi_worker.core.events import CommandResult
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.outcomes import Outcome
 from evapi_worker.dispatch import Dispatcher
-from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Strategy
 from evapi_worker.evapi_client import ConnectionState, EvapiConnection
-from evapi_worker.events import CommandResult
 from evapi_worker.fake_calls import ActionRunner
 from evapi_worker.health import Liveness
-from evapi_worker.links import NodeAddress
 from evapi_worker.metrics import Metrics
-from evapi_worker.outcomes import Outcome
 
 from .helpers import Wire
 

@@ -13,9 +13,9 @@ import msgspec
 
 from evapi_worker.bundled import bundled
 from evapi_worker.config import Config
-from evapi_worker.links import CommandFailure
+from evapi_worker.core.links import CommandFailure
+from evapi_worker.core.outcomes import Outcome
 from evapi_worker.metrics import DECISIONS, EVENT_ERROR_REASONS, PUSH_RESULTS, SHARED_CLAIM_RESULTS, Metrics
-from evapi_worker.outcomes import Outcome
 from evapi_worker.redis_client import Lost
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,9 +132,9 @@ def test_every_module_is_in_the_readme_layout_and_only_those() -> None:
     layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
     listed: set[str] = set()
     for cell in re.findall(r"^\| (`[^|]+) \|", layout, re.M):
-        names = re.findall(r"`(?:evapi_worker/)?([\w]+)\.py`", cell)
-        listed |= set(names)
-    modules = {p.stem for p in (ROOT / "evapi_worker").glob("*.py")} - {"__init__", "__main__"}
+        listed |= set(re.findall(r"`evapi_worker/([\w/]+\.py)`", cell))
+    package = ROOT / "evapi_worker"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "__init__.py"}
     assert sorted(modules - listed) == [] and sorted(listed - modules) == []
 
 

@@ -21,9 +21,9 @@ import trio
 
 from bench import burst
 from evapi_worker.config import PushSettings
-from evapi_worker.kamailio_process import Subscriber
-from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import IPHONE_UA, received
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.kamailio_process import Subscriber
+from evapi_worker.lab.phones import IPHONE_UA, received
 
 from .e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform
 from .push_services import start_standins

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.kamailio_process import KamailioProcess
+from evapi_worker.lab.kamailio_process import KamailioProcess
 
 from .e2e_platform import DOMAIN, HOST, needs_platform
 from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port

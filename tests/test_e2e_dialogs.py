@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones, received
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.phones import DESK_UA, IPHONE_UA, Phones, received
 
 from .e2e_platform import DOMAIN, EVENT_PATHS, Platform, needs_platform, platform
 from .linphone import Linphone, needs_linphonec

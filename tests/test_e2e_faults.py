@@ -10,11 +10,11 @@ from pathlib import Path
 import trio
 
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.demo import Watch
-from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.links import NodeAddress
-from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import Phones
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.demo import Watch
+from evapi_worker.lab.kamailio_process import KamailioProcess
+from evapi_worker.lab.phones import Phones
 from evapi_worker.service import Service
 
 from .e2e_platform import HOST, Platform, late_iphone, needs_platform

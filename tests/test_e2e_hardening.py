@@ -12,13 +12,13 @@ import pytest
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.demo import start_watched_worker
-from evapi_worker.engine import EngineSettings
-from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.links import NodeAddress
-from evapi_worker.netstring import encode
-from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones, received
+from evapi_worker.core.engine import EngineSettings
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.netstring import encode
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.demo import start_watched_worker
+from evapi_worker.lab.kamailio_process import KamailioProcess
+from evapi_worker.lab.phones import DESK_UA, IPHONE_UA, Phones, received
 
 from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform
 from .helpers import FAST_RECONNECT

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.engine import Act, Strategy
-from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import DESK_UA, IPHONE_UA, Phones, received
+from evapi_worker.core.engine import Act, Strategy
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.phones import DESK_UA, IPHONE_UA, Phones, received
 
 from .e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform
 from .helpers import running_demo

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.engine import Act, Strategy
-from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import DESK_UA, IPHONE_UA, received
+from evapi_worker.core.engine import Act, Strategy
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.phones import DESK_UA, IPHONE_UA, received
 
 from .e2e_platform import DOMAIN, late_iphone, needs_platform, platform
 from .sipp_device import SCENARIOS

@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from evapi_worker.config import Config
+from evapi_worker.core.outcomes import Outcome
 from evapi_worker.http_server import respond
-from evapi_worker.outcomes import Outcome
 
 from .e2e_platform import DOMAIN, HOST, late_iphone, platform
 from .helpers import needs_redis

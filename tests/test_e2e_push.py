@@ -22,9 +22,9 @@ import trio
 from evapi_worker.capture import CaptureSettings
 from evapi_worker.cli import main
 from evapi_worker.config import Config
-from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import IPHONE_UA, Phones, received
-from evapi_worker.push_standin import ApnsStandIn, ReceivedPush
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.phones import IPHONE_UA, Phones, received
+from evapi_worker.lab.push_standin import ApnsStandIn, ReceivedPush
 from evapi_worker.service import Service
 
 from .e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform

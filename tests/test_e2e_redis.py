@@ -16,11 +16,11 @@ import pytest
 import trio
 
 from evapi_worker.config import Config, RedisSettings
-from evapi_worker.demo import start_watched_worker
-from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.phones import IPHONE_UA, Phones
+from evapi_worker.lab.demo import start_watched_worker
+from evapi_worker.lab.kamailio_process import KamailioProcess
+from evapi_worker.lab.phones import IPHONE_UA, Phones
+from evapi_worker.lab.redis_process import RedisProcess, redis_process
 from evapi_worker.redis_client import RedisAddress, open_redis
-from evapi_worker.redis_process import RedisProcess, redis_process
 from evapi_worker.stream_source import entries_of, stream_key
 
 from .e2e_platform import DOMAIN, HOST, needs_platform, reading

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from evapi_worker.commands import Message, Pin
-from evapi_worker.links import CommandFailed
-from evapi_worker.phones import IPHONE_UA
+from evapi_worker.core.commands import Message, Pin
+from evapi_worker.core.links import CommandFailed
+from evapi_worker.lab.phones import IPHONE_UA
 from evapi_worker.service import Service
 
 from .e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.phones import IPHONE_UA, Phones
+from evapi_worker.lab.kamailio_process import KamailioProcess
+from evapi_worker.lab.phones import IPHONE_UA, Phones
 
 from .e2e_platform import DOMAIN, HOST, needs_platform
 from .sipp_device import SCENARIOS, free_port

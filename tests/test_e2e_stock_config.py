@@ -28,9 +28,9 @@ import trio
 
 from evapi_worker.bundled import bundled, copy_kamailio_files
 from evapi_worker.config import PushSettings, config_from
-from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.outcomes import Outcome
-from evapi_worker.phones import IPHONE_UA, received
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.kamailio_process import KamailioProcess
+from evapi_worker.lab.phones import IPHONE_UA, received
 
 from .e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform, raw_register
 from .sipp_device import PHONES, SCENARIOS, free_port, free_sip_port

@@ -20,13 +20,13 @@ import pytest
 import trio
 
 from bench import burst
-from evapi_worker.claims import claim_key
-from evapi_worker.commands import Pin
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.kamailio_process import KamailioProcess
-from evapi_worker.links import NodeAddress
-from evapi_worker.phones import IPHONE_UA, Phones
-from evapi_worker.redis_process import redis_process
+from evapi_worker.core.claims import claim_key
+from evapi_worker.core.commands import Pin
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.lab.kamailio_process import KamailioProcess
+from evapi_worker.lab.phones import IPHONE_UA, Phones
+from evapi_worker.lab.redis_process import redis_process
 from evapi_worker.service import Service
 
 from .e2e_platform import DOMAIN, EVENT_PATHS, HOST, needs_platform

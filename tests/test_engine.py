@@ -6,8 +6,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evapi_worker.engine import MAX_PUSHED, Act, Action, Anchor, Decision, EndKind, Engine, EngineSettings, Strategy
-from evapi_worker.events import Event
+from evapi_worker.core.engine import (
+    MAX_PUSHED,
+    Act,
+    Action,
+    Anchor,
+    Decision,
+    EndKind,
+    Engine,
+    EngineSettings,
+    Strategy,
+)
+from evapi_worker.core.events import Event
 
 from .helpers import Wire
 

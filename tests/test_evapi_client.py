@@ -12,11 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from evapi_worker.commands import Ping
+from evapi_worker.core.commands import Ping
+from evapi_worker.core.events import CommandResult, parse_event
+from evapi_worker.core.links import Backoff, CommandFailed, NodeAddress
+from evapi_worker.core.netstring import DEFAULT_MAX_FRAME, FramingFault, encode
 from evapi_worker.evapi_client import ConnectionState, EvapiConnection
-from evapi_worker.events import CommandResult, parse_event
-from evapi_worker.links import Backoff, CommandFailed, NodeAddress
-from evapi_worker.netstring import DEFAULT_MAX_FRAME, FramingFault, encode
 
 from .evapi_server import EvapiServer
 from .sipp_device import free_port

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evapi_worker.events import (
+from evapi_worker.core.events import (
     BranchReply,
     CallCancelled,
     CallFailed,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from evapi_worker.engine import CallInfo, EndKind
-from evapi_worker.events import CallStarted, Register
+from evapi_worker.core.engine import CallInfo, EndKind
+from evapi_worker.core.events import CallStarted, Register
+from evapi_worker.core.sip_values import UnsafeValue
 from evapi_worker.fake_calls import device_route, parties
-from evapi_worker.sip_values import UnsafeValue
 from tests.helpers import Wire
 
 

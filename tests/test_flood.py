@@ -7,8 +7,8 @@ from pathlib import Path
 import trio
 
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.engine import EngineSettings
-from evapi_worker.links import NodeAddress
+from evapi_worker.core.engine import EngineSettings
+from evapi_worker.core.links import NodeAddress
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 

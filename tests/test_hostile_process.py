@@ -21,7 +21,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from evapi_worker.netstring import encode
+from evapi_worker.core.netstring import encode
 
 from .evapi_server import EvapiServer
 from .sipp_device import fake_runs, fake_sipp, free_port

@@ -15,7 +15,7 @@ import trio
 
 from evapi_worker.apns import tls_context
 from evapi_worker.http2_client import H2Client, H2Error
-from evapi_worker.push_standin import make_tls, serve_standin
+from evapi_worker.lab.push_standin import make_tls, serve_standin
 
 from .sipp_device import free_port
 

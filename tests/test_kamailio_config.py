@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from evapi_worker.kamailio_process import bundled_kamailio_cfg
+from evapi_worker.lab.kamailio_process import bundled_kamailio_cfg
 
 pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="needs kamailio")
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evapi_worker.netstring import NEED_DATA, FramingError, NetstringDecoder, OversizedFrame, encode
+from evapi_worker.core.netstring import NEED_DATA, FramingError, NetstringDecoder, OversizedFrame, encode
 
 
 def drain(decoder: NetstringDecoder) -> list[bytes | OversizedFrame]:

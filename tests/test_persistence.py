@@ -15,14 +15,14 @@ import trio.testing
 
 from evapi_worker import persistence
 from evapi_worker.config import Config
-from evapi_worker.engine import Act, Decision, Engine, EngineSettings, Reason
-from evapi_worker.events import parse_event
-from evapi_worker.links import NodeAddress
-from evapi_worker.outcomes import Outcome
+from evapi_worker.core.engine import Act, Decision, Engine, EngineSettings, Reason
+from evapi_worker.core.events import parse_event
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.core.state import decode_snapshot
 from evapi_worker.persistence import Restored, StateStore
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
-from evapi_worker.state import decode_snapshot
 
 from .evapi_server import EvapiServer
 from .helpers import Wire, frame

@@ -8,12 +8,12 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evapi_worker.clocks import NodeClocks
-from evapi_worker.engine import Act, Decision, Engine, EngineSettings
-from evapi_worker.events import Event, EventErrorReason
+from evapi_worker.core.clocks import NodeClocks
+from evapi_worker.core.engine import Act, Decision, Engine, EngineSettings
+from evapi_worker.core.events import Event, EventErrorReason
+from evapi_worker.core.protocol import Kind, Protocol
+from evapi_worker.core.push_book import PushBook
 from evapi_worker.logs import AccountTally, Throttle
-from evapi_worker.protocol import Kind, Protocol
-from evapi_worker.push_book import PushBook
 from evapi_worker.replay import replay_decoded
 
 from .helpers import Wire

@@ -19,18 +19,18 @@ from prometheus_client import generate_latest
 
 from evapi_worker.apns import ApnsSettings
 from evapi_worker.config import Config, ConfigError, PushSettings
-from evapi_worker.engine import Engine
-from evapi_worker.events import CallStarted, Register
-from evapi_worker.links import NodeAddress
-from evapi_worker.metrics import Metrics
-from evapi_worker.persistence import StateStore
-from evapi_worker.push_answers import PushAnswer, PushResult
-from evapi_worker.push_book import PushBook, PushJob, Refusal
-from evapi_worker.push_standin import (
+from evapi_worker.core.engine import Engine
+from evapi_worker.core.events import CallStarted, Register
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.push_answers import PushAnswer, PushResult
+from evapi_worker.core.push_book import PushBook, PushJob, Refusal
+from evapi_worker.lab.push_standin import (
     ApnsStandIn,
     FcmStandIn,
     make_apns_key,
 )
+from evapi_worker.metrics import Metrics
+from evapi_worker.persistence import StateStore
 from evapi_worker.pusher import Pusher, push_clients
 from evapi_worker.service import Service
 

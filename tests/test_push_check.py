@@ -157,7 +157,7 @@ def test_the_worker_as_another_user_reads_its_keys_as_systemd_lays_them_out() ->
 def _as_another_user(tmp_path: Path, nobody: int) -> None:
     originals = tmp_path / "etc"
     originals.mkdir(mode=0o700)
-    from evapi_worker.push_standin import make_apns_key, make_service_account
+    from evapi_worker.lab.push_standin import make_apns_key, make_service_account
 
     make_apns_key(originals / "AuthKey.p8")
     make_service_account(originals / "fcm.json", "evw-test", "https://oauth2.googleapis.com/token")

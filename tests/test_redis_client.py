@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from evapi_worker.core.resp import RedisError
+from evapi_worker.lab.redis_process import redis_process
 from evapi_worker.redis_client import Lost, RedisAddress, RedisUnavailable, open_redis
-from evapi_worker.redis_process import redis_process
-from evapi_worker.resp import RedisError
 
 from .helpers import needs_redis
 from .tcp_proxy import tcp_relay

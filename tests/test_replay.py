@@ -14,7 +14,7 @@ import trio
 from evapi_worker.capture import CaptureError, CaptureSettings, CaptureWriter, PushNote, read_capture
 from evapi_worker.cli import main
 from evapi_worker.config import Config
-from evapi_worker.engine import EngineSettings, Strategy
+from evapi_worker.core.engine import EngineSettings, Strategy
 from evapi_worker.replay import decision_json, load_records, replay
 from evapi_worker.service import Service
 

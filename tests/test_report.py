@@ -12,7 +12,7 @@ import trio
 
 from evapi_worker.capture import CaptureSettings, CaptureWriter, PushNote, Record
 from evapi_worker.cli import main
-from evapi_worker.engine import Act, EngineSettings, Reason
+from evapi_worker.core.engine import Act, EngineSettings, Reason
 from evapi_worker.replay import load_records, replay
 from evapi_worker.report import MAX_SECONDS, figures, render_html
 

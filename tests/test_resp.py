@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evapi_worker.resp import (
+from evapi_worker.core.resp import (
     MAX_ARRAY,
     MAX_DEPTH,
     NEED_DATA,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evapi_worker.sequence import REJECTED, SequenceTracker
+from evapi_worker.core.sequence import REJECTED, SequenceTracker
 
 
 def test_first_event_of_a_node_counts_nothing_before_it() -> None:

@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.engine import Decision, EngineSettings
-from evapi_worker.links import NodeAddress
-from evapi_worker.netstring import encode
+from evapi_worker.core.engine import Decision, EngineSettings
+from evapi_worker.core.links import NodeAddress
+from evapi_worker.core.netstring import encode
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 

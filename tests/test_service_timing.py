@@ -13,10 +13,10 @@ import trio
 import trio.testing
 
 from evapi_worker.config import Config, EvapiSettings
-from evapi_worker.engine import Decision, EngineSettings
+from evapi_worker.core.engine import Decision, EngineSettings
+from evapi_worker.core.links import Backoff, NodeAddress
+from evapi_worker.core.sequence import SequenceTracker
 from evapi_worker.evapi_client import ConnectionState, EvapiConnection
-from evapi_worker.links import Backoff, NodeAddress
-from evapi_worker.sequence import SequenceTracker
 from evapi_worker.service import Service
 
 from .helpers import frame

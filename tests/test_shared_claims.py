@@ -9,10 +9,10 @@ import msgspec
 import trio
 
 from evapi_worker.config import Config, EvapiSettings, RedisSettings
-from evapi_worker.links import Backoff, NodeAddress
-from evapi_worker.outcomes import Outcome
+from evapi_worker.core.links import Backoff, NodeAddress
+from evapi_worker.core.outcomes import Outcome
+from evapi_worker.lab.redis_process import RedisProcess, redis_process
 from evapi_worker.redis_client import RedisAddress, RedisTarget
-from evapi_worker.redis_process import RedisProcess, redis_process
 from evapi_worker.service import Service
 from evapi_worker.shared_claims import ClaimResult, SharedClaims
 from evapi_worker.sipp_runner import SippSettings

@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from evapi_worker.config import Config
-from evapi_worker.engine import Action, Decision
-from evapi_worker.links import NodeAddress
+from evapi_worker.core.engine import Action, Decision
+from evapi_worker.core.links import NodeAddress
 from evapi_worker.service import Service
 from evapi_worker.sipp_runner import SippSettings
 

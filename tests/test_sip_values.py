@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evapi_worker import sip_values as sv
-from evapi_worker.sip_values import UnsafeValue
-from evapi_worker.sipp_twin import call_message
+from evapi_worker.core import sip_values as sv
+from evapi_worker.core.sip_values import UnsafeValue
+from evapi_worker.core.sipp_twin import call_message
 
 
 def test_a_call_id_passes_unchanged() -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from evapi_worker import sip_values
 from evapi_worker.children import PID_FILE, start_time
+from evapi_worker.core import sip_values
+from evapi_worker.core.outcomes import Outcome
 from evapi_worker.net import free_port
-from evapi_worker.outcomes import Outcome
 from evapi_worker.sipp_runner import (
     RunResult,
     SippJob,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import trio
 
-from evapi_worker.links import Backoff
+from evapi_worker.core.links import Backoff
+from evapi_worker.core.resp import Reply
+from evapi_worker.lab.redis_process import RedisProcess, redis_process
 from evapi_worker.redis_client import Lost, RedisAddress, RedisTarget, open_redis
-from evapi_worker.redis_process import RedisProcess, redis_process
-from evapi_worker.resp import Reply
 from evapi_worker.shared_claims import ClaimResult, SharedClaims
 from evapi_worker.stream_source import StreamSource, entries_of, stream_key
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from .net import free_port
+from ..net import free_port
 
 __all__ = ["RedisProcess", "redis_process"]
 

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from .sip_values import bracketed
+from ..core.sip_values import bracketed
 
 __all__ = [
     "ApnsStandIn",

@@ -22,10 +22,10 @@ from typing import Final
 
 import trio
 
-from .bundled import bundled
-from .children import ChildProcess
-from .net import bind_error
-from .sip_values import bracketed
+from ..bundled import bundled
+from ..children import ChildProcess
+from ..core.sip_values import bracketed
+from ..net import bind_error
 
 __all__ = [
     "DemoError",

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import trio
 
-from .net import free_port
-from .sip_values import bracketed
-from .sipp_runner import bundled_scenario
+from ..core.sip_values import bracketed
+from ..net import free_port
+from ..sipp_runner import bundled_scenario
 
 __all__ = ["DESK_UA", "IPHONE_UA", "Phones", "phone_scenario", "received"]
 

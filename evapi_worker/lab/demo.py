@@ -23,18 +23,18 @@ from typing import TextIO
 import msgspec
 import trio
 
-from .apns import ApnsSettings
-from .config import Config, ConfigError, RedisSettings
-from .engine import Act, Decision
+from ..apns import ApnsSettings
+from ..config import Config, ConfigError, RedisSettings
+from ..core.engine import Act, Decision
+from ..core.links import NodeAddress
+from ..core.outcomes import Outcome
+from ..core.sip_values import bracketed
+from ..service import Service
+from ..stream_source import stream_key
 from .kamailio_process import DemoError, KamailioProcess, Subscriber
-from .links import NodeAddress
-from .outcomes import Outcome
 from .phones import DESK_UA, IPHONE_UA, Phones, phone_scenario, received
 from .push_standin import ApnsStandIn, ReceivedPush, make_apns_key, make_tls, serve_standin
 from .redis_process import RedisProcess
-from .service import Service
-from .sip_values import bracketed
-from .stream_source import stream_key
 
 __all__ = [
     "DEMO_DOMAIN",
