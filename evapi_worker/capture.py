@@ -1,22 +1,25 @@
-"""Capture files: every frame Kamailio sent, as msgpack records.
+"""Capture files: every frame Kamailio sent, the pushes the worker had
+accepted and the nodes' clocks it measured, as a record log.
 
-A capture file starts with a header map and continues with one record per
-frame received, and one note per push the worker had accepted::
+A capture is a record log (core/records.py, the journal's encoding):
+``evapi-worker capture 3`` and framed, checksummed records, on the wall
+clock::
 
-    {"format": "evapi-worker-capture", "version": 2, "created": <unix time>}
-    [node, seq or None, received (unix time), payload bytes]
-    {"push": [sent (unix time), call_id, device, provider, account, seconds kept]}
-    ...
+    ["w", 0.0]                                            the file's clock: the wall clock
+    ["f", node, seq or None, received, payload]           a frame read
+    ["u", sent, call_id, aor, device, seconds, provider]  a push the provider accepted
+    ["c", measured, node, node's clock minus wall, uncertainty]  a node's clock measured
 
 The push notes let a replay measure how long each phone took to wake after
-its push, not only after the call started, and judge a pushed device's
-REGISTER as the live worker did (its deadline counts from the push). Notes
-without the account or the seconds kept, and version 1 files (frames only),
-are read too.
+its push, and judge a pushed device's REGISTER as the live worker did (its
+deadline counts from the push); the clock notes let it place REGISTER times
+as the live worker did. One damaged record costs only itself: reading goes
+on at the next. Captures of versions 1 and 2 (msgpack records back to back)
+and the worker's journals are read too.
 
 Records are appended and flushed in batches, so a file can be read while it
-is written, and after a crash; a torn last record is reported and skipped.
-The writer rotates files by size and age and keeps a bounded number of them.
+is written, and after a crash. The writer rotates files by size and age and
+keeps a bounded number of them.
 
 Capture never slows the reader: frames are queued without waiting, and when
 the disk cannot keep up they are dropped and counted; the events themselves
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Final, NamedTuple
 
@@ -36,8 +39,10 @@ import msgpack
 import msgspec
 import trio
 
+from .core.records import CAPTURE_MAGIC, CLOCK, EVENTS, FILE_CLOCK, FRAME, JOURNAL_MAGIC, PUSHED, frame
 from .files import FileProblem, finite_number, open_regular
 from .logs import kv
+from .record_log import LogFile, read_log
 
 __all__ = [
     "CAPTURE_FORMAT",
@@ -45,16 +50,20 @@ __all__ = [
     "CaptureError",
     "CaptureSettings",
     "CaptureWriter",
+    "ClockNote",
+    "Item",
     "PushNote",
     "Record",
+    "frames",
+    "item_time",
     "read_capture",
 ]
 
 log = logging.getLogger("evapi_worker.capture")
 
 CAPTURE_FORMAT: Final = "evapi-worker-capture"
-CAPTURE_VERSION: Final = 2
-_READABLE: Final = (1, 2)
+CAPTURE_VERSION: Final = 3
+_READABLE: Final = (1, 2)  # the msgpack versions, before the record log
 SUFFIX: Final = ".evcap"
 
 
@@ -80,7 +89,32 @@ class PushNote(NamedTuple):
     lasts: float | None = None
 
 
-_Item = tuple[str, int | None, float, bytes] | PushNote
+class ClockNote(NamedTuple):
+    """A node's clock as a ping measured it."""
+
+    at: float  # unix time of the measurement
+    node: str
+    offset: float  # the node's clock minus the wall clock
+    uncertainty: float  # half the ping's round trip
+
+
+Item = Record | PushNote | ClockNote
+"""What a capture (or a journal) holds, in the order it happened."""
+
+
+def item_time(item: Item) -> float:
+    """When an item happened (unix time): files are merged by it."""
+    if type(item) is Record:
+        return item.received
+    return item.sent if type(item) is PushNote else item.at  # type: ignore[union-attr]
+
+
+def frames(items: Iterable[Item]) -> Iterator[Record]:
+    """The frames among ``items`` (the notes left out)."""
+    return (item for item in items if type(item) is Record)
+
+
+_Queued = tuple[str, int | None, float, bytes] | PushNote | ClockNote
 
 
 class CaptureSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -110,8 +144,8 @@ class CaptureWriter:
         self.lost = 0  # records a write error cost (disk full, folder gone...)
         self._on_error = on_error
         self._retry = retry
-        self._tx, self._rx = trio.open_memory_channel[_Item](settings.queue)
-        self._file: Any = None
+        self._tx, self._rx = trio.open_memory_channel[_Queued](settings.queue)
+        self._file: LogFile | None = None
         self._path: Path | None = None
         self._opened = 0.0
         self._size = 0
@@ -124,7 +158,11 @@ class CaptureWriter:
         """Queue a push note; False (and counted) when the disk is behind."""
         return self._queue(note)
 
-    def _queue(self, item: _Item) -> bool:
+    def note_clock(self, note: ClockNote) -> bool:
+        """Queue a clock note; False (and counted) when the disk is behind."""
+        return self._queue(note)
+
+    def _queue(self, item: _Queued) -> bool:
         try:
             self._tx.send_nowait(item)
         except trio.WouldBlock:
@@ -160,7 +198,7 @@ class CaptureWriter:
                 await self._write_safely(rest)
                 await trio.to_thread.run_sync(self._close_quietly)
 
-    async def _write_safely(self, batch: list[_Item]) -> bool:
+    async def _write_safely(self, batch: list[_Queued]) -> bool:
         try:
             await trio.to_thread.run_sync(self._write, batch)
         except OSError as exc:
@@ -178,18 +216,15 @@ class CaptureWriter:
         except OSError:
             self._file = None
 
-    def _write(self, batch: list[_Item]) -> None:
+    def _write(self, batch: list[_Queued]) -> None:
         if not batch:
             return
-        data = b"".join(
-            msgpack.packb({"push": list(item)} if type(item) is PushNote else list(item), use_bin_type=True)
-            for item in batch
-        )
+        data = b"".join(_framed(item) for item in batch)
         now = time.time()
         if self._file is None or self._size >= self.settings.max_bytes or now - self._opened >= self.settings.max_age:
             self._rotate(now)
-        self._file.write(data)
-        self._file.flush()
+        assert self._file is not None
+        self._file.append(data)
         self._size += len(data)
         self.written += len(batch)
 
@@ -198,11 +233,8 @@ class CaptureWriter:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
         path = self.settings.folder / f"capture-{stamp}-{os.getpid()}-{int(now * 1000) % 1000:03d}{SUFFIX}"
         # 0600: captures hold push tokens and phone numbers.
-        self._file = os.fdopen(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600), "ab")
-        header = {"format": CAPTURE_FORMAT, "version": CAPTURE_VERSION, "created": now}
-        data = msgpack.packb(header, use_bin_type=True)
-        self._file.write(data)
-        self._path, self._opened, self._size = path, now, len(data)
+        self._file = LogFile(path, CAPTURE_MAGIC, frame([FILE_CLOCK, 0.0]), exclusive=True)
+        self._path, self._opened, self._size = path, now, self._file.size
         log.info("capture file %s", kv(path=str(path)))
         files = sorted(self.settings.folder.glob(f"capture-*{SUFFIX}"))
         for old in files[: max(0, len(files) - self.settings.keep)]:
@@ -210,22 +242,111 @@ class CaptureWriter:
 
     def _close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            file.close()
 
 
-def read_capture(
-    path: Path, problems: list[str] | None = None, pushes: list[PushNote] | None = None
-) -> Iterator[Record]:
-    """Records of one capture file, in order. A malformed record is reported
-    in ``problems`` (when given) and skipped; a torn last record too. Push
-    notes are added to ``pushes`` (when given) as they are read."""
+def _framed(item: _Queued) -> bytes:
+    if type(item) is PushNote:
+        return frame([PUSHED, item.sent, item.call_id, item.aor, item.device, item.lasts, item.provider])
+    if type(item) is ClockNote:
+        return frame([CLOCK, item.at, item.node, item.offset, item.uncertainty])
+    return frame([FRAME, *item])
+
+
+def read_capture(path: Path, problems: list[str] | None = None) -> Iterator[Item]:
+    """What one capture file (or journal) holds, in order, read as it is
+    needed. A damaged or malformed record is reported in ``problems``
+    (when given) and skipped; reading goes on at the next."""
+    try:
+        magic, records = read_log(path)
+    except OSError as exc:
+        raise CaptureError(str(exc) if isinstance(exc, FileProblem) else f"{path}: {exc.strerror or exc}") from None
+    if magic in (CAPTURE_MAGIC, JOURNAL_MAGIC):
+        return _log_items(path, records, problems if problems is not None else [])
+    return _read_msgpack(path, problems)
+
+
+def _log_items(path: Path, records: Iterator[list[object] | None], problems: list[str]) -> Iterator[Item]:
+    clock: float | None = None  # the file's clock: wall minus its times
+    n = 0
+    for record in records:
+        n += 1
+        kind = record[0] if record else None
+        try:
+            if record is None:
+                problems.append(f"{path}: damaged bytes before record {n}, skipped")
+                n -= 1
+            elif kind == FRAME and clock is not None and _frame_record(record):
+                seq = record[2]
+                yield Record(record[1], seq if type(seq) is int else None, float(record[3]) + clock, record[4])  # type: ignore[arg-type]
+            elif kind == EVENTS and clock is not None and isinstance(record[1], list):
+                for item in record[1]:  # a journal's batch: events the engine took
+                    if (
+                        isinstance(item, list)
+                        and len(item) == 3
+                        and finite_number(item[1])
+                        and isinstance(item[0], str)
+                        and isinstance(item[2], bytes)
+                    ):
+                        yield Record(item[0], None, float(item[1]) + clock, item[2])
+                        continue
+                    problems.append(f"{path}: malformed event in record {n}, skipped")
+            elif kind == PUSHED and clock is not None and (note := _push_record(record, clock)) is not None:
+                yield note
+            elif kind == CLOCK and clock is not None and (measured := _clock_record(record, clock)) is not None:
+                yield measured
+            elif kind == FILE_CLOCK and len(record) == 2 and finite_number(record[1]):
+                clock = float(record[1])
+            elif kind not in ("a", "p"):  # a journal's actions and stream positions: not for a replay
+                problems.append(f"{path}: malformed record {n} ({str(kind)[:8]!r}), skipped")
+        except (IndexError, TypeError, ValueError):
+            problems.append(f"{path}: malformed record {n}, skipped")
+
+
+def _frame_record(record: list[object]) -> bool:
+    return (
+        len(record) == 5
+        and isinstance(record[1], str)
+        and (record[2] is None or type(record[2]) is int)
+        and finite_number(record[3])
+        and isinstance(record[4], bytes)
+    )
+
+
+def _push_record(record: list[object], clock: float) -> PushNote | None:
+    """``["u", sent, call_id, aor, device, seconds, provider?]`` (a journal's has no provider)."""
+    if len(record) not in (6, 7) or not finite_number(record[1]):
+        return None
+    call_id, aor, device, lasts = record[2], record[3], record[4], record[5]
+    provider = record[6] if len(record) == 7 else ""
+    if not all(isinstance(v, str) for v in (call_id, aor, device, provider)):
+        return None
+    if lasts is not None and not (finite_number(lasts) and 0 <= lasts <= 3600):
+        return None  # (None: a note that does not say how long its push was kept)
+    seconds = None if lasts is None else float(lasts)
+    return PushNote(float(record[1]) + clock, str(call_id), str(device), str(provider), str(aor), seconds)
+
+
+def _clock_record(record: list[object], clock: float) -> ClockNote | None:
+    """``["c", measured, node, node's clock minus wall, uncertainty]``."""
+    if len(record) != 5 or not isinstance(record[2], str):
+        return None
+    at, offset, uncertainty = record[1], record[3], record[4]
+    if not (finite_number(at) and finite_number(offset) and finite_number(uncertainty)):
+        return None
+    return ClockNote(float(at) + clock, record[2], float(offset), float(uncertainty))
+
+
+def _read_msgpack(path: Path, problems: list[str] | None) -> Iterator[Item]:
+    """A capture of version 1 or 2: a header map, then msgpack records back
+    to back (one bad byte ends what can be read)."""
     try:
         fd = open_regular(path)
     except OSError as exc:
         raise CaptureError(str(exc) if isinstance(exc, FileProblem) else f"{path}: {exc.strerror or exc}") from None
-    size = os.fstat(fd).st_size
-    with os.fdopen(fd, "rb") as f:
+    f = os.fdopen(fd, "rb")
+    try:
         unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024)
         try:
             header = next(unpacker)
@@ -235,14 +356,23 @@ def read_capture(
             raise CaptureError(f"{path}: not an evapi-worker capture")
         if header.get("version") not in _READABLE:
             raise CaptureError(f"{path}: capture format version {header.get('version')!r}, expected {CAPTURE_VERSION}")
+    except BaseException:
+        f.close()
+        raise
+    return _msgpack_items(path, f, unpacker, problems)
+
+
+def _msgpack_items(path: Path, f: Any, unpacker: Any, problems: list[str] | None) -> Iterator[Item]:
+    with f:
+        size = os.fstat(f.fileno()).st_size
         try:
             for item in unpacker:
                 if type(item) is dict:
                     note = _push_note(item.get("push"))
                     if note is None and problems is not None:
                         problems.append(f"{path}: malformed push note ending at byte {unpacker.tell()}, skipped")
-                    elif note is not None and pushes is not None:
-                        pushes.append(note)
+                    elif note is not None:
+                        yield note
                     continue
                 if (
                     type(item) is not list

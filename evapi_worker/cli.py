@@ -16,7 +16,7 @@ import trio
 
 from . import __version__
 from .bundled import copy_kamailio_files, kamailio_files
-from .capture import PushNote, Record
+from .capture import Item
 from .config import Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
 from .core.engine import Anchor, Strategy
 from .core.sip_values import bracketed
@@ -279,11 +279,10 @@ def _replay(args: argparse.Namespace) -> int:
     # The report and the JSON figures replay the capture once per window:
     # read it once.
     wants_figures = args.json or args.report is not None
-    pushes: list[PushNote] = []
-    records: Iterable[Record] = load_records(args.files, problems, pushes)
+    records: Iterable[Item] = load_records(args.files, problems)
     if wants_figures:
         records = list(records)
-    base = replay(records, settings, progress_stream(), pushes)
+    base = replay(records, settings, progress_stream())
     other = replay(load_records(args.files, []), what_if) if what_if is not None else None
     for problem in problems:
         print(f"evapi-worker replay: {problem}", file=sys.stderr)

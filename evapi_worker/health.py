@@ -5,24 +5,26 @@ pause) or a half-open connection still accepts it. A node is up once it
 answered a ping on its current connection, and down when a ping goes
 unanswered, when the connection drops, or before the first answer; a node
 found down has its connection dropped and made again. Each answer also
-measures the node's clock (see clocks.NodeClocks).
+measures the node's clock (``on_ping``; see core/clocks.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
-from .core.clocks import NodeClocks
 from .core.commands import Ping
 from .core.links import CommandFailed, CommandFailure
 from .evapi_client import ConnectionState, EvapiConnection, SendCommand
 from .logs import kv
 from .metrics import Metrics
 
-__all__ = ["Liveness"]
+__all__ = ["Liveness", "OnPing"]
+
+OnPing = Callable[[str, float, float, float], None]
+"""A node answered a ping: (node, sent, received, the node's stamp), on trio's clock."""
 
 # A ping that failed so: the node stopped answering on this connection.
 _DOWN = (CommandFailure.TIMEOUT, CommandFailure.DISCONNECTED)
@@ -40,11 +42,11 @@ class Liveness:
         send_command: SendCommand,
         metrics: Metrics,
         ping_interval: float,
-        clocks: NodeClocks | None = None,
+        on_ping: OnPing | None = None,
         answers_read: trio.Event | None = None,
     ) -> None:
         self.connections = connections
-        self.clocks = clocks
+        self.on_ping = on_ping
         # Set once the pings' answers can be read (with [redis] they come
         # through the streams: a ping sent before the reader has its
         # position could be answered before it, unread).
@@ -83,8 +85,8 @@ class Liveness:
                     continue
             else:
                 self.set_alive(name, True)
-                if self.clocks is not None:
-                    self.clocks.ping(name, sent, trio.current_time(), answer.ts)
+                if self.on_ping is not None:
+                    self.on_ping(name, sent, trio.current_time(), answer.ts)
             with trio.move_on_after(self.ping_interval):
                 await conn.wait_disconnected()
 

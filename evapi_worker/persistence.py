@@ -41,23 +41,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gc
 import os
 import re
-import struct
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import msgpack
-import msgspec
 
+from .core.clocks import NodeClocks
 from .core.engine import Act, Decision, Engine
 from .core.push_book import PushBook
+from .core.records import ACTION, CLOCK, EVENTS, FILE_CLOCK, JOURNAL_MAGIC, POSITIONS, PUSHED, frame
 from .core.state import STATE_VERSION, Snapshot, StateError, decode_snapshot, encode_snapshot
 from .files import FileProblem, finite_number, open_regular, read_regular
+from .record_log import LogFile, read_log, write_all
 
 __all__ = ["MAX_JOURNALS", "MAX_SNAPSHOT", "Restored", "StateStore"]
 
@@ -71,12 +72,9 @@ Replay = Callable[[str, bytes, float], Sequence[Decision]]
 """Feeds one journaled event (node, payload, engine time) to the engine;
 returns what the engine decided."""
 
-# Journal records, each a msgpack array whose first item says what it is.
-_CLOCK: Final = "w"  # ["w", wall clock minus engine clock]: first in every journal
-_EVENTS: Final = "e"  # ["e", [[node, engine time, payload], ...]]: a batch of events
-_ACTION: Final = "a"  # ["a", call_id, device, aor]: an action begins (no aor: a record from before calls had one)
-_POSITIONS: Final = "p"  # ["p", {node: entry id}]: how far each node's Redis stream was read
-_PUSHED: Final = "u"  # ["u", engine time, call_id, aor, device, seconds]: a push accepted, kept that long
+# Journal records (core/records.py): the file's clock first, then events
+# in batches, actions as they begin, pushes accepted, nodes' clocks
+# measured, Redis stream positions.
 # A Redis stream entry id: milliseconds, a dash, a sequence number.
 _ENTRY_ID: Final = re.compile(r"\d{1,20}-\d{1,20}")
 
@@ -87,12 +85,6 @@ _MIN_COMPACT: Final = 1 << 20
 MAX_JOURNALS: Final = 32 << 20
 MAX_SNAPSHOT: Final = 1 << 30
 
-# A journal starts with this; each record is framed: _MARK, the payload's
-# length and CRC-32 (big-endian u32 each), the msgpack payload.
-_MAGIC: Final = b"evapi-worker journal 2\n"
-_MARK: Final = b"\xe5EVJ"
-_HEAD: Final = struct.Struct(">4sII")
-_MAX_RECORD: Final = 1 << 28
 # No journaled time is further from the moment of restoring than this
 # (about four months): anything else is damage, not a time.
 _SPAN: Final = 1e7
@@ -133,7 +125,7 @@ class StateStore:
         self._on_error = on_error
         self._on_dropped = on_dropped or (lambda _path, _size: None)
         self._journal = 0  # number of the journal written to now
-        self._fd: int | None = None
+        self._log: LogFile | None = None
         self._events: list[tuple[str, float, bytes]] = []
         self._queued: list[bytes] = []  # framed records not yet written, in order
         self._positions: dict[str, str] = {}  # node -> last stream entry handled
@@ -144,12 +136,20 @@ class StateStore:
 
     # -- start ----------------------------------------------------------
 
-    def restore(self, engine: Engine, now: float, replay: Replay, book: PushBook | None = None) -> Restored:
+    def restore(
+        self,
+        engine: Engine,
+        now: float,
+        replay: Replay,
+        book: PushBook | None = None,
+        clocks: NodeClocks | None = None,
+    ) -> Restored:
         """Load the snapshot and the journals after it into ``engine``
         (empty) whose clock reads ``now``; journaled events go through
-        ``replay``. A snapshot that cannot be used at all is reported in
-        :attr:`Restored.snapshot_error` (set it aside); the journals are
-        read all the same."""
+        ``replay``, the nodes' clocks measured meanwhile reach ``clocks``
+        between them, as they did live. A snapshot that cannot be used at
+        all is reported in :attr:`Restored.snapshot_error` (set it aside);
+        the journals are read all the same."""
         journals = self._journals()
         # Never append to a journal an earlier run wrote: start after them all.
         self._journal = max((n for n, _ in journals), default=0) + 1
@@ -181,7 +181,7 @@ class StateStore:
             tally.positions.update(_sound_positions(snapshot.positions))
         for number, path in journals:
             if number >= first:
-                self._replay(path, engine, replay, now, tally)
+                self._replay(path, engine, replay, now, tally, clocks)
         deferred = [act for key, act in tally.waiting.items() if key not in tally.begun]
         in_doubt = [act for key, act in tally.waiting.items() if key in tally.begun]
         self._positions = dict(tally.positions)
@@ -197,22 +197,33 @@ class StateStore:
         os.replace(self.path, aside)
         return aside
 
-    def _replay(self, path: Path, engine: Engine, replay: Replay, now: float, tally: _Tally) -> None:
-        offset: float | None = None
+    def _replay(
+        self, path: Path, engine: Engine, replay: Replay, now: float, tally: _Tally, clocks: NodeClocks | None
+    ) -> None:
         try:
-            records = _read_records(path)
-        except OSError as exc:  # not a regular file of ours, or too large: skipped, said
+            self._replay_records(_read_records(path), engine, replay, now, tally, clocks)
+        except OSError as exc:  # not a regular file of ours, too large, unreadable: skipped, said
             tally.skipped += 1
             tally.problems.append(str(exc) if isinstance(exc, FileProblem) else f"{path}: {exc.strerror or exc}")
-            return
+
+    def _replay_records(
+        self,
+        records: Iterator[list[object] | None],
+        engine: Engine,
+        replay: Replay,
+        now: float,
+        tally: _Tally,
+        clocks: NodeClocks | None,
+    ) -> None:
+        offset: float | None = None  # the journal's clock minus this one
         for record in records:
             if record is None:
                 tally.skipped += 1
                 continue
             kind = record[0] if record else None
-            if kind == _CLOCK and len(record) == 2 and finite_number(record[1]):
+            if kind == FILE_CLOCK and len(record) == 2 and finite_number(record[1]):
                 offset = record[1] - self._wall_offset
-            elif kind == _EVENTS and len(record) == 2 and isinstance(record[1], list):
+            elif kind == EVENTS and len(record) == 2 and isinstance(record[1], list):
                 for item in record[1]:
                     when = _event_time(item, offset, now)
                     if when is None:
@@ -223,7 +234,7 @@ class StateStore:
                         if isinstance(decision, Act):
                             tally.waiting[(decision.call_id, decision.aor, decision.device)] = decision
                     tally.events += 1
-            elif kind == _ACTION and _action_record(record):
+            elif kind == ACTION and _action_record(record):
                 call_id, device = str(record[1]), str(record[2])
                 aor = str(record[3]) if len(record) == 4 else None
                 engine.mark_decided(call_id, device, aor)
@@ -231,10 +242,14 @@ class StateStore:
                     tally.begun.add((call_id, aor, device))
                 else:  # every call with that Call-ID, as the engine marked it
                     tally.begun.update(key for key in tally.waiting if key[0] == call_id and key[2] == device)
-            elif kind == _PUSHED and (pushed := _pushed_record(record, offset, now)) is not None:
+            elif kind == PUSHED and (pushed := _pushed_record(record, offset, now)) is not None:
                 when, call_id, aor, device, lasts = pushed
                 engine.pushed(call_id, aor, device, lasts, when)
-            elif kind == _POSITIONS and len(record) == 2 and isinstance(record[1], dict):
+            elif kind == CLOCK and (clock := _clock_record(record, offset, now)) is not None:
+                if clocks is not None:
+                    node, node_minus_wall, uncertainty, when = clock
+                    clocks.measured(node, node_minus_wall + self._wall_offset, uncertainty, when)
+            elif kind == POSITIONS and len(record) == 2 and isinstance(record[1], dict):
                 tally.positions.update(_sound_positions(record[1]))
             else:
                 tally.skipped += 1
@@ -252,13 +267,20 @@ class StateStore:
         """The action for (call, device) begins now: its record, after every
         event before it, is in the next :meth:`take`; it must be appended
         before anything of the action reaches Kamailio."""
-        self._queued.append(self._pending() + _frame([_ACTION, call_id, device, aor]))
+        self._queued.append(self._pending() + frame([ACTION, call_id, device, aor]))
 
     def note_push(self, call_id: str, aor: str, device: str, lasts: float, now: float) -> None:
         """A push for (call, device) was accepted at ``now`` and may be
         delivered ``lasts`` seconds later; in the next :meth:`take`, after
         every event before it."""
-        self._queued.append(self._pending() + _frame([_PUSHED, now, call_id, aor, device, lasts]))
+        self._queued.append(self._pending() + frame([PUSHED, now, call_id, aor, device, lasts]))
+
+    def note_clock(self, node: str, offset: float, uncertainty: float, now: float) -> None:
+        """``node``'s clock was measured at ``now``: ``offset``, its clock
+        minus the engine's; in the next :meth:`take`, after every event
+        before it (the REGISTERs after it are placed with it)."""
+        record = [CLOCK, now, node, offset - self._wall_offset, uncertainty]
+        self._queued.append(self._pending() + frame(record))
 
     def note_position(self, node: str, entry_id: str) -> None:
         """``node``'s Redis stream was read up to ``entry_id`` (with every
@@ -272,7 +294,7 @@ class StateStore:
             self._queued.append(self._pending())
         if self._positions_moved:
             # After the events: a position never runs ahead of them on disk.
-            self._queued.append(_frame([_POSITIONS, dict(self._positions)]))
+            self._queued.append(frame([POSITIONS, dict(self._positions)]))
             self._positions_moved = False
         data = b"".join(self._queued)
         self._queued.clear()
@@ -332,7 +354,7 @@ class StateStore:
                 os.unlink(tmp)
             fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -359,34 +381,36 @@ class StateStore:
         if not self._events:
             return b""
         events, self._events = self._events, []
-        return _frame([_EVENTS, events])
+        return frame([EVENTS, events])
 
     def _write(self, data: bytes) -> None:
         try:
-            if self._fd is None:
+            if self._log is None:
                 try:
-                    self._fd = self._open_journal()
+                    self._log = self._open_journal()
                 except FileProblem as exc:
                     # Something not ours is there (a link, a FIFO): never
                     # written through; said, and the next number taken.
                     self._on_error("journal", exc)
                     self._journal += 1
-                    self._fd = self._open_journal()
-                data = _MAGIC + _frame([_CLOCK, self._wall_offset]) + data
-            _write_all(self._fd, data)
-            self._journal_bytes += len(data)
+                    self._log = self._open_journal()
+            before = self._log.size
+            self._log.append(data)
+            self._journal_bytes += self._log.size - before
         except OSError as exc:
             self._on_error("journal", exc)
 
-    def _open_journal(self) -> int:
+    def _open_journal(self) -> LogFile:
         path = self._journal_path(self._journal)
-        return open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600, own=True)
+        log = LogFile(path, JOURNAL_MAGIC, frame([FILE_CLOCK, self._wall_offset]))
+        self._journal_bytes += log.size
+        return log
 
     def _close_journal(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
+        if self._log is not None:
+            log, self._log = self._log, None
             try:
-                os.close(fd)
+                log.close()
             except OSError as exc:
                 self._on_error("journal", exc)
 
@@ -426,15 +450,6 @@ class StateStore:
         return sorted((int(m.group(1)), self.path.parent / m.group(0)) for m in matches if m)
 
 
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder().decode
-
-
-def _frame(record: list[object]) -> bytes:
-    payload = _encode(record)
-    return _HEAD.pack(_MARK, len(payload), zlib.crc32(payload)) + payload
-
-
 def _sound_positions(value: Mapping[Any, object]) -> dict[str, str]:
     """The entries of a positions record that are a node and an entry id."""
     return {
@@ -442,12 +457,6 @@ def _sound_positions(value: Mapping[Any, object]) -> dict[str, str]:
         for node, entry in value.items()
         if isinstance(node, str) and isinstance(entry, str) and _ENTRY_ID.fullmatch(entry)
     }
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _action_record(record: list[object]) -> bool:
@@ -469,6 +478,20 @@ def _pushed_record(record: list[object], offset: float | None, now: float) -> tu
     return when, call_id, aor, device, lasts
 
 
+def _clock_record(record: list[object], offset: float | None, now: float) -> tuple[str, float, float, float] | None:
+    """A clock record's (node, node's clock minus the wall clock,
+    uncertainty, time on the new clock), or None when it is not one."""
+    if not (len(record) == 5 and offset is not None and isinstance(record[2], str)):
+        return None
+    at, value, uncertainty = record[1], record[3], record[4]
+    if not (finite_number(at) and finite_number(value) and finite_number(uncertainty)):
+        return None
+    when = float(at) + offset
+    if abs(when - now) >= _SPAN or abs(value) >= _SPAN:
+        return None
+    return record[2], float(value), float(uncertainty), when
+
+
 def _event_time(item: object, offset: float | None, now: float) -> float | None:
     """A journaled event's time on the new clock; None when the item is
     not a well-formed event record or its time cannot be one."""
@@ -485,49 +508,21 @@ def _event_time(item: object, offset: float | None, now: float) -> float | None:
     return when if abs(when - now) < _SPAN else None
 
 
-def _read_records(path: Path) -> list[list[object] | None]:
+def _read_records(path: Path) -> Iterator[list[object] | None]:
     """The records of one journal, None for each damaged stretch (a torn
-    last record, bytes that are no record, a record that is not a list).
-    A journal gone meanwhile has none; one that is not a regular file of
-    this user's, or is larger than all journals may be, raises OSError."""
+    last record, bytes that are no record, a record that is not a list),
+    read as they are needed. A journal gone meanwhile has none; one that is
+    not a regular file of this user's, or is larger than all journals may
+    be, raises OSError."""
     try:
-        data = read_regular(path, MAX_JOURNALS, own=True)
+        magic, records = read_log(path, own=True, limit=MAX_JOURNALS)
     except FileNotFoundError:
-        return []
-    if not data.startswith(_MAGIC):
-        return _read_unframed(data)
-    out: list[list[object] | None] = []
-    pos, end = len(_MAGIC), len(data)
-    while pos < end:
-        record = _record_at(data, pos)
-        if record is None:
-            out.append(None)
-            pos = data.find(_MARK, pos + 1)
-            if pos < 0:
-                break
-            continue
-        value, pos = record
-        out.append(value if isinstance(value, list) else None)
-    return out
-
-
-def _record_at(data: bytes, pos: int) -> tuple[object, int] | None:
-    """The record framed at ``pos`` and where the next one starts; None
-    when there is no whole, intact record there."""
-    if pos + _HEAD.size > len(data):
-        return None
-    mark, length, crc = _HEAD.unpack_from(data, pos)
-    start = pos + _HEAD.size
-    if mark != _MARK or length > _MAX_RECORD or start + length > len(data):
-        return None
-    payload = data[start : start + length]
-    if zlib.crc32(payload) != crc:
-        return None
-    try:
-        value = _decode(payload)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    return value, start + length
+        return iter(())
+    if magic == JOURNAL_MAGIC:
+        return records
+    if magic:  # another log (a capture) named as a journal
+        raise FileProblem(errno.EINVAL, path, "is a capture, not a journal")
+    return iter(_read_unframed(read_regular(path, MAX_JOURNALS, own=True)))
 
 
 def _read_unframed(data: bytes) -> list[list[object] | None]:

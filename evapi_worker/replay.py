@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
-from .capture import CaptureError, PushNote, Record, read_capture
+from .capture import CaptureError, ClockNote, Item, PushNote, Record, item_time, read_capture
 from .config import ConfigError, with_changes
 from .core.clocks import NodeClocks
 from .core.engine import Act, Decision, Engine, EngineSettings, Reason
@@ -75,28 +75,28 @@ def _read_jsonl(path: Path, problems: list[str]) -> Iterator[Record]:
             yield Record(str(node), seq, received, json.dumps(obj).encode())
 
 
-def _open(path: Path, problems: list[str], pushes: list[PushNote] | None) -> Iterator[Record]:
+def _open(path: Path, problems: list[str]) -> Iterator[Item]:
     # A regular file only: a FIFO would hang the replay, a device never end.
     with os.fdopen(open_regular(path), "rb") as f:
         first = f.read(1)
     if first in (b"{", b"\n", b" ", b"\r"):
         return _read_jsonl(path, problems)
-    return read_capture(path, problems, pushes)
+    return read_capture(path, problems)
 
 
-def load_records(paths: Iterable[Path], problems: list[str], pushes: list[PushNote] | None = None) -> Iterator[Record]:
-    """All records of the files, merged by receive time (each file is in
-    order). The captures' push notes are added to ``pushes`` as the records
-    are read: the list is complete once they all have been."""
+def load_records(paths: Iterable[Path], problems: list[str]) -> Iterator[Item]:
+    """What the files hold (frames, and the captures' and journals' push
+    and clock notes), merged by time (each file is in order), read as they
+    are needed."""
     streams = []
     for path in paths:
         try:
-            streams.append(_open(path, problems, pushes))
+            streams.append(_open(path, problems))
         except (OSError, CaptureError) as exc:
             problems.append(str(exc) if isinstance(exc, FileProblem) else f"{path}: {exc}")
     if len(streams) == 1:
         return streams[0]
-    return heapq.merge(*streams, key=lambda r: r.received)
+    return heapq.merge(*streams, key=item_time)
 
 
 @dataclass
@@ -152,29 +152,26 @@ def _percentile(values: list[float], q: int) -> float | None:
     return round(values[index], 3)
 
 
-def replay(
-    records: Iterable[Record],
-    settings: EngineSettings,
-    progress: TextIO | None = None,
-    pushes: list[PushNote] | None = None,
-) -> ReplayResult:
-    """Feed the records through a fresh engine under virtual time.
-    ``pushes`` is the list :func:`load_records` fills with the records."""
-    result = replay_decoded(decode_records(records, progress), settings, pushes)
-    result.pushes = pushes if pushes is not None else []
-    return result
+def replay(records: Iterable[Item], settings: EngineSettings, progress: TextIO | None = None) -> ReplayResult:
+    """Feed the records through a fresh engine under virtual time."""
+    return replay_decoded(decode_records(records, progress), settings)
 
 
-Decoded = tuple[float, str, "Event | str"]
+Decoded = tuple[float, str, "Event | str | PushNote | ClockNote"]
 """A record's receive time, the node that sent it, and its event or the
-reason it is not one."""
+reason it is not one; or a note's time, "" and the note."""
 
 
-def decode_records(records: Iterable[Record], progress: TextIO | None = None) -> Iterator[Decoded]:
-    """Each record's receive time, node and event (or why it has none), in order."""
+def decode_records(records: Iterable[Item], progress: TextIO | None = None) -> Iterator[Decoded]:
+    """Each record's receive time, node and event (or why it has none), in
+    order; the notes among them as they come."""
     decode = decode_event
     count = 0
-    for node, _seq, received, payload in records:
+    for item in records:
+        if type(item) is not Record:
+            yield item_time(item), "", item  # type: ignore[misc]
+            continue
+        node, _seq, received, payload = item
         count += 1
         try:
             yield received, node, decode(payload)
@@ -186,19 +183,17 @@ def decode_records(records: Iterable[Record], progress: TextIO | None = None) ->
         print(file=progress)
 
 
-def replay_decoded(
-    decoded: Iterable[Decoded], settings: EngineSettings, pushes: list[PushNote] | None = None
-) -> ReplayResult:
+def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> ReplayResult:
     """:func:`replay` for records already decoded (the report replays one
-    capture once per window). ``pushes``, read alongside the records (or
-    all at once), reach the engine in time order, as they reached the live
-    one: a pushed device's REGISTER is judged from its push."""
+    capture once per window). The notes reach the engine where they are
+    among the events, as they reached the live one: a pushed device's
+    REGISTER is judged from its push, a node's REGISTER times are placed
+    with its clock as measured then."""
     engine = Engine(settings)
     pushed = engine.pushed
-    notes: list[tuple[float, int, PushNote]] = []  # noted, not yet given to the engine, by time
-    taken = 0  # how many of ``pushes`` are in ``notes`` or were given
     result = ReplayResult()
     out = result.decisions
+    notes = result.pushes
     by_type: dict[type, int] = {}
     # Virtual time is the wall clock of the receive times: a node's clock
     # is the wall clock, as it is for a live worker until a ping measures it.
@@ -209,22 +204,23 @@ def replay_decoded(
     count = 0
     now = 0.0  # the receive time of the record being replayed
     for now, node, event in decoded:
+        kind = type(event)
+        if kind is PushNote:
+            note: PushNote = event  # type: ignore[assignment]
+            notes.append(note)
+            if note.lasts is not None:  # older notes do not say how long their push was kept
+                pushed(note.call_id, note.aor, note.device, note.lasts, note.sent)
+            continue
+        if kind is ClockNote:
+            clock: ClockNote = event  # type: ignore[assignment]
+            protocol.measured(clock.node, clock.offset, clock.uncertainty, clock.at)
+            continue
         count += 1
-        if pushes is not None:
-            while taken < len(pushes):
-                note = pushes[taken]
-                if note.lasts is not None:  # older notes do not say how long their push was kept
-                    heapq.heappush(notes, (note.sent, taken, note))
-                taken += 1
-            while notes and notes[0][0] <= now:
-                _, _, note = heapq.heappop(notes)
-                pushed(note.call_id, note.aor, note.device, note.lasts or 0.0, note.sent)
-        if isinstance(event, str):
+        if isinstance(event, str):  # why the record is no event
             result.errors[event] += 1
             continue
-        kind = type(event)
         by_type[kind] = by_type.get(kind, 0) + 1
-        decided = feed(node, event, now).decisions
+        decided = feed(node, event, now).decisions  # type: ignore[arg-type]
         if decided:
             out += decided
     out += protocol.tick(now + 86_400)  # let pending decisions settle

@@ -22,7 +22,7 @@ from typing import Final
 
 import msgspec
 
-from .capture import Record
+from .capture import Item, frames
 from .core.engine import Act, Decision, EngineSettings, Reason
 from .replay import ReplayResult, after_push, decode_records, iso_time, replay_decoded
 
@@ -59,7 +59,7 @@ _COLORS: Final = {
 
 
 def figures(
-    records: Sequence[Record],
+    records: Sequence[Item],
     settings: EngineSettings,
     result: ReplayResult,
     progress: Callable[[int], None] | None = None,
@@ -77,7 +77,8 @@ def figures(
     }
 
 
-def _span(records: Sequence[Record], result: ReplayResult) -> dict[str, object]:
+def _span(items: Sequence[Item], result: ReplayResult) -> dict[str, object]:
+    records = list(frames(items))
     first = records[0].received if records else None
     last = records[-1].received if records else None
     return {
@@ -126,7 +127,7 @@ def _push_wakeup(result: ReplayResult) -> dict[str, object]:
 
 
 def _coverage(
-    records: Sequence[Record], settings: EngineSettings, progress: Callable[[int], None] | None
+    records: Sequence[Item], settings: EngineSettings, progress: Callable[[int], None] | None
 ) -> dict[str, object]:
     """For each window, the engine's decisions on the same capture: devices
     that would get a fake call (or MESSAGE), and those too late for it."""

@@ -25,7 +25,7 @@ from typing import Final
 
 import trio
 
-from .capture import CaptureWriter, PushNote
+from .capture import CaptureWriter, ClockNote, PushNote
 from .config import Config
 from .core.clocks import PAUSED, NodeClocks
 from .core.commands import Claim, Command, command_name
@@ -156,7 +156,7 @@ class Service:
             else None
         )  # fmt: skip
         self.liveness = Liveness(
-            self.connections, self.send_command, self.metrics, config.evapi.ping_interval, self.clocks,
+            self.connections, self.send_command, self.metrics, config.evapi.ping_interval, self._on_ping,
             answers_read=self.source.positioned if self.source is not None else None,
         )  # fmt: skip
         self._wake = trio.Event()
@@ -277,7 +277,7 @@ class Service:
         store = self.store
         if store is None:
             return
-        restored = store.restore(self.engine, trio.current_time(), self._restore_frame, self.push_book)
+        restored = store.restore(self.engine, trio.current_time(), self._restore_frame, self.push_book, self.clocks)
         if restored.snapshot_error is not None:
             # Keep the file aside for a look (it would fail again at every
             # start); what the journals hold is restored all the same.
@@ -530,6 +530,20 @@ class Service:
         if self.capture is not None:
             note = PushNote(now + self._wall_offset, job.call_id, job.device, job.provider, job.aor, lasts)
             self._captured(self.capture.note_push(note))
+
+    def _on_ping(self, node: str, sent: float, received: float, ts: float) -> None:
+        """A ping's answer measured ``node``'s clock: when the measurement
+        is the one used now, the journal and the capture keep it, so a
+        restore and a replay place the node's REGISTERs as this worker does."""
+        measured = self.protocol.ping(node, sent, received, ts)
+        if measured is None:
+            return
+        if self.store is not None:
+            self.store.note_clock(node, measured.offset, measured.uncertainty, measured.at)
+        if self.capture is not None:
+            wall = self._wall_offset
+            note = ClockNote(measured.at + wall, node, measured.offset - wall, measured.uncertainty)
+            self._captured(self.capture.note_clock(note))
 
     def _captured(self, queued: bool) -> None:
         (self.metrics.capture_records if queued else self.metrics.capture_dropped).inc()

@@ -118,6 +118,16 @@ class Wire:
         user_agent: str = "LinphoneiOS/5.2 (iPhone) LinphoneSDK/5.3",
         **kw: Any,
     ) -> Event:
+        return parse_event(self.register_raw(ts, aor, instance, user_agent, **kw)).event
+
+    def register_raw(
+        self,
+        ts: float,
+        aor: str = "bob@example.com",
+        instance: str | None = "<urn:uuid:iphone-1>",
+        user_agent: str = "LinphoneiOS/5.2 (iPhone) LinphoneSDK/5.3",
+        **kw: Any,
+    ) -> bytes:
         fields: dict[str, Any] = {
             "aor": aor,
             "contact": "sip:bob@192.0.2.10:50000;transport=udp",
@@ -130,7 +140,7 @@ class Wire:
         }
         if instance is not None:
             fields["instance"] = instance
-        return self.event("register", ts, **fields)
+        return self.raw("register", ts, **fields)
 
 
 async def stop_group(proc: trio.Process, sig: signal.Signals = signal.SIGTERM) -> None:

@@ -4,11 +4,14 @@ routing, the nodes' clocks, sequence numbers), and rate-limited warnings."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evapi_worker.core.clocks import NodeClocks
+from evapi_worker.capture import ClockNote
+from evapi_worker.core.clocks import Measured, NodeClocks
 from evapi_worker.core.engine import Act, Decision, Engine, EngineSettings
 from evapi_worker.core.events import Event, EventErrorReason
 from evapi_worker.core.protocol import Kind, Protocol
@@ -157,23 +160,37 @@ _SETTINGS = EngineSettings(window=15.0, settle=0.5, deadline=5.0)
 _ENDS = ("cancelled", "answered", "failed486", "failed603", None)
 
 
+class _Ping(NamedTuple):
+    """A ping's answer: sent and read (engine time), the node's stamp."""
+
+    sent: float
+    received: float
+    ts: float
+
+
+_Item = tuple[float, str, "Event | _Ping"]
+
+
 @st.composite
-def _streams(draw: st.DrawFn) -> list[tuple[float, str, Event]]:
+def _streams(draw: st.DrawFn) -> list[_Item]:
     """Calls to two accounts ending in every way (or ringing on), devices
     registering before, during and after them (some twice), on two nodes,
     each event read up to 1.2 s after it happened: events from Kamailio's
     processes arrive in any order, and a REGISTER races its call's end
-    within the settle delay."""
+    within the settle delay. kam2's clock is off by up to 4 s, and pings
+    measure it at random moments (before them, its stamps are taken as
+    the wall clock's)."""
     wires = {"kam1": Wire(node="kam1"), "kam2": Wire(node="kam2")}
-    items: list[tuple[float, str, Event]] = []
+    skew = {"kam1": 0.0, "kam2": draw(st.floats(-4.0, 4.0))}
+    items: list[_Item] = []
 
     def add(node: str, ts: float, event: Event) -> None:
-        items.append((ts - T0 + draw(st.floats(0.0, 1.2)), node, event))
+        items.append((ts - T0 - skew[node] + draw(st.floats(0.0, 1.2)), node, event))
 
     for n in range(draw(st.integers(1, 3))):
         aor = draw(st.sampled_from(["bob@x", "carol@x"]))
         node = draw(st.sampled_from(sorted(wires)))
-        start = T0 + draw(st.floats(0.0, 5.0))
+        start = T0 + skew[node] + draw(st.floats(0.0, 5.0))
         add(node, start, wires[node].start(start, call_id=f"c{n}", aor=aor))
         end = draw(st.sampled_from(_ENDS))
         if end is not None:
@@ -188,54 +205,95 @@ def _streams(draw: st.DrawFn) -> list[tuple[float, str, Event]]:
         for d in range(draw(st.integers(0, 2))):
             for _ in range(draw(st.integers(1, 2))):
                 node = draw(st.sampled_from(sorted(wires)))
-                ts = T0 + draw(st.floats(0.0, 40.0))
+                ts = T0 + skew[node] + draw(st.floats(0.0, 40.0))
                 contact = f"sip:d{d}@192.0.2.{d + 10}:5060"
                 add(node, ts, wires[node].register(ts, aor=aor, instance=f"<urn:uuid:{aor}-{d}>", contact=contact))
+    for _ in range(draw(st.integers(0, 3))):
+        received = draw(st.floats(0.0, 40.0))
+        sent = received - draw(st.floats(0.001, 0.2))
+        items.append((received, "kam2", _Ping(sent, received, T0 + (sent + received) / 2 + skew["kam2"])))
     return sorted(items, key=lambda item: item[0])
 
 
-def _key(decisions: list[Decision]) -> list[tuple[str, str, str, str, str]]:
-    return sorted((d.call_id, d.aor, d.device, d.action.value, str(d.reason)) for d in decisions)
+def _key(decisions: list[Decision], clock: float = 0.0) -> list[tuple[str, str, str, str, str, float]]:
+    """What was decided, and an action's deadline (on the engine's clock:
+    ``clock`` is the wall time of its zero, replay's engine runs on the
+    wall clock), which counts from when the REGISTER happened."""
+    return sorted(
+        (
+            d.call_id,
+            d.aor,
+            d.device,
+            d.action.value,
+            str(d.reason),
+            round(d.deadline - clock, 6) if isinstance(d, Act) else 0.0,
+        )
+        for d in decisions
+    )
 
 
 def _protocol() -> Protocol:
     return Protocol(Engine(_SETTINGS), NodeClocks(wall_offset=T0))
 
 
-def _live(stream: list[tuple[float, str, Event]], proto: Protocol | None = None) -> list[Decision]:
-    """As the live worker: its timer ticks at every deadline, each event is read when it arrives."""
+def _live(stream: list[_Item], proto: Protocol | None = None, kept: list[Measured] | None = None) -> list[Decision]:
+    """As the live worker: its timer ticks at every deadline, each event is
+    read when it arrives; the clock measurements it used are ``kept`` (as
+    the journal and the capture keep them)."""
     proto = proto or _protocol()
     out: list[Decision] = []
     for now, node, event in stream:
         while (due := proto.next_deadline()) is not None and due <= now:
             out += proto.tick(due)
+        if isinstance(event, _Ping):
+            measured = proto.ping(node, event.sent, event.received, event.ts)
+            if measured is not None and kept is not None:
+                kept.append(measured)
+            continue
         out += proto.feed(node, event, now).decisions
     return out
 
 
-def _fed(stream: list[tuple[float, str, Event]], proto: Protocol | None = None) -> list[Decision]:
-    """As a restore from the journal: the events alone, no timer between them."""
+def _fed(stream: list[_Item], kept: list[Measured], proto: Protocol | None = None) -> list[Decision]:
+    """As a restore from the journal: the events alone, no timer between
+    them, the clock measurements the live worker kept where they were."""
     proto = proto or _protocol()
     out: list[Decision] = []
+    measured = {m.at: m for m in kept}
     for now, node, event in stream:
+        if isinstance(event, _Ping):
+            if (m := measured.get(event.received)) is not None:
+                proto.measured(m.node, m.offset, m.uncertainty, m.at)
+            continue
         out += proto.feed(node, event, now).decisions
     return out
+
+
+def _captured(stream: list[_Item], kept: list[Measured]) -> Iterator[tuple[float, str, Event | ClockNote]]:
+    """The stream as a capture holds it: receive times on the wall clock,
+    the clock measurements as notes (the node's clock against the wall)."""
+    measured = {m.at: m for m in kept}
+    for now, node, event in stream:
+        if isinstance(event, _Ping):
+            if (m := measured.get(event.received)) is not None:
+                yield T0 + m.at, "", ClockNote(T0 + m.at, m.node, m.offset - T0, m.uncertainty)
+            continue
+        yield T0 + now, node, event
 
 
 @settings(max_examples=300, deadline=None)
 @given(stream=_streams(), cut=st.floats(0.0, 1.0))
-def test_live_restored_and_replayed_the_same_events_give_the_same_decisions(
-    stream: list[tuple[float, str, Event]], cut: float
-) -> None:
+def test_live_restored_and_replayed_the_same_events_give_the_same_decisions(stream: list[_Item], cut: float) -> None:
     end = (stream[-1][0] if stream else 0.0) + 600
     proto = _protocol()
-    live = _live(stream, proto) + proto.tick(end)
+    kept: list[Measured] = []
+    live = _live(stream, proto, kept) + proto.tick(end)
     restored_proto = _protocol()
-    restored = _fed(stream, restored_proto) + restored_proto.tick(end)
+    restored = _fed(stream, kept, restored_proto) + restored_proto.tick(end)
     # Replay runs on the receive times as unix times (a capture's).
-    replayed = replay_decoded(((T0 + now, node, event) for now, node, event in stream), _SETTINGS).decisions
+    replayed = replay_decoded(_captured(stream, kept), _SETTINGS).decisions
     assert _key(restored) == _key(live)
-    assert _key(replayed) == _key(live)
+    assert _key(replayed, T0) == _key(live)
     # A crash at any point: what the first run decided, then a restart from
     # its state (snapshot) fed the rest without a timer.
     k = int(cut * len(stream))
@@ -243,7 +301,9 @@ def test_live_restored_and_replayed_the_same_events_give_the_same_decisions(
     before = _live(stream[:k], first)
     second = _protocol()
     second.engine.import_state(first.engine.export_state())
-    after = _fed(stream[k:], second) + second.tick(end)
+    for m in (m for m in kept if m.at <= (stream[k - 1][0] if k else -1.0)):
+        second.measured(m.node, m.offset, m.uncertainty, m.at)  # a snapshot's journal keeps them
+    after = _fed(stream[k:], kept, second) + second.tick(end)
     assert _key(before + after) == _key(live)
 
 
@@ -253,7 +313,7 @@ def test_a_cancel_stamped_before_a_register_but_read_after_its_settle_delay_is_d
     before the REGISTER) is read a second later. A restore feeding the same
     events without a timer decides the same, not a fake call."""
     wire = Wire()
-    stream: list[tuple[float, str, Event]] = [
+    stream: list[_Item] = [
         (0.0, "kam1", wire.start(T0)),
         (2.0, "kam1", wire.register(T0 + 2.0)),
         (3.0, "kam1", wire.cancelled(T0 + 1.9)),
@@ -261,6 +321,6 @@ def test_a_cancel_stamped_before_a_register_but_read_after_its_settle_delay_is_d
     live_proto = _protocol()
     live = _live(stream, live_proto) + live_proto.tick(100.0)
     fed_proto = _protocol()
-    fed = _fed(stream, fed_proto) + fed_proto.tick(100.0)
+    fed = _fed(stream, [], fed_proto) + fed_proto.tick(100.0)
     assert [(d.action.value, str(d.reason)) for d in live] == [("none", "ringing")]
     assert _key(fed) == _key(live)

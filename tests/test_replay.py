@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from evapi_worker.capture import CaptureError, CaptureSettings, CaptureWriter, PushNote, read_capture
+from evapi_worker.capture import CaptureError, CaptureSettings, CaptureWriter, ClockNote, PushNote, frames, read_capture
 from evapi_worker.cli import main
 from evapi_worker.config import Config
 from evapi_worker.core.engine import EngineSettings, Strategy
@@ -80,7 +80,7 @@ def test_text_output_tells_each_decision_and_a_summary(capsys: pytest.CaptureFix
 
 def test_json_lines_input_reports_bad_lines_by_number(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     jsonl = tmp_path / "events.jsonl"
-    lines = [json.dumps({**json.loads(r.payload), "recv": r.received}) for r in read_capture(STORY)]
+    lines = [json.dumps({**json.loads(r.payload), "recv": r.received}) for r in frames(read_capture(STORY))]
     lines.insert(2, "{not json")
     jsonl.write_text("\n".join(lines) + "\n")
     assert main(["replay", str(jsonl), "--json"]) == 0
@@ -94,8 +94,8 @@ def test_torn_last_record_is_reported_and_the_rest_read(tmp_path: Path) -> None:
     data = STORY.read_bytes()
     torn.write_bytes(data[:-7])
     problems: list[str] = []
-    records = list(read_capture(torn, problems))
-    assert len(records) == len(list(read_capture(STORY))) - 1
+    records = list(frames(read_capture(torn, problems)))
+    assert len(records) == len(list(frames(read_capture(STORY)))) - 1
     assert problems and "torn last record" in problems[0]
 
 
@@ -121,7 +121,7 @@ async def test_writer_rotates_keeps_a_bounded_number_of_files_and_reads_back(tmp
     assert len(files) == 3
     # They hold push tokens: readable by the worker's user alone.
     assert {f.stat().st_mode & 0o777 for f in files} == {0o600}
-    records = [r for f in files for r in read_capture(f)]
+    records = [r for f in files for r in frames(read_capture(f))]
     assert [r.seq for r in records] == list(range(records[0].seq or 0, 400))
     assert records[-1].seq == 399 and records[-1].payload == b'{"event":"x","n":399}'
 
@@ -149,7 +149,7 @@ async def test_service_captures_every_frame_it_receives_even_bad_ones(tmp_path: 
         await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
     (file,) = sorted((tmp_path / "cap").iterdir())
-    records = list(read_capture(file))
+    records = list(frames(read_capture(file)))
     assert [(r.node, r.seq, r.payload) for r in records] == [("kam1", 41, good), ("kam1", None, b"{not json")]
     assert abs(records[0].received - time.time()) < 60
     assert service.metrics.value("evapi_worker_capture_records_total") == 2
@@ -163,7 +163,7 @@ async def test_a_full_disk_pauses_the_capture_and_costs_the_worker_nothing(
     real_write = writer._write
     full = True
 
-    def write(batch: list[tuple[str, int | None, float, bytes] | PushNote]) -> None:
+    def write(batch: list[tuple[str, int | None, float, bytes] | PushNote | ClockNote]) -> None:
         if full:
             raise OSError(28, "No space left on device")
         real_write(batch)
@@ -183,7 +183,7 @@ async def test_a_full_disk_pauses_the_capture_and_costs_the_worker_nothing(
         nursery.cancel_scope.cancel()
     assert writer.lost == 1 and errors == [1]
     (file,) = (tmp_path / "cap").iterdir()
-    assert [r.seq for r in read_capture(file)] == [2]
+    assert [r.seq for r in frames(read_capture(file))] == [2]
 
 
 async def test_replay_decides_per_node_as_the_live_worker_did(tmp_path: Path) -> None:
@@ -256,7 +256,7 @@ def test_replay_judges_a_pushed_device_from_its_push_as_the_live_worker(
         ("call_cancelled", t0 + 1, {"call_id": "c1", "aor": "bob@x"}),
         ("register", t0 + 20.5, register),
     ]
-    items: list[tuple[str, int | None, float, bytes] | PushNote] = []
+    items: list[tuple[str, int | None, float, bytes] | PushNote | ClockNote] = []
     for n, (kind, ts, fields) in enumerate(events):
         items.append(("kam1", n + 1, ts, json.dumps({"event": kind, "ts": ts, "seq": n + 1, "node": "kam1",
                                                      "boot": 1, **fields}).encode()))  # fmt: skip
@@ -265,7 +265,6 @@ def test_replay_judges_a_pushed_device_from_its_push_as_the_live_worker(
     folder.mkdir()
     writer._write(items)
     writer._close()
-    pushes: list[PushNote] = []
-    result = replay(load_records(sorted(folder.iterdir()), [], pushes), EngineSettings(), None, pushes)
+    result = replay(load_records(sorted(folder.iterdir()), []), EngineSettings())
     assert [f"{d.action.value}:{d.reason}" for d in result.decisions] == decided
-    assert [p.lasts for p in pushes] == [lasts]
+    assert [p.lasts for p in result.pushes] == [lasts]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import msgpack
 import msgspec
 import pytest
 import trio
 
-from evapi_worker.capture import CaptureSettings, CaptureWriter, PushNote, Record
+from evapi_worker.capture import CaptureSettings, CaptureWriter, PushNote, Record, frames
 from evapi_worker.cli import main
 from evapi_worker.core.engine import Act, EngineSettings, Reason
+from evapi_worker.core.records import frame
 from evapi_worker.replay import load_records, replay
 from evapi_worker.report import MAX_SECONDS, figures, render_html
 
@@ -22,7 +22,7 @@ STORY = DATA / "story.evcap"
 
 def story() -> list[Record]:
     problems: list[str] = []
-    records = list(load_records([STORY], problems))
+    records = list(frames(load_records([STORY], problems)))
     assert problems == []
     return records
 
@@ -106,13 +106,12 @@ async def test_a_capture_with_push_notes_measures_the_wake_up_from_the_push(tmp_
         nursery.cancel_scope.cancel()
     files = sorted((tmp_path / "cap").iterdir())
     with files[-1].open("ab") as f:  # a note another writer got wrong
-        f.write(msgpack.packb({"push": ["not a time", "c", "d", "apns"]}))
+        f.write(frame(["u", "not a time", "c", "bob@x", "d", 30.0, "apns"]))
     problems: list[str] = []
-    pushes: list[PushNote] = []
-    loaded = list(load_records(files, problems, pushes))
-    assert loaded == records
-    assert len(problems) == 1 and "malformed push note" in problems[0]
-    result = replay(loaded, EngineSettings(), pushes=pushes)
+    loaded = list(load_records(files, problems))
+    assert list(frames(loaded)) == records
+    assert len(problems) == 1 and "malformed record" in problems[0]
+    result = replay(loaded, EngineSettings())
     assert result.summary()["push_wakeup_seconds"] == {
         "pushes": len(decided) + 1, "registered_after_push": len(decided), "p50": 1.25, "p90": 1.25, "p99": 1.25,
     }  # fmt: skip

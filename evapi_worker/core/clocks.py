@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
-__all__ = ["PAUSED", "NodeClocks"]
+__all__ = ["PAUSED", "Measured", "NodeClocks"]
 
 # A timer that fires this much later than asked says the worker itself did
 # not run meanwhile (SIGSTOP, swapped out, a paused VM, a starved CPU):
@@ -25,6 +25,15 @@ _MAX_UNCERTAINTY: Final = 0.25
 # The best measurement stands this long before any usable one replaces it:
 # clocks drift, slowly.
 _KEEP: Final = 600.0
+
+
+class Measured(NamedTuple):
+    """A node's clock as a ping measured it, on the engine's clock."""
+
+    node: str
+    offset: float  # the node's clock minus ours
+    uncertainty: float  # half the round trip it was measured in
+    at: float  # when
 
 
 @dataclass(slots=True)
@@ -48,16 +57,26 @@ class NodeClocks:
         self.wall_offset = wall_offset
         self._offsets: dict[str, _Offset] = {}
 
-    def ping(self, node: str, sent: float, received: float, ts: float) -> None:
+    def ping(self, node: str, sent: float, received: float, ts: float) -> Measured | None:
         """A ping sent at ``sent`` was answered, stamped ``ts`` by the node,
-        and received at ``received`` (both on the engine's clock)."""
+        and received at ``received`` (both on the engine's clock). Returns
+        the measurement when it is now the one used (the journal and the
+        capture keep it, so a restore and a replay place times alike)."""
         uncertainty = (received - sent) / 2
         if not (math.isfinite(ts) and 0 <= uncertainty <= _MAX_UNCERTAINTY):
-            return
+            return None
         value = ts - (sent + received) / 2
         best = self._offsets.get(node)
         if best is None or uncertainty <= best.uncertainty or received - best.measured > _KEEP:
             self._offsets[node] = _Offset(value, uncertainty, received)
+            return Measured(node, value, uncertainty, received)
+        return None
+
+    def measured(self, node: str, offset: float, uncertainty: float, at: float) -> None:
+        """A measurement :meth:`ping` made before, from the journal or a
+        capture (its offset and time on this clock)."""
+        if math.isfinite(offset) and math.isfinite(at) and 0 <= uncertainty <= _MAX_UNCERTAINTY:
+            self._offsets[node] = _Offset(offset, uncertainty, at)
 
     def offset(self, node: str) -> float:
         """The node's clock minus the engine's, as well as it is known."""

@@ -24,7 +24,7 @@ from typing import Final
 
 import msgspec
 
-from .clocks import NodeClocks
+from .clocks import Measured, NodeClocks
 from .engine import Decision, Engine
 from .events import (
     CallStarted,
@@ -142,6 +142,18 @@ class Protocol:
         """The worker did not run for ``seconds``: what it has not read yet
         may fill the gaps open now, so they do not age meanwhile."""
         self.sequences.paused(seconds)
+
+    def ping(self, node: str, sent: float, received: float, ts: float) -> Measured | None:
+        """A ping sent at ``sent``, answered with the node's stamp ``ts``,
+        read at ``received``: the node's clock measured. Returns the
+        measurement when it is the one used from now on (to be journaled
+        and captured: :meth:`measured` gives it back to a restore or a
+        replay at the same point among the events)."""
+        return self.clocks.ping(node, sent, received, ts)
+
+    def measured(self, node: str, offset: float, uncertainty: float, at: float) -> None:
+        """A measurement :meth:`ping` returned, read back (on this clock)."""
+        self.clocks.measured(node, offset, uncertainty, at)
 
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work (may be early, never late)."""

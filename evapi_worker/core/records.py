@@ -1,0 +1,144 @@
+"""The record log's encoding, shared by the journal and the capture.
+
+A log file starts with a magic line naming what it is and its version;
+then come records, each a msgpack array framed by a mark, the payload's
+length and its CRC-32 (big-endian u32 each). A damaged or torn record
+costs only itself: reading resynchronises at the next mark.
+
+The records' first item says what each is. Both logs use the same kinds
+where they mean the same thing, times on the file's clock (``w``: the
+wall clock minus that clock; a capture's clock is the wall clock)::
+
+    ["w", wall minus file clock]                          the file's clock
+    ["c", time, node, node minus wall, uncertainty]       a node's clock measured
+    ["u", time, call_id, aor, device, seconds, provider?]  a push accepted
+    ["e", [[node, time, payload], ...]]                   events the engine took (journal)
+    ["f", node, seq or None, time, payload]               a frame read (capture)
+    ["a", call_id, device, aor]                           an action begins (journal)
+    ["p", {node: entry id}]                               Redis stream positions (journal)
+
+Sans-I/O: :func:`frame` makes bytes, :class:`FrameReader` takes bytes as
+they are read and hands back whole records.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import Final
+
+import msgspec
+
+__all__ = [
+    "ACTION",
+    "CAPTURE_MAGIC",
+    "CLOCK",
+    "EVENTS",
+    "FILE_CLOCK",
+    "FRAME",
+    "JOURNAL_MAGIC",
+    "MAGICS",
+    "MARK",
+    "MAX_RECORD",
+    "POSITIONS",
+    "PUSHED",
+    "FrameReader",
+    "frame",
+]
+
+JOURNAL_MAGIC: Final = b"evapi-worker journal 2\n"
+CAPTURE_MAGIC: Final = b"evapi-worker capture 3\n"
+MAGICS: Final = (JOURNAL_MAGIC, CAPTURE_MAGIC)
+
+FILE_CLOCK: Final = "w"
+CLOCK: Final = "c"
+PUSHED: Final = "u"
+EVENTS: Final = "e"
+FRAME: Final = "f"
+ACTION: Final = "a"
+POSITIONS: Final = "p"
+
+MARK: Final = b"\xe5EVJ"
+_HEAD: Final = struct.Struct(">4sII")
+MAX_RECORD: Final = 1 << 28
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+def frame(record: list[object]) -> bytes:
+    """One record, framed."""
+    payload = _encode(record)
+    return _HEAD.pack(MARK, len(payload), zlib.crc32(payload)) + payload
+
+
+class FrameReader:
+    """Records from a log's bytes (after its magic line), fed in pieces of
+    any size. Each damaged stretch (bytes that are no record, a bad CRC, a
+    record that is not an array) is one ``None``, and reading goes on at the
+    next mark."""
+
+    def __init__(self, max_record: int = MAX_RECORD) -> None:
+        self._buffer = bytearray()
+        self._max = max_record
+        self._skipping = False  # in a damaged stretch already reported
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def records(self, final: bool = False) -> Iterator[list[object] | None]:
+        """The whole records fed so far; ``final``: no more bytes come, so
+        what is left is a torn record (one ``None``)."""
+        buffer = self._buffer
+        pos = 0
+        size = _HEAD.size
+        while True:
+            if len(buffer) - pos < size:
+                if final and pos < len(buffer) and not self._skipping:
+                    yield None  # a torn head
+                break
+            mark, length, crc = _HEAD.unpack_from(buffer, pos)
+            if mark != MARK or length > self._max:
+                report = not self._skipping
+                pos = self._resync(buffer, pos)
+                if report:
+                    yield None
+                continue
+            end = pos + size + length
+            if end > len(buffer):
+                if not final:
+                    break  # not all here yet
+                # It never will be: a torn record, or a damaged length.
+                report = not self._skipping
+                pos = self._resync(buffer, pos)
+                if report:
+                    yield None
+                continue
+            payload = bytes(buffer[pos + size : end])
+            value: object = None
+            if zlib.crc32(payload) == crc:
+                try:
+                    value = _decode(payload)
+                except (msgspec.DecodeError, RecursionError):
+                    value = None
+            if not isinstance(value, list):
+                report = not self._skipping
+                pos = self._resync(buffer, pos)
+                if report:
+                    yield None
+                continue
+            pos = end
+            yield value
+        if final:
+            pos = len(buffer)
+            self._skipping = False
+        del buffer[:pos]
+
+    def _resync(self, buffer: bytearray, pos: int) -> int:
+        """Where the next mark after ``pos`` is; past the buffer's end, the
+        damage goes on into the bytes not fed yet (said once)."""
+        found = buffer.find(MARK, pos + 1)
+        self._skipping = found < 0
+        # Keep a possible start of a mark at the end for the next feed.
+        return found if found >= 0 else max(pos + 1, len(buffer) - len(MARK) + 1)
