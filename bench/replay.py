@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.replay --calls 100000
 
 Writes a capture of the synthetic stream (bench/events.py) to a temporary
-file with the worker's own capture writer format, then times
+file in the worker's own capture format (the record log), then times
 `load_records` + `replay` over it, as `evapi-worker replay` runs them.
 """
 
@@ -14,11 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgpack
-
-from evapi_worker.capture import CAPTURE_FORMAT, CAPTURE_VERSION
 from evapi_worker.core.engine import EngineSettings
 from evapi_worker.core.netstring import NEED_DATA, NetstringDecoder
+from evapi_worker.core.records import CAPTURE_MAGIC, FILE_CLOCK, FRAME, frame
 from evapi_worker.replay import load_records, replay
 from evapi_worker.runtime import tune_gc
 
@@ -30,13 +28,19 @@ def write_capture(path: Path, calls: int) -> int:
     decoder.receive_data(b"".join(stream(calls)))
     count = 0
     with path.open("wb") as f:
-        f.write(msgpack.packb({"format": CAPTURE_FORMAT, "version": CAPTURE_VERSION, "created": 0}))
+        f.write(CAPTURE_MAGIC + frame([FILE_CLOCK, 0.0]))
         received = 1_700_000_000.0
-        while (frame := decoder.next_frame()) is not NEED_DATA:
-            assert isinstance(frame, bytes)
+        batch: list[object] = []
+        while (payload := decoder.next_frame()) is not NEED_DATA:
+            assert isinstance(payload, bytes)
             received += 0.001  # 1,000 events/s of recorded time
-            f.write(msgpack.packb(["kam1", count, received, frame], use_bin_type=True))
+            batch.append(("kam1", count, received, payload))
             count += 1
+            if len(batch) == 256:  # as the capture writer groups them
+                f.write(frame([FRAME, batch]))
+                batch = []
+        if batch:
+            f.write(frame([FRAME, batch]))
     return count
 
 

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgpack
+import trio
 
 from .core.clocks import NodeClocks
 from .core.engine import Act, Decision, Engine
@@ -60,7 +61,7 @@ from .core.state import STATE_VERSION, Snapshot, StateError, decode_snapshot, en
 from .files import FileProblem, finite_number, open_regular, read_regular
 from .record_log import LogFile, read_log, write_all
 
-__all__ = ["MAX_JOURNALS", "MAX_SNAPSHOT", "Restored", "StateStore"]
+__all__ = ["MAX_JOURNALS", "MAX_SNAPSHOT", "Restored", "StateKeeper", "StateStore"]
 
 OnError = Callable[[str, OSError], None]
 """Told of a write that failed: ``("journal" | "snapshot", error)``."""
@@ -540,3 +541,67 @@ def _read_unframed(data: bytes) -> list[list[object] | None]:
     except ValueError:
         out.append(None)
     return out
+
+
+class StateKeeper:
+    """The running worker's tasks around its :class:`StateStore`: the
+    journal appended at least every ``interval`` (at once when asked), in
+    a thread, one append at a time and never beside a snapshot; a
+    snapshot when the journals outgrew the last one, and at stop."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        engine: Engine,
+        book: PushBook | None,
+        interval: float,
+        waiting: Callable[[], list[Act]],
+    ) -> None:
+        self.store = store
+        self._engine = engine
+        self._book = book
+        self._interval = interval
+        self._waiting = waiting  # actions decided, not begun: kept in a snapshot
+        self._snapshot_lock = trio.Lock()
+        self._journal_io = trio.Lock()
+        self._soon = trio.Event()
+
+    def soon(self) -> None:
+        """Append what was noted now, not at the next interval (a late
+        REGISTER, a push accepted: a crash soon after must not lose them)."""
+        self._soon.set()
+
+    async def run(self) -> None:
+        while True:
+            with trio.move_on_after(self._interval):
+                await self._soon.wait()
+            self._soon = trio.Event()
+            await self.append()
+            if self.store.wants_snapshot:
+                await self.save(self._waiting())
+
+    async def append(self) -> None:
+        """Append what was noted to the journal, in a thread: a slow or
+        failing disk never holds up the events."""
+        async with self._journal_io:
+            data = self.store.take()
+            if data:
+                await trio.to_thread.run_sync(self.store.append, data)
+
+    async def action_begins(self, act: Act) -> None:
+        """An action begins: its record (and every event before it) is in
+        the page cache before anything of it reaches Kamailio, so a crash
+        never begins it twice."""
+        self.store.note_action(act.call_id, act.aor, act.device)
+        await self.append()
+
+    async def save(self, deferred: list[Act] | None = None) -> bool:
+        """A snapshot, with the actions ``deferred``; False when it failed."""
+        store = self.store
+        async with self._snapshot_lock:
+            async with self._journal_io:
+                await trio.to_thread.run_sync(store.append, store.take())
+                # What came meanwhile (a few events) is written by snapshot() itself.
+                snapshot = store.snapshot(self._engine, trio.current_time(), deferred, self._book)
+            # Encoding and writing in a thread: the records are immutable.
+            return await trio.to_thread.run_sync(store.write, snapshot)

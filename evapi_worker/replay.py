@@ -29,7 +29,7 @@ from .config import ConfigError, with_changes
 from .core.clocks import NodeClocks
 from .core.engine import Act, Decision, Engine, EngineSettings, Reason
 from .core.events import TYPE_NAMES, Event, EventError, decode_event
-from .core.protocol import Protocol
+from .core.protocol import Decided, Protocol
 from .files import FileProblem, open_regular
 
 __all__ = [
@@ -220,9 +220,9 @@ def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> Repl
             result.errors[event] += 1
             continue
         by_type[kind] = by_type.get(kind, 0) + 1
-        decided = feed(node, event, now).decisions  # type: ignore[arg-type]
-        if decided:
-            out += decided
+        got = feed(node, event, now)  # type: ignore[arg-type]
+        if type(got) is Decided and got.decisions:
+            out += got.decisions
     out += protocol.tick(now + 86_400)  # let pending decisions settle
     result.records = count
     for kind, n in by_type.items():

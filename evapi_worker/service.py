@@ -34,16 +34,14 @@ from .core.engine import Act, Decision, Engine
 from .core.events import (
     TYPE_NAMES,
     ClaimReply,
-    ClaimUnused,
     CommandResult,
-    Refused,
     RefusedReason,
     Register,
     event_type,
 )
 from .core.links import CommandFailed
 from .core.netstring import FramingFault
-from .core.protocol import Kind, Protocol
+from .core.protocol import Acknowledged, ClaimNotUsed, Decided, Protocol, Rejected, SipRefused, Skipped, decisions_of
 from .core.push_book import PushBook, PushJob, Refusal
 from .core.sequence import SequenceTracker
 from .dispatch import Dispatcher
@@ -53,7 +51,7 @@ from .health import Liveness
 from .http_server import serve_http
 from .logs import AccountTally, Throttle, kv
 from .metrics import Metrics
-from .persistence import MAX_JOURNALS, StateStore
+from .persistence import MAX_JOURNALS, StateKeeper, StateStore
 from .pusher import Pusher, push_clients
 from .redis_client import Lost
 from .shared_claims import SharedClaims
@@ -171,9 +169,7 @@ class Service:
             CaptureWriter(config.capture, on_error=self._on_capture_error) if config.capture is not None else None
         )
         self.store: StateStore | None = None  # made when running (it needs the clock)
-        self._state_lock = trio.Lock()
-        self._journal_io = trio.Lock()  # one journal append at a time, never beside a snapshot
-        self._journal_soon = trio.Event()
+        self.keeper: StateKeeper | None = None  # the journal and snapshot tasks, with the store
         self._restored_actions: tuple[list[Act], list[Act]] = ([], [])  # to begin, to retry
         self._intake = trio.CancelScope()
         self._intake_ended: trio.Event | None = None  # made as the intake starts
@@ -199,7 +195,10 @@ class Service:
             self.store = StateStore(
                 self.config.state_file, self._wall_offset, self._on_state_error, self._on_journal_dropped
             )
-            self.actions.on_begin = self._journal_action
+            self.keeper = StateKeeper(
+                self.store, self.engine, self.push_book, self.config.state_interval, self.actions.waiting
+            )
+            self.actions.on_begin = self.keeper.action_begins
         stale = remove_stale_folders()
         if stale:
             log.info("stale SIPp folders removed %s", kv(count=stale))
@@ -220,8 +219,8 @@ class Service:
                 self.dispatcher.resume(*self._restored_actions)
                 self._restored_actions = ([], [])
                 await nursery.start(self._run_intake)
-                if self.store is not None:
-                    nursery.start_soon(self._persist)
+                if self.keeper is not None:
+                    nursery.start_soon(self.keeper.run)
                 task_status.started()
         finally:
             if self.store is not None:
@@ -264,7 +263,7 @@ class Service:
             await self._intake_ended.wait()  # no event handled after the state is taken
         self._log_lost(math.inf)
         deferred = self.actions.waiting()
-        if self.store is not None and await self._save_state(deferred):
+        if self.store is not None and self.keeper is not None and await self.keeper.save(deferred):
             log.info(
                 "state saved %s",
                 kv(path=str(self.store.path), calls=self.engine.call_count, devices=self.engine.device_count,
@@ -315,50 +314,11 @@ class Service:
     def _restore_frame(self, node: str, payload: bytes, now: float) -> Sequence[Decision]:
         """A journaled event, fed again; what it decides the store keeps, to
         begin what never began. Its pushes are not sent: that call is gone."""
-        return self.protocol.restore(node, payload, now).decisions
+        return decisions_of(self.protocol.restore(node, payload, now))
 
-    async def _persist(self) -> None:
-        """Journal the events at least every ``state_interval`` (at once
-        after a REGISTER); compact the journal into a snapshot when it
-        outgrew the last one."""
-        store = self.store
-        assert store is not None
-        while True:
-            with trio.move_on_after(self.config.state_interval):
-                await self._journal_soon.wait()
-            self._journal_soon = trio.Event()
-            await self._append_journal()
-            if store.wants_snapshot:
-                await self._save_state(self.actions.waiting())
-
-    async def _append_journal(self) -> None:
-        """Append what was noted to the journal, in a thread: a slow or
-        failing disk never holds up the events."""
-        store = self.store
-        assert store is not None
-        async with self._journal_io:
-            data = store.take()
-            if data:
-                await trio.to_thread.run_sync(store.append, data)
-
-    async def _journal_action(self, act: Act) -> None:
-        """An action begins: its record (and every event before it) is in
-        the page cache before anything of it reaches Kamailio, so a crash
-        never begins it twice."""
-        assert self.store is not None
-        self.store.note_action(act.call_id, act.aor, act.device)
-        await self._append_journal()
-
-    async def _save_state(self, deferred: list[Act] | None = None) -> bool:
-        store = self.store
-        assert store is not None
-        async with self._state_lock:
-            async with self._journal_io:
-                await trio.to_thread.run_sync(store.append, store.take())
-                # What came meanwhile (a few events) is written by snapshot() itself.
-                snapshot = store.snapshot(self.engine, trio.current_time(), deferred, self.push_book)
-            # Encoding and writing in a thread: the records are immutable.
-            return await trio.to_thread.run_sync(store.write, snapshot)
+    def _journal_soon(self) -> None:
+        if self.keeper is not None:
+            self.keeper.soon()
 
     def _on_state_error(self, file: str, exc: OSError) -> None:
         # Called from the writer thread too: a counter and a log line only.
@@ -400,21 +360,20 @@ class Service:
     def on_frame(self, node: str, payload: bytes, now: float) -> None:
         """Handle one frame from ``node`` received at ``now``. Never raises."""
         got = self.protocol.receive(node, payload, now)
-        event = got.event
         m = self.metrics
-        if event is None:
-            error = got.error
-            assert error is not None
-            m.event_errors.labels(node, error.reason).inc()
-            if got.kind is Kind.SKIPPED:
-                self._say(logging.INFO, "event skipped", node, error.reason, now, detail=error.detail)
-            else:
-                self._say(
-                    logging.WARNING, "event rejected", node, error.reason, now,
-                    detail=error.detail, payload=payload[:200].decode("utf-8", "replace"),
-                )  # fmt: skip
-            self._capture(node, None, payload, now)
-            return
+        match got:
+            case Skipped(error) | Rejected(error):
+                m.event_errors.labels(node, error.reason).inc()
+                if type(got) is Skipped:
+                    self._say(logging.INFO, "event skipped", node, error.reason, now, detail=error.detail)
+                else:
+                    self._say(
+                        logging.WARNING, "event rejected", node, error.reason, now,
+                        detail=error.detail, payload=payload[:200].decode("utf-8", "replace"),
+                    )  # fmt: skip
+                self._capture(node, None, payload, now)
+                return
+        event = got.event
         if self.capture is not None:
             self._capture(node, event.seq, payload, now)
         # Counted inline: the one thing done for every event (metrics.EventCounter).
@@ -431,52 +390,53 @@ class Service:
                 logging.WARNING, "node name differs", node, "node_name", now, event_node=got.named,
                 hint=f"name this node {got.named} (its EVW_NODE) in --kamailio or [[kamailio]]",
             )  # fmt: skip
-        kind = got.kind
-        if kind is Kind.DECIDED:
-            # Its pushes, its journal entry, its decisions.
-            if got.pushes and self.pusher is not None:
-                self.pusher.submit(got.pushes)
-            if isinstance(event, Register):
-                if self.pusher is not None and event.expires:
-                    woke = self.pusher.woke(event.aor, device_id(event), now)
-                    if woke is not None:
-                        m.push_wakeup.observe(woke)
-            elif got.lost_end_ignored:
-                m.lost_ends_ignored.labels(node).inc()
+        match got:
+            case Decided():
+                self._decided(node, got, payload, now)
+            case Acknowledged(result):
+                conn = self.connections.get(node)
+                if conn is None or not conn.resolve(result):
+                    log.debug("acknowledgement for no waiting command %s", kv(node=node, id=result.id))
+            case ClaimNotUsed(unused):
+                m.claims_unused.labels(node).inc()
+                log.warning("claim unused %s", kv(node=node, claim=unused.claim))
+            case SipRefused(refused):
+                label = refused.label  # a reason this version does not know is "other": no label from the wire
+                m.sip_refused.labels(node, label).inc()
+                detail = {"said": refused.reason} if label is RefusedReason.OTHER else {}
                 self._say(
-                    logging.WARNING, "lost call end ignored", node, event_type(event), now,
-                    call_id=getattr(event, "call_id", ""),
+                    logging.WARNING, "sip request refused", node, label, now, src=refused.src_ip,
+                    account=refused.aor, **detail,
                 )  # fmt: skip
-            if self.store is not None:
-                self.store.note_event(node, now, payload)
-                if isinstance(event, Register):
-                    # Journaled at once, not at the next interval: a crash
-                    # soon after loses no late REGISTER. (Before any action
-                    # it led to begins in any case: see _journal_action.)
-                    self._journal_soon.set()
-            if got.decisions:
-                self.dispatcher.dispatch(got.decisions, now)
-            deadline = self.protocol.next_deadline()
-            if deadline is not None and deadline < self._timer_at:
-                self._wake.set()
-        elif kind is Kind.ACK:
-            assert isinstance(event, CommandResult)
-            conn = self.connections.get(node)
-            if conn is None or not conn.resolve(event):
-                log.debug("acknowledgement for no waiting command %s", kv(node=node, id=event.id))
-        elif kind is Kind.CLAIM_UNUSED:
-            assert isinstance(event, ClaimUnused)
-            m.claims_unused.labels(node).inc()
-            log.warning("claim unused %s", kv(node=node, claim=event.claim))
-        elif kind is Kind.REFUSED:
-            assert isinstance(event, Refused)
-            label = event.label  # a reason this version does not know is "other": no label from the wire
-            m.sip_refused.labels(node, label).inc()
-            detail = {"said": event.reason} if label is RefusedReason.OTHER else {}
+
+    def _decided(self, node: str, got: Decided, payload: bytes, now: float) -> None:
+        """An event the engine took: its pushes, its journal entry, its decisions."""
+        event, m = got.event, self.metrics
+        if got.pushes and self.pusher is not None:
+            self.pusher.submit(got.pushes)
+        if isinstance(event, Register):
+            if self.pusher is not None and event.expires:
+                woke = self.pusher.woke(event.aor, device_id(event), now)
+                if woke is not None:
+                    m.push_wakeup.observe(woke)
+        elif got.lost_end_ignored:
+            m.lost_ends_ignored.labels(node).inc()
             self._say(
-                logging.WARNING, "sip request refused", node, label, now, src=event.src_ip, account=event.aor,
-                **detail,
+                logging.WARNING, "lost call end ignored", node, event_type(event), now,
+                call_id=getattr(event, "call_id", ""),
             )  # fmt: skip
+        if self.store is not None:
+            self.store.note_event(node, now, payload)
+            if isinstance(event, Register):
+                # Journaled at once, not at the next interval: a crash
+                # soon after loses no late REGISTER. (Before any action
+                # it led to begins in any case: see StateKeeper.action_begins.)
+                self._journal_soon()
+        if got.decisions:
+            self.dispatcher.dispatch(got.decisions, now)
+        deadline = self.protocol.next_deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._wake.set()
 
     def on_entry(self, node: str, entry_id: str, payload: bytes, now: float) -> None:
         """An entry of ``node``'s Redis stream: a frame like evapi's, and
@@ -526,7 +486,7 @@ class Service:
         self.engine.pushed(job.call_id, job.aor, job.device, lasts, now)
         if self.store is not None:
             self.store.note_push(job.call_id, job.aor, job.device, lasts, now)
-            self._journal_soon.set()
+            self._journal_soon()
         if self.capture is not None:
             note = PushNote(now + self._wall_offset, job.call_id, job.device, job.provider, job.aor, lasts)
             self._captured(self.capture.note_push(note))

@@ -14,7 +14,17 @@ from evapi_worker.capture import ClockNote
 from evapi_worker.core.clocks import Measured, NodeClocks
 from evapi_worker.core.engine import Act, Decision, Engine, EngineSettings
 from evapi_worker.core.events import Event, EventErrorReason
-from evapi_worker.core.protocol import Kind, Protocol
+from evapi_worker.core.protocol import (
+    Acknowledged,
+    ClaimNotUsed,
+    Decided,
+    Protocol,
+    Received,
+    Rejected,
+    SipRefused,
+    Skipped,
+    decisions_of,
+)
 from evapi_worker.core.push_book import PushBook
 from evapi_worker.logs import AccountTally, Throttle
 from evapi_worker.replay import replay_decoded
@@ -44,21 +54,21 @@ def test_a_register_read_late_has_its_deadline_from_when_it_happened() -> None:
     proto.feed("kam1", wire.start(T0), 0.0)
     proto.feed("kam1", wire.cancelled(T0 + 1), 0.0)
     # Registered at T0 + 2, read 20 s later (a frozen worker).
-    (act,) = proto.feed("kam1", wire.register(T0 + 2), 22.0).decisions
+    (act,) = decisions_of(proto.feed("kam1", wire.register(T0 + 2), 22.0))
     assert isinstance(act, Act) and act.deadline == 7.0  # passed long ago
     # Read in time, the deadline is 5 s after the REGISTER.
     wire2, engine2 = Wire(), Engine(EngineSettings(deadline=5))
     proto2 = Protocol(engine2, NodeClocks(wall_offset=T0))
     proto2.feed("kam1", wire2.start(T0), 0.0)
     proto2.feed("kam1", wire2.cancelled(T0 + 1), 1.0)
-    (act2,) = proto2.feed("kam1", wire2.register(T0 + 2), 2.1).decisions
+    (act2,) = decisions_of(proto2.feed("kam1", wire2.register(T0 + 2), 2.1))
     assert isinstance(act2, Act) and act2.deadline == 7.0
     # A stamp ahead of the worker's clock counts from when it was read.
     wire3, engine3 = Wire(), Engine(EngineSettings(deadline=5))
     proto3 = Protocol(engine3, NodeClocks(wall_offset=T0 - 50))  # the node runs 50 s ahead
     proto3.feed("kam1", wire3.start(T0), 0.0)
     proto3.feed("kam1", wire3.cancelled(T0 + 1), 0.0)
-    (act3,) = proto3.feed("kam1", wire3.register(T0 + 2), 0.5).decisions
+    (act3,) = decisions_of(proto3.feed("kam1", wire3.register(T0 + 2), 0.5))
     assert isinstance(act3, Act) and act3.deadline == 5.5
 
 
@@ -67,7 +77,7 @@ def test_a_register_belongs_to_the_node_whose_connection_brought_it() -> None:
     proto = Protocol(engine, NodeClocks(wall_offset=T0))
     proto.feed("kam1", wire.start(T0), 0.0)
     proto.feed("kam1", wire.cancelled(T0 + 1), 1.0)
-    (act,) = proto.feed("kam1", wire.register(T0 + 2), 2.0).decisions
+    (act,) = decisions_of(proto.feed("kam1", wire.register(T0 + 2), 2.0))
     assert act.node == "kam1"
 
 
@@ -99,31 +109,34 @@ def test_an_account_tally_logs_a_line_per_kind_and_second_naming_a_bounded_numbe
 def test_each_kind_of_frame_is_told_apart_and_only_events_reach_the_engine() -> None:
     wire, engine = Wire(), Engine()
     proto = Protocol(engine, NodeClocks(wall_offset=T0))
-    assert proto.receive("kam1", wire.raw("cmd_result", T0, id="a-1", ok=True), 0.0).kind is Kind.ACK
-    assert proto.receive("kam1", wire.raw("claim_unused", T0, claim="c/d"), 0.0).kind is Kind.CLAIM_UNUSED
+    assert isinstance(proto.receive("kam1", wire.raw("cmd_result", T0, id="a-1", ok=True), 0.0), Acknowledged)
+    assert isinstance(proto.receive("kam1", wire.raw("claim_unused", T0, claim="c/d"), 0.0), ClaimNotUsed)
     refused = proto.receive("kam1", wire.raw("refused", T0, reason="forged_end", src_ip="192.0.2.1"), 0.0)
-    assert refused.kind is Kind.REFUSED and refused.decisions == ()
+    assert isinstance(refused, SipRefused) and decisions_of(refused) == ()
     skipped = proto.receive("kam1", wire.raw("presence", T0), 0.0)
-    assert skipped.kind is Kind.SKIPPED and skipped.error is not None
-    assert skipped.error.reason is EventErrorReason.UNKNOWN_TYPE
+    assert isinstance(skipped, Skipped) and skipped.error.reason is EventErrorReason.UNKNOWN_TYPE
     rejected = proto.receive("kam1", b"{not json", 0.0)
-    assert rejected.kind is Kind.REJECTED and rejected.event is None
-    assert rejected.error is not None and rejected.error.reason is EventErrorReason.INVALID_JSON
+    assert isinstance(rejected, Rejected) and rejected.error.reason is EventErrorReason.INVALID_JSON
     newer = wire.obj("call_start", T0, call_id="c1", aor="bob@x", from_user="a", priority="urgent")
     started = proto.receive("kam1", json.dumps(newer).encode(), 0.0)
-    assert started.kind is Kind.DECIDED and started.unknown_fields == ("priority",)
+    assert isinstance(started, Decided) and started.unknown_fields == ("priority",)
     assert engine.call_count == 1
+
+
+def _lost(got: Received) -> int:
+    assert isinstance(got, Decided)
+    return got.lost
 
 
 def test_sequence_gaps_are_lost_events_but_shed_frames_and_restored_ones_are_not() -> None:
     wire = Wire()
     proto = Protocol(Engine(), NodeClocks(wall_offset=T0))
     proto.sequences.grace = 1.0
-    assert proto.receive("kam1", wire.raw("call_answered", T0, call_id="a"), 0.0).lost == 0  # seq 1
+    assert _lost(proto.receive("kam1", wire.raw("call_answered", T0, call_id="a"), 0.0)) == 0  # seq 1
     shed = wire.raw("call_answered", T0, call_id="b")  # seq 2, dropped under overload
     assert proto.shed("kam1", shed, 0.1) == 0
     wire.seq += 2  # seq 3 and 4 never arrive
-    assert proto.receive("kam1", wire.raw("call_answered", T0, call_id="e"), 0.2).lost == 0  # seq 5
+    assert _lost(proto.receive("kam1", wire.raw("call_answered", T0, call_id="e"), 0.2)) == 0  # seq 5
     assert proto.expire(0.5) == []  # may still come, out of order
     assert proto.expire(1.3) == [("kam1", 2)]
     # The journal holds only some of a node's events: restoring them
@@ -131,7 +144,7 @@ def test_sequence_gaps_are_lost_events_but_shed_frames_and_restored_ones_are_not
     restored = Protocol(Engine(), NodeClocks(wall_offset=T0))
     restored.restore("kam1", Wire().raw("call_answered", T0, call_id="a"), 0.0)
     assert restored.expire(100.0) == []
-    assert restored.receive("kam1", wire.raw("call_answered", T0, call_id="f"), 0.0).lost == 0
+    assert _lost(restored.receive("kam1", wire.raw("call_answered", T0, call_id="f"), 0.0)) == 0
 
 
 def test_a_call_start_brings_its_pushes_and_a_misnamed_event_is_told() -> None:
@@ -142,6 +155,7 @@ def test_a_call_start_brings_its_pushes_and_a_misnamed_event_is_told() -> None:
     got = proto.feed("kam1", reg, 0.0)
     assert got.named == "edge-a" and book.device_count == 1
     started = proto.feed("kam1", wire.start(T0 + 1), 1.0)
+    assert isinstance(started, Decided)
     (job,) = started.pushes
     assert job.call_id == "call-1" and job.provider == "apns"
 
@@ -151,7 +165,7 @@ def test_a_lost_call_end_the_engine_does_not_believe_is_told() -> None:
     proto = Protocol(Engine(), NodeClocks(wall_offset=T0))
     proto.feed("kam1", wire.start(T0), 0.0)
     got = proto.feed("kam1", wire.event("call_cancelled", T0 + 1, call_id="call-1", lost=True), 1.0)
-    assert got.kind is Kind.DECIDED and got.lost_end_ignored
+    assert isinstance(got, Decided) and got.lost_end_ignored
 
 
 # -- live, restored and replayed, the same decisions ---------------------------
@@ -250,7 +264,7 @@ def _live(stream: list[_Item], proto: Protocol | None = None, kept: list[Measure
             if measured is not None and kept is not None:
                 kept.append(measured)
             continue
-        out += proto.feed(node, event, now).decisions
+        out += decisions_of(proto.feed(node, event, now))
     return out
 
 
@@ -265,7 +279,7 @@ def _fed(stream: list[_Item], kept: list[Measured], proto: Protocol | None = Non
             if (m := measured.get(event.received)) is not None:
                 proto.measured(m.node, m.offset, m.uncertainty, m.at)
             continue
-        out += proto.feed(node, event, now).decisions
+        out += decisions_of(proto.feed(node, event, now))
     return out
 
 

@@ -13,7 +13,7 @@ from evapi_worker.capture import CaptureSettings, CaptureWriter, ClockNote, Push
 from evapi_worker.core.clocks import NodeClocks
 from evapi_worker.core.engine import Engine, EngineSettings
 from evapi_worker.core.events import EventError, parse_event
-from evapi_worker.core.protocol import Protocol
+from evapi_worker.core.protocol import Protocol, decisions_of
 from evapi_worker.core.records import FrameReader, frame
 from evapi_worker.persistence import StateStore
 from evapi_worker.replay import decision_json, load_records, replay
@@ -74,20 +74,21 @@ def test_a_torn_last_record_is_one_gap() -> None:
     assert _read(data, [5, 17]) == [["a", 1], None]
 
 
-async def test_a_capture_with_a_bad_byte_in_the_middle_loses_only_that_record(tmp_path: Path) -> None:
+async def test_a_capture_with_a_bad_byte_in_the_middle_loses_only_the_record_it_is_in(tmp_path: Path) -> None:
     settings = CaptureSettings(tmp_path / "cap")
     writer = CaptureWriter(settings)
     settings.folder.mkdir()
-    writer._write([("kam1", n, T0 + n, b'{"event":"x","n":%d}' % n) for n in range(100)])
+    writer._write([("kam1", n, T0 + n, b'{"event":"x","n":%d}' % n) for n in range(1000)])
     writer._close()
     (path,) = settings.folder.iterdir()
     data = bytearray(path.read_bytes())
-    middle = data.index(b'"n":50}')
-    data[middle + 4] ^= 0xFF  # one byte of record 50's payload
+    middle = data.index(b'"n":600}')
+    data[middle + 4] ^= 0xFF  # one byte of frame 600's payload
     path.write_bytes(bytes(data))
     problems: list[str] = []
     seqs = [r.seq for r in frames(read_capture(path, problems))]
-    assert seqs == [n for n in range(100) if n != 50]
+    # Frames are recorded 256 a record: 512..767 are lost, and only they.
+    assert seqs == [n for n in range(1000) if not 512 <= n < 768]
     assert len(problems) == 1 and "damaged" in problems[0]
 
 
@@ -133,7 +134,7 @@ def test_a_journal_restores_the_node_clocks_measured_between_its_events(tmp_path
     proto.receive("kam1", cancel, 101.0)
     store.note_event("kam1", 101.0, cancel)
     register = wire.register_raw(T0 + 5.5)
-    (live,) = proto.receive("kam1", register, 104.0).decisions
+    (live,) = decisions_of(proto.receive("kam1", register, 104.0))
     store.note_event("kam1", 104.0, register)
     store.close()
 
@@ -144,7 +145,7 @@ def test_a_journal_restores_the_node_clocks_measured_between_its_events(tmp_path
     store2 = StateStore(tmp_path / "state", T0 + 50, lambda *_: None)
 
     def again(node: str, payload: bytes, now: float) -> list[object]:
-        got = proto2.restore(node, payload, now).decisions
+        got = decisions_of(proto2.restore(node, payload, now))
         decided.extend(got)
         return list(got)
 

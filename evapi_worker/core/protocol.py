@@ -2,7 +2,7 @@
 
 Sans-I/O, like h11's ``Connection``: :class:`Protocol` is fed a node's
 payloads with the time they were read and answers with a :class:`Received`
-saying what the frame was and what it led to (the engine's decisions, the
+(one class per kind of frame) saying what the frame was and what it led to (the engine's decisions, the
 pushes a call needs, events now known lost). It sends nothing, counts
 nothing and logs nothing; the service does that with the answer. The live
 worker (:meth:`Protocol.receive`), a restore from the journal
@@ -18,7 +18,6 @@ worker read it.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from typing import Final
 
@@ -42,44 +41,90 @@ from .events import (
 from .push_book import PushBook, PushJob
 from .sequence import REJECTED, SequenceTracker
 
-__all__ = ["Kind", "Protocol", "Received"]
-
-
-class Kind(enum.Enum):
-    """What a frame was."""
-
-    DECIDED = "decided"  # an event the engine took (its decisions may be none)
-    ACK = "ack"  # a command's acknowledgement: for the connection that sent it
-    CLAIM_UNUSED = "claim_unused"  # a node says a claim was never used
-    REFUSED = "refused"  # a node refused SIP data (forged, or not carried intact)
-    SKIPPED = "skipped"  # a valid event of a type this version does not know
-    REJECTED = "rejected"  # not a valid event
+__all__ = [
+    "Acknowledged",
+    "ClaimNotUsed",
+    "Decided",
+    "Protocol",
+    "Received",
+    "Rejected",
+    "SipRefused",
+    "Skipped",
+    "decisions_of",
+]
 
 
 class Received(msgspec.Struct, gc=False):
-    """One frame's meaning and consequences.
+    """What a frame was, and what it led to: one of the classes below
+    (Structs, built positionally: one is made per event on the ingest
+    path, where a plain class's construction cost five times as much)."""
 
-    A Struct, built positionally: one is made per event on the ingest path,
-    where a plain class's construction cost five times as much.
-    """
 
-    kind: Kind
-    event: Event | None = None  # None when skipped or rejected
+class Decided(Received, gc=False):
+    """An event the engine took (its decisions may be none)."""
+
+    event: Event
     decisions: Sequence[Decision] = ()
     pushes: Sequence[PushJob] = ()  # a call start's pushes
     named: str | None = None  # the node the event names, when not its connection's
     lost_end_ignored: bool = False  # a call end the node sent after losing track, not believed
-    error: EventError | None = None  # why, when skipped or rejected
     unknown_fields: tuple[str, ...] = ()  # left out: a newer config sends them
     lost: int = 0  # events of this node now known lost (a gap, a restart)
 
 
+class Acknowledged(Received, gc=False):
+    """A command's acknowledgement: for the connection that sent it."""
+
+    event: CommandResult
+    named: str | None = None
+    unknown_fields: tuple[str, ...] = ()
+    lost: int = 0
+
+
+class ClaimNotUsed(Received, gc=False):
+    """A node says a claim was never used."""
+
+    event: ClaimUnused
+    named: str | None = None
+    unknown_fields: tuple[str, ...] = ()
+    lost: int = 0
+
+
+class SipRefused(Received, gc=False):
+    """A node refused SIP data (forged, or not carried intact)."""
+
+    event: Refused
+    named: str | None = None
+    unknown_fields: tuple[str, ...] = ()
+    lost: int = 0
+
+
+class Skipped(Received, gc=False):
+    """A valid event of a type this version does not know."""
+
+    error: EventError
+
+
+class Rejected(Received, gc=False):
+    """Not a valid event."""
+
+    error: EventError
+
+
+Read = Decided | Acknowledged | ClaimNotUsed | SipRefused
+"""A frame that was an event."""
+
 # Events that are not for the engine, by their class.
-_NOT_DECIDED: Final[dict[type, Kind]] = {
-    CommandResult: Kind.ACK,
-    ClaimUnused: Kind.CLAIM_UNUSED,
-    Refused: Kind.REFUSED,
+_NOT_DECIDED: Final[dict[type, type[Acknowledged] | type[ClaimNotUsed] | type[SipRefused]]] = {
+    CommandResult: Acknowledged,
+    ClaimUnused: ClaimNotUsed,
+    Refused: SipRefused,
 }
+
+
+def decisions_of(got: Received) -> Sequence[Decision]:
+    """What the engine decided on a frame (nothing, when it was no event for it)."""
+    return got.decisions if type(got) is Decided else ()
 
 
 class Protocol:
@@ -97,33 +142,35 @@ class Protocol:
         self.book = book
         self.sequences = sequences if sequences is not None else SequenceTracker()
 
-    def receive(self, node: str, payload: bytes, now: float) -> Received:
+    def receive(self, node: str, payload: bytes, now: float) -> Read | Skipped | Rejected:
         """A frame read live from ``node`` at ``now``: parsed, its sequence
         number tracked, then :meth:`feed`."""
         try:
             parsed = parse_event(payload)
         except UnknownEventError as exc:
-            return Received(Kind.SKIPPED, error=exc)
+            return Skipped(exc)
         except EventError as exc:
-            return Received(Kind.REJECTED, error=exc)
+            return Rejected(exc)
         event = parsed.event
         lost = self.sequences.observe(node, event.boot, event.seq, now, event.ts)
         if lost == REJECTED:
             why = f"sequence number {event.seq} is further from the last one than the node can have counted"
-            return Received(Kind.REJECTED, error=EventError(EventErrorReason.BAD_SEQUENCE, why))
+            return Rejected(EventError(EventErrorReason.BAD_SEQUENCE, why))
         got = self.feed(node, event, now)
         got.unknown_fields = parsed.unknown_fields
         got.lost = lost
         return got
 
-    def restore(self, node: str, payload: bytes, now: float) -> Received:
+    def restore(self, node: str, payload: bytes, now: float) -> Read | Skipped | Rejected:
         """A frame from the journal, fed again after a restart. Its sequence
         number is not tracked: the journal holds only the events the engine
         took, and the node's numbers go on from where the live ones are."""
         try:
             event = parse_event(payload).event
+        except UnknownEventError as exc:
+            return Skipped(exc)
         except EventError as exc:
-            return Received(Kind.SKIPPED if isinstance(exc, UnknownEventError) else Kind.REJECTED, error=exc)
+            return Rejected(exc)
         return self.feed(node, event, now)
 
     def shed(self, node: str, payload: bytes, now: float) -> int:
@@ -166,13 +213,13 @@ class Protocol:
         no timer, decide in the same order as the live worker did."""
         return self.engine.tick(now)
 
-    def feed(self, node: str, event: Event, now: float) -> Received:
+    def feed(self, node: str, event: Event, now: float) -> Read:
         """An event from ``node``, received at ``now``, and what it leads to
         (after what was due before it)."""
         named = event.node if event.node != node else None
         other = _NOT_DECIDED.get(type(event))
         if other is not None:
-            return Received(other, event, (), (), named)
+            return other(event, named)  # type: ignore[arg-type]
         engine = self.engine
         book = self.book
         due = engine.next_deadline()
@@ -183,7 +230,7 @@ class Protocol:
             decisions = engine.handle(event, now)
             if ticked:
                 decisions = ticked + decisions
-            return Received(Kind.DECIDED, event, decisions, pushes, named, engine.lost_ends_ignored > ignored)
+            return Decided(event, decisions, pushes, named, engine.lost_ends_ignored > ignored)
         if named is not None:
             # Route by the connection the REGISTER came in on.
             event = msgspec.structs.replace(event, node=node)
@@ -193,4 +240,4 @@ class Protocol:
         if book is not None:
             book.register(event, happened)
         decisions = engine.handle(event, now, happened)
-        return Received(Kind.DECIDED, event, ticked + decisions if ticked else decisions, (), named)
+        return Decided(event, ticked + decisions if ticked else decisions, (), named)

@@ -13,7 +13,7 @@ wall clock minus that clock; a capture's clock is the wall clock)::
     ["c", time, node, node minus wall, uncertainty]       a node's clock measured
     ["u", time, call_id, aor, device, seconds, provider?]  a push accepted
     ["e", [[node, time, payload], ...]]                   events the engine took (journal)
-    ["f", node, seq or None, time, payload]               a frame read (capture)
+    ["f", [[node, seq or None, time, payload], ...]]       frames read, in batches (capture)
     ["a", call_id, device, aor]                           an action begins (journal)
     ["p", {node: entry id}]                               Redis stream positions (journal)
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
 from typing import Final
 
 import msgspec
@@ -87,53 +86,51 @@ class FrameReader:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
-    def records(self, final: bool = False) -> Iterator[list[object] | None]:
+    def records(self, final: bool = False) -> list[list[object] | None]:
         """The whole records fed so far; ``final``: no more bytes come, so
         what is left is a torn record (one ``None``)."""
         buffer = self._buffer
+        out: list[list[object] | None] = []
+        add = out.append
         pos = 0
         size = _HEAD.size
-        while True:
-            if len(buffer) - pos < size:
-                if final and pos < len(buffer) and not self._skipping:
-                    yield None  # a torn head
-                break
-            mark, length, crc = _HEAD.unpack_from(buffer, pos)
-            if mark != MARK or length > self._max:
-                report = not self._skipping
-                pos = self._resync(buffer, pos)
-                if report:
-                    yield None
-                continue
-            end = pos + size + length
-            if end > len(buffer):
-                if not final:
+        unpack = _HEAD.unpack_from
+        crc32 = zlib.crc32
+        limit = self._max
+        view = memoryview(buffer)
+        try:
+            while True:
+                if len(buffer) - pos < size:
+                    if final and pos < len(buffer) and not self._skipping:
+                        add(None)  # a torn head
+                    break
+                mark, length, crc = unpack(buffer, pos)
+                end = pos + size + length
+                if mark == MARK and length <= limit and end <= len(buffer):
+                    with view[pos + size : end] as payload:  # no copy; released before the buffer shrinks
+                        value = None
+                        if crc32(payload) == crc:
+                            try:
+                                value = _decode(payload)
+                            except (msgspec.DecodeError, RecursionError):
+                                value = None
+                    if type(value) is list:
+                        add(value)
+                        pos = end
+                        continue
+                elif mark == MARK and length <= limit and not final:
                     break  # not all here yet
-                # It never will be: a torn record, or a damaged length.
-                report = not self._skipping
+                # Damaged here (or, at the end, a torn record, a damaged length).
+                if not self._skipping:
+                    add(None)
                 pos = self._resync(buffer, pos)
-                if report:
-                    yield None
-                continue
-            payload = bytes(buffer[pos + size : end])
-            value: object = None
-            if zlib.crc32(payload) == crc:
-                try:
-                    value = _decode(payload)
-                except (msgspec.DecodeError, RecursionError):
-                    value = None
-            if not isinstance(value, list):
-                report = not self._skipping
-                pos = self._resync(buffer, pos)
-                if report:
-                    yield None
-                continue
-            pos = end
-            yield value
+        finally:
+            view.release()
         if final:
             pos = len(buffer)
             self._skipping = False
         del buffer[:pos]
+        return out
 
     def _resync(self, buffer: bytearray, pos: int) -> int:
         """Where the next mark after ``pos`` is; past the buffer's end, the
