@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterator
 
 from evapi_worker.core.netstring import encode
 
@@ -13,7 +14,13 @@ UA_DESK = "Yealink SIP-T46U 108.86.0.45"
 
 
 def stream(calls: int, node: str = "kam1", seed: int = 1, start: float | None = None) -> list[bytes]:
-    """Netstring frames for ``calls`` calls, about five events each.
+    """Netstring frames of :func:`payloads`."""
+    return [encode(payload) for payload in payloads(calls, node, seed, start)]
+
+
+def payloads(calls: int, node: str = "kam1", seed: int = 1, start: float | None = None) -> Iterator[bytes]:
+    """The JSON events of ``calls`` calls, about five events each, as they
+    are made (a day of them does not fit in memory at once).
 
     Each call: start, a desk phone re-registering, the call's end (answered,
     cancelled or declined), and an iPhone registering late for one in four.
@@ -23,7 +30,7 @@ def stream(calls: int, node: str = "kam1", seed: int = 1, start: float | None = 
     is (160 to 330 bytes).
     """
     rng = random.Random(seed)
-    frames: list[bytes] = []
+    frames: list[bytes] = []  # made by the last call's events, handed out after each call
     seq = 0
     ts = time.time() if start is None else start
 
@@ -32,7 +39,7 @@ def stream(calls: int, node: str = "kam1", seed: int = 1, start: float | None = 
         seq += 1
         ts += 0.001
         obj = {"event": event, "node": node, "ts": f"{ts:.6f}", "seq": seq, "boot": 1_699_999_000, **fields}
-        frames.append(encode(json.dumps(obj, separators=(",", ":")).encode()))
+        frames.append(json.dumps(obj, separators=(",", ":")).encode())
 
     for n in range(calls):
         user = f"user{rng.randrange(50_000)}"
@@ -69,4 +76,5 @@ def stream(calls: int, node: str = "kam1", seed: int = 1, start: float | None = 
                 pn_prid=f"{n:064x}:voip",
                 pn_param="ABCDE12345.org.linphone.phone.voip",
             )
-    return frames
+        yield from frames
+        frames.clear()

@@ -7,16 +7,14 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TextIO
 
 import trio
 
 from . import __version__
 from .bundled import copy_kamailio_files, kamailio_files
-from .capture import Item
 from .config import Config, ConfigError, config_from, parse_hostport, parse_node, read_toml, with_nodes
 from .core.engine import Anchor, Strategy
 from .core.sip_values import bracketed
@@ -26,7 +24,7 @@ from .lab.push_standin import rehearse
 from .logs import kv, setup_logging
 from .push_check import check_push
 from .replay import apply_what_if, decision_json, decision_text, differences, load_records, progress_stream, replay
-from .report import MAX_SECONDS, figures, render_html
+from .report import Figures, render_html
 from .runtime import check_runtime, tune_gc
 from .service import Service
 
@@ -258,16 +256,6 @@ def build_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def _window_progress(stream: TextIO | None) -> Callable[[int], None] | None:
-    if stream is None:
-        return None
-
-    def show(window: int) -> None:
-        print(f"\rwhat each window would serve: {window} s", end="" if window < MAX_SECONDS else "\n", file=stream)
-
-    return show
-
-
 def _replay(args: argparse.Namespace) -> int:
     settings = build_config(args).engine
     what_if = apply_what_if(settings, args.what_if) if args.what_if else None
@@ -276,20 +264,19 @@ def _replay(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError("FILE", f"not a file: {', '.join(missing)}")
     tune_gc()
-    # The report and the JSON figures replay the capture once per window:
-    # read it once.
-    wants_figures = args.json or args.report is not None
-    records: Iterable[Item] = load_records(args.files, problems)
-    if wants_figures:
-        records = list(records)
-    base = replay(records, settings, progress_stream())
+    # One pass, records read, decided and summarised as they come; the
+    # decisions are printed as they are made (kept only for --what-if).
+    out = sys.stdout
+    show = (lambda d: print(decision_json(d), file=out)) if args.json else (lambda d: print(decision_text(d), file=out))
+    sink = Figures(settings) if args.json or args.report is not None else None
+    base = replay(
+        load_records(args.files, problems), settings, progress_stream(), keep=what_if is not None,
+        on_decision=show, figures=sink,
+    )  # fmt: skip
     other = replay(load_records(args.files, []), what_if) if what_if is not None else None
     for problem in problems:
         print(f"evapi-worker replay: {problem}", file=sys.stderr)
-    figs = None
-    if wants_figures:
-        assert isinstance(records, list)
-        figs = figures(records, settings, base, _window_progress(progress_stream()))
+    figs = sink.result(base) if sink is not None else None
     if args.report is not None:
         assert figs is not None
         title = "evapi-worker replay: " + ", ".join(f.name for f in args.files)
@@ -298,10 +285,7 @@ def _replay(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError("--report", f"cannot write {str(args.report)!r}: {exc.strerror or exc}") from None
         print(f"evapi-worker replay: report written to {args.report}", file=sys.stderr)
-    out = sys.stdout
     if args.json:
-        for d in base.decisions:
-            print(decision_json(d), file=out)
         summary: dict[str, object] = {"summary": base.summary(), "figures": figs}
         if other is not None:
             summary["what_if"] = {
@@ -313,8 +297,6 @@ def _replay(args: argparse.Namespace) -> int:
             }
         print(json.dumps(summary, ensure_ascii=False), file=out)
         return 0
-    for d in base.decisions:
-        print(decision_text(d), file=out)
     print("\nsummary: " + json.dumps(base.summary(), indent=2), file=out)
     if other is not None:
         diffs = differences(base, other)

@@ -12,29 +12,33 @@ and its deadline counts from its timestamp. Nothing is sent anywhere.
 
 from __future__ import annotations
 
+import array
 import heapq
 import json
 import math
 import os
 import sys
 import time
+import typing
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, TextIO
 
+import msgspec
+
 from .capture import CaptureError, ClockNote, Item, PushNote, Record, item_time, read_capture
 from .config import ConfigError, with_changes
 from .core.clocks import NodeClocks
-from .core.engine import Act, Decision, Engine, EngineSettings, Reason
+from .core.engine import Act, Action, Decision, Engine, EngineSettings, Judged, Reason
 from .core.events import TYPE_NAMES, Event, EventError, decode_event
 from .core.protocol import Decided, Protocol
 from .files import FileProblem, open_regular
 
 __all__ = [
+    "FigureSink",
     "ReplayResult",
-    "after_push",
     "apply_what_if",
     "decision_json",
     "decision_text",
@@ -99,20 +103,84 @@ def load_records(paths: Iterable[Path], problems: list[str]) -> Iterator[Item]:
     return heapq.merge(*streams, key=item_time)
 
 
+class FigureSink(typing.Protocol):
+    """What the report learns from a replay as it runs (report.Figures)."""
+
+    widest: float  # the longest window it draws: a second engine judges with it
+
+    def seen(self, node: str, received: float) -> None: ...
+    def decided(self, d: Decision, now: float, after_push: float | None) -> None: ...
+    def judged(self, judged: Judged) -> None: ...
+
+
+# A push is matched with the REGISTERs of this long after it (the providers
+# keep a push an hour at most): the index stays bounded on a long capture.
+_PUSH_KEPT: Final = 3600.0
+
+
+class _Pushes:
+    """The pushes noted, by (call, account, device), for as long as a
+    REGISTER may answer them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sent: dict[tuple[str, str, str], float] = {}
+
+    def add(self, note: PushNote) -> None:
+        self.count += 1
+        sent = self._sent
+        key = (note.call_id, note.aor, note.device)
+        sent.pop(key, None)
+        sent[key] = note.sent  # newest last: the oldest are dropped first
+        while sent:
+            oldest = next(iter(sent.items()))
+            if oldest[1] >= note.sent - _PUSH_KEPT:
+                break
+            del sent[oldest[0]]
+
+    def delay(self, d: Decision) -> float | None:
+        """Seconds from the push of ``d``'s device for its call to its
+        REGISTER (the node's clock against the worker's: both on NTP)."""
+        if d.reason is Reason.DUPLICATE or not self._sent:
+            return None
+        # Notes written before they kept the account name the call by its Call-ID alone.
+        at = self._sent.get((d.call_id, d.aor, d.device))
+        if at is None:
+            at = self._sent.get((d.call_id, "", d.device))
+        return None if at is None else d.ts - at
+
+
 @dataclass
 class ReplayResult:
-    decisions: list[Decision] = field(default_factory=list)
+    """What a replay decided, counted as it ran (and every decision, when kept)."""
+
+    decisions: list[Decision] = field(default_factory=list)  # kept: replay(keep=True)
     events: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     records: int = 0
-    pushes: list[PushNote] = field(default_factory=list)  # the pushes the captures noted
+    pushes: int = 0  # push notes read
+    decided: Counter[str] = field(default_factory=Counter)  # "action:reason"
+    late: Counter[str] = field(default_factory=Counter)  # actions by how the call ended
+    delays: array.array[float] = field(default_factory=lambda: array.array("d"))  # since_start, no duplicates
+    woke: array.array[float] = field(default_factory=lambda: array.array("d"))  # push to REGISTER
+
+    def add(self, d: Decision, after_push: float | None) -> None:
+        action = d.action.value
+        self.decided[f"{action}:{d.reason}"] += 1
+        if isinstance(d, Act):
+            self.late[d.call.end.value] += 1
+        if d.reason is not Reason.DUPLICATE:
+            self.delays.append(d.since_start)
+        if after_push is not None:
+            self.woke.append(after_push)
 
     def summary(self) -> dict[str, object]:
-        actions = [d for d in self.decisions if isinstance(d, Act)]
-        delays = sorted(d.since_start for d in self.decisions if d.reason is not Reason.DUPLICATE)
-        woke = sorted(delay for _, delay in after_push(self.decisions, self.pushes))
+        actions = Counter({k.partition(":")[0]: 0 for k in self.decided})
+        for key, n in self.decided.items():
+            actions[key.partition(":")[0]] += n
+        delays, woke = sorted(self.delays), sorted(self.woke)
         push_figures = {
-            "pushes": len(self.pushes),
+            "pushes": self.pushes,
             "registered_after_push": len(woke),
             **{f"p{q}": _percentile(woke, q) for q in (50, 90, 99)},
         }
@@ -121,28 +189,12 @@ class ReplayResult:
             "events": dict(sorted(self.events.items())),
             "event_errors": dict(sorted(self.errors.items())),
             "calls": self.events.get("call_start", 0),
-            "late_registrations": dict(sorted(Counter(d.call.end.value for d in actions).items())),
-            "actions": dict(sorted(Counter(d.action.value for d in actions).items())),
-            "decisions": dict(sorted(Counter(f"{d.action.value}:{d.reason}" for d in self.decisions).items())),
+            "late_registrations": dict(sorted(self.late.items())),
+            "actions": {k: v for k, v in sorted(actions.items()) if k != Action.NONE.value},
+            "decisions": dict(sorted(self.decided.items())),
             "wakeup_delay_seconds": {f"p{q}": _percentile(delays, q) for q in (50, 90, 99)},
             **({"push_wakeup_seconds": push_figures} if self.pushes else {}),
         }
-
-
-def after_push(decisions: Iterable[Decision], pushes: Iterable[PushNote]) -> list[tuple[Decision, float]]:
-    """Each decision on a device the worker had pushed for that call, with
-    the seconds from the push to its REGISTER (the node's clock against the
-    worker's: both on NTP)."""
-    # Notes written before they kept the account name the call by its Call-ID alone.
-    sent = {(p.call_id, p.aor, p.device): p.sent for p in pushes}
-    found = []
-    for d in decisions:
-        at = sent.get((d.call_id, d.aor, d.device))
-        if at is None:
-            at = sent.get((d.call_id, "", d.device))
-        if at is not None and d.reason is not Reason.DUPLICATE:
-            found.append((d, d.ts - at))
-    return found
 
 
 def _percentile(values: list[float], q: int) -> float | None:
@@ -152,9 +204,22 @@ def _percentile(values: list[float], q: int) -> float | None:
     return round(values[index], 3)
 
 
-def replay(records: Iterable[Item], settings: EngineSettings, progress: TextIO | None = None) -> ReplayResult:
-    """Feed the records through a fresh engine under virtual time."""
-    return replay_decoded(decode_records(records, progress), settings)
+def replay(
+    records: Iterable[Item],
+    settings: EngineSettings,
+    progress: TextIO | None = None,
+    *,
+    keep: bool = True,
+    on_decision: Callable[[Decision], None] | None = None,
+    figures: FigureSink | None = None,
+) -> ReplayResult:
+    """Feed the records through a fresh engine under virtual time, as they
+    are read. ``keep``: the result holds every decision (else they are only
+    counted, and told to ``on_decision``); ``figures`` learns what the report
+    draws, in the same pass."""
+    return replay_decoded(
+        decode_records(records, progress), settings, keep=keep, on_decision=on_decision, figures=figures
+    )
 
 
 Decoded = tuple[float, str, "Event | str | PushNote | ClockNote"]
@@ -183,48 +248,85 @@ def decode_records(records: Iterable[Item], progress: TextIO | None = None) -> I
         print(file=progress)
 
 
-def replay_decoded(decoded: Iterable[Decoded], settings: EngineSettings) -> ReplayResult:
-    """:func:`replay` for records already decoded (the report replays one
-    capture once per window). The notes reach the engine where they are
-    among the events, as they reached the live one: a pushed device's
-    REGISTER is judged from its push, a node's REGISTER times are placed
-    with its clock as measured then."""
+def replay_decoded(
+    decoded: Iterable[Decoded],
+    settings: EngineSettings,
+    *,
+    keep: bool = True,
+    on_decision: Callable[[Decision], None] | None = None,
+    figures: FigureSink | None = None,
+) -> ReplayResult:
+    """:func:`replay` for records already decoded. The notes reach the
+    engine where they are among the events, as they reached the live one: a
+    pushed device's REGISTER is judged from its push, a node's REGISTER
+    times are placed with its clock as measured then. With ``figures``, a
+    second engine with the widest window the report draws runs beside, and
+    every device it judges against its window is told: what each window
+    would serve follows from that one pass."""
     engine = Engine(settings)
-    pushed = engine.pushed
     result = ReplayResult()
-    out = result.decisions
-    notes = result.pushes
+    pushes = _Pushes()
     by_type: dict[type, int] = {}
     # Virtual time is the wall clock of the receive times: a node's clock
     # is the wall clock, as it is for a live worker until a ping measures it.
     protocol = Protocol(engine, NodeClocks(wall_offset=0.0))
+    protocols = [protocol]
+    if figures is not None:
+        widest = Engine(msgspec.structs.replace(settings, window=figures.widest))
+        widest.on_judged = figures.judged
+        protocols.append(Protocol(widest, NodeClocks(wall_offset=0.0)))
+        seen = figures.seen
+    kept = result.decisions
+
+    def decided(decisions: Sequence[Decision], now: float) -> None:
+        for d in decisions:
+            after = pushes.delay(d)
+            result.add(d, after)
+            if keep:
+                kept.append(d)
+            if on_decision is not None:
+                on_decision(d)
+            if figures is not None:
+                figures.decided(d, now, after)
+
     # The loop runs for every record: names are bound locally. The protocol
     # decides what is due before each event, as it does live.
     feed = protocol.feed
+    second = protocols[1].feed if figures is not None else None
     count = 0
     now = 0.0  # the receive time of the record being replayed
     for now, node, event in decoded:
         kind = type(event)
         if kind is PushNote:
             note: PushNote = event  # type: ignore[assignment]
-            notes.append(note)
+            pushes.add(note)
             if note.lasts is not None:  # older notes do not say how long their push was kept
-                pushed(note.call_id, note.aor, note.device, note.lasts, note.sent)
+                for p in protocols:
+                    p.engine.pushed(note.call_id, note.aor, note.device, note.lasts, note.sent)
             continue
         if kind is ClockNote:
             clock: ClockNote = event  # type: ignore[assignment]
-            protocol.measured(clock.node, clock.offset, clock.uncertainty, clock.at)
+            for p in protocols:
+                p.measured(clock.node, clock.offset, clock.uncertainty, clock.at)
             continue
         count += 1
+        if figures is not None:
+            seen(node, now)
         if isinstance(event, str):  # why the record is no event
             result.errors[event] += 1
             continue
         by_type[kind] = by_type.get(kind, 0) + 1
         got = feed(node, event, now)  # type: ignore[arg-type]
         if type(got) is Decided and got.decisions:
-            out += got.decisions
-    out += protocol.tick(now + 86_400)  # let pending decisions settle
+            decided(got.decisions, now)
+        if second is not None:
+            second(node, event, now)  # type: ignore[arg-type]
+    # Let pending decisions settle (at the last record's time, for the figures).
+    decided(protocol.tick(now + 86_400), now)
+    if figures is not None:
+        protocols[1].tick(now + 86_400)
     result.records = count
+    result.pushes = pushes.count
     for kind, n in by_type.items():
         result.events[TYPE_NAMES[kind]] += n
     return result

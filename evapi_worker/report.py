@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import itertools
 import math
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Final
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Final, TextIO
 
 import msgspec
 
-from .capture import Item, frames
-from .core.engine import Act, Decision, EngineSettings, Reason
-from .replay import ReplayResult, after_push, decode_records, iso_time, replay_decoded
+from .capture import Item
+from .core.engine import Act, Decision, EngineSettings, Judged, Reason, remembered
+from .replay import ReplayResult, iso_time, replay
 
 __all__ = [
     "MAX_SECONDS",
+    "Figures",
     "figures",
     "render_html",
 ]
@@ -58,38 +60,138 @@ _COLORS: Final = {
 }
 
 
+class Figures:
+    """Every figure of the report, learnt as one replay runs (it is the
+    replay's :class:`~evapi_worker.replay.FigureSink`): memory bounded by
+    the histograms, not by the capture's length."""
+
+    widest: float = float(MAX_SECONDS)
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self._first: float | None = None
+        self._last: float | None = None
+        self._nodes: set[str] = set()
+        self._wake = {name: [0] * (MAX_SECONDS + 1) for name in _SERIES}
+        self._push_last = int(PUSH_MAX_SECONDS / PUSH_BIN)
+        self._push = {name: [0] * (self._push_last + 1) for name in _SERIES}
+        # Windows 1..MAX_SECONDS: changes of the served and too-late counts
+        # at each window (a device served from window w on adds one at w).
+        self._served = [0] * (MAX_SECONDS + 2)
+        self._too_late = [0] * (MAX_SECONDS + 2)
+        # Late devices by (node, kind) and receive second.
+        self._late: dict[tuple[str, str], Counter[int]] = defaultdict(Counter)
+
+    def seen(self, node: str, received: float) -> None:
+        if self._first is None:
+            self._first = received
+        self._last = received
+        if len(self._nodes) < _MAX_NODES:
+            self._nodes.add(node)
+
+    def decided(self, d: Decision, now: float, after_push: float | None) -> None:
+        category = _category(d)
+        if category is not None:
+            self._wake[category][min(MAX_SECONDS, max(0, math.floor(d.since_start)))] += 1
+            if after_push is not None:
+                self._push[category][min(self._push_last, max(0, math.floor(after_push / PUSH_BIN)))] += 1
+        if isinstance(d, Act) or d.reason is Reason.TOO_LATE:
+            kind = "too_late" if d.reason is Reason.TOO_LATE else d.reason.value
+            self._late[d.node, kind][math.floor(now)] += 1
+
+    def judged(self, judged: Judged) -> None:
+        """A device the widest window's engine judged: the windows under
+        which its call was still remembered, and those it was in time for."""
+        first = _first_remembered(judged)
+        if first is None:
+            return  # forgotten under every window drawn
+        # In time under a window w when its lateness is at most w.
+        served_from = max(first, math.ceil(judged.lateness))
+        if served_from <= MAX_SECONDS:
+            self._served[served_from] += 1
+        self._too_late[first] += 1
+        self._too_late[min(served_from, MAX_SECONDS + 1)] -= 1
+
+    def result(self, replayed: ReplayResult) -> dict[str, object]:
+        """The figures, as JSON-ready data, once ``replayed`` is done."""
+        return {
+            "settings": msgspec.to_builtins(self.settings),
+            "capture": self._span(replayed),
+            "wakeup_delay": {"bin_seconds": 1, "last_bin_and_later": MAX_SECONDS, "series": self._wake},
+            "push_wakeup": {
+                "pushes": replayed.pushes,
+                "bin_seconds": PUSH_BIN,
+                "last_bin_and_later": PUSH_MAX_SECONDS,
+                "series": self._push,
+            },
+            "coverage": self._coverage(),
+            "timeline": self._timeline(),
+        }
+
+    def _span(self, replayed: ReplayResult) -> dict[str, object]:
+        first, last = self._first, self._last
+        return {
+            "first": iso_time(first) if first is not None else None,
+            "last": iso_time(last) if last is not None else None,
+            "seconds": round(last - first, 3) if first is not None and last is not None else 0,
+            "records": replayed.records,
+            "nodes": sorted(self._nodes),
+            "events": dict(sorted(replayed.events.items())),
+            "event_errors": dict(sorted(replayed.errors.items())),
+        }
+
+    def _coverage(self) -> dict[str, object]:
+        windows = list(range(1, MAX_SECONDS + 1))
+        served, too_late = list(itertools.accumulate(self._served)), list(itertools.accumulate(self._too_late))
+        return {
+            "windows": windows,
+            "configured": self.settings.window,
+            "anchor": self.settings.anchor.value,
+            "served": served[1 : MAX_SECONDS + 1],
+            "too_late": too_late[1 : MAX_SECONDS + 1],
+        }
+
+    def _timeline(self) -> dict[str, object]:
+        """Late devices over time, per node, on the receive clock from the
+        capture's first record: the fake calls decided (by how the call
+        ended) and the devices too late for one."""
+        if not self._late or self._first is None or self._last is None:
+            return {"bucket_seconds": 0, "start": None, "nodes": {}}
+        start = math.floor(self._first)
+        span = max(self._last - start, 1.0)
+        bucket = _time_step(span / _BUCKETS)
+        buckets = int(span // bucket) + 1
+        nodes: dict[str, dict[str, list[int]]] = {}
+        for (node, kind), seconds in sorted(self._late.items()):
+            series = nodes.setdefault(
+                node, {name: [0] * buckets for name in ("answered", "declined", "missed", "too_late")}
+            )
+            for second, n in seconds.items():
+                series[kind][min(buckets - 1, max(0, int((second - start) // bucket)))] += n
+        return {"bucket_seconds": bucket, "start": iso_time(start), "nodes": nodes}
+
+
 def figures(
-    records: Sequence[Item],
-    settings: EngineSettings,
-    result: ReplayResult,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, object]:
-    """Every figure of the report, as JSON-ready data. ``result`` is the
-    replay of ``records`` with ``settings``; ``progress`` is told each
-    window replayed for the coverage curve."""
-    return {
-        "settings": msgspec.to_builtins(settings),
-        "capture": _span(records, result),
-        "wakeup_delay": _wakeup(result.decisions),
-        "push_wakeup": _push_wakeup(result),
-        "coverage": _coverage(records, settings, progress),
-        "timeline": _timeline(result.decisions),
-    }
+    records: Iterable[Item], settings: EngineSettings, progress: TextIO | None = None
+) -> tuple[ReplayResult, dict[str, object]]:
+    """Replay ``records`` once with ``settings`` and make every figure of
+    the report from that one pass."""
+    sink = Figures(settings)
+    replayed = replay(records, settings, progress, figures=sink)
+    return replayed, sink.result(replayed)
 
 
-def _span(items: Sequence[Item], result: ReplayResult) -> dict[str, object]:
-    records = list(frames(items))
-    first = records[0].received if records else None
-    last = records[-1].received if records else None
-    return {
-        "first": iso_time(first) if first is not None else None,
-        "last": iso_time(last) if last is not None else None,
-        "seconds": round(last - first, 3) if first is not None and last is not None else 0,
-        "records": result.records,
-        "nodes": sorted({r.node for r in records}),
-        "events": dict(sorted(result.events.items())),
-        "event_errors": dict(sorted(result.errors.items())),
-    }
+def _first_remembered(judged: Judged) -> int | None:
+    """The shortest whole window (1..MAX_SECONDS) under which the call was
+    still remembered when the device was judged; None if none was that long."""
+    if judged.seen_at == -math.inf:
+        return 1
+    window = max(1, math.floor(judged.seen_at - judged.forget_base) - 1)
+    while window <= MAX_SECONDS:
+        if remembered(judged, float(window)):
+            return window
+        window += 1
+    return None
 
 
 def _category(d: Decision) -> str | None:
@@ -100,73 +202,21 @@ def _category(d: Decision) -> str | None:
     return str(d.end.reason) if d.end is not None else None  # answered, declined or missed
 
 
-def _wakeup(decisions: Sequence[Decision]) -> dict[str, object]:
-    """Push devices of called accounts: REGISTER time minus call start."""
-    counts = {name: [0] * (MAX_SECONDS + 1) for name in _SERIES}
-    for d in decisions:
-        category = _category(d)
-        if category is not None:
-            counts[category][min(MAX_SECONDS, max(0, math.floor(d.since_start)))] += 1
-    return {"bin_seconds": 1, "last_bin_and_later": MAX_SECONDS, "series": counts}
+# Round steps for a time axis: seconds, minutes, hours, days.
+_TIME_STEPS: Final = (
+    1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 172800, 604800
+)  # fmt: skip
+_LATE_KINDS: Final = ("answered", "declined", "missed", "too_late")
+_BUCKETS: Final = 40  # at most about this many bars on a timeline
+_MAX_NODES: Final = 256
 
 
-def _push_wakeup(result: ReplayResult) -> dict[str, object]:
-    """Devices the worker pushed for the call: REGISTER time minus the push."""
-    last = int(PUSH_MAX_SECONDS / PUSH_BIN)
-    counts = {name: [0] * (last + 1) for name in _SERIES}
-    for d, delay in after_push(result.decisions, result.pushes):
-        category = _category(d)
-        if category is not None:
-            counts[category][min(last, max(0, math.floor(delay / PUSH_BIN)))] += 1
-    return {
-        "pushes": len(result.pushes),
-        "bin_seconds": PUSH_BIN,
-        "last_bin_and_later": PUSH_MAX_SECONDS,
-        "series": counts,
-    }
-
-
-def _coverage(
-    records: Sequence[Item], settings: EngineSettings, progress: Callable[[int], None] | None
-) -> dict[str, object]:
-    """For each window, the engine's decisions on the same capture: devices
-    that would get a fake call (or MESSAGE), and those too late for it."""
-    windows = list(range(1, MAX_SECONDS + 1))
-    served: list[int] = []
-    too_late: list[int] = []
-    decoded = list(decode_records(records))  # once, not once per window
-    for window in windows:
-        run = replay_decoded(decoded, msgspec.structs.replace(settings, window=float(window)))
-        served.append(sum(1 for d in run.decisions if isinstance(d, Act)))
-        too_late.append(sum(1 for d in run.decisions if d.reason is Reason.TOO_LATE))
-        if progress is not None:
-            progress(window)
-    return {
-        "windows": windows,
-        "configured": settings.window,
-        "anchor": settings.anchor.value,
-        "served": served,
-        "too_late": too_late,
-    }
-
-
-def _timeline(decisions: Sequence[Decision]) -> dict[str, object]:
-    """Late devices over time, per node: the fake calls decided (by how
-    the call ended) and the devices too late for one."""
-    late = [d for d in decisions if isinstance(d, Act) or d.reason is Reason.TOO_LATE]
-    if not late:
-        return {"bucket_seconds": 0, "start": None, "nodes": {}}
-    start = min(d.ts for d in late)
-    span = max(d.ts for d in late) - start
-    bucket = _nice_step(max(span, 1.0) / 30)
-    buckets = int(span // bucket) + 1
-    nodes: dict[str, dict[str, list[int]]] = defaultdict(
-        lambda: {name: [0] * buckets for name in ("answered", "declined", "missed", "too_late")}
-    )
-    for d in late:
-        name = "too_late" if d.reason is Reason.TOO_LATE else d.reason.value
-        nodes[d.node][name][int((d.ts - start) // bucket)] += 1
-    return {"bucket_seconds": bucket, "start": iso_time(start), "nodes": dict(sorted(nodes.items()))}
+def _time_step(raw: float) -> float:
+    """The round time step (seconds to weeks) at least ``raw``."""
+    for step in _TIME_STEPS:
+        if step >= raw:
+            return float(step)
+    return 86400.0 * math.ceil(raw / 86400)
 
 
 def _nice_step(raw: float) -> float:
@@ -385,15 +435,17 @@ def render_html(fig: dict[str, object], title: str = "evapi-worker replay report
     bucket = float(timeline["bucket_seconds"] or 1)
     for node, series in nodes.items():
         n = len(series["answered"])
-        labels = [f"+{_fmt_seconds(i * bucket)}" for i in range(n)]
+        step, unit, unit_name = _time_labels(bucket, n * bucket)
+        labels = [_g(i * bucket / unit) for i in range(n)]
         sections.append(f"<h3>{_e(node)}</h3>")
         sections.append(
             _stacked_bars(
-                [_Series(k, series[k]) for k in ("answered", "declined", "missed", "too_late")],
+                [_Series(k, series[k]) for k in _LATE_KINDS],
                 labels,
-                f"time since {timeline['start']} ({_fmt_seconds(bucket)} buckets)",
+                f"{unit_name} since {timeline['start']}, the first record's receive time "
+                f"(bars of {_fmt_seconds(bucket)})",
                 "devices",
-                max(1, n // 10),
+                round(step / bucket),
             )
         )
     events = capture["events"]
@@ -430,6 +482,25 @@ def _push_section(push: object) -> list[str]:
         "registered afterwards (REGISTER time at the node minus the worker's time of the push).</p>",
         _stacked_bars([_Series(k, counts[k]) for k in _SERIES], bins, "seconds from push to REGISTER", "devices", 4),
     ]
+
+
+def _time_labels(bucket: float, span: float) -> tuple[float, float, str]:
+    """A round step between labels on a time axis of bars ``bucket`` long
+    (a multiple of it, at most about eight labels), the unit the labels
+    count in and its name."""
+    step = next(
+        (float(s) for s in _TIME_STEPS if s >= span / 8 and s % bucket == 0), bucket * math.ceil(span / 8 / bucket)
+    )
+    if step >= 3600:
+        return step, 3600.0, "hours"
+    if step >= 60:
+        return step, 60.0, "minutes"
+    return step, 1.0, "seconds"
+
+
+def _g(value: float) -> str:
+    """A label's number: no trailing zeros, no exponent."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
 def _fmt_seconds(seconds: float) -> str:

@@ -267,4 +267,4 @@ def test_replay_judges_a_pushed_device_from_its_push_as_the_live_worker(
     writer._close()
     result = replay(load_records(sorted(folder.iterdir()), []), EngineSettings())
     assert [f"{d.action.value}:{d.reason}" for d in result.decisions] == decided
-    assert [p.lasts for p in result.pushes] == [lasts]
+    assert result.pushes == 1

@@ -3,6 +3,8 @@ of a capture recorded from real Kamailio and SIPp, with no console error."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 import shutil
 import subprocess
@@ -72,3 +74,44 @@ def test_the_report_renders_its_charts_in_headless_chromium(
     # the coverage lines.
     for colour in painted_colours:
         assert painted[colour] > 50, (colour, painted.most_common(8))
+
+
+def _tick_labels(svg: str) -> list[tuple[float, str]]:
+    """The x-axis tick labels of one chart: (x, text)."""
+    return [
+        (float(x), text)
+        for x, y, text in re.findall(r'<text class="tick" x="([\d.]+)" y="([\d.]+)" text-anchor="middle">([^<]*)<', svg)
+    ]
+
+
+@needs_chromium
+def test_the_report_of_a_million_events_renders_with_round_ticks_that_never_overlap(tmp_path: Path) -> None:
+    """A million events in one capture (a busy node's quarter of an hour):
+    made in one pass, drawn with round ticks on every axis, one clock per
+    axis."""
+    from bench.replay import write_capture
+
+    capture = tmp_path / "million.evcap"
+    events = write_capture(capture, 310_000)
+    assert events > 1_000_000
+    report = tmp_path / "report.html"
+    assert main(["replay", str(capture), "--report", str(report)]) == 0
+    page = report.read_text()
+    charts = re.findall(r'<svg class="chart".*?</svg>', page)
+    assert len(charts) == 3
+    for svg in charts:
+        ticks = _tick_labels(svg)
+        assert len(ticks) >= 3
+        for (x1, a), (x2, b) in itertools.pairwise(ticks):
+            assert x2 - x1 > 7 * max(len(a), len(b)), (a, b, x2 - x1)  # about 7 px a character
+        for _, label in ticks:
+            assert re.fullmatch(r"\d+\+?", label), label  # whole numbers
+        counts = [float(t) for t in re.findall(r'text-anchor="end">([^<]*)<', svg)]
+        step = counts[1] - counts[0]
+        assert step / 10 ** math.floor(math.log10(step)) in (1, 2, 5), counts
+    # The timeline's clock is the receive clock, named with the capture's start.
+    assert "since 2023-11-14T22:13:20.000Z, the first record&#x27;s receive time" in page
+    dom = chromium(tmp_path, report, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert console_messages(dom.stderr) == []
+    assert len(re.findall(r"<svg class=\"chart\"", dom.stdout)) == 3

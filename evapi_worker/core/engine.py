@@ -29,9 +29,9 @@ import enum
 import heapq
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Final
+from typing import Annotated, Final, NamedTuple
 
 import msgspec
 
@@ -64,9 +64,11 @@ __all__ = [
     "Engine",
     "EngineSettings",
     "EngineState",
+    "Judged",
     "Reason",
     "Seconds",
     "Strategy",
+    "remembered",
 ]
 
 
@@ -291,6 +293,25 @@ class _Device:
 
 
 _EXPIRY_STEP: Final = 0.25
+
+
+class Judged(NamedTuple):
+    """A device judged against the window (see :attr:`Engine.on_judged`),
+    with what decides it under any other window, all else equal: the
+    replay report draws every window's coverage from one replay."""
+
+    decision: Decision  # the decision under this engine's window
+    lateness: float  # seconds past where the window starts: in time under any window at least this long
+    forget_base: float  # the call's expiry under a window of 0 (engine clock)
+    seen_at: float  # a call expired by then was forgotten before this judgement
+
+
+def remembered(judged: Judged, window: float) -> bool:
+    """Whether the call of ``judged`` was still remembered under ``window``
+    (expired calls are forgotten on the timing wheel's slots)."""
+    return math.ceil((judged.forget_base + window) / _EXPIRY_STEP) * _EXPIRY_STEP > judged.seen_at
+
+
 # Keys of devices that answered a branch, kept per call: enough for every
 # device of an account, and a bound on memory per call.
 MAX_RANG: Final = 16
@@ -346,6 +367,9 @@ class Engine:
         # saw the call start: that node still has the call, so the end is
         # not believed (anyone can send a CANCEL that matches nothing).
         self.lost_ends_ignored = 0
+        # Told of each device judged against the window (the replay report).
+        self.on_judged: Callable[[Judged], None] | None = None
+        self._handled_at = -math.inf  # the time of the last event handled
 
     # -- introspection -------------------------------------------------
 
@@ -462,6 +486,7 @@ class Engine:
         """Apply one event received at monotonic time ``now``; ``happened``
         is when it happened on that clock (its ``ts``, mapped), ``now`` when
         unknown, never later than ``now``."""
+        self._handled_at = now
         if isinstance(event, Register):
             return self._on_register(event, now, now if happened is None or happened > now else happened)
         if isinstance(event, CallStarted):
@@ -501,7 +526,9 @@ class Engine:
                             continue
                         if call.decided is not None and dev.dev in call.decided:
                             continue  # decided meanwhile (a restored journal says so)
-                        out.append(self._decide(call, dev, call.started))
+                        # Under a shorter window, a call expired by the
+                        # last event's tick was forgotten by now.
+                        out.append(self._decide(call, dev, call.started, self._handled_at))
                     dev.pending.clear()
         slots = self._expiry_heap
         while slots and slots[0] * _EXPIRY_STEP <= now:
@@ -728,7 +755,7 @@ class Engine:
                 # may still be on its way: decide after the settle delay.
                 self._add_pending(dev, call.call_id)
             else:
-                out.append(self._decide(call, dev, started))
+                out.append(self._decide(call, dev, started, now))
         return out
 
     def _remember_contact(self, reg: Register, dev_key: str) -> None:
@@ -807,16 +834,18 @@ class Engine:
 
     # -- decisions -----------------------------------------------------
 
-    def _decide(self, call: _Call, dev: _Device, started: CallStarted) -> Decision:
+    def _decide(self, call: _Call, dev: _Device, started: CallStarted, seen_at: float = -math.inf) -> Decision:
         """Final decision for a device whose REGISTER time is now known to be
-        before or after the call's end. Records it so it is made only once."""
-        decision = self._judge(call, dev, started)
+        before or after the call's end. Records it so it is made only once.
+        ``seen_at``: the call had to be remembered until then (for
+        :attr:`on_judged`; -inf: its expiry was just set)."""
+        decision = self._judge(call, dev, started, seen_at)
         if call.decided is None:
             call.decided = {}
         call.decided[dev.dev] = decision.action is not Action.NONE
         return decision
 
-    def _judge(self, call: _Call, dev: _Device, started: CallStarted) -> Decision:
+    def _judge(self, call: _Call, dev: _Device, started: CallStarted, seen_at: float) -> Decision:
         if call.end_ts is None or call.end_ts > dev.reg.ts:
             return self._decision(call, dev, started, Action.NONE, Reason.RINGING)
         if call.rang is not None and not call.rang.isdisjoint(device_keys(dev.reg)):
@@ -832,9 +861,15 @@ class Engine:
             anchor = call.end_ts if self.settings.anchor is Anchor.END else started.ts
             late = dev.reg.ts - anchor > self.settings.window
         if late:
-            return self._decision(call, dev, started, Action.NONE, Reason.TOO_LATE)
-        action = Action.FAKE_CALL if self.settings.strategy is Strategy.FAKE_CALL else Action.MESSAGE
-        return self._decision(call, dev, started, action, call.end.reason)
+            decision = self._decision(call, dev, started, Action.NONE, Reason.TOO_LATE)
+        else:
+            action = Action.FAKE_CALL if self.settings.strategy is Strategy.FAKE_CALL else Action.MESSAGE
+            decision = self._decision(call, dev, started, action, call.end.reason)
+        if self.on_judged is not None:
+            window = self.settings.window
+            lateness = dev.arrival - (until - window) if until is not None else dev.reg.ts - anchor
+            self.on_judged(Judged(decision, lateness, call.expires - window, seen_at))
+        return decision
 
     def _decision(self, call: _Call, dev: _Device, started: CallStarted, action: Action, reason: Reason) -> Decision:
         reg = dev.reg
