@@ -264,16 +264,17 @@ def _replay(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError("FILE", f"not a file: {', '.join(missing)}")
     tune_gc()
-    # One pass, records read, decided and summarised as they come; the
+    # One pass, records read, decided and summarised as they come (the
+    # what-if and the report's widest window by engines beside); the
     # decisions are printed as they are made (kept only for --what-if).
     out = sys.stdout
     show = (lambda d: print(decision_json(d), file=out)) if args.json else (lambda d: print(decision_text(d), file=out))
     sink = Figures(settings) if args.json or args.report is not None else None
     base = replay(
         load_records(args.files, problems), settings, progress_stream(), keep=what_if is not None,
-        on_decision=show, figures=sink,
+        on_decision=show, figures=sink, what_if=what_if,
     )  # fmt: skip
-    other = replay(load_records(args.files, []), what_if) if what_if is not None else None
+    other = base.what_if
     for problem in problems:
         print(f"evapi-worker replay: {problem}", file=sys.stderr)
     figs = sink.result(base) if sink is not None else None

@@ -163,6 +163,7 @@ class ReplayResult:
     late: Counter[str] = field(default_factory=Counter)  # actions by how the call ended
     delays: array.array[float] = field(default_factory=lambda: array.array("d"))  # since_start, no duplicates
     woke: array.array[float] = field(default_factory=lambda: array.array("d"))  # push to REGISTER
+    what_if: ReplayResult | None = None  # the replay with other settings, in the same pass
 
     def add(self, d: Decision, after_push: float | None) -> None:
         action = d.action.value
@@ -212,14 +213,16 @@ def replay(
     keep: bool = True,
     on_decision: Callable[[Decision], None] | None = None,
     figures: FigureSink | None = None,
+    what_if: EngineSettings | None = None,
 ) -> ReplayResult:
     """Feed the records through a fresh engine under virtual time, as they
     are read. ``keep``: the result holds every decision (else they are only
     counted, and told to ``on_decision``); ``figures`` learns what the report
-    draws, in the same pass."""
+    draws, and ``what_if`` is replayed too, in the same pass."""
     return replay_decoded(
-        decode_records(records, progress), settings, keep=keep, on_decision=on_decision, figures=figures
-    )
+        decode_records(records, progress), settings, keep=keep, on_decision=on_decision, figures=figures,
+        what_if=what_if,
+    )  # fmt: skip
 
 
 Decoded = tuple[float, str, "Event | str | PushNote | ClockNote"]
@@ -248,6 +251,40 @@ def decode_records(records: Iterable[Item], progress: TextIO | None = None) -> I
         print(file=progress)
 
 
+class _Lane:
+    """One engine of a replay, and what it decided."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        pushes: _Pushes,
+        keep: bool,
+        on_decision: Callable[[Decision], None] | None = None,
+        figures: FigureSink | None = None,
+    ) -> None:
+        # Virtual time is the wall clock of the receive times: a node's clock
+        # is the wall clock, as it is for a live worker until a ping measures it.
+        self.protocol = Protocol(Engine(settings), NodeClocks(wall_offset=0.0))
+        self.feed = self.protocol.feed
+        self.result = ReplayResult()
+        self._pushes = pushes
+        self._keep = keep
+        self._on_decision = on_decision
+        self._figures = figures
+
+    def decided(self, decisions: Sequence[Decision], now: float) -> None:
+        result, figures = self.result, self._figures
+        for d in decisions:
+            after = self._pushes.delay(d)
+            result.add(d, after)
+            if self._keep:
+                result.decisions.append(d)
+            if self._on_decision is not None:
+                self._on_decision(d)
+            if figures is not None:
+                figures.decided(d, now, after)
+
+
 def replay_decoded(
     decoded: Iterable[Decoded],
     settings: EngineSettings,
@@ -255,44 +292,34 @@ def replay_decoded(
     keep: bool = True,
     on_decision: Callable[[Decision], None] | None = None,
     figures: FigureSink | None = None,
+    what_if: EngineSettings | None = None,
 ) -> ReplayResult:
     """:func:`replay` for records already decoded. The notes reach the
     engine where they are among the events, as they reached the live one: a
     pushed device's REGISTER is judged from its push, a node's REGISTER
-    times are placed with its clock as measured then. With ``figures``, a
-    second engine with the widest window the report draws runs beside, and
-    every device it judges against its window is told: what each window
-    would serve follows from that one pass."""
-    engine = Engine(settings)
-    result = ReplayResult()
+    times are placed with its clock as measured then.
+
+    Other engines may run beside in the same pass: with ``what_if``, one
+    with those settings (its result, every decision kept, in
+    :attr:`ReplayResult.what_if`); with ``figures``, one with the widest
+    window the report draws, whose every device judged against its window
+    is told: what each window would serve follows from that one pass."""
     pushes = _Pushes()
-    by_type: dict[type, int] = {}
-    # Virtual time is the wall clock of the receive times: a node's clock
-    # is the wall clock, as it is for a live worker until a ping measures it.
-    protocol = Protocol(engine, NodeClocks(wall_offset=0.0))
-    protocols = [protocol]
+    lane = _Lane(settings, pushes, keep, on_decision, figures)
+    lanes = [lane]
+    if what_if is not None:
+        lanes.append(_Lane(what_if, pushes, True))
     if figures is not None:
-        widest = Engine(msgspec.structs.replace(settings, window=figures.widest))
-        widest.on_judged = figures.judged
-        protocols.append(Protocol(widest, NodeClocks(wall_offset=0.0)))
-        seen = figures.seen
-    kept = result.decisions
-
-    def decided(decisions: Sequence[Decision], now: float) -> None:
-        for d in decisions:
-            after = pushes.delay(d)
-            result.add(d, after)
-            if keep:
-                kept.append(d)
-            if on_decision is not None:
-                on_decision(d)
-            if figures is not None:
-                figures.decided(d, now, after)
-
+        widest = _Lane(msgspec.structs.replace(settings, window=figures.widest), pushes, False)
+        widest.protocol.engine.on_judged = figures.judged
+        widest.decided = lambda decisions, now: None  # type: ignore[method-assign]
+        lanes.append(widest)
+    result = lane.result
+    by_type: dict[type, int] = {}
     # The loop runs for every record: names are bound locally. The protocol
     # decides what is due before each event, as it does live.
-    feed = protocol.feed
-    second = protocols[1].feed if figures is not None else None
+    feed, others = lane.feed, lanes[1:]
+    seen = figures.seen if figures is not None else None
     count = 0
     now = 0.0  # the receive time of the record being replayed
     for now, node, event in decoded:
@@ -301,16 +328,16 @@ def replay_decoded(
             note: PushNote = event  # type: ignore[assignment]
             pushes.add(note)
             if note.lasts is not None:  # older notes do not say how long their push was kept
-                for p in protocols:
-                    p.engine.pushed(note.call_id, note.aor, note.device, note.lasts, note.sent)
+                for each in lanes:
+                    each.protocol.engine.pushed(note.call_id, note.aor, note.device, note.lasts, note.sent)
             continue
         if kind is ClockNote:
             clock: ClockNote = event  # type: ignore[assignment]
-            for p in protocols:
-                p.measured(clock.node, clock.offset, clock.uncertainty, clock.at)
+            for each in lanes:
+                each.protocol.measured(clock.node, clock.offset, clock.uncertainty, clock.at)
             continue
         count += 1
-        if figures is not None:
+        if seen is not None:
             seen(node, now)
         if isinstance(event, str):  # why the record is no event
             result.errors[event] += 1
@@ -318,17 +345,21 @@ def replay_decoded(
         by_type[kind] = by_type.get(kind, 0) + 1
         got = feed(node, event, now)  # type: ignore[arg-type]
         if type(got) is Decided and got.decisions:
-            decided(got.decisions, now)
-        if second is not None:
-            second(node, event, now)  # type: ignore[arg-type]
-    # Let pending decisions settle (at the last record's time, for the figures).
-    decided(protocol.tick(now + 86_400), now)
-    if figures is not None:
-        protocols[1].tick(now + 86_400)
-    result.records = count
-    result.pushes = pushes.count
-    for kind, n in by_type.items():
-        result.events[TYPE_NAMES[kind]] += n
+            lane.decided(got.decisions, now)
+        for other in others:
+            got = other.feed(node, event, now)  # type: ignore[arg-type]
+            if type(got) is Decided and got.decisions:
+                other.decided(got.decisions, now)
+    for each in lanes:
+        # Let pending decisions settle (at the last record's time, for the figures).
+        each.decided(each.protocol.tick(now + 86_400), now)
+        each.result.records = count
+        each.result.pushes = pushes.count
+        each.result.errors = result.errors
+        for kind, n in by_type.items():
+            each.result.events[TYPE_NAMES[kind]] += n
+    if what_if is not None:
+        result.what_if = lanes[1].result
     return result
 
 

@@ -15,7 +15,7 @@ from evapi_worker.capture import CaptureError, CaptureSettings, CaptureWriter, C
 from evapi_worker.cli import main
 from evapi_worker.config import Config
 from evapi_worker.core.engine import EngineSettings, Strategy
-from evapi_worker.replay import decision_json, load_records, replay
+from evapi_worker.replay import apply_what_if, decision_json, load_records, replay
 from evapi_worker.service import Service
 
 from .helpers import frame
@@ -268,3 +268,15 @@ def test_replay_judges_a_pushed_device_from_its_push_as_the_live_worker(
     result = replay(load_records(sorted(folder.iterdir()), []), EngineSettings())
     assert [f"{d.action.value}:{d.reason}" for d in result.decisions] == decided
     assert result.pushes == 1
+
+
+@pytest.mark.parametrize("change", ["window=3", "anchor=start", "strategy=message", "settle=0"])
+def test_a_what_if_in_the_same_pass_decides_as_its_own_replay(change: str) -> None:
+    records = list(load_records([STORY], []))
+    base, what_if = EngineSettings(), apply_what_if(EngineSettings(), [change])
+    together = replay(records, base, what_if=what_if)
+    assert together.what_if is not None
+    alone = replay(records, what_if)
+    assert [decision_json(d) for d in together.what_if.decisions] == [decision_json(d) for d in alone.decisions]
+    assert together.what_if.summary() == alone.summary()
+    assert [decision_json(d) for d in together.decisions] == [decision_json(d) for d in replay(records, base).decisions]
