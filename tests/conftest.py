@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import trio
@@ -36,35 +36,23 @@ def _events_stamped_from_now(request: pytest.FixtureRequest) -> None:
 
 # -- tiers --------------------------------------------------------------------
 #
-# Every test is in one tier, by its module: ``e2e`` (real Kamailio, SIPp,
-# redis-server, linphonec, Chromium: the test_e2e_* modules and the few
-# named below), ``process`` (a real worker process, fake peers on loopback
-# sockets, a child process) or ``unit`` (none of that: the rest). A unit
+# Every test is in one tier, by its folder: ``tests/e2e`` (real Kamailio,
+# SIPp, redis-server, linphonec, Chromium), ``tests/process`` (a real worker
+# process, fake peers on loopback sockets, a child process) or
+# ``tests/unit`` (none of that). The folder is the test's marker. A unit
 # test that opens a network socket or starts a process fails at once: the
 # fast tier (``./scripts/test.sh --fast``, ``pytest -m unit``) stays fast
 # and runs anywhere.
 
-E2E: frozenset[str] = frozenset({"test_report_browser", "test_bundled", "test_kamailio_config", "test_flood"})
-PROCESS: frozenset[str] = frozenset(
-    {
-        "test_config", "test_crash", "test_deploy", "test_evapi_client", "test_hostile_process",
-        "test_http2_client", "test_http_server", "test_net", "test_odd_files", "test_persistence", "test_push",
-        "test_push_check", "test_redis_client", "test_service", "test_service_timing", "test_shared_claims",
-        "test_shutdown", "test_sipp_runner", "test_stream_source", "test_twin_guard",
-    }
-)  # fmt: skip
-
-
-def tier(module: str) -> str:
-    name = module.rpartition(".")[2]
-    if name.startswith("test_e2e_") or name in E2E:
-        return "e2e"
-    return "process" if name in PROCESS else "unit"
+TIERS: Final = ("unit", "process", "e2e")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        item.add_marker(getattr(pytest.mark, tier(item.path.stem)))
+        folder = item.path.parent.name
+        if folder not in TIERS:
+            raise pytest.UsageError(f"{item.path}: a test module belongs in tests/unit, tests/process or tests/e2e")
+        item.add_marker(getattr(pytest.mark, folder))
 
 
 def _refused(what: str) -> Any:
