@@ -41,8 +41,23 @@ import msgpack
 import msgspec
 import trio
 
-from .core.records import CAPTURE_MAGIC, CLOCK, EVENTS, FILE_CLOCK, FRAME, JOURNAL_MAGIC, PUSHED, frame
-from .files import FileProblem, finite_number, open_regular
+from .core.records import (
+    ACTION,
+    CAPTURE_MAGIC,
+    CLOCK,
+    EVENTS,
+    FILE_CLOCK,
+    FRAME,
+    JOURNAL_MAGIC,
+    POSITIONS,
+    PUSHED,
+    clock_record,
+    event_item,
+    finite_number,
+    frame,
+    pushed_record,
+)
+from .files import FileProblem, open_regular
 from .logs import kv
 from .record_log import LogFile, read_log
 
@@ -256,24 +271,24 @@ def _framed(batch: list[_Queued]) -> bytes:
     """The batch as records, in order: runs of frames in records of up to
     :data:`_FRAMES_PER_RECORD`, each note a record of its own."""
     out: list[bytes] = []
-    frames: list[object] = []
+    run: list[object] = []
     for item in batch:
         if type(item) is PushNote:
             note: list[object] = [PUSHED, item.sent, item.call_id, item.aor, item.device, item.lasts, item.provider]
         elif type(item) is ClockNote:
             note = [CLOCK, item.at, item.node, item.offset, item.uncertainty]
         else:
-            frames.append(item)
-            if len(frames) == _FRAMES_PER_RECORD:
-                out.append(frame([FRAME, frames]))
-                frames = []
+            run.append(item)
+            if len(run) == _FRAMES_PER_RECORD:
+                out.append(frame([FRAME, run]))
+                run = []
             continue
-        if frames:
-            out.append(frame([FRAME, frames]))
-            frames = []
+        if run:
+            out.append(frame([FRAME, run]))
+            run = []
         out.append(frame(note))
-    if frames:
-        out.append(frame([FRAME, frames]))
+    if run:
+        out.append(frame([FRAME, run]))
     return b"".join(out)
 
 
@@ -315,50 +330,36 @@ def _log_items(path: Path, records: Iterator[list[object] | None], problems: lis
                 n -= 1
             elif kind == EVENTS and clock is not None and isinstance(record[1], list):
                 for item in record[1]:  # a journal's batch: events the engine took
-                    if (
-                        isinstance(item, list)
-                        and len(item) == 3
-                        and finite_number(item[1])
-                        and isinstance(item[0], str)
-                        and isinstance(item[2], bytes)
-                    ):
-                        yield Record(item[0], None, float(item[1]) + clock, item[2])
-                        continue
-                    problems.append(f"{path}: malformed event in record {n}, skipped")
+                    if (event := event_item(item)) is not None:
+                        yield Record(event[0], None, event[1] + clock, event[2])
+                    else:
+                        problems.append(f"{path}: malformed event in record {n}, skipped")
             elif kind == PUSHED and clock is not None and (note := _push_record(record, clock)) is not None:
                 yield note
             elif kind == CLOCK and clock is not None and (measured := _clock_record(record, clock)) is not None:
                 yield measured
             elif kind == FILE_CLOCK and len(record) == 2 and finite_number(record[1]):
                 clock = float(record[1])
-            elif kind not in ("a", "p"):  # a journal's actions and stream positions: not for a replay
+            elif kind not in (ACTION, POSITIONS):  # a journal's actions and stream positions: not for a replay
                 problems.append(f"{path}: malformed record {n} ({str(kind)[:8]!r}), skipped")
         except (IndexError, TypeError, ValueError):
             problems.append(f"{path}: malformed record {n}, skipped")
 
 
 def _push_record(record: list[object], clock: float) -> PushNote | None:
-    """``["u", sent, call_id, aor, device, seconds, provider?]`` (a journal's has no provider)."""
-    if len(record) not in (6, 7) or not finite_number(record[1]):
+    pushed = pushed_record(record)
+    if pushed is None:
         return None
-    call_id, aor, device, lasts = record[2], record[3], record[4], record[5]
-    provider = record[6] if len(record) == 7 else ""
-    if not all(isinstance(v, str) for v in (call_id, aor, device, provider)):
-        return None
-    if lasts is not None and not (finite_number(lasts) and 0 <= lasts <= 3600):
-        return None  # (None: a note that does not say how long its push was kept)
-    seconds = None if lasts is None else float(lasts)
-    return PushNote(float(record[1]) + clock, str(call_id), str(device), str(provider), str(aor), seconds)
+    return PushNote(pushed.at + clock, pushed.call_id, pushed.device, pushed.provider, pushed.aor, pushed.lasts)
 
 
 def _clock_record(record: list[object], clock: float) -> ClockNote | None:
-    """``["c", measured, node, node's clock minus wall, uncertainty]``."""
-    if len(record) != 5 or not isinstance(record[2], str):
-        return None
-    at, offset, uncertainty = record[1], record[3], record[4]
-    if not (finite_number(at) and finite_number(offset) and finite_number(uncertainty)):
-        return None
-    return ClockNote(float(at) + clock, record[2], float(offset), float(uncertainty))
+    measured = clock_record(record)
+    return (
+        None
+        if measured is None
+        else ClockNote(measured.at + clock, measured.node, measured.offset, measured.uncertainty)
+    )
 
 
 def _read_msgpack(path: Path, problems: list[str] | None) -> Iterator[Item]:

@@ -13,13 +13,12 @@ in a folder no other user can write (:func:`check_private_folder`).
 from __future__ import annotations
 
 import errno
-import math
 import os
 import stat
 from pathlib import Path
-from typing import Final, TypeGuard
+from typing import Final
 
-__all__ = ["FileProblem", "check_private_folder", "finite_number", "open_regular", "read_regular"]
+__all__ = ["FileProblem", "check_private_folder", "open_regular", "read_regular"]
 
 _KINDS: Final = {
     stat.S_IFIFO: "a FIFO",
@@ -46,12 +45,6 @@ class FileProblem(OSError):
 
 def _kind(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-
-
-def finite_number(value: object) -> TypeGuard[float]:
-    """Whether a value read from a file is a number that can be a time or
-    a length: an int or a float, not a bool, not inf or nan."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600, *, own: bool = False) -> int:

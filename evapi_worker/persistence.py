@@ -56,9 +56,22 @@ import trio
 from .core.clocks import NodeClocks
 from .core.engine import Act, Decision, Engine
 from .core.push_book import PushBook
-from .core.records import ACTION, CLOCK, EVENTS, FILE_CLOCK, JOURNAL_MAGIC, POSITIONS, PUSHED, frame
+from .core.records import (
+    ACTION,
+    CLOCK,
+    EVENTS,
+    FILE_CLOCK,
+    JOURNAL_MAGIC,
+    POSITIONS,
+    PUSHED,
+    clock_record,
+    event_item,
+    finite_number,
+    frame,
+    pushed_record,
+)
 from .core.state import STATE_VERSION, Snapshot, StateError, decode_snapshot, encode_snapshot
-from .files import FileProblem, finite_number, open_regular, read_regular
+from .files import FileProblem, open_regular, read_regular
 from .record_log import LogFile, read_log, write_all
 
 __all__ = ["MAX_JOURNALS", "MAX_SNAPSHOT", "Restored", "StateKeeper", "StateStore"]
@@ -395,9 +408,8 @@ class StateStore:
                     self._on_error("journal", exc)
                     self._journal += 1
                     self._log = self._open_journal()
-            before = self._log.size
             self._log.append(data)
-            self._journal_bytes += self._log.size - before
+            self._journal_bytes += len(data)
         except OSError as exc:
             self._on_error("journal", exc)
 
@@ -468,44 +480,34 @@ def _action_record(record: list[object]) -> bool:
 def _pushed_record(record: list[object], offset: float | None, now: float) -> tuple[float, str, str, str, float] | None:
     """A push record's (time on the new clock, call_id, aor, device,
     seconds), or None when it is not one."""
-    if not (len(record) == 6 and offset is not None and finite_number(record[1]) and finite_number(record[5])):
+    pushed = pushed_record(record)
+    if pushed is None or offset is None or pushed.lasts is None:
         return None
-    call_id, aor, device = record[2], record[3], record[4]
-    if not (isinstance(call_id, str) and isinstance(aor, str) and isinstance(device, str)):
+    when = pushed.at + offset
+    if abs(when - now) >= _SPAN:
         return None
-    when, lasts = float(record[1]) + offset, float(record[5])
-    if abs(when - now) >= _SPAN or not 0 <= lasts <= 3600:
-        return None
-    return when, call_id, aor, device, lasts
+    return when, pushed.call_id, pushed.aor, pushed.device, pushed.lasts
 
 
 def _clock_record(record: list[object], offset: float | None, now: float) -> tuple[str, float, float, float] | None:
     """A clock record's (node, node's clock minus the wall clock,
     uncertainty, time on the new clock), or None when it is not one."""
-    if not (len(record) == 5 and offset is not None and isinstance(record[2], str)):
+    clock = clock_record(record)
+    if clock is None or offset is None:
         return None
-    at, value, uncertainty = record[1], record[3], record[4]
-    if not (finite_number(at) and finite_number(value) and finite_number(uncertainty)):
+    when = clock.at + offset
+    if abs(when - now) >= _SPAN or abs(clock.offset) >= _SPAN:
         return None
-    when = float(at) + offset
-    if abs(when - now) >= _SPAN or abs(value) >= _SPAN:
-        return None
-    return record[2], float(value), float(uncertainty), when
+    return clock.node, clock.offset, clock.uncertainty, when
 
 
 def _event_time(item: object, offset: float | None, now: float) -> float | None:
     """A journaled event's time on the new clock; None when the item is
     not a well-formed event record or its time cannot be one."""
-    if not (
-        offset is not None
-        and isinstance(item, list)
-        and len(item) == 3
-        and isinstance(item[0], str)
-        and finite_number(item[1])
-        and isinstance(item[2], bytes)
-    ):
+    event = event_item(item)
+    if event is None or offset is None:
         return None
-    when = float(item[1]) + offset
+    when = event[1] + offset
     return when if abs(when - now) < _SPAN else None
 
 

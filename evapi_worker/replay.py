@@ -176,9 +176,11 @@ class ReplayResult:
             self.woke.append(after_push)
 
     def summary(self) -> dict[str, object]:
-        actions = Counter({k.partition(":")[0]: 0 for k in self.decided})
+        actions: Counter[str] = Counter()
         for key, n in self.decided.items():
-            actions[key.partition(":")[0]] += n
+            action = key.partition(":")[0]
+            if action != Action.NONE.value:
+                actions[action] += n
         delays, woke = sorted(self.delays), sorted(self.woke)
         push_figures = {
             "pushes": self.pushes,
@@ -191,7 +193,7 @@ class ReplayResult:
             "event_errors": dict(sorted(self.errors.items())),
             "calls": self.events.get("call_start", 0),
             "late_registrations": dict(sorted(self.late.items())),
-            "actions": {k: v for k, v in sorted(actions.items()) if k != Action.NONE.value},
+            "actions": dict(sorted(actions.items())),
             "decisions": dict(sorted(self.decided.items())),
             "wakeup_delay_seconds": {f"p{q}": _percentile(delays, q) for q in (50, 90, 99)},
             **({"push_wakeup_seconds": push_figures} if self.pushes else {}),
@@ -261,10 +263,16 @@ class _Lane:
         keep: bool,
         on_decision: Callable[[Decision], None] | None = None,
         figures: FigureSink | None = None,
+        judged: Callable[[Judged], None] | None = None,
     ) -> None:
+        """``judged``: the lane is there for the devices its engine judges
+        (told to it); its decisions are not counted."""
         # Virtual time is the wall clock of the receive times: a node's clock
         # is the wall clock, as it is for a live worker until a ping measures it.
-        self.protocol = Protocol(Engine(settings), NodeClocks(wall_offset=0.0))
+        engine = Engine(settings)
+        engine.on_judged = judged
+        self.protocol = Protocol(engine, NodeClocks(wall_offset=0.0))
+        self._counted = judged is None
         self.feed = self.protocol.feed
         self.result = ReplayResult()
         self._pushes = pushes
@@ -273,6 +281,8 @@ class _Lane:
         self._figures = figures
 
     def decided(self, decisions: Sequence[Decision], now: float) -> None:
+        if not self._counted:
+            return
         result, figures = self.result, self._figures
         for d in decisions:
             after = self._pushes.delay(d)
@@ -310,10 +320,8 @@ def replay_decoded(
     if what_if is not None:
         lanes.append(_Lane(what_if, pushes, True))
     if figures is not None:
-        widest = _Lane(msgspec.structs.replace(settings, window=figures.widest), pushes, False)
-        widest.protocol.engine.on_judged = figures.judged
-        widest.decided = lambda decisions, now: None  # type: ignore[method-assign]
-        lanes.append(widest)
+        widest = msgspec.structs.replace(settings, window=figures.widest)
+        lanes.append(_Lane(widest, pushes, False, judged=figures.judged))
     result = lane.result
     by_type: dict[type, int] = {}
     # The loop runs for every record: names are bound locally. The protocol

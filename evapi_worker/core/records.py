@@ -23,9 +23,10 @@ they are read and hands back whole records.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
-from typing import Final
+from typing import Final, NamedTuple, TypeGuard
 
 import msgspec
 
@@ -42,8 +43,14 @@ __all__ = [
     "MAX_RECORD",
     "POSITIONS",
     "PUSHED",
+    "ClockRecord",
     "FrameReader",
+    "PushedRecord",
+    "clock_record",
+    "event_item",
+    "finite_number",
     "frame",
+    "pushed_record",
 ]
 
 JOURNAL_MAGIC: Final = b"evapi-worker journal 2\n"
@@ -139,3 +146,69 @@ class FrameReader:
         self._skipping = found < 0
         # Keep a possible start of a mark at the end for the next feed.
         return found if found >= 0 else max(pos + 1, len(buffer) - len(MARK) + 1)
+
+
+# -- reading the records both logs share ----------------------------------
+#
+# What is read is checked before anyone uses it: these give a record's
+# values, times still on the file's clock, or None when it is no such record.
+
+
+def finite_number(value: object) -> TypeGuard[float]:
+    """Whether a value read from a file is a number that can be a time or
+    a length: an int or a float, not a bool, not inf or nan."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class PushedRecord(NamedTuple):
+    at: float  # on the file's clock
+    call_id: str
+    aor: str
+    device: str
+    lasts: float | None  # seconds the provider may keep it (None: not said)
+    provider: str  # "" in a journal's records
+
+
+def pushed_record(record: list[object]) -> PushedRecord | None:
+    """``["u", time, call_id, aor, device, seconds, provider?]``."""
+    if len(record) not in (6, 7) or not finite_number(record[1]):
+        return None
+    call_id, aor, device, lasts = record[2], record[3], record[4], record[5]
+    provider = record[6] if len(record) == 7 else ""
+    if not (isinstance(call_id, str) and isinstance(aor, str) and isinstance(device, str)):
+        return None
+    if not isinstance(provider, str):
+        return None
+    if lasts is not None and not (finite_number(lasts) and 0 <= lasts <= 3600):
+        return None
+    return PushedRecord(float(record[1]), call_id, aor, device, None if lasts is None else float(lasts), provider)
+
+
+class ClockRecord(NamedTuple):
+    at: float  # on the file's clock
+    node: str
+    offset: float  # the node's clock minus the wall clock
+    uncertainty: float
+
+
+def clock_record(record: list[object]) -> ClockRecord | None:
+    """``["c", time, node, node's clock minus wall, uncertainty]``."""
+    if len(record) != 5 or not isinstance(record[2], str):
+        return None
+    at, offset, uncertainty = record[1], record[3], record[4]
+    if not (finite_number(at) and finite_number(offset) and finite_number(uncertainty)):
+        return None
+    return ClockRecord(float(at), record[2], float(offset), float(uncertainty))
+
+
+def event_item(item: object) -> tuple[str, float, bytes] | None:
+    """One event of an ``["e", [...]]`` batch: (node, time, payload)."""
+    if (
+        isinstance(item, list)
+        and len(item) == 3
+        and isinstance(item[0], str)
+        and finite_number(item[1])
+        and isinstance(item[2], bytes)
+    ):
+        return item[0], float(item[1]), item[2]
+    return None
