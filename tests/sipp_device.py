@@ -20,6 +20,8 @@ from evapi_worker.net import free_port as sipp_free_port
 
 SCENARIOS = Path(__file__).parent / "sipp"
 PHONES = Path(__file__).parent.parent / "evapi_worker" / "sipp"
+# The caller that gives up after 1.5 s (SIPp exits 0 when the call went so).
+GIVES_UP = PHONES / "caller_gives_up.xml"
 
 
 def scenario_path(name: str) -> Path:

@@ -88,7 +88,10 @@ class FrameReader:
     def __init__(self, max_record: int = MAX_RECORD) -> None:
         self._buffer = bytearray()
         self._max = max_record
-        self._skipping = False  # in a damaged stretch already reported
+        # In a damaged stretch already reported: until a whole record is
+        # read again, since a payload may hold the mark's bytes and a false
+        # mark in a damaged record is still that record's damage.
+        self._skipping = False
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -124,12 +127,14 @@ class FrameReader:
                     if type(value) is list:
                         add(value)
                         pos = end
+                        self._skipping = False
                         continue
                 elif mark == MARK and length <= limit and not final:
                     break  # not all here yet
                 # Damaged here (or, at the end, a torn record, a damaged length).
                 if not self._skipping:
                     add(None)
+                self._skipping = True
                 pos = self._resync(buffer, pos)
         finally:
             view.release()
@@ -143,7 +148,6 @@ class FrameReader:
         """Where the next mark after ``pos`` is; past the buffer's end, the
         damage goes on into the bytes not fed yet (said once)."""
         found = buffer.find(MARK, pos + 1)
-        self._skipping = found < 0
         # Keep a possible start of a mark at the end for the next feed.
         return found if found >= 0 else max(pos + 1, len(buffer) - len(MARK) + 1)
 

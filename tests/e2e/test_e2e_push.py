@@ -31,7 +31,7 @@ from ..e2e_platform import DOMAIN, HOST, Platform, needs_platform, platform
 from ..helpers import FAST_RECONNECT, running_demo
 from ..linphone import Linphone, needs_linphonec
 from ..push_services import start_standins
-from ..sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
+from ..sipp_device import GIVES_UP, PHONES, SCENARIOS, free_port, free_sip_port
 from .test_e2e_dialogs import CALLER_SAW, PHONE_SAW, call_in_progress, lines
 from .test_e2e_field import linphone
 from .test_e2e_workers import address, kamailio, total
@@ -130,7 +130,7 @@ async def test_a_pushed_iphone_that_wakes_after_the_caller_gave_up_gets_the_fake
         async with trio.open_nursery() as nursery:
             pushes = wakes_when_pushed(s, nursery, "carol", 2.5, "phone_rings", iphone)
             # alice gives up after 1.5 s of ringing (the sleeping contact never answers).
-            await p.phones.call("alice", "Alice", "carol", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+            assert await p.phones.call("alice", "Alice", "carol", call_id, GIVES_UP, timeout=20) == 0
             outcome = await p.watch.outcome(call_id, timeout=15)
         assert [x.call_id for x in pushes] == [call_id]
         assert outcome is Outcome.COMPLETED
@@ -193,7 +193,7 @@ async def test_two_workers_push_each_device_once_and_an_android_phone_gets_its_p
             with trio.fail_after(5):
                 while total(workers, "evapi_worker_push_devices") < 4:
                     await trio.sleep(0.05)
-            await phones.call("alice", "Alice", "dana", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+            assert await phones.call("alice", "Alice", "dana", call_id, GIVES_UP, timeout=20) == 0
             with trio.fail_after(10):
                 while total(workers, "evapi_worker_pushes_total", provider="fcm", result="sent") < 1:
                     await trio.sleep(0.05)
@@ -255,7 +255,7 @@ async def test_a_push_delivered_20_s_after_the_call_started_gives_linphone_the_m
         delivered = trio.Event()
         s.apns.on_push = lambda push: delivered.set()
         started = trio.current_time()
-        await p.phones.call("alice", "Alice", "rosa", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+        assert await p.phones.call("alice", "Alice", "rosa", call_id, GIVES_UP, timeout=20) == 0
         assert [x.call_id for x in s.apns.received] == [call_id] and not delivered.is_set()
         await trio.sleep_until(started + 20)
         assert [x.call_id for x in s.apns.comes_online(TOKEN)] == [call_id]
@@ -285,7 +285,7 @@ async def test_a_push_kept_past_its_expiration_is_never_delivered_and_a_later_re
         delivered: list[ReceivedPush] = []
         s.apns.on_push = delivered.append
         started = trio.current_time()
-        await p.phones.call("alice", "Alice", "sven", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+        assert await p.phones.call("alice", "Alice", "sven", call_id, GIVES_UP, timeout=20) == 0
         await trio.sleep_until(started + 6)
         assert s.apns.comes_online(TOKEN) == [] and [x.call_id for x in s.apns.expired] == [call_id]
         iphone = tmp_path / "iphone.log"

@@ -21,6 +21,7 @@ import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from evapi_worker.lab.kamailio_process import KamailioProcess
 from evapi_worker.lab.phones import IPHONE_UA, received
 
 from ..e2e_platform import DOMAIN, HOST, Platform, late_iphone, needs_platform, platform, raw_register
-from ..sipp_device import PHONES, SCENARIOS, free_port, free_sip_port
+from ..sipp_device import GIVES_UP, PHONES, SCENARIOS, free_port, free_sip_port
 from .test_e2e_dialogs import assert_complete, woken_in_time
 
 pytestmark = needs_platform
@@ -160,7 +161,7 @@ async def test_a_held_call_cancelled_at_once_leaves_no_warning_and_its_late_ipho
     of a transaction that is gone)."""
     async with stock_platform(tmp_path, nat=False) as p:
         call_id = "stock-held-cancelled@caller.example.net"
-        await p.phones.call("alice", "Alice", "wes", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+        assert await p.phones.call("alice", "Alice", "wes", call_id, GIVES_UP, timeout=20) == 0
         iphone = tmp_path / "iphone.log"
         await p.phones.phone("wes", IPHONE_UA, "iphone", "phone_rings", 2500, iphone)
         assert await p.watch.outcome(call_id, timeout=5) is Outcome.COMPLETED
@@ -198,7 +199,7 @@ async def test_the_stock_config_holds_only_push_accounts_and_answers_rfc_8599(tm
         assert p.metric("evapi_worker_events_total", node="e2e", type="call_start") == 0
         await p.phones.phone("hank", IPHONE_UA, "iphone", "phone_rings", 200, tmp_path / "first.log")
         call_id = "stock-known@caller.example.net"
-        await p.phones.call("alice", "Alice", "hank", call_id, PHONES / "caller_gives_up.xml", timeout=20)
+        assert await p.phones.call("alice", "Alice", "hank", call_id, GIVES_UP, timeout=20) == 0
         assert p.metric("evapi_worker_events_total", node="e2e", type="call_start") == 1
         late = tmp_path / "late.log"
         await p.phones.phone("hank", IPHONE_UA, "iphone", "phone_rings", 2000, late)
@@ -228,14 +229,23 @@ async def test_push_standin_rehearses_the_push_beside_the_stock_config(tmp_path:
                 while p.metric("evapi_worker_push_devices") < 1:
                     await trio.sleep(0.05)
             call_id = "stock-standin@caller.example.net"
-            await p.phones.call("alice", "Alice", "olga", call_id, PHONES / "caller_gives_up.xml", timeout=20)
-            pushed = await out.until("\n")
-            assert pushed.startswith(f"push apns token={token} topic=org.linphone.phone.voip call_id={call_id} ")
-            iphone = tmp_path / "iphone.log"
-            await p.phones.phone("olga", IPHONE_UA, token, "phone_rings", 3000, iphone,
-                                 register=PHONES / "iphone_push_register.xml")  # fmt: skip
-            assert await p.watch.outcome(call_id, timeout=10) is Outcome.COMPLETED
-            assert received(iphone) == (call_id, None)
+            async with trio.open_nursery() as calls:
+                # The sleeping contact never answers the INVITE, so tm keeps
+                # the branch after the CANCEL (RFC 3261 9.1) and the caller's
+                # 487 comes at the stock fr_timer, 30 s on: the caller runs
+                # beside the story, which goes on once its CANCEL was heard.
+                calls.start_soon(partial(p.phones.call, "alice", "Alice", "olga", call_id, GIVES_UP, timeout=40))
+                pushed = await out.until("\n")
+                assert pushed.startswith(f"push apns token={token} topic=org.linphone.phone.voip call_id={call_id} ")
+                with trio.fail_after(10):
+                    while p.metric("evapi_worker_events_total", node="e2e", type="call_cancelled") < 1:
+                        await trio.sleep(0.05)
+                iphone = tmp_path / "iphone.log"
+                await p.phones.phone("olga", IPHONE_UA, token, "phone_rings", 3000, iphone,
+                                     register=PHONES / "iphone_push_register.xml")  # fmt: skip
+                assert await p.watch.outcome(call_id, timeout=10) is Outcome.COMPLETED
+                assert received(iphone) == (call_id, None)
+                calls.cancel_scope.cancel()
     finally:
         standin.terminate()
         with trio.move_on_after(5):
