@@ -81,9 +81,9 @@ def frame(record: list[object]) -> bytes:
 
 class FrameReader:
     """Records from a log's bytes (after its magic line), fed in pieces of
-    any size. Each damaged stretch (bytes that are no record, a bad CRC, a
-    record that is not an array) is one ``None``, and reading goes on at the
-    next mark."""
+    any size. Each damaged stretch (what lies between two sound records and
+    is none: bytes that are no record, a bad CRC, a record that is not an
+    array) is one ``None``, and reading goes on at the next mark."""
 
     def __init__(self, max_record: int = MAX_RECORD) -> None:
         self._buffer = bytearray()
