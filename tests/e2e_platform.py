@@ -157,7 +157,8 @@ async def late_iphone(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(p.phones.phone, user, DESK_UA, "desk", desk, 4000, p.folder / f"desk-{user}.log")
         await p.registered(user)
-        await p.phones.call("alice", caller_name, user, call_id)
+        # Answered, declined or given up: the caller's dialog ends as scripted.
+        assert await p.phones.call("alice", caller_name, user, call_id) == 0
         nursery.start_soon(partial(p.phones.phone, user, ua, "iphone", "phone_rings", 2500, log, **iphone))
         outcome = await p.watch.outcome(call_id, timeout=10)
     return outcome, log
