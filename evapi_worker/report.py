@@ -3,9 +3,12 @@
 Every figure comes from the engine's own decisions under the replay clock:
 the wake-up delays are the decisions' ``since_start``, split by what the
 engine decided (in time for the real INVITE, or late) and by how the call
-ended; the coverage curve replays the capture again for each window and
-counts what the engine decided. Nothing here re-implements a rule of the
-engine.
+ended; the coverage curve comes from the same pass, from an engine with
+the widest window drawn that tells each device it judges (its lateness,
+and until when its call was remembered): served at window w are those
+remembered under w (the engine's own rule,
+:func:`~evapi_worker.core.engine.remembered`) and at most w late. Nothing
+here re-implements a rule of the engine.
 
 The report is one HTML file with inline SVG and CSS: no script, nothing
 fetched, it opens from disk.

@@ -135,7 +135,7 @@ class FrameReader:
                 if not self._skipping:
                     add(None)
                 self._skipping = True
-                pos = self._resync(buffer, pos)
+                pos = _next_mark(buffer, pos)
         finally:
             view.release()
         if final:
@@ -144,12 +144,12 @@ class FrameReader:
         del buffer[:pos]
         return out
 
-    def _resync(self, buffer: bytearray, pos: int) -> int:
-        """Where the next mark after ``pos`` is; past the buffer's end, the
-        damage goes on into the bytes not fed yet (said once)."""
-        found = buffer.find(MARK, pos + 1)
-        # Keep a possible start of a mark at the end for the next feed.
-        return found if found >= 0 else max(pos + 1, len(buffer) - len(MARK) + 1)
+
+def _next_mark(buffer: bytearray, pos: int) -> int:
+    """Where the next mark after ``pos`` is; with none in the buffer, where
+    one may yet start (its first bytes kept for the next feed)."""
+    found = buffer.find(MARK, pos + 1)
+    return found if found >= 0 else max(pos + 1, len(buffer) - len(MARK) + 1)
 
 
 # -- reading the records both logs share ----------------------------------
